@@ -1,0 +1,803 @@
+"""The facade: ``Klock``, agents, sessions, leases, lease blocks and the ``protected`` decorator.
+
+Written once over :class:`~klock_async.backend.Backend`, so the same code runs embedded
+(``async with Klock()``) and against a server (``Klock.connect(url)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import ParamSpec, TypeVar
+
+import structlog
+
+from klock_async.backend import Backend
+from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.errors import (
+    CausalViolationError,
+    InvalidRequestError,
+    LeaseDied,
+    LeaseLostError,
+    LeaseNotFoundError,
+    RetriesExhaustedError,
+)
+from klock_async.model import (
+    AgentInfo,
+    Intent,
+    LeaseInfo,
+    LeaseState,
+    Predicate,
+    Resource,
+    Statistics,
+    parse_intents,
+    validate_ttl,
+)
+
+__all__ = ["Agent", "Klock", "Lease", "LeaseBlock", "RetryPolicy", "Session"]
+
+_log = structlog.get_logger("klock_async")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_TTL = 30.0
+"""Seconds a lease lives without a heartbeat unless a ttl is given."""
+
+IntentLike = tuple[Resource | str, Predicate | str] | Intent
+
+
+def _new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a protected call retries after Wait-Die made it die.
+
+    Each retry keeps the agent's age (so it cannot starve), first releases what the dying
+    session held, then waits until the blocking lease ends, at most a capped, jittered
+    exponential backoff: ``min(max_delay, base_delay * 2**attempt)`` times a factor in
+    ``[0.5, 1]``. It never busy-polls.
+
+    Args:
+        max_retries: retries after the first attempt; then ``RetriesExhaustedError``.
+        base_delay: first backoff, in seconds.
+        max_delay: cap of the backoff, in seconds.
+    """
+
+    max_retries: int = 100
+    base_delay: float = 0.01
+    max_delay: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """The longest wait before retry number ``attempt`` (0-based)."""
+        cap = min(self.max_delay, self.base_delay * 2.0**attempt)
+        return cap * random.uniform(0.5, 1.0)
+
+
+class Lease:
+    """A granted lease, as handed to its holder.
+
+    The fields are the snapshot taken at grant (``expires_at`` and ``state`` are updated by
+    :meth:`heartbeat`, :meth:`release` and loss). ``token`` is the fencing token: pass it to
+    the store you write to, which should refuse a token smaller than one it already saw.
+    """
+
+    __slots__ = ("_backend", "_info", "_isolation", "_lost")
+
+    def __init__(self, backend: Backend, info: LeaseInfo, isolation: IsolationLevel) -> None:
+        self._backend = backend
+        self._info = info
+        self._isolation = isolation
+        self._lost: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        i = self._info
+        return (
+            f"<Lease {i.predicate.value} {i.resource} agent={i.agent_id!r} token={i.token} "
+            f"state={i.state.value}>"
+        )
+
+    @property
+    def info(self) -> LeaseInfo:
+        """The latest snapshot of this lease."""
+        return self._info
+
+    @property
+    def id(self) -> str:
+        """Unguessable lease id (a capability: whoever has it can release the lease)."""
+        return self._info.id
+
+    @property
+    def agent_id(self) -> str:
+        """The holder."""
+        return self._info.agent_id
+
+    @property
+    def session_id(self) -> str:
+        """The holder's session."""
+        return self._info.session_id
+
+    @property
+    def resource(self) -> Resource:
+        """The leased resource."""
+        return self._info.resource
+
+    @property
+    def predicate(self) -> Predicate:
+        """The intent held."""
+        return self._info.predicate
+
+    @property
+    def token(self) -> int:
+        """Fencing token: grows with every grant, never goes backwards."""
+        return self._info.token
+
+    @property
+    def expires_at(self) -> float:
+        """Wall-clock expiry (``time.time()`` seconds), as of the last grant or heartbeat."""
+        return self._info.expires_at
+
+    @property
+    def state(self) -> LeaseState:
+        """ACTIVE, RELEASED, EXPIRED or REVOKED, as far as this handle knows."""
+        return self._info.state
+
+    @property
+    def lost(self) -> bool:
+        """True when the lease expired or was revoked while held."""
+        return self._info.state in (LeaseState.EXPIRED, LeaseState.REVOKED)
+
+    async def wait_lost(self) -> LeaseState:
+        """Wait until the lease is lost (expired or revoked) and return that state.
+
+        Returns as soon as the lease ends in any way; for a released lease that is RELEASED.
+        """
+        while self._info.state is LeaseState.ACTIVE:
+            try:
+                ended = await self._backend.wait_ended(self.id, None)
+            except LeaseNotFoundError:
+                if self._info.state is LeaseState.ACTIVE:
+                    self._mark(LeaseState.EXPIRED)
+                break
+            if ended is not None:
+                self._mark(ended.state)
+        return self._info.state
+
+    def _mark(self, state: LeaseState) -> None:
+        if self._info.state is LeaseState.ACTIVE:
+            self._info = _replace_state(self._info, state)
+            if state is not LeaseState.RELEASED:
+                _log.warning(
+                    "lease.lost",
+                    agent=self.agent_id,
+                    session=self.session_id,
+                    resource=str(self.resource),
+                    predicate=self.predicate.value,
+                    token=self.token,
+                    lease=self.id,
+                    state=state.value,
+                )
+
+    async def heartbeat(self, ttl: float | None = None) -> None:
+        """Push the expiry to now + ttl (the lease's ttl by default).
+
+        Raises:
+            LeaseLostError: the lease ended before the heartbeat arrived.
+        """
+        try:
+            self._info = await self._backend.heartbeat(self.id, self.agent_id, ttl)
+        except LeaseNotFoundError:
+            self._mark(LeaseState.EXPIRED)
+            raise self._lost_error() from None
+
+    async def release(self, *, record_write: bool | None = None) -> None:
+        """Release the lease.
+
+        Args:
+            record_write: record a causal write of the path (default: when the lease was taken
+                in a SERIALIZABLE session and its predicate writes).
+
+        Raises:
+            LeaseNotFoundError: released twice.
+            LeaseLostError: the lease had expired or been revoked before the release.
+        """
+        if self._info.state is LeaseState.RELEASED:
+            raise LeaseNotFoundError(f"lease {self.id!r} was released already")
+        if self.lost:
+            raise self._lost_error()
+        if record_write is None:
+            record_write = self._isolation is IsolationLevel.SERIALIZABLE
+        try:
+            self._info = await self._backend.release(
+                self.id, self.agent_id, record_write=record_write
+            )
+        except LeaseNotFoundError:
+            self._mark(LeaseState.EXPIRED)
+            raise self._lost_error() from None
+
+    def _lost_error(self) -> LeaseLostError:
+        state = self._info.state.value
+        return LeaseLostError(
+            f"lease on {self.predicate.value} {self.resource} (token {self.token}) was lost "
+            f"({state.lower()}) while held: work done after that was not protected. Heartbeat "
+            "more often or use a longer ttl, then re-read and redo the change.",
+            lease_id=self.id,
+            state=state,
+        )
+
+
+def _replace_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
+    return LeaseInfo(
+        id=info.id,
+        agent_id=info.agent_id,
+        session_id=info.session_id,
+        resource=info.resource,
+        predicate=info.predicate,
+        token=info.token,
+        ttl=info.ttl,
+        expires_at=info.expires_at,
+        state=state,
+    )
+
+
+class LeaseBlock:
+    """``async with agent.lease(...) as lease``: acquire, keep alive, release.
+
+    While inside, a keeper task heartbeats every ttl/3 and watches for loss. On exit the lease
+    is released (recording a causal write under SERIALIZABLE when the block raised nothing).
+    If the lease was lost while inside and the block raised nothing, exit raises
+    :class:`LeaseLostError`: the work was not protected.
+    """
+
+    def __init__(
+        self,
+        owner: _Acquirer,
+        intents: tuple[Intent, ...],
+        ttl: float,
+        timeout: float | None,
+        heartbeat: bool,
+    ) -> None:
+        self._owner = owner
+        self._intents = intents
+        self._ttl = ttl
+        self._timeout = timeout
+        self._heartbeat = heartbeat
+        self._leases: list[Lease] = []
+        self._keepers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Lease:
+        self._leases = await self._owner.acquire_many(
+            self._intents, ttl=self._ttl, timeout=self._timeout
+        )
+        if self._heartbeat:
+            loop = asyncio.get_running_loop()
+            self._keepers = [loop.create_task(self._keep(lease)) for lease in self._leases]
+        return self._leases[0]
+
+    @property
+    def leases(self) -> list[Lease]:
+        """All leases of the block (one per intent)."""
+        return list(self._leases)
+
+    async def _keep(self, lease: Lease) -> None:
+        interval = self._ttl / 3
+        backend = lease._backend
+        while True:
+            try:
+                ended = await backend.wait_ended(lease.id, interval)
+            except LeaseNotFoundError:
+                return  # ended between two checks; release() on exit will tell
+            if ended is not None:
+                lease._mark(ended.state)
+                return
+            try:
+                await lease.heartbeat()
+            except LeaseLostError:
+                return
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for keeper in self._keepers:
+            keeper.cancel()
+        for keeper in self._keepers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        lost: LeaseLostError | None = None
+        for lease in self._leases:
+            if lease.state is not LeaseState.ACTIVE and not lease.lost:
+                continue
+            try:
+                await lease.release(
+                    record_write=exc is None and lease._isolation.requires_vector_clocks
+                )
+            except LeaseLostError as error:
+                lost = lost or error
+        if lost is not None and exc is None:
+            raise lost
+
+
+class _Acquirer:
+    """What agents and sessions share: acquiring intents in some session."""
+
+    def __init__(self, klock: Klock, agent_id: str) -> None:
+        self._klock = klock
+        self._agent_id = agent_id
+
+    def _session_for_call(self) -> tuple[str, IsolationLevel]:
+        raise NotImplementedError
+
+    async def acquire(
+        self,
+        resource: Resource | str,
+        predicate: Predicate | str,
+        *,
+        ttl: float | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Lease:
+        """Acquire one intent; return the lease once granted.
+
+        Raises:
+            LeaseDied: an older agent holds or awaits a conflicting intent (nothing is held).
+            LeaseWouldWait: ``wait`` is false and the request would have to queue.
+            AcquireTimeoutError: ``timeout`` seconds passed; the request was withdrawn.
+            CausalViolationError: a stale write in a SERIALIZABLE session.
+            InvalidRequestError: bad resource, predicate or ttl (nothing changed).
+            UnknownAgentError: the agent is not registered.
+        """
+        leases = await self.acquire_many(
+            [(resource, predicate)], ttl=ttl, wait=wait, timeout=timeout
+        )
+        return leases[0]
+
+    async def acquire_many(
+        self,
+        intents: Sequence[IntentLike],
+        *,
+        ttl: float | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[Lease]:
+        """Acquire several intents atomically: all are granted together, or none.
+
+        Raises:
+            The same errors as :meth:`acquire`.
+        """
+        parsed = parse_intents(intents)
+        ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
+        session_id, isolation = self._session_for_call()
+        infos = await self._klock.backend.acquire(
+            self._agent_id,
+            session_id,
+            parsed,
+            ttl=ttl,
+            wait=wait,
+            timeout=timeout,
+            isolation=isolation,
+        )
+        return [Lease(self._klock.backend, info, isolation) for info in infos]
+
+    def lease(
+        self,
+        resource: Resource | str,
+        predicate: Predicate | str,
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        heartbeat: bool = True,
+    ) -> LeaseBlock:
+        """An ``async with`` block holding one intent, heartbeated while inside.
+
+        Raises:
+            InvalidRequestError: bad resource, predicate or ttl (raised here, before entering).
+        """
+        return self.lease_many(
+            [(resource, predicate)], ttl=ttl, timeout=timeout, heartbeat=heartbeat
+        )
+
+    def lease_many(
+        self,
+        intents: Sequence[IntentLike],
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        heartbeat: bool = True,
+    ) -> LeaseBlock:
+        """An ``async with`` block holding several intents at once (atomic grant).
+
+        Raises:
+            InvalidRequestError: bad resource, predicate or ttl (raised here, before entering).
+        """
+        parsed = parse_intents(intents)
+        ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
+        return LeaseBlock(self, parsed, ttl, timeout, heartbeat)
+
+
+class Agent(_Acquirer):
+    """A registered agent. Its age ``ts`` (lower is older) never changes.
+
+    ``acquire`` and ``lease`` without a session run in a session of their own, so two
+    concurrent calls of one agent never merge by reentrancy; use :meth:`session` to group
+    intents.
+    """
+
+    def __init__(self, klock: Klock, info: AgentInfo) -> None:
+        super().__init__(klock, info.id)
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.id!r} ts={self.ts}>"
+
+    @property
+    def id(self) -> str:
+        """The agent id."""
+        return self._info.id
+
+    @property
+    def ts(self) -> int:
+        """The agent's age: lower is older."""
+        return self._info.ts
+
+    def _session_for_call(self) -> tuple[str, IsolationLevel]:
+        return _new_session_id(), IsolationLevel.READ_COMMITTED
+
+    def session(
+        self,
+        *,
+        isolation: IsolationLevel | str = IsolationLevel.READ_COMMITTED,
+        session_id: str | None = None,
+    ) -> Session:
+        """A unit of work: intents in it never conflict with each other (reentrancy).
+
+        Use it as ``async with agent.session() as s``; leaving it releases everything the
+        session holds, also when ``LeaseDied`` escapes (as Wait-Die requires of a dying
+        transaction).
+
+        Raises:
+            ValueError: unknown isolation level.
+        """
+        return Session(self._klock, self.id, IsolationLevel.parse(isolation), session_id)
+
+    async def read(self, path: str) -> VectorClock:
+        """Record a read of ``path`` (its clock merges into this agent's clock)."""
+        return await self._klock.read(path, self.id)
+
+    async def write(self, path: str, *, strict: bool = True) -> VectorClock:
+        """Record a write of ``path`` by this agent.
+
+        Raises:
+            CausalViolationError: strict, and the agent never saw the path's latest version.
+        """
+        return await self._klock.write(path, self.id, strict=strict)
+
+
+class Session(_Acquirer):
+    """A unit of work of one agent: ``async with agent.session() as s``.
+
+    Attributes:
+        id: the session id.
+        isolation: the isolation level; SERIALIZABLE adds causal checks to its leases.
+    """
+
+    def __init__(
+        self,
+        klock: Klock,
+        agent_id: str,
+        isolation: IsolationLevel,
+        session_id: str | None = None,
+    ) -> None:
+        super().__init__(klock, agent_id)
+        self.id = session_id or _new_session_id()
+        self.isolation = isolation
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} agent={self._agent_id!r} {self.isolation.value}>"
+
+    @property
+    def agent_id(self) -> str:
+        """The agent that owns the session."""
+        return self._agent_id
+
+    def _session_for_call(self) -> tuple[str, IsolationLevel]:
+        return self.id, self.isolation
+
+    async def release_all(self) -> int:
+        """Release every lease the session holds; return how many."""
+        return await self._klock.backend.release_session(self._agent_id, self.id)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.shield(self.release_all())
+
+
+class Klock:
+    """The coordination kernel facade.
+
+    ``async with Klock() as klock`` runs the scheduler embedded in the current event loop;
+    ``async with Klock.connect(url) as klock`` talks to a ``klock serve`` server. Both offer
+    the same methods.
+
+    Args:
+        backend: the scheduler to use (default: a new embedded one).
+        default_ttl: seconds a lease lives without heartbeat unless a ttl is given.
+    """
+
+    def __init__(self, *, backend: Backend | None = None, default_ttl: float = DEFAULT_TTL) -> None:
+        self.default_ttl = validate_ttl(default_ttl)
+        self._backend = backend
+        self._agents: dict[str, Agent] = {}
+
+    @classmethod
+    def connect(cls, url: str, *, token: str | None = None, timeout: float = 30.0) -> Klock:
+        """A facade over a ``klock serve`` server at ``url`` (needs the ``server`` extra).
+
+        Raises:
+            ImportError: ``httpx`` is missing (``pip install 'klock-async[server]'``).
+        """
+        try:
+            from klock_async.remote import RemoteBackend  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "Klock.connect needs the server extra: pip install 'klock-async[server]'"
+            ) from exc
+        return cls(backend=RemoteBackend(url, token=token, timeout=timeout))
+
+    @property
+    def backend(self) -> Backend:
+        """The scheduler interface in use.
+
+        Raises:
+            KernelClosedError: the kernel is not started.
+        """
+        if self._backend is None:
+            from klock_async.errors import KernelClosedError
+
+            raise KernelClosedError("the klock kernel is not running; use 'async with Klock()'")
+        return self._backend
+
+    async def __aenter__(self) -> Klock:
+        if self._backend is None:
+            from klock_async.scheduler import Scheduler
+
+            self._backend = Scheduler()
+        await self._backend.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the kernel (embedded) or the connection (remote)."""
+        if self._backend is not None:
+            await self._backend.aclose()
+
+    async def register_agent(self, agent_id: str, priority: int | None = None) -> Agent:
+        """Register an agent and return its handle.
+
+        Its age is the next value of a monotonic counter, or ``priority`` when given (lower is
+        older). Registering the same id again returns the same age.
+
+        Raises:
+            InvalidRequestError: empty id or a non-integer priority.
+            AgentExistsError: the id exists with another priority.
+        """
+        info = await self.backend.register_agent(agent_id, priority)
+        agent = self._agents[agent_id] = Agent(self, info)
+        return agent
+
+    async def agent(self, agent_id: str) -> Agent:
+        """The handle of a registered agent.
+
+        Raises:
+            UnknownAgentError: never registered.
+        """
+        agent = self._agents.get(agent_id)
+        if agent is not None:
+            return agent
+        from klock_async.errors import UnknownAgentError
+
+        for info in await self.backend.agents():
+            if info.id == agent_id:
+                agent = self._agents[agent_id] = Agent(self, info)
+                return agent
+        raise UnknownAgentError(
+            f"agent {agent_id!r} is not registered; call register_agent({agent_id!r}) first"
+        )
+
+    async def leases(self) -> list[LeaseInfo]:
+        """Snapshot of the active leases."""
+        return list(await self.backend.leases())
+
+    async def agents(self) -> list[AgentInfo]:
+        """Snapshot of the registered agents."""
+        return list(await self.backend.agents())
+
+    async def statistics(self) -> Statistics:
+        """Snapshot of the scheduler's counters."""
+        return await self.backend.statistics()
+
+    async def revoke(self, lease_id: str) -> LeaseInfo:
+        """Revoke a lease by force; its holder learns it was lost.
+
+        Raises:
+            LeaseNotFoundError: no such active lease.
+        """
+        return await self.backend.revoke(lease_id)
+
+    async def evict(self, agent_id: str) -> int:
+        """Revoke every lease of an agent (e.g. one that crashed); return how many.
+
+        Raises:
+            UnknownAgentError: never registered.
+        """
+        return await self.backend.evict(agent_id)
+
+    # ---------------------------------------------------------------- vector clocks
+
+    async def read(self, path: str, agent_id: str) -> VectorClock:
+        """Return ``path``'s clock and merge it into the agent's clock.
+
+        Raises:
+            UnknownAgentError: never registered.
+            InvalidResourceError: bad path.
+        """
+        return await self.backend.clock_read(path, agent_id)
+
+    async def write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock:
+        """Record a write of ``path``; return the new clock.
+
+        Raises:
+            CausalViolationError: strict, and the path's clock is not <= the agent's clock
+                (the agent would overwrite a version it never read); nothing changed.
+            UnknownAgentError: never registered.
+        """
+        return await self.backend.clock_write(path, agent_id, strict=strict)
+
+    async def conflict_count(self) -> int:
+        """How many non-strict writes overwrote a version their agent never read."""
+        return (await self.backend.clock_status()).conflict_count
+
+    async def tracked_paths(self) -> tuple[str, ...]:
+        """Paths that have a clock, sorted."""
+        return (await self.backend.clock_status()).tracked_paths
+
+    # ---------------------------------------------------------------- the decorator
+
+    def protected(
+        self,
+        *,
+        agent: str | Callable[..., str],
+        resource: str | Callable[..., str | Sequence[str]],
+        predicate: Predicate | str,
+        ttl: float | None = None,
+        isolation: IsolationLevel | str = IsolationLevel.READ_COMMITTED,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+        """Wrap a coroutine function (a tool call) in a lease.
+
+        Each call runs in a session of its own: it acquires ``predicate`` on the resource(s)
+        named by ``resource`` (a string, or a function called with the call's arguments by
+        name, ``self`` included for methods), runs, and releases. When Wait-Die makes it die it
+        releases, waits for the blocker (see :class:`RetryPolicy`) and retries with the same
+        age.
+
+        Args:
+            agent: agent id, or a function of the call's arguments returning one.
+            resource: resource, or a function of the call's arguments returning one or several.
+            predicate: the intent, validated now.
+            ttl: lease ttl in seconds (heartbeated while the call runs).
+            isolation: SERIALIZABLE adds causal checks: a write of a version the agent never
+                read raises ``CausalViolationError`` telling it to re-read.
+            retry: retry policy for DIE (default ``RetryPolicy()``).
+
+        Raises:
+            InvalidPredicateError: bad predicate (at decoration time).
+            InvalidRequestError: a function that is not a coroutine function.
+        """
+        pred = Predicate.parse(predicate)
+        level = IsolationLevel.parse(isolation)
+        policy = retry or RetryPolicy()
+        if ttl is not None:
+            validate_ttl(ttl)
+        if isinstance(resource, str):
+            Resource.parse(resource)
+
+        def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+            if not inspect.iscoroutinefunction(fn):
+                raise InvalidRequestError(
+                    f"protected() wraps coroutine functions; {fn!r} is not one"
+                )
+            signature = inspect.signature(fn)
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                named = dict(bound.arguments)
+                agent_id = agent(**named) if callable(agent) else agent
+                target = resource(**named) if callable(resource) else resource
+                targets = [target] if isinstance(target, str | Resource) else list(target)
+                intents = parse_intents([(t, pred) for t in targets])
+                handle = await self.agent(agent_id)
+                return await self._run_protected(
+                    handle, intents, ttl, level, policy, lambda: fn(*args, **kwargs)
+                )
+
+            return wrapper
+
+        return decorate
+
+    async def _run_protected(
+        self,
+        agent: Agent,
+        intents: tuple[Intent, ...],
+        ttl: float | None,
+        isolation: IsolationLevel,
+        policy: RetryPolicy,
+        call: Callable[[], Awaitable[R]],
+    ) -> R:
+        attempt = 0
+        while True:
+            try:
+                async with (
+                    agent.session(isolation=isolation) as session,
+                    session.lease_many(intents, ttl=ttl),
+                ):
+                    return await call()
+            except RetriesExhaustedError:
+                raise
+            except LeaseDied as died:
+                if attempt >= policy.max_retries:
+                    raise RetriesExhaustedError(
+                        f"{died.message} Gave up after {attempt + 1} attempts; raise "
+                        "RetryPolicy.max_retries or spread the work over fewer conflicts.",
+                        agent_id=died.agent_id,
+                        resource=died.resource,
+                        predicate=died.predicate,
+                        blocker_agent_id=died.blocker_agent_id,
+                        blocker_lease_id=died.blocker_lease_id,
+                        retry_after=died.retry_after,
+                    ) from died
+                await self._wait_for_blocker(died, policy.backoff(attempt))
+                attempt += 1
+            except CausalViolationError as violation:
+                raise CausalViolationError(
+                    f"{violation.path} changed since agent {violation.agent_id!r} last read it; "
+                    "read it again, then redo this change (nothing was written)",
+                    path=violation.path,
+                    agent_id=violation.agent_id,
+                    agent_clock=violation.agent_clock,
+                    path_clock=violation.path_clock,
+                ) from None
+
+    async def _wait_for_blocker(self, died: LeaseDied, cap: float) -> None:
+        if died.blocker_lease_id is not None:
+            with contextlib.suppress(LeaseNotFoundError):  # ended already: retry now
+                await self.backend.wait_ended(died.blocker_lease_id, cap)
+            return
+        await asyncio.sleep(cap)  # the blocker is a queued request: capped jittered backoff

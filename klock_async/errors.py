@@ -1,0 +1,301 @@
+"""Errors raised by klock_async.
+
+Our exception hierarchy::
+
+    KlockError
+    ├── InvalidRequestError            bad input; nothing changed (also a ValueError)
+    │   ├── InvalidPredicateError
+    │   ├── InvalidResourceError
+    │   └── InvalidTTLError
+    ├── UnknownAgentError              the agent id was never registered
+    ├── AgentExistsError               registering an id again with another priority
+    ├── LeaseError
+    │   ├── LeaseNotFoundError         no such lease, or it is no longer active
+    │   ├── NotLeaseOwnerError         the lease belongs to another agent
+    │   └── LeaseLostError             a held lease expired or was revoked
+    ├── LeaseDied                      Wait-Die refused the request (retry keeps your age)
+    │   └── RetriesExhaustedError      a protected call died more often than allowed
+    ├── LeaseWouldWait                 acquire(wait=False) would have had to queue
+    ├── AcquireTimeoutError            the wait ran out; nothing is held (also a TimeoutError)
+    ├── CausalViolationError           a write would overwrite a version never read
+    ├── KernelClosedError              the kernel shut down before answering
+    └── TransportError                 the coordination server could not be reached
+
+Every error has a stable ``code`` (used in the HTTP API) and a message that says what happened
+and what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "AcquireTimeoutError",
+    "AgentExistsError",
+    "CausalViolationError",
+    "InvalidPredicateError",
+    "InvalidRequestError",
+    "InvalidResourceError",
+    "InvalidTTLError",
+    "KernelClosedError",
+    "KlockError",
+    "LeaseDied",
+    "LeaseError",
+    "LeaseLostError",
+    "LeaseNotFoundError",
+    "LeaseWouldWait",
+    "NotLeaseOwnerError",
+    "RetriesExhaustedError",
+    "TransportError",
+    "UnknownAgentError",
+    "error_from_payload",
+]
+
+
+class KlockError(Exception):
+    """Base class of every klock_async error."""
+
+    code: ClassVar[str] = "klock_error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> dict[str, Any]:
+        """Machine-readable fields of this error (JSON-safe)."""
+        return {}
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON form used by the HTTP API."""
+        return {"code": self.code, "message": self.message, **self.details()}
+
+
+class InvalidRequestError(KlockError, ValueError):
+    """The request is malformed; nothing was changed."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class InvalidPredicateError(InvalidRequestError):
+    """Unknown predicate name."""
+
+    code = "invalid_predicate"
+
+
+class InvalidResourceError(InvalidRequestError):
+    """Unknown resource type, empty path or otherwise unusable resource."""
+
+    code = "invalid_resource"
+
+
+class InvalidTTLError(InvalidRequestError):
+    """The ttl is not a positive number."""
+
+    code = "invalid_ttl"
+
+
+class UnknownAgentError(KlockError, LookupError):
+    """The agent id was never registered."""
+
+    code = "unknown_agent"
+    status = 404
+
+
+class AgentExistsError(KlockError):
+    """An agent id is registered already with another priority."""
+
+    code = "agent_exists"
+    status = 409
+
+
+class LeaseError(KlockError):
+    """Base class of errors about one lease."""
+
+    code = "lease_error"
+    status = 409
+
+
+class LeaseNotFoundError(LeaseError, LookupError):
+    """No active lease has this id (never granted, released, expired or revoked)."""
+
+    code = "lease_not_found"
+    status = 404
+
+
+class NotLeaseOwnerError(LeaseError):
+    """The lease belongs to another agent."""
+
+    code = "not_lease_owner"
+    status = 403
+
+
+class LeaseLostError(LeaseError):
+    """A lease ended (expired or revoked) while its holder was still working under it.
+
+    Whatever the holder did after the loss was not protected: re-read and redo the work.
+    """
+
+    code = "lease_lost"
+
+    def __init__(self, message: str, *, lease_id: str, state: str) -> None:
+        super().__init__(message)
+        self.lease_id = lease_id
+        self.state = state
+
+    def details(self) -> dict[str, Any]:
+        return {"lease_id": self.lease_id, "state": self.state}
+
+
+class LeaseDied(KlockError):
+    """Wait-Die refused the request: an older agent holds or awaits a conflicting intent.
+
+    Nothing of the request is held. Retry later with the same agent: its age is kept, so it
+    becomes the oldest eventually and cannot starve. ``blocker_lease_id`` names the lease to
+    wait for when the blocker is a holder (None when it is a queued request).
+    """
+
+    code = "lease_died"
+    status = 409
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        agent_id: str,
+        resource: str,
+        predicate: str,
+        blocker_agent_id: str,
+        blocker_lease_id: str | None,
+        retry_after: float,
+    ) -> None:
+        super().__init__(message)
+        self.agent_id = agent_id
+        self.resource = resource
+        self.predicate = predicate
+        self.blocker_agent_id = blocker_agent_id
+        self.blocker_lease_id = blocker_lease_id
+        self.retry_after = retry_after
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "resource": self.resource,
+            "predicate": self.predicate,
+            "blocker_agent_id": self.blocker_agent_id,
+            "blocker_lease_id": self.blocker_lease_id,
+            "retry_after": self.retry_after,
+        }
+
+
+class RetriesExhaustedError(LeaseDied):
+    """A protected call kept dying and ran out of retries."""
+
+    code = "retries_exhausted"
+
+
+class LeaseWouldWait(KlockError):
+    """``acquire(wait=False)`` found an older conflicting holder; nothing was queued."""
+
+    code = "lease_would_wait"
+    status = 409
+
+    def __init__(
+        self, message: str, *, agent_id: str, resource: str, blocker_agent_id: str, wait_time: float
+    ) -> None:
+        super().__init__(message)
+        self.agent_id = agent_id
+        self.resource = resource
+        self.blocker_agent_id = blocker_agent_id
+        self.wait_time = wait_time
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "resource": self.resource,
+            "blocker_agent_id": self.blocker_agent_id,
+            "wait_time": self.wait_time,
+        }
+
+
+class AcquireTimeoutError(KlockError, TimeoutError):
+    """The request waited longer than its timeout and was withdrawn; nothing is held."""
+
+    code = "acquire_timeout"
+    status = 408
+
+
+class CausalViolationError(KlockError):
+    """A write would overwrite a version of ``path`` that the agent never read.
+
+    Read the resource again (which merges its clock into yours), redo the change, then write.
+    """
+
+    code = "causal_violation"
+    status = 409
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        agent_id: str,
+        agent_clock: Mapping[str, int],
+        path_clock: Mapping[str, int],
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.agent_id = agent_id
+        self.agent_clock = dict(agent_clock)
+        self.path_clock = dict(path_clock)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "agent_id": self.agent_id,
+            "agent_clock": self.agent_clock,
+            "path_clock": self.path_clock,
+        }
+
+
+class KernelClosedError(KlockError):
+    """The kernel shut down (or was not started) before it could answer."""
+
+    code = "kernel_closed"
+    status = 503
+
+
+class TransportError(KlockError):
+    """The coordination server could not be reached or answered nonsense."""
+
+    code = "transport_error"
+    status = 502
+
+
+_BY_CODE: dict[str, type[KlockError]] = {}
+
+
+def _collect(cls: type[KlockError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _collect(sub)
+
+
+_collect(KlockError)
+
+
+def error_from_payload(payload: Mapping[str, Any]) -> KlockError:
+    """Rebuild the typed error that an HTTP error payload describes.
+
+    Unknown codes become a plain :class:`KlockError` carrying the message.
+    """
+    code = str(payload.get("code", "klock_error"))
+    message = str(payload.get("message", "unknown error"))
+    cls = _BY_CODE.get(code, KlockError)
+    fields = {k: v for k, v in payload.items() if k not in ("code", "message")}
+    try:
+        return cls(message, **fields)
+    except TypeError:
+        return KlockError(message) if cls.__init__ is not KlockError.__init__ else cls(message)

@@ -1,0 +1,266 @@
+"""Value types of the kernel: predicates, resources, intents, leases and agents.
+
+Every type here is a frozen value. Parsing functions validate user input and raise a typed
+error instead of guessing: an unknown predicate or resource type never falls back to a default,
+so a typo can never turn a write lock into a read lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from klock_async.errors import InvalidPredicateError, InvalidResourceError, InvalidTTLError
+
+__all__ = [
+    "AgentInfo",
+    "Intent",
+    "LeaseInfo",
+    "LeaseState",
+    "Predicate",
+    "Resource",
+    "ResourceType",
+    "Statistics",
+    "parse_intents",
+    "validate_ttl",
+]
+
+
+class Predicate(enum.Enum):
+    """What an agent intends to do with a resource (KLIS-1)."""
+
+    PROVIDES = "PROVIDES"
+    CONSUMES = "CONSUMES"
+    MUTATES = "MUTATES"
+    DELETES = "DELETES"
+    DEPENDS_ON = "DEPENDS_ON"
+    RENAMES = "RENAMES"
+
+    @property
+    def writes(self) -> bool:
+        """True for predicates that change the resource (checked causally under SERIALIZABLE)."""
+        return self in _WRITING
+
+    @classmethod
+    def parse(cls, value: Predicate | str) -> Predicate:
+        """Return the predicate named by ``value`` (case-insensitive).
+
+        Raises:
+            InvalidPredicateError: ``value`` names no predicate.
+        """
+        if isinstance(value, Predicate):
+            return value
+        if isinstance(value, str):
+            member = cls.__members__.get(value.strip().upper())
+            if member is not None:
+                return member
+        raise InvalidPredicateError(
+            f"unknown predicate {value!r}; use one of {', '.join(cls.__members__)}"
+        )
+
+
+_WRITING = frozenset({Predicate.PROVIDES, Predicate.MUTATES, Predicate.DELETES, Predicate.RENAMES})
+
+
+class ResourceType(enum.Enum):
+    """The kind of thing a resource path names."""
+
+    FILE = "FILE"
+    SYMBOL = "SYMBOL"
+    API_ENDPOINT = "API_ENDPOINT"
+    DATABASE_TABLE = "DATABASE_TABLE"
+    CONFIG_KEY = "CONFIG_KEY"
+
+    @classmethod
+    def parse(cls, value: ResourceType | str) -> ResourceType:
+        """Return the resource type named by ``value`` (case-insensitive).
+
+        Raises:
+            InvalidResourceError: ``value`` names no resource type.
+        """
+        if isinstance(value, ResourceType):
+            return value
+        if isinstance(value, str):
+            member = cls.__members__.get(value.strip().upper())
+            if member is not None:
+                return member
+        raise InvalidResourceError(
+            f"unknown resource type {value!r}; use one of {', '.join(cls.__members__)}"
+        )
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Resource:
+    """A lockable thing: a type and a normalised path, written ``TYPE:path``.
+
+    Resources form a hierarchy by path within one type: ``FILE:/src`` covers
+    ``FILE:/src/auth.js``. FILE paths are normalised and always absolute
+    (``src/./a.js``, ``/src//a.js`` and ``/src/x/../a.js`` are one resource).
+    """
+
+    type: ResourceType
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.type.value}:{self.path}"
+
+    @classmethod
+    def of(cls, type: ResourceType | str, path: str) -> Resource:
+        """Build a resource from a type and a path, normalising the path.
+
+        Raises:
+            InvalidResourceError: unknown type, or an empty path.
+        """
+        rtype = ResourceType.parse(type)
+        if not isinstance(path, str) or not path.strip():
+            raise InvalidResourceError(
+                f"empty path for a {rtype.value} resource; name the file, symbol, table or key"
+            )
+        path = path.strip()
+        if rtype is ResourceType.FILE:
+            path = posixpath.normpath("/" + path)
+            if path.startswith("//"):  # normpath keeps a leading double slash (POSIX)
+                path = "/" + path.lstrip("/")
+        return cls(rtype, path)
+
+    @classmethod
+    def parse(cls, value: Resource | str) -> Resource:
+        """Parse ``TYPE:path`` or a bare path (a FILE).
+
+        A prefix before the first ``:`` that contains no ``/`` or ``.`` is read as a type name
+        and must be a known one: ``FIEL:/src`` is an error, never a file called ``FIEL:/src``.
+
+        Raises:
+            InvalidResourceError: unknown type or empty path.
+        """
+        if isinstance(value, Resource):
+            return value
+        if not isinstance(value, str):
+            raise InvalidResourceError(f"a resource is a 'TYPE:path' string, not {value!r}")
+        head, sep, tail = value.partition(":")
+        if sep and head and "/" not in head and "." not in head:
+            try:
+                rtype = ResourceType.parse(head)
+            except InvalidResourceError:
+                raise InvalidResourceError(
+                    f"unknown resource type {head!r} in {value!r}; use one of "
+                    f"{', '.join(ResourceType.__members__)} (write FILE:{value} for a file path "
+                    "that contains a colon)"
+                ) from None
+            return cls.of(rtype, tail)
+        return cls.of(ResourceType.FILE, value)
+
+    def ancestors(self) -> Iterable[Resource]:
+        """Yield the strict ancestors of this resource, nearest first."""
+        path = self.path
+        while True:
+            cut = path.rfind("/")
+            if cut < 0:
+                return
+            if cut == 0:
+                if path != "/":
+                    yield Resource(self.type, "/")
+                return
+            path = path[:cut]
+            yield Resource(self.type, path)
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """One (resource, predicate) pair of a request."""
+
+    resource: Resource
+    predicate: Predicate
+
+    @classmethod
+    def of(cls, resource: Resource | str, predicate: Predicate | str) -> Intent:
+        """Validate and build an intent.
+
+        Raises:
+            InvalidResourceError: bad resource.
+            InvalidPredicateError: bad predicate.
+        """
+        return cls(Resource.parse(resource), Predicate.parse(predicate))
+
+
+def parse_intents(
+    pairs: Iterable[tuple[Resource | str, Predicate | str] | Intent],
+) -> tuple[Intent, ...]:
+    """Validate a list of ``(resource, predicate)`` pairs; all must be valid.
+
+    Raises:
+        InvalidResourceError: a bad resource, or no pairs at all.
+        InvalidPredicateError: a bad predicate.
+    """
+    intents = tuple(p if isinstance(p, Intent) else Intent.of(*p) for p in pairs)
+    if not intents:
+        raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
+    return intents
+
+
+def validate_ttl(ttl: float) -> float:
+    """Return ``ttl`` as a float number of seconds.
+
+    Raises:
+        InvalidTTLError: ``ttl`` is not a positive finite number.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < float("inf"):
+        raise InvalidTTLError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    return float(ttl)
+
+
+class LeaseState(enum.Enum):
+    """Where a lease is in its life."""
+
+    ACTIVE = "ACTIVE"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+    REVOKED = "REVOKED"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A snapshot of one lease, as the scheduler saw it when it answered.
+
+    ``token`` is the fencing token: it grows with every grant and never goes backwards, so a
+    store can refuse a write that carries a smaller token than one it already accepted.
+    ``expires_at`` is wall-clock time (``time.time()`` seconds).
+    """
+
+    id: str
+    agent_id: str
+    session_id: str
+    resource: Resource
+    predicate: Predicate
+    token: int
+    ttl: float
+    expires_at: float
+    state: LeaseState = LeaseState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    """A registered agent. ``ts`` is its age: lower is older, and it never changes."""
+
+    id: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """A snapshot of the scheduler's counters."""
+
+    agents: int
+    leases_active: int
+    requests_waiting: int
+    grants: int
+    waits: int
+    deaths: int
+    releases: int
+    expiries: int
+    revocations: int
+    causal_violations: int
+    batches: int
+    messages: int

@@ -1,0 +1,1207 @@
+"""The scheduler actor: the one task that owns every agent, lease, queue, counter and clock.
+
+Callers never touch state. They post a message carrying its own reply future to the mailbox
+and await the future (pykka's ``Envelope(message, reply_to)``). The actor drains the mailbox
+in batches, applies the pure rules of :mod:`klock_async.rules`, and, when a journal is
+attached, commits one transaction per batch before it resolves the batch's futures (group
+commit). A WAIT is a parked future in the resource's queue, resolved by the release, expiry or
+revocation that frees it: nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from klock_async import rules
+from klock_async.backend import ClockStatus
+from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock, VectorClockManager
+from klock_async.errors import (
+    AcquireTimeoutError,
+    AgentExistsError,
+    CausalViolationError,
+    InvalidRequestError,
+    KernelClosedError,
+    KlockError,
+    LeaseDied,
+    LeaseNotFoundError,
+    LeaseWouldWait,
+    NotLeaseOwnerError,
+    UnknownAgentError,
+)
+from klock_async.model import (
+    AgentInfo,
+    Intent,
+    LeaseInfo,
+    LeaseState,
+    Predicate,
+    Resource,
+    Statistics,
+    validate_ttl,
+)
+
+__all__ = ["Journal", "RecoveredState", "Scheduler"]
+
+_log = structlog.get_logger("klock_async")
+
+_READ = Predicate.CONSUMES
+
+
+# --------------------------------------------------------------------------------------------
+# Durable journal interface (implemented by klock_async.journal)
+
+
+@dataclass(slots=True)
+class RecoveredState:
+    """What a journal hands back on start: enough to continue exactly where it stopped."""
+
+    agents: list[AgentInfo] = field(default_factory=list)
+    leases: list[LeaseInfo] = field(default_factory=list)
+    last_token: int = 0
+    last_agent_ts: int = 0
+    path_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
+    agent_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
+    conflict_count: int = 0
+
+
+class Journal(Protocol):
+    """Durable record of the scheduler's state, written by the actor only.
+
+    The ``record_*`` calls only buffer; :meth:`commit` writes the buffer in one transaction
+    and returns when it is durable. The actor resolves a batch's replies only after that.
+    """
+
+    def load(self) -> RecoveredState:
+        """Read the state left by the previous run."""
+
+    def record_agent(self, agent: AgentInfo) -> None:
+        """Buffer a registered agent."""
+
+    def record_lease(self, lease: LeaseInfo) -> None:
+        """Buffer a granted or changed lease (insert or replace by id)."""
+
+    def record_clocks(
+        self,
+        path: str,
+        path_clock: VectorClock,
+        agent_id: str,
+        agent_clock: VectorClock,
+        conflict_count: int,
+    ) -> None:
+        """Buffer the clocks a clock operation changed."""
+
+    def record_counters(self, last_token: int, last_agent_ts: int) -> None:
+        """Buffer the highest fencing token and agent age handed out."""
+
+    async def commit(self) -> None:
+        """Write everything buffered in one transaction."""
+
+    def close(self) -> None:
+        """Release the database."""
+
+
+# --------------------------------------------------------------------------------------------
+# Messages: frozen values, each with its own reply slot.
+
+
+@dataclass(frozen=True, slots=True)
+class _RegisterAgent:
+    agent_id: str
+    priority: int | None
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Acquire:
+    request_id: int
+    agent_id: str
+    session_id: str
+    intents: tuple[Intent, ...]
+    ttl: float
+    wait: bool
+    isolation: IsolationLevel
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Withdraw:
+    request_id: int
+    agent_id: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    lease_id: str
+    agent_id: str | None
+    record_write: bool
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Heartbeat:
+    lease_id: str
+    agent_id: str | None
+    ttl: float | None
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _ReleaseSession:
+    agent_id: str
+    session_id: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Revoke:
+    lease_id: str | None
+    agent_id: str | None
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _WatchLease:
+    lease_id: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    what: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _ClockRead:
+    path: str
+    agent_id: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _ClockWrite:
+    path: str
+    agent_id: str
+    strict: bool
+    reply: asyncio.Future[Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Internal records: mutable, owned by the actor, never handed out.
+
+
+class _Agent:
+    __slots__ = ("id", "ts")
+
+    def __init__(self, agent_id: str, ts: int) -> None:
+        self.id = agent_id
+        self.ts = ts
+
+
+class _Lease:
+    __slots__ = (
+        "agent_id",
+        "deadline",
+        "expires_at",
+        "id",
+        "predicate",
+        "request_id",
+        "resource",
+        "session_id",
+        "token",
+        "ts",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        lease_id: str,
+        agent: _Agent,
+        session_id: str,
+        resource: Resource,
+        predicate: Predicate,
+        token: int,
+        ttl: float,
+        expires_at: float,
+        deadline: float,
+        request_id: int,
+    ) -> None:
+        self.id = lease_id
+        self.agent_id = agent.id
+        self.ts = agent.ts
+        self.session_id = session_id
+        self.resource = resource
+        self.predicate = predicate
+        self.token = token
+        self.ttl = ttl
+        self.expires_at = expires_at
+        self.deadline = deadline
+        self.request_id = request_id
+
+    def info(self, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
+        return LeaseInfo(
+            id=self.id,
+            agent_id=self.agent_id,
+            session_id=self.session_id,
+            resource=self.resource,
+            predicate=self.predicate,
+            token=self.token,
+            ttl=self.ttl,
+            expires_at=self.expires_at,
+            state=state,
+        )
+
+
+class _Request:
+    __slots__ = ("agent_id", "id", "intents", "isolation", "reply", "session_id", "ts", "ttl")
+
+    def __init__(self, msg: _Acquire, agent: _Agent) -> None:
+        self.id = msg.request_id
+        self.agent_id = agent.id
+        self.ts = agent.ts
+        self.session_id = msg.session_id
+        self.intents = msg.intents
+        self.ttl = msg.ttl
+        self.isolation = msg.isolation
+        self.reply = msg.reply
+
+
+class _Slot:
+    """Everything attached to one resource: its active leases and its queued requests."""
+
+    __slots__ = ("leases", "waiters")
+
+    def __init__(self) -> None:
+        self.leases: dict[str, _Lease] = {}
+        # request id -> (request, the predicate it wants on this resource)
+        self.waiters: dict[int, tuple[_Request, Predicate]] = {}
+
+
+_PENDING = object()  # a handler's answer when the reply is parked (WAIT)
+
+
+class Scheduler:
+    """The embedded scheduler: an actor task plus the client methods that message it.
+
+    It implements :class:`~klock_async.backend.Backend`. Create it inside a running event loop,
+    ``await start()``, and ``await aclose()`` when done (the :class:`~klock_async.Klock` facade
+    does both).
+
+    Args:
+        journal: optional durable journal (server mode); recovered from on start.
+        clock: wall-clock source for ``expires_at`` (seconds since the epoch).
+    """
+
+    # Invariants (checked by tests through check_invariants()):
+    # - every _Lease in _leases is in exactly _slots[lease.resource].leases and in
+    #   _sessions[(agent, session)]; released, expired and revoked leases are in none of them;
+    # - every queued _Request is in _queued and in the waiters of the slot of each of its
+    #   intents, and nowhere else; a request is never both queued and granted;
+    # - no two active leases of different sessions conflict (rules.intents_conflict);
+    # - every queued request is strictly older than each of its blockers (Wait-Die);
+    # - _under[r] is exactly the set of resources with a slot strictly below r;
+    # - a slot exists only while it has leases or waiters;
+    # - _last_token only grows; each grant takes the next value.
+
+    def __init__(
+        self, *, journal: Journal | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._journal = journal
+        self._wall = clock
+        self._agents: dict[str, _Agent] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._slots: dict[Resource, _Slot] = {}
+        self._under: dict[Resource, set[Resource]] = {}
+        self._sessions: dict[tuple[str, str], dict[str, _Lease]] = {}
+        self._queued: dict[int, _Request] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._watchers: dict[str, list[asyncio.Future[Any]]] = {}
+        self._clocks = VectorClockManager()
+        self._last_token = 0
+        self._last_agent_ts = 0
+        self._request_ids = itertools.count(1)
+        self._counts = dict.fromkeys(
+            (
+                "grants",
+                "waits",
+                "deaths",
+                "releases",
+                "expiries",
+                "revocations",
+                "causal_violations",
+                "batches",
+                "messages",
+            ),
+            0,
+        )
+        self._mailbox: deque[Any] = deque()
+        self._outbox: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._wakeup: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            _Acquire: self._on_acquire,
+            _Release: self._on_release,
+            _Heartbeat: self._on_heartbeat,
+            _Withdraw: self._on_withdraw,
+            _RegisterAgent: self._on_register,
+            _ReleaseSession: self._on_release_session,
+            _Revoke: self._on_revoke,
+            _WatchLease: self._on_watch,
+            _Query: self._on_query,
+            _ClockRead: self._on_clock_read,
+            _ClockWrite: self._on_clock_write,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Recover from the journal (if any) and start the actor task."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        if self._journal is not None:
+            self._recover(self._journal.load())
+        self._task = self._loop.create_task(self._run(), name="klock-scheduler")
+
+    async def aclose(self) -> None:
+        """Stop the actor; every pending request fails with :class:`KernelClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        task = self._task
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if task is asyncio.current_task():  # pragma: no cover - defensive
+                    raise
+        if self._timer is not None:
+            self._timer.cancel()
+        error = KernelClosedError(
+            "the klock kernel shut down before answering; nothing further was granted"
+        )
+        for msg in self._mailbox:
+            reply = getattr(msg, "reply", None)
+            if reply is not None and not reply.done():
+                reply.set_exception(error)
+        self._mailbox.clear()
+        for request in self._queued.values():
+            if not request.reply.done():
+                request.reply.set_exception(error)
+        self._queued.clear()
+        for futures in self._watchers.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(error)
+        self._watchers.clear()
+        self._flush()
+        if self._journal is not None:
+            self._journal.close()
+
+    def _recover(self, state: RecoveredState) -> None:
+        assert self._loop is not None
+        for agent in state.agents:
+            self._agents[agent.id] = _Agent(agent.id, agent.ts)
+        self._last_agent_ts = state.last_agent_ts
+        self._last_token = state.last_token
+        now_wall, now = self._wall(), self._loop.time()
+        for info in state.leases:
+            if info.state is not LeaseState.ACTIVE or info.agent_id not in self._agents:
+                continue
+            lease = _Lease(
+                info.id,
+                self._agents[info.agent_id],
+                info.session_id,
+                info.resource,
+                info.predicate,
+                info.token,
+                info.ttl,
+                info.expires_at,
+                now + (info.expires_at - now_wall),
+                0,
+            )
+            self._attach(lease)
+            self._last_token = max(self._last_token, info.token)
+        self._clocks = VectorClockManager.restore(
+            state.path_clocks, state.agent_clocks, state.conflict_count
+        )
+
+    # ---------------------------------------------------------------- the actor loop
+
+    def _post(self, msg: Any) -> None:
+        if self._closed or self._task is None:
+            raise KernelClosedError(
+                "the klock kernel is not running; use it inside 'async with Klock()'"
+            )
+        self._mailbox.append(msg)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        mailbox = self._mailbox
+        handlers = self._handlers
+        counts = self._counts
+        while True:
+            if not mailbox:
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+            if self._expiry and self._expiry[0][0] <= loop.time():
+                self._expire_due(loop.time())
+            n = len(mailbox)
+            counts["batches"] += 1
+            counts["messages"] += n
+            for _ in range(n):
+                msg = mailbox.popleft()
+                try:
+                    result = handlers[type(msg)](msg)
+                except KlockError as exc:
+                    self._outbox.append((msg.reply, None, exc))
+                else:
+                    if result is not _PENDING:
+                        self._outbox.append((msg.reply, result, None))
+            if self._journal is not None:
+                await self._journal.commit()
+            self._flush()
+            self._arm_timer(loop)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for fut, value, exc in outbox:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+    def _reply(self, fut: asyncio.Future[Any], value: Any) -> None:
+        self._outbox.append((fut, value, None))
+
+    def _fail(self, fut: asyncio.Future[Any], exc: BaseException) -> None:
+        self._outbox.append((fut, None, exc))
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        heap = self._expiry
+        # Drop heap entries of leases that ended or were extended (lazy deletion).
+        while heap:
+            deadline, lease_id = heap[0]
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.deadline == deadline:
+                break
+            heapq.heappop(heap)
+        if not heap:
+            return
+        at = heap[0][0]
+        if at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(at, self._wake)
+            self._timer_at = at
+
+    # ---------------------------------------------------------------- client side (Backend)
+
+    def _future(self) -> asyncio.Future[Any]:
+        loop = self._loop
+        if loop is None:
+            raise KernelClosedError("the klock kernel was not started; use 'async with Klock()'")
+        return loop.create_future()
+
+    async def _ask(self, make: Callable[[asyncio.Future[Any]], Any]) -> Any:
+        fut = self._future()
+        self._post(make(fut))
+        return await fut
+
+    async def register_agent(self, agent_id: str, priority: int | None) -> AgentInfo:
+        """Register an agent; see :class:`~klock_async.backend.Backend`."""
+        result: AgentInfo = await self._ask(lambda f: _RegisterAgent(agent_id, priority, f))
+        return result
+
+    async def acquire(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Sequence[Intent],
+        *,
+        ttl: float,
+        wait: bool = True,
+        timeout: float | None = None,
+        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+    ) -> tuple[LeaseInfo, ...]:
+        """Request leases; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseDied: Wait-Die refused the request.
+            LeaseWouldWait: ``wait`` is false and the request would have to queue.
+            AcquireTimeoutError: ``timeout`` ran out; the request was withdrawn.
+            CausalViolationError: a stale write in a SERIALIZABLE session.
+            InvalidRequestError: bad input; nothing changed.
+            UnknownAgentError: ``agent_id`` was never registered.
+        """
+        ttl = validate_ttl(ttl)
+        if timeout is not None and not timeout >= 0:
+            raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        fut = self._future()
+        request_id = next(self._request_ids)
+        self._post(
+            _Acquire(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
+        )
+        try:
+            if timeout is None:
+                result: tuple[LeaseInfo, ...] = await fut
+                return result
+            async with asyncio.timeout(timeout):
+                result = await fut
+                return result
+        except TimeoutError:
+            self._withdraw(request_id, agent_id, session_id)
+            raise AcquireTimeoutError(
+                f"agent {agent_id!r} waited {timeout}s for "
+                f"{', '.join(f'{i.predicate.value} {i.resource}' for i in intents)} and gave up; "
+                "nothing is held. Retry later or raise the timeout."
+            ) from None
+        except asyncio.CancelledError:
+            self._withdraw(request_id, agent_id, session_id)
+            raise
+
+    def _withdraw(self, request_id: int, agent_id: str, session_id: str) -> None:
+        if not self._closed:
+            self._post(_Withdraw(request_id, agent_id, session_id))
+
+    async def release(
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+    ) -> LeaseInfo:
+        """End a lease; see :class:`~klock_async.backend.Backend`."""
+        result: LeaseInfo = await self._ask(lambda f: _Release(lease_id, agent_id, record_write, f))
+        return result
+
+    async def heartbeat(
+        self, lease_id: str, agent_id: str | None = None, ttl: float | None = None
+    ) -> LeaseInfo:
+        """Extend a lease; see :class:`~klock_async.backend.Backend`."""
+        if ttl is not None:
+            ttl = validate_ttl(ttl)
+        result: LeaseInfo = await self._ask(lambda f: _Heartbeat(lease_id, agent_id, ttl, f))
+        return result
+
+    async def release_session(self, agent_id: str, session_id: str) -> int:
+        """Release a session's leases; see :class:`~klock_async.backend.Backend`."""
+        result: int = await self._ask(lambda f: _ReleaseSession(agent_id, session_id, f))
+        return result
+
+    async def wait_ended(self, lease_id: str, timeout: float | None) -> LeaseInfo | None:
+        """Wait for a lease to end; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: the lease is not active (ended already, or never existed).
+        """
+        fut = self._future()
+        self._post(_WatchLease(lease_id, fut))
+        if timeout is None:
+            result: LeaseInfo = await fut
+            return result
+        try:
+            async with asyncio.timeout(timeout):
+                result = await fut
+                return result
+        except TimeoutError:
+            return None
+
+    async def revoke(self, lease_id: str) -> LeaseInfo:
+        """Revoke one lease; see :class:`~klock_async.backend.Backend`."""
+        result: list[LeaseInfo] = await self._ask(lambda f: _Revoke(lease_id, None, f))
+        return result[0]
+
+    async def evict(self, agent_id: str) -> int:
+        """Revoke an agent's leases; see :class:`~klock_async.backend.Backend`."""
+        result: list[LeaseInfo] = await self._ask(lambda f: _Revoke(None, agent_id, f))
+        return len(result)
+
+    async def leases(self) -> tuple[LeaseInfo, ...]:
+        """Snapshot of the active leases."""
+        result: tuple[LeaseInfo, ...] = await self._ask(lambda f: _Query("leases", f))
+        return result
+
+    async def agents(self) -> tuple[AgentInfo, ...]:
+        """Snapshot of the registered agents."""
+        result: tuple[AgentInfo, ...] = await self._ask(lambda f: _Query("agents", f))
+        return result
+
+    async def statistics(self) -> Statistics:
+        """Snapshot of the counters."""
+        result: Statistics = await self._ask(lambda f: _Query("statistics", f))
+        return result
+
+    async def clock_read(self, path: str, agent_id: str) -> VectorClock:
+        """Read a path's clock as an agent; see :class:`~klock_async.backend.Backend`."""
+        result: VectorClock = await self._ask(lambda f: _ClockRead(path, agent_id, f))
+        return result
+
+    async def clock_write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock:
+        """Record a write; see :class:`~klock_async.backend.Backend`."""
+        result: VectorClock = await self._ask(lambda f: _ClockWrite(path, agent_id, strict, f))
+        return result
+
+    async def clock_status(self) -> ClockStatus:
+        """Tracked paths and conflict count."""
+        result: ClockStatus = await self._ask(lambda f: _Query("clocks", f))
+        return result
+
+    # ---------------------------------------------------------------- handlers
+
+    def _agent(self, agent_id: str) -> _Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise UnknownAgentError(
+                f"agent {agent_id!r} is not registered; call register_agent({agent_id!r}) first"
+            )
+        return agent
+
+    def _on_register(self, msg: _RegisterAgent) -> AgentInfo:
+        if not isinstance(msg.agent_id, str) or not msg.agent_id.strip():
+            raise InvalidRequestError("an agent id must be a non-empty string")
+        if msg.priority is not None and (
+            isinstance(msg.priority, bool) or not isinstance(msg.priority, int)
+        ):
+            raise InvalidRequestError(f"priority must be an integer, got {msg.priority!r}")
+        agent = self._agents.get(msg.agent_id)
+        if agent is not None:
+            if msg.priority is not None and msg.priority != agent.ts:
+                raise AgentExistsError(
+                    f"agent {msg.agent_id!r} is registered already with age {agent.ts}; an "
+                    "agent's age never changes (register another id for another priority)"
+                )
+            return AgentInfo(agent.id, agent.ts)
+        if msg.priority is None:
+            self._last_agent_ts += 1
+            ts = self._last_agent_ts
+        else:
+            ts = msg.priority
+        agent = self._agents[msg.agent_id] = _Agent(msg.agent_id, ts)
+        info = AgentInfo(agent.id, agent.ts)
+        if self._journal is not None:
+            self._journal.record_agent(info)
+            self._journal.record_counters(self._last_token, self._last_agent_ts)
+        _log.info("agent.registered", agent=agent.id, ts=agent.ts)
+        return info
+
+    def _on_acquire(self, msg: _Acquire) -> object:
+        agent = self._agent(msg.agent_id)
+        if not msg.reply.done():
+            request = _Request(msg, agent)
+            self._decide(request, new=True, wait=msg.wait)
+        return _PENDING
+
+    def _on_withdraw(self, msg: _Withdraw) -> object:
+        request = self._queued.get(msg.request_id)
+        if request is not None:
+            self._unqueue(request)
+            _log.info(
+                "lease.withdrawn",
+                agent=request.agent_id,
+                session=request.session_id,
+                resources=[str(i.resource) for i in request.intents],
+            )
+            self._reevaluate([i.resource for i in request.intents])
+            return _PENDING
+        # Granted, but the caller stopped waiting before it saw the answer: give it back.
+        held = self._sessions.get((msg.agent_id, msg.session_id))
+        if held:
+            granted = [lease for lease in held.values() if lease.request_id == msg.request_id]
+            for lease in granted:
+                self._end(lease, LeaseState.RELEASED)
+            self._reevaluate([lease.resource for lease in granted])
+        return _PENDING
+
+    def _on_release(self, msg: _Release) -> LeaseInfo:
+        lease = self._owned_lease(msg.lease_id, msg.agent_id)
+        if msg.record_write and lease.predicate.writes:
+            result = self._clocks.write(str(lease.resource), lease.agent_id, strict=False)
+            self._journal_clocks(str(lease.resource), lease.agent_id)
+            assert not isinstance(result, StaleWrite)
+        info = self._end(lease, LeaseState.RELEASED)
+        self._reevaluate((lease.resource,))
+        return info
+
+    def _on_heartbeat(self, msg: _Heartbeat) -> LeaseInfo:
+        lease = self._owned_lease(msg.lease_id, msg.agent_id)
+        assert self._loop is not None
+        ttl = msg.ttl if msg.ttl is not None else lease.ttl
+        lease.ttl = ttl
+        lease.expires_at = self._wall() + ttl
+        lease.deadline = self._loop.time() + ttl
+        heapq.heappush(self._expiry, (lease.deadline, lease.id))
+        info = lease.info()
+        if self._journal is not None:
+            self._journal.record_lease(info)
+        return info
+
+    def _on_release_session(self, msg: _ReleaseSession) -> int:
+        held = self._sessions.get((msg.agent_id, msg.session_id))
+        if not held:
+            return 0
+        leases = list(held.values())
+        for lease in leases:
+            self._end(lease, LeaseState.RELEASED)
+        self._reevaluate([lease.resource for lease in leases])
+        return len(leases)
+
+    def _on_revoke(self, msg: _Revoke) -> list[LeaseInfo]:
+        if msg.lease_id is not None:
+            lease = self._leases.get(msg.lease_id)
+            if lease is None:
+                raise LeaseNotFoundError(f"no active lease {msg.lease_id!r} to revoke")
+            leases = [lease]
+        else:
+            assert msg.agent_id is not None
+            self._agent(msg.agent_id)
+            leases = [lease for lease in self._leases.values() if lease.agent_id == msg.agent_id]
+        infos = [self._end(lease, LeaseState.REVOKED) for lease in leases]
+        self._reevaluate([lease.resource for lease in leases])
+        return infos
+
+    def _on_watch(self, msg: _WatchLease) -> object:
+        if msg.lease_id not in self._leases:
+            raise LeaseNotFoundError(f"lease {msg.lease_id!r} is not active")
+        watchers = self._watchers.setdefault(msg.lease_id, [])
+        watchers[:] = [f for f in watchers if not f.done()]
+        watchers.append(msg.reply)
+        return _PENDING
+
+    def _on_query(self, msg: _Query) -> Any:
+        if msg.what == "leases":
+            return tuple(lease.info() for lease in self._leases.values())
+        if msg.what == "agents":
+            return tuple(AgentInfo(a.id, a.ts) for a in self._agents.values())
+        if msg.what == "clocks":
+            return ClockStatus(self._clocks.tracked_paths, self._clocks.conflict_count)
+        counts = self._counts
+        return Statistics(
+            agents=len(self._agents),
+            leases_active=len(self._leases),
+            requests_waiting=len(self._queued),
+            grants=counts["grants"],
+            waits=counts["waits"],
+            deaths=counts["deaths"],
+            releases=counts["releases"],
+            expiries=counts["expiries"],
+            revocations=counts["revocations"],
+            causal_violations=counts["causal_violations"],
+            batches=counts["batches"],
+            messages=counts["messages"],
+        )
+
+    def _clock_key(self, path: str) -> str:
+        return str(Resource.parse(path))
+
+    def _on_clock_read(self, msg: _ClockRead) -> VectorClock:
+        self._agent(msg.agent_id)
+        key = self._clock_key(msg.path)
+        clock = self._clocks.read(key, msg.agent_id)
+        self._journal_clocks(key, msg.agent_id)
+        return clock
+
+    def _on_clock_write(self, msg: _ClockWrite) -> VectorClock:
+        self._agent(msg.agent_id)
+        key = self._clock_key(msg.path)
+        result = self._clocks.write(key, msg.agent_id, strict=msg.strict)
+        if isinstance(result, StaleWrite):
+            self._counts["causal_violations"] += 1
+            raise self._violation(result)
+        self._journal_clocks(key, msg.agent_id)
+        return result
+
+    def _journal_clocks(self, path: str, agent_id: str) -> None:
+        if self._journal is not None:
+            self._journal.record_clocks(
+                path,
+                self._clocks.clock_of(path),
+                agent_id,
+                self._clocks.agent_clock(agent_id),
+                self._clocks.conflict_count,
+            )
+
+    def _violation(self, stale: StaleWrite) -> CausalViolationError:
+        _log.warning(
+            "clock.violation",
+            agent=stale.agent_id,
+            resource=stale.path,
+            agent_clock=stale.agent_clock.as_dict(),
+            path_clock=stale.path_clock.as_dict(),
+        )
+        return CausalViolationError(
+            f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
+            f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
+            f"{stale.path_clock.as_dict()}); read it again, redo the change, then write",
+            path=stale.path,
+            agent_id=stale.agent_id,
+            agent_clock=stale.agent_clock.as_dict(),
+            path_clock=stale.path_clock.as_dict(),
+        )
+
+    def _owned_lease(self, lease_id: str, agent_id: str | None) -> _Lease:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFoundError(
+                f"lease {lease_id!r} is not active (never granted, or already released, "
+                "expired or revoked); acquire it again if you still need it"
+            )
+        if agent_id is not None and agent_id != lease.agent_id:
+            raise NotLeaseOwnerError(
+                f"lease {lease_id!r} belongs to agent {lease.agent_id!r}, not {agent_id!r}; "
+                "only its holder may release or extend it"
+            )
+        return lease
+
+    # ---------------------------------------------------------------- Wait-Die
+
+    def _overlapping(self, resource: Resource) -> Iterable[_Slot]:
+        """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
+        slots = self._slots
+        slot = slots.get(resource)
+        if slot is not None:
+            yield slot
+        for ancestor in resource.ancestors():
+            slot = slots.get(ancestor)
+            if slot is not None:
+                yield slot
+        for below in self._under.get(resource, ()):
+            yield slots[below]
+
+    def _blockers(self, request: _Request) -> list[_Lease | _Request]:
+        found: list[_Lease | _Request] = []
+        agent_id, session_id, ts = request.agent_id, request.session_id, request.ts
+        compatible = rules.COMPATIBLE
+        for intent in request.intents:
+            allowed = compatible[intent.predicate]
+            for slot in self._overlapping(intent.resource):
+                for lease in slot.leases.values():
+                    if lease.predicate in allowed:
+                        continue
+                    if lease.agent_id == agent_id and lease.session_id == session_id:
+                        continue  # reentrancy (KLIS-7)
+                    found.append(lease)
+                for other, predicate in slot.waiters.values():
+                    if other.ts >= ts or predicate in allowed:
+                        continue
+                    if other.agent_id == agent_id and other.session_id == session_id:
+                        continue
+                    found.append(other)
+        return found
+
+    def _decide(self, request: _Request, *, new: bool, wait: bool = True) -> bool:
+        """Apply Wait-Die to one request; return True when it was granted."""
+        verdict = rules.wait_die(request.ts, self._blockers(request))
+        decision = verdict.decision
+        if decision is rules.Decision.GRANT:
+            return self._grant(request)
+        blocker = verdict.blocker
+        assert blocker is not None
+        if decision is rules.Decision.WAIT:
+            if not new:
+                return False
+            if not wait:
+                self._fail(request.reply, self._would_wait(request, blocker))
+                return False
+            self._enqueue(request)
+            self._counts["waits"] += 1
+            _log.info(
+                "lease.waiting",
+                agent=request.agent_id,
+                session=request.session_id,
+                resources=[str(i.resource) for i in request.intents],
+                predicates=[i.predicate.value for i in request.intents],
+                blocker=blocker.agent_id,
+            )
+            # A new older waiter: younger conflicting waiters must now die.
+            self._reevaluate([i.resource for i in request.intents])
+            return False
+        if not new:
+            self._unqueue(request)
+        self._die(request, blocker)
+        return False
+
+    def _grant(self, request: _Request) -> bool:
+        if request.isolation is IsolationLevel.SERIALIZABLE:
+            for intent in request.intents:
+                if intent.predicate.writes:
+                    stale = self._clocks.check_write(str(intent.resource), request.agent_id)
+                    if stale is not None:
+                        if request.id in self._queued:
+                            self._unqueue(request)
+                        self._counts["causal_violations"] += 1
+                        self._fail(request.reply, self._violation(stale))
+                        return False
+        if request.id in self._queued:
+            self._unqueue(request)
+        assert self._loop is not None
+        agent = self._agents[request.agent_id]
+        now_wall, now = self._wall(), self._loop.time()
+        infos = []
+        for intent in request.intents:
+            self._last_token += 1
+            lease = _Lease(
+                secrets.token_urlsafe(16),
+                agent,
+                request.session_id,
+                intent.resource,
+                intent.predicate,
+                self._last_token,
+                request.ttl,
+                now_wall + request.ttl,
+                now + request.ttl,
+                request.id,
+            )
+            self._attach(lease)
+            heapq.heappush(self._expiry, (lease.deadline, lease.id))
+            info = lease.info()
+            infos.append(info)
+            if request.isolation is IsolationLevel.SERIALIZABLE and intent.predicate is _READ:
+                self._clocks.read(str(intent.resource), request.agent_id)
+                self._journal_clocks(str(intent.resource), request.agent_id)
+            if self._journal is not None:
+                self._journal.record_lease(info)
+            _log.info(
+                "lease.granted",
+                agent=lease.agent_id,
+                session=lease.session_id,
+                resource=str(lease.resource),
+                predicate=lease.predicate.value,
+                token=lease.token,
+                lease=lease.id,
+            )
+        self._counts["grants"] += 1
+        if self._journal is not None:
+            self._journal.record_counters(self._last_token, self._last_agent_ts)
+        self._reply(request.reply, tuple(infos))
+        return True
+
+    def _die(self, request: _Request, blocker: _Lease | _Request) -> None:
+        self._counts["deaths"] += 1
+        intent = request.intents[0]
+        blocker_lease = blocker.id if isinstance(blocker, _Lease) else None
+        where = str(blocker.resource) if isinstance(blocker, _Lease) else "a queued request"
+        retry_after = (
+            max(0.0, blocker.deadline - self._loop.time())
+            if isinstance(blocker, _Lease) and self._loop is not None
+            else 0.05
+        )
+        _log.info(
+            "lease.died",
+            agent=request.agent_id,
+            session=request.session_id,
+            resource=str(intent.resource),
+            predicate=intent.predicate.value,
+            blocker=blocker.agent_id,
+            blocker_lease=blocker_lease,
+        )
+        self._fail(
+            request.reply,
+            LeaseDied(
+                f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
+                f"{intent.resource}: older or equal agent {blocker.agent_id!r} holds or awaits a "
+                f"conflicting intent ({where}). Release what this session holds and retry after "
+                "that lease ends; your age is kept, so you cannot starve.",
+                agent_id=request.agent_id,
+                resource=str(intent.resource),
+                predicate=intent.predicate.value,
+                blocker_agent_id=blocker.agent_id,
+                blocker_lease_id=blocker_lease,
+                retry_after=retry_after,
+            ),
+        )
+
+    def _would_wait(self, request: _Request, blocker: _Lease | _Request) -> LeaseWouldWait:
+        intent = request.intents[0]
+        wait_time = (
+            max(0.0, blocker.deadline - self._loop.time())
+            if isinstance(blocker, _Lease) and self._loop is not None
+            else 0.0
+        )
+        return LeaseWouldWait(
+            f"{intent.predicate.value} {intent.resource} is held by younger agent "
+            f"{blocker.agent_id!r}; nothing was queued. Ask again, or acquire with wait=True.",
+            agent_id=request.agent_id,
+            resource=str(intent.resource),
+            blocker_agent_id=blocker.agent_id,
+            wait_time=wait_time,
+        )
+
+    def _reevaluate(self, resources: Iterable[Resource]) -> None:
+        """Re-run Wait-Die over the queues that overlap ``resources``, oldest first.
+
+        A grant changes the resources it covers, so their queues are re-run in turn until
+        nothing changes.
+        """
+        dirty = set(resources)
+        while dirty and self._queued:
+            candidates: dict[int, _Request] = {}
+            for resource in dirty:
+                for slot in self._overlapping(resource):
+                    for request, _ in slot.waiters.values():
+                        candidates[request.id] = request
+            dirty = set()
+            for request in sorted(candidates.values(), key=lambda r: (r.ts, r.id)):
+                if request.id not in self._queued:
+                    continue
+                if request.reply.done():  # its caller is gone; a withdraw is on its way
+                    continue
+                if self._decide(request, new=False) or request.id not in self._queued:
+                    dirty.update(i.resource for i in request.intents)
+
+    # ---------------------------------------------------------------- state changes
+
+    def _slot(self, resource: Resource) -> _Slot:
+        slot = self._slots.get(resource)
+        if slot is None:
+            slot = self._slots[resource] = _Slot()
+            for ancestor in resource.ancestors():
+                below = self._under.get(ancestor)
+                if below is None:
+                    self._under[ancestor] = {resource}
+                else:
+                    below.add(resource)
+        return slot
+
+    def _drop_slot_if_empty(self, resource: Resource) -> None:
+        slot = self._slots.get(resource)
+        if slot is None or slot.leases or slot.waiters:
+            return
+        del self._slots[resource]
+        for ancestor in resource.ancestors():
+            below = self._under[ancestor]
+            below.discard(resource)
+            if not below:
+                del self._under[ancestor]
+
+    def _attach(self, lease: _Lease) -> None:
+        self._leases[lease.id] = lease
+        self._slot(lease.resource).leases[lease.id] = lease
+        key = (lease.agent_id, lease.session_id)
+        held = self._sessions.get(key)
+        if held is None:
+            self._sessions[key] = {lease.id: lease}
+        else:
+            held[lease.id] = lease
+
+    def _enqueue(self, request: _Request) -> None:
+        self._queued[request.id] = request
+        for intent in request.intents:
+            self._slot(intent.resource).waiters[request.id] = (request, intent.predicate)
+
+    def _unqueue(self, request: _Request) -> None:
+        del self._queued[request.id]
+        for intent in request.intents:
+            slot = self._slots.get(intent.resource)
+            if slot is not None:
+                slot.waiters.pop(request.id, None)
+                self._drop_slot_if_empty(intent.resource)
+
+    def _end(self, lease: _Lease, state: LeaseState) -> LeaseInfo:
+        del self._leases[lease.id]
+        del self._slots[lease.resource].leases[lease.id]
+        self._drop_slot_if_empty(lease.resource)
+        key = (lease.agent_id, lease.session_id)
+        held = self._sessions[key]
+        del held[lease.id]
+        if not held:
+            del self._sessions[key]
+        info = lease.info(state)
+        if self._journal is not None:
+            self._journal.record_lease(info)
+        counter = {
+            LeaseState.RELEASED: "releases",
+            LeaseState.EXPIRED: "expiries",
+            LeaseState.REVOKED: "revocations",
+        }[state]
+        self._counts[counter] += 1
+        _log.info(
+            f"lease.{state.value.lower()}",
+            agent=lease.agent_id,
+            session=lease.session_id,
+            resource=str(lease.resource),
+            predicate=lease.predicate.value,
+            token=lease.token,
+            lease=lease.id,
+        )
+        for fut in self._watchers.pop(lease.id, ()):
+            self._reply(fut, info)
+        return info
+
+    def _expire_due(self, now: float) -> None:
+        heap = self._expiry
+        expired: list[Resource] = []
+        while heap and heap[0][0] <= now:
+            deadline, lease_id = heapq.heappop(heap)
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.deadline != deadline:
+                continue  # released earlier, or extended by a heartbeat
+            self._end(lease, LeaseState.EXPIRED)
+            expired.append(lease.resource)
+        if expired:
+            self._reevaluate(expired)
+
+    # ---------------------------------------------------------------- introspection for tests
+
+    def check_invariants(self) -> None:
+        """Assert the invariants listed on the class (for tests; walks all state).
+
+        Raises:
+            AssertionError: an invariant does not hold.
+        """
+        for lease in self._leases.values():
+            assert self._slots[lease.resource].leases[lease.id] is lease
+            assert self._sessions[(lease.agent_id, lease.session_id)][lease.id] is lease
+        assert sum(len(s.leases) for s in self._slots.values()) == len(self._leases)
+        assert sum(len(h) for h in self._sessions.values()) == len(self._leases)
+        active = list(self._leases.values())
+        for i, a in enumerate(active):
+            for b in active[i + 1 :]:
+                if (a.agent_id, a.session_id) == (b.agent_id, b.session_id):
+                    continue
+                assert not rules.intents_conflict(
+                    Intent(a.resource, a.predicate), Intent(b.resource, b.predicate)
+                ), f"conflicting active leases {a.info()} and {b.info()}"
+        queued_ids = set()
+        for resource, slot in self._slots.items():
+            assert slot.leases or slot.waiters, f"empty slot {resource}"
+            for rid, (request, _) in slot.waiters.items():
+                assert self._queued[rid] is request
+                queued_ids.add(rid)
+        assert queued_ids == set(self._queued)
+        for request in self._queued.values():
+            for blocker in self._blockers(request):
+                assert request.ts < blocker.ts, "a queued request waits for an older one"
+        expected: dict[Resource, set[Resource]] = {}
+        for resource in self._slots:
+            for ancestor in resource.ancestors():
+                expected.setdefault(ancestor, set()).add(resource)
+        assert expected == self._under
+        tokens = [lease.token for lease in self._leases.values()]
+        assert len(tokens) == len(set(tokens))
+        assert all(t <= self._last_token for t in tokens)
