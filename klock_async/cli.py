@@ -1,0 +1,46 @@
+"""The ``klock`` command: ``demo``, ``serve`` and ``mcp``.
+
+Each subcommand lives in its own module and registers its arguments here; optional parts are
+imported only when their subcommand runs, with a clear message when their extra is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# subcommand -> (module, extra that provides its dependencies, one-line help)
+_COMMANDS = {
+    "demo": ("klock_async.demo", None, "show agents losing edits without klock, and not with it"),
+    "serve": ("klock_async.server", "server", "run the coordination server (HTTP + journal)"),
+    "mcp": ("klock_async.integrations.mcp", "mcp", "run the MCP server for coding agents"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``klock`` command line; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="klock", description="klock_async: a coordination kernel for multi-agent AI systems"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, extra, help_text) in _COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            missing = exc
+            cmd.set_defaults(_missing=(missing, extra))
+            continue
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    missing_info = getattr(args, "_missing", None)
+    if missing_info is not None:
+        error, extra = missing_info
+        hint = f" (pip install 'klock-async[{extra}]')" if extra else ""
+        parser.exit(2, f"klock {args.command}: a dependency is missing: {error}{hint}\n")
+    status: int = args._run(args)
+    return status
