@@ -194,7 +194,12 @@ def parse_intents(
         InvalidResourceError: a bad resource, or no pairs at all.
         InvalidPredicateError: a bad predicate.
     """
-    intents = tuple(p if isinstance(p, Intent) else Intent.of(*p) for p in pairs)
+    try:
+        intents = tuple(p if isinstance(p, Intent) else Intent.of(*p) for p in pairs)
+    except TypeError:
+        raise InvalidResourceError(
+            f"a request is a list of (resource, predicate) pairs, not {pairs!r}"
+        ) from None
     if not intents:
         raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
     return intents

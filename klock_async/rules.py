@@ -64,7 +64,9 @@ def overlaps(a: Resource, b: Resource) -> bool:
         return True
     short, long = (a.path, b.path) if len(a.path) < len(b.path) else (b.path, a.path)
     if short == "/":
-        return True
+        # The root contains absolute paths only (as Resource.ancestors says): SYMBOL:/ does
+        # not contain SYMBOL:auth.login.
+        return long.startswith("/")
     return long.startswith(short) and long[len(short)] == "/"
 
 
