@@ -350,6 +350,7 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._task: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None  # shutdown after a journal failure
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._handlers: dict[type, Callable[[Any], Any]] = {
@@ -436,6 +437,8 @@ class Scheduler:
                 0,
             )
             self._attach(lease)
+            # A lease that expired while the server was down ends on the first timer tick.
+            heapq.heappush(self._expiry, (lease.deadline, lease.id))
             self._last_token = max(self._last_token, info.token)
         self._clocks = VectorClockManager.restore(
             state.path_clocks, state.agent_clocks, state.conflict_count
@@ -466,6 +469,7 @@ class Scheduler:
         mailbox = self._mailbox
         handlers = self._handlers
         counts = self._counts
+        self._arm_timer(loop)  # recovered leases may be due already
         while True:
             if not mailbox:
                 self._wakeup = loop.create_future()
@@ -486,9 +490,26 @@ class Scheduler:
                     if result is not _PENDING:
                         self._outbox.append((msg.reply, result, None))
             if self._journal is not None:
-                await self._journal.commit()
+                try:
+                    await self._journal.commit()
+                except Exception as exc:  # the disk failed: nothing of this batch is durable
+                    self._journal_failed(exc)
+                    return
             self._flush()
             self._arm_timer(loop)
+
+    def _journal_failed(self, exc: Exception) -> None:
+        _log.error("journal.failed", error=repr(exc))
+        error = KernelClosedError(
+            f"the journal could not be written ({exc!r}); the kernel stopped and nothing of "
+            "its last batch was granted. Fix the database and restart the server."
+        )
+        for fut, _, _ in self._outbox:
+            if not fut.done():
+                fut.set_exception(error)
+        self._outbox.clear()
+        assert self._loop is not None
+        self._closer = self._loop.create_task(self.aclose())
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []

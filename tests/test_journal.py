@@ -1,0 +1,222 @@
+"""Tests for klock_async.journal: the SQLite journal on its own and under the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from klock_async import KernelClosedError, Klock
+from klock_async.clocks import VectorClock
+from klock_async.journal import SqliteJournal
+from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
+from klock_async.scheduler import Scheduler
+
+
+def _lease(lease_id: str, token: int, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
+    return LeaseInfo(
+        id=lease_id,
+        agent_id="a",
+        session_id="s",
+        resource=Resource.parse(f"src/{lease_id}.py"),
+        predicate=Predicate.MUTATES,
+        token=token,
+        ttl=30.0,
+        expires_at=1_000_000.0 + token,
+        state=state,
+    )
+
+
+def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+async def test_fresh_file_loads_empty_state(tmp_path: Path) -> None:
+    """A new database starts with no agents, leases or clocks and counters at zero."""
+    journal = SqliteJournal(tmp_path / "sub" / "k.db")
+    state = journal.load()
+    journal.close()
+    assert (state.agents, state.leases, state.path_clocks, state.agent_clocks) == ([], [], {}, {})
+    assert (state.last_token, state.last_agent_ts, state.conflict_count) == (0, 0, 0)
+    assert _rows(tmp_path / "sub" / "k.db", "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_committed_batch_is_read_back(tmp_path: Path) -> None:
+    """Everything recorded and committed comes back from a new journal on the same file."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_agent(AgentInfo("a", 1))
+    journal.record_agent(AgentInfo("b", 7))
+    journal.record_lease(_lease("x", 1))
+    journal.record_lease(_lease("y", 2))
+    journal.record_counters(2, 1)
+    journal.record_clocks("FILE:/p", VectorClock({"a": 1}), "a", VectorClock({"a": 1}), 0)
+    journal.record_clocks("FILE:/q", VectorClock({"b": 2}), "b", VectorClock({"b": 2}), 3)
+    await journal.commit()
+    journal.close()
+
+    again = SqliteJournal(path)
+    state = again.load()
+    again.close()
+    assert sorted(state.agents, key=lambda a: a.id) == [AgentInfo("a", 1), AgentInfo("b", 7)]
+    assert state.leases == [_lease("x", 1), _lease("y", 2)]
+    assert (state.last_token, state.last_agent_ts, state.conflict_count) == (2, 1, 3)
+    assert state.path_clocks == {"FILE:/p": {"a": 1}, "FILE:/q": {"b": 2}}
+    assert state.agent_clocks == {"a": {"a": 1}, "b": {"b": 2}}
+
+
+async def test_ended_leases_are_trimmed(tmp_path: Path) -> None:
+    """A released, expired or revoked lease is deleted; the token counter still remembers it."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    for token, lease_id in enumerate(("r", "e", "v", "kept"), start=1):
+        journal.record_lease(_lease(lease_id, token))
+    journal.record_counters(4, 0)
+    await journal.commit()
+    journal.record_lease(_lease("r", 1, LeaseState.RELEASED))
+    journal.record_lease(_lease("e", 2, LeaseState.EXPIRED))
+    journal.record_lease(_lease("v", 3, LeaseState.REVOKED))
+    await journal.commit()
+    journal.close()
+    assert _rows(path, "SELECT id FROM leases") == [("kept",)]
+    state = SqliteJournal(path).load()
+    assert [lease.id for lease in state.leases] == ["kept"]
+    assert state.last_token == 4
+
+
+async def test_counters_never_go_backwards(tmp_path: Path) -> None:
+    """A smaller counter recorded later does not lower the stored one."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_counters(10, 5)
+    await journal.commit()
+    journal.record_counters(3, 2)
+    await journal.commit()
+    journal.close()
+    state = SqliteJournal(path).load()
+    assert (state.last_token, state.last_agent_ts) == (10, 5)
+
+
+async def test_empty_batch_writes_no_transaction(tmp_path: Path) -> None:
+    """A batch that changed nothing costs no write."""
+    journal = SqliteJournal(tmp_path / "k.db")
+    journal.load()
+    await journal.commit()
+    assert journal.commits == 0
+    journal.record_agent(AgentInfo("a", 1))
+    await journal.commit()
+    await journal.commit()
+    assert journal.commits == 1
+    journal.close()
+    journal.close()  # idempotent
+
+
+async def test_last_record_of_a_batch_wins(tmp_path: Path) -> None:
+    """A lease granted and released within one batch leaves no row behind."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_lease(_lease("x", 1))
+    journal.record_lease(_lease("x", 1, LeaseState.RELEASED))
+    await journal.commit()
+    journal.close()
+    assert _rows(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [pytest.param("fast", id="unknown-word"), pytest.param("OFF", id="not-durable")],
+)
+def test_bad_synchronous_mode_is_refused(tmp_path: Path, mode: str) -> None:
+    """Only FULL and NORMAL are accepted: a journal that is not durable is refused."""
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteJournal(tmp_path / "k.db", synchronous=mode)
+
+
+async def test_commit_before_load_is_refused(tmp_path: Path) -> None:
+    """Committing a journal that was never opened says so."""
+    journal = SqliteJournal(tmp_path / "k.db")
+    journal.record_agent(AgentInfo("a", 1))
+    with pytest.raises(RuntimeError, match="not open"):
+        await journal.commit()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A database from a newer schema version is not misread."""
+    path = tmp_path / "k.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    journal = SqliteJournal(path)
+    with pytest.raises(sqlite3.DatabaseError, match="newer"):
+        journal.load()
+    journal.close()
+
+
+def test_foreign_file_is_refused(tmp_path: Path) -> None:
+    """A file that is not a SQLite database is an error, not an empty journal."""
+    path = tmp_path / "k.db"
+    path.write_bytes(b"this is not a database" * 100)
+    journal = SqliteJournal(path)
+    with pytest.raises(sqlite3.DatabaseError):
+        journal.load()
+    journal.close()
+
+
+async def test_reply_comes_after_commit(tmp_path: Path) -> None:
+    """When acquire returns, the grant is already in the database (group commit)."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    async with Klock(backend=Scheduler(journal=journal)) as klock:
+        agent = await klock.register_agent("a")
+        assert _rows(path, "SELECT id, ts FROM agents") == [("a", 1)]
+        lease = await agent.acquire("src/x.py", "MUTATES", ttl=30)
+        assert _rows(path, "SELECT id, token FROM leases") == [(lease.id, lease.token)]
+        assert _rows(path, "SELECT value FROM meta WHERE key = 'last_token'") == [(lease.token,)]
+        await lease.release()
+        assert _rows(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+        await klock.write("src/x.py", "a")
+        assert _rows(path, "SELECT path, clock FROM path_clocks") == [("FILE:/src/x.py", '{"a":1}')]
+
+
+async def test_one_transaction_per_batch(tmp_path: Path) -> None:
+    """Many requests posted together are written in fewer transactions than requests."""
+    journal = SqliteJournal(tmp_path / "k.db", synchronous="NORMAL")
+    async with Klock(backend=Scheduler(journal=journal)) as klock:
+        agent = await klock.register_agent("a")
+        before = journal.commits
+        leases = await asyncio.gather(
+            *(agent.acquire(f"src/{i}.py", "MUTATES", ttl=30) for i in range(50))
+        )
+        stats = await klock.statistics()
+        assert len({lease.token for lease in leases}) == 50
+        assert journal.commits - before < 50
+        assert stats.grants == 50
+
+
+async def test_journal_failure_stops_the_kernel(tmp_path: Path) -> None:
+    """When a commit fails, the batch's callers get KernelClosedError, never a grant."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path, timeout=0)
+    async with Klock(backend=Scheduler(journal=journal)) as klock:
+        agent = await klock.register_agent("a")
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(KernelClosedError, match="journal"):
+                await agent.acquire("src/x.py", "MUTATES", ttl=30)
+            with pytest.raises(KernelClosedError):
+                await agent.acquire("src/y.py", "MUTATES", ttl=30)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    assert _rows(path, "SELECT COUNT(*) FROM leases") == [(0,)]

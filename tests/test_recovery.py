@@ -1,0 +1,175 @@
+"""Restart recovery of the embedded scheduler from its SQLite journal."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from klock_async import (
+    CausalViolationError,
+    Klock,
+    LeaseDied,
+    LeaseNotFoundError,
+    LeaseState,
+    LeaseWouldWait,
+)
+from klock_async.journal import SqliteJournal
+from klock_async.scheduler import Scheduler
+
+
+def _klock(path: Path, clock: Callable[[], float] = time.time) -> Klock:
+    return Klock(backend=Scheduler(journal=SqliteJournal(path, synchronous="NORMAL"), clock=clock))
+
+
+async def test_state_survives_a_restart(tmp_path: Path) -> None:
+    """Agents, active leases, their expiry and tokens, and clocks come back after a restart."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        held = await old.acquire("src/a.py", "MUTATES", ttl=600)
+        shared = await young.acquire("DATABASE_TABLE:users", "CONSUMES", ttl=600)
+        await klock.read("src/a.py", "young")
+        await klock.write("src/a.py", "old")
+        before_leases = sorted(await klock.leases(), key=lambda lease: lease.token)
+        before_agents = sorted(await klock.agents(), key=lambda agent: agent.ts)
+        paths = await klock.tracked_paths()
+    async with _klock(db) as klock:
+        assert sorted(await klock.leases(), key=lambda lease: lease.token) == before_leases
+        assert sorted(await klock.agents(), key=lambda agent: agent.ts) == before_agents
+        assert await klock.tracked_paths() == paths
+        assert {lease.id for lease in before_leases} == {held.id, shared.id}
+        stats = await klock.statistics()
+        assert (stats.agents, stats.leases_active) == (2, 2)
+        klock.backend.check_invariants()  # type: ignore[attr-defined]
+
+
+async def test_tokens_continue_above_every_token_ever_issued(tmp_path: Path) -> None:
+    """After a restart the next token is above all earlier ones, released leases included."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        agent = await klock.register_agent("a")
+        tokens = []
+        for i in range(5):
+            lease = await agent.acquire(f"src/{i}.py", "MUTATES", ttl=60)
+            tokens.append(lease.token)
+            await lease.release()
+    async with _klock(db) as klock:
+        agent = await klock.agent("a")
+        lease = await agent.acquire("src/0.py", "MUTATES", ttl=60)
+        assert lease.token == max(tokens) + 1
+
+
+async def test_agent_ages_are_kept(tmp_path: Path) -> None:
+    """A recovered agent keeps its age; a new agent gets the next age, never a used one."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        await klock.register_agent("first")
+        await klock.register_agent("second")
+        await klock.register_agent("explicit", priority=500)
+    async with _klock(db) as klock:
+        assert (await klock.register_agent("first")).ts == 1
+        assert (await klock.register_agent("explicit")).ts == 500
+        assert (await klock.register_agent("third")).ts == 3
+
+
+async def test_recovered_lease_still_excludes(tmp_path: Path) -> None:
+    """A lease granted before the restart still blocks conflicting requests after it."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        await young.acquire("src/a.py", "MUTATES", ttl=600)
+    async with _klock(db) as klock:
+        old = await klock.agent("old")
+        newer = await klock.register_agent("newer")
+        with pytest.raises(LeaseWouldWait):
+            await old.acquire("src/a.py", "CONSUMES", wait=False)
+        with pytest.raises(LeaseDied) as died:
+            await newer.acquire("src/a.py", "CONSUMES")
+        assert died.value.blocker_agent_id == "young"
+
+
+async def test_recovered_lease_can_be_released_by_id(tmp_path: Path) -> None:
+    """The lease id handed out before the restart still releases the lease after it."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        agent = await klock.register_agent("a")
+        lease = await agent.acquire("src/a.py", "MUTATES", ttl=600)
+    async with _klock(db) as klock:
+        released = await klock.backend.release(lease.id, "a")
+        assert released.state is LeaseState.RELEASED
+        assert await klock.leases() == []
+    async with _klock(db) as klock:
+        assert await klock.leases() == []
+
+
+async def test_lease_expired_while_down_ends_on_start(tmp_path: Path) -> None:
+    """A lease whose expiry passed while the server was down is EXPIRED and its resource free."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        holder = await klock.register_agent("holder")
+        await klock.register_agent("other")
+        lease = await holder.acquire("src/a.py", "MUTATES", ttl=60)
+    later = lambda: time.time() + 3600  # noqa: E731 - the wall clock an hour on
+    async with _klock(db, clock=later) as klock:
+        assert await klock.leases() == []
+        stats = await klock.statistics()
+        assert stats.expiries == 1
+        other = await klock.agent("other")
+        taken = await other.acquire("src/a.py", "MUTATES", ttl=60)
+        assert taken.token > lease.token
+        with pytest.raises(LeaseNotFoundError):
+            await klock.backend.release(lease.id)
+    async with _klock(db) as klock:
+        assert [info.id for info in await klock.leases()] == [taken.id]
+
+
+async def test_recovered_lease_expires_on_its_old_deadline(tmp_path: Path) -> None:
+    """A recovered lease keeps its expiry and ends when it comes, waking who waits for it."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        agent = await klock.register_agent("a")
+        lease = await agent.acquire("src/a.py", "MUTATES", ttl=0.3)
+    async with _klock(db) as klock:
+        (recovered,) = await klock.leases()
+        assert recovered.expires_at == lease.expires_at
+        ended = await klock.backend.wait_ended(lease.id, None)
+        assert ended is not None
+        assert ended.state is LeaseState.EXPIRED
+
+
+async def test_heartbeat_extension_is_durable(tmp_path: Path) -> None:
+    """The expiry pushed by a heartbeat is the one recovered."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        agent = await klock.register_agent("a")
+        lease = await agent.acquire("src/a.py", "MUTATES", ttl=5)
+        await lease.heartbeat(ttl=900)
+        expires_at = lease.expires_at
+    async with _klock(db) as klock:
+        (recovered,) = await klock.leases()
+        assert recovered.expires_at == expires_at
+        assert recovered.ttl == 900
+
+
+async def test_clocks_and_conflicts_survive(tmp_path: Path) -> None:
+    """A stale write is still refused after a restart, and the conflict count is kept."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        await klock.register_agent("a")
+        await klock.register_agent("b")
+        await klock.write("src/f.py", "a")
+        await klock.write("src/f.py", "b", strict=False)  # b never read it: a conflict
+        await klock.read("src/g.py", "a")
+        await klock.write("src/g.py", "b")
+    async with _klock(db) as klock:
+        assert await klock.conflict_count() == 1
+        with pytest.raises(CausalViolationError):
+            await klock.write("src/g.py", "a")
+        await klock.read("src/g.py", "a")
+        clock = await klock.write("src/g.py", "a")
+        assert clock.as_dict() == {"a": 2, "b": 2}
