@@ -1,0 +1,467 @@
+"""MARC, the Multi-Agent Race Condition: a seeded simulation of agents losing each other's edits.
+
+``N`` agents each make ``K`` edits to a small in-memory repository of ``F`` shared files. An
+edit is what a coding agent does with two tool calls: ``read_file``, think, then ``write_file``
+of the whole file (the content it read plus one unique marker line). When another agent writes
+the same file between the two calls, the second write silently replaces the first: both tool
+calls "succeeded" and an edit is gone. At the end, counting the markers that survived tells how
+many intended edits were lost.
+
+The same plan (which file each edit touches, how long each agent thinks) runs in four modes:
+
+1. :attr:`Mode.NO_COORDINATION`: tool calls go straight to the files.
+2. :attr:`Mode.PER_CALL_LEASES`: each tool call holds its own lease (``read_file`` under
+   CONSUMES, ``write_file`` under MUTATES). Two writes never interleave, yet edits are still
+   lost, because the read and the write are separate calls.
+3. :attr:`Mode.SERIALIZABLE`: the same protected tools in SERIALIZABLE isolation. The kernel's
+   vector clocks refuse a write of a version the agent never read
+   (:class:`~klock_async.errors.CausalViolationError`); the agent re-reads and redoes the edit.
+   Wait-Die deaths are retried by the decorator's retry policy. Nothing is lost.
+4. :attr:`Mode.GLOBAL_LOCK`: one ``asyncio.Lock`` held around every whole edit, outside the
+   kernel. Correct, but serial: the baseline the makespans are compared with.
+
+Everything is deterministic except the interleaving itself: each agent draws its plan from
+``random.Random`` seeded with the scenario seed and its id, so a seed always gives the same
+edits and think times. No model, no network; think times are a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from klock_async.api import Klock, RetryPolicy
+from klock_async.clocks import IsolationLevel
+from klock_async.errors import CausalViolationError
+from klock_async.model import Predicate
+
+__all__ = [
+    "Edit",
+    "Mode",
+    "ModeResult",
+    "Repo",
+    "Scenario",
+    "format_table",
+    "plan",
+    "run_all",
+    "run_mode",
+    "verdict",
+]
+
+ReadFile = Callable[[str, str], Awaitable[list[str]]]
+"""``read_file(agent, path) -> lines``: a tool call."""
+
+WriteFile = Callable[[str, str, list[str]], Awaitable[None]]
+"""``write_file(agent, path, lines)``: a tool call that replaces the whole file."""
+
+# Retries of a dying tool call wait for the blocking lease to end, so they are cheap; the
+# simulation must never give up on an edit, or a lost edit would hide behind an error.
+_RETRY = RetryPolicy(max_retries=1_000_000, base_delay=0.001, max_delay=0.05)
+
+
+class Mode(enum.Enum):
+    """The four ways the agents are coordinated, in table order."""
+
+    NO_COORDINATION = "no coordination"
+    PER_CALL_LEASES = "leases per tool call"
+    SERIALIZABLE = "SERIALIZABLE sessions"
+    GLOBAL_LOCK = "one global lock"
+
+    @property
+    def number(self) -> int:
+        """The mode's number in the table, 1 to 4."""
+        return list(Mode).index(self) + 1
+
+    @property
+    def label(self) -> str:
+        """``"3. SERIALIZABLE sessions"``: number and name, as printed in the table."""
+        return f"{self.number}. {self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """The size and seed of one simulation.
+
+    Args:
+        agents: number of agents, each editing concurrently with the others.
+        files: number of shared files the edits are spread over.
+        edits: edits per agent.
+        seed: seed of every agent's plan.
+        think_min: shortest think time between an edit's read and its write, in seconds.
+        think_max: longest think time, in seconds.
+
+    Raises:
+        ValueError: a count below 1, a non-integer count or seed, or think times that are
+            negative, not finite or not ordered.
+    """
+
+    agents: int = 6
+    files: int = 3
+    edits: int = 5
+    seed: int = 0
+    think_min: float = 0.002
+    think_max: float = 0.010
+
+    def __post_init__(self) -> None:
+        for name in ("agents", "files", "edits", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("agents", "files", "edits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("think_min", "think_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.think_max < self.think_min:
+            raise ValueError(
+                f"think_max ({self.think_max}) must not be below think_min ({self.think_min})"
+            )
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        """The agents' ids, oldest first: ``agent-00``, ``agent-01``, ..."""
+        width = max(2, len(str(self.agents - 1)))
+        return tuple(f"agent-{i:0{width}d}" for i in range(self.agents))
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The shared files: ``src/module_0.py``, ``src/module_1.py``, ..."""
+        return tuple(f"src/module_{i}.py" for i in range(self.files))
+
+    @property
+    def intended(self) -> int:
+        """How many edits the agents intend to make in total."""
+        return self.agents * self.edits
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """One planned edit: read ``path``, think ``think`` seconds, write it back plus ``marker``.
+
+    Attributes:
+        path: the file to edit.
+        think: seconds between the read and the write.
+        marker: the unique line the edit appends; present at the end iff the edit survived.
+    """
+
+    path: str
+    think: float
+    marker: str
+
+
+def _rng(scenario: Scenario, agent_id: str, purpose: str) -> random.Random:
+    # A str seed is hashed with SHA-512, so the stream does not depend on PYTHONHASHSEED.
+    return random.Random(f"marc/{scenario.seed}/{agent_id}/{purpose}")
+
+
+def plan(scenario: Scenario) -> dict[str, tuple[Edit, ...]]:
+    """Return every agent's edits, in order; the same scenario always gives the same plan.
+
+    Args:
+        scenario: size and seed.
+
+    Returns:
+        Agent id -> that agent's edits.
+    """
+    plans: dict[str, tuple[Edit, ...]] = {}
+    for agent_id in scenario.agent_ids:
+        rng = _rng(scenario, agent_id, "plan")
+        plans[agent_id] = tuple(
+            Edit(
+                path=rng.choice(scenario.paths),
+                think=rng.uniform(scenario.think_min, scenario.think_max),
+                marker=f"# {agent_id} edit {k}",
+            )
+            for k in range(scenario.edits)
+        )
+    return plans
+
+
+class Repo:
+    """An in-memory repository, touched only through its two tool calls.
+
+    Args:
+        paths: the files, each created with a one-line header.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._files: dict[str, list[str]] = {path: [f"# {path}"] for path in paths}
+
+    async def read_file(self, agent: str, path: str) -> list[str]:
+        """Tool call: return the lines of ``path`` (a copy).
+
+        Args:
+            agent: the calling agent (tools know who calls them).
+            path: the file.
+
+        Returns:
+            The file's lines.
+
+        Raises:
+            KeyError: no such file.
+        """
+        lines = list(self._files[path])
+        await asyncio.sleep(0)  # a tool call is I/O: let others run
+        return lines
+
+    async def write_file(self, agent: str, path: str, lines: list[str]) -> None:
+        """Tool call: replace the whole content of ``path`` with ``lines``.
+
+        Args:
+            agent: the calling agent.
+            path: the file.
+            lines: the new content.
+
+        Raises:
+            KeyError: no such file.
+        """
+        if path not in self._files:
+            raise KeyError(path)
+        await asyncio.sleep(0)
+        self._files[path] = list(lines)
+
+    def snapshot(self) -> dict[str, tuple[str, ...]]:
+        """Return every file's current lines (not a tool call: for counting at the end)."""
+        return {path: tuple(lines) for path, lines in self._files.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class ModeResult:
+    """What one mode did to the plan.
+
+    Attributes:
+        mode: the mode.
+        intended: edits the agents made (agents x edits each).
+        lost: edits whose marker is missing at the end.
+        makespan: seconds from the first tool call to the last agent finishing.
+        retries: tool calls retried after a Wait-Die death plus edits redone after a stale write.
+        causal_violations: stale writes the kernel refused.
+    """
+
+    mode: Mode
+    intended: int
+    lost: int
+    makespan: float
+    retries: int
+    causal_violations: int
+
+    @property
+    def lost_percent(self) -> float:
+        """Lost edits as a percentage of the intended ones."""
+        return 100.0 * self.lost / self.intended if self.intended else 0.0
+
+
+def _count_lost(plans: Mapping[str, Sequence[Edit]], repo: Repo) -> int:
+    present = {line for lines in repo.snapshot().values() for line in lines}
+    return sum(1 for edits in plans.values() for edit in edits if edit.marker not in present)
+
+
+def _agent_of(agent: str, **_: object) -> str:
+    return agent
+
+
+def _path_of(path: str, **_: object) -> str:
+    return path
+
+
+async def run_mode(mode: Mode, scenario: Scenario, *, repo: Repo | None = None) -> ModeResult:
+    """Run the scenario's plan in one mode and count the lost edits.
+
+    Modes 2 and 3 start a kernel of their own (``async with Klock()``) for the run.
+
+    Args:
+        mode: how the agents are coordinated.
+        scenario: size and seed.
+        repo: the repository to edit, e.g. to inspect it afterwards (default: a fresh one with
+            the scenario's files). It must hold every path of the scenario.
+
+    Returns:
+        The counts and the makespan.
+
+    Raises:
+        KeyError: ``repo`` lacks a path of the scenario.
+    """
+    plans = plan(scenario)
+    repo = Repo(scenario.paths) if repo is None else repo
+    if mode is Mode.NO_COORDINATION:
+        redone, makespan = await _drive(scenario, plans, repo.read_file, repo.write_file, None)
+        deaths = violations = 0
+    elif mode is Mode.GLOBAL_LOCK:
+        lock = asyncio.Lock()
+        redone, makespan = await _drive(scenario, plans, repo.read_file, repo.write_file, lock)
+        deaths = violations = 0
+    else:
+        isolation = (
+            IsolationLevel.SERIALIZABLE
+            if mode is Mode.SERIALIZABLE
+            else IsolationLevel.READ_COMMITTED
+        )
+        async with Klock() as klock:
+            for agent_id in scenario.agent_ids:
+                await klock.register_agent(agent_id)
+            read_file = klock.protected(
+                agent=_agent_of,
+                resource=_path_of,
+                predicate=Predicate.CONSUMES,
+                isolation=isolation,
+                retry=_RETRY,
+            )(repo.read_file)
+            write_file = klock.protected(
+                agent=_agent_of,
+                resource=_path_of,
+                predicate=Predicate.MUTATES,
+                isolation=isolation,
+                retry=_RETRY,
+            )(repo.write_file)
+            redone, makespan = await _drive(scenario, plans, read_file, write_file, None)
+            stats = await klock.statistics()
+        deaths, violations = stats.deaths, stats.causal_violations
+    return ModeResult(
+        mode=mode,
+        intended=scenario.intended,
+        lost=_count_lost(plans, repo),
+        makespan=makespan,
+        retries=deaths + redone,
+        causal_violations=violations,
+    )
+
+
+async def _drive(
+    scenario: Scenario,
+    plans: Mapping[str, Sequence[Edit]],
+    read_file: ReadFile,
+    write_file: WriteFile,
+    lock: asyncio.Lock | None,
+) -> tuple[int, float]:
+    """Run every agent at once; return the edits redone and the makespan."""
+    redone = 0
+
+    async def agent(agent_id: str, edits: Sequence[Edit]) -> None:
+        nonlocal redone
+        rethink = _rng(scenario, agent_id, "rethink")
+        for edit in edits:
+            think = edit.think
+            while True:
+                guard: AbstractAsyncContextManager[object] = (
+                    lock if lock is not None else contextlib.nullcontext()
+                )
+                async with guard:
+                    lines = await read_file(agent_id, edit.path)
+                    await asyncio.sleep(think)  # the model thinking: simulated work
+                    try:
+                        await write_file(agent_id, edit.path, [*lines, edit.marker])
+                    except CausalViolationError:
+                        # Someone wrote the file since our read: nothing was written.
+                        # Re-read, think again, redo the edit.
+                        redone += 1
+                        think = rethink.uniform(scenario.think_min, scenario.think_max)
+                        continue
+                break
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for agent_id, edits in plans.items():
+            tg.create_task(agent(agent_id, edits), name=f"marc-{agent_id}")
+    return redone, time.perf_counter() - started
+
+
+async def run_all(scenario: Scenario) -> list[ModeResult]:
+    """Run the four modes one after the other on the same plan.
+
+    Args:
+        scenario: size and seed.
+
+    Returns:
+        One result per mode, in table order.
+    """
+    return [await run_mode(mode, scenario) for mode in Mode]
+
+
+def format_table(results: Sequence[ModeResult]) -> str:
+    """Format results as an aligned text table.
+
+    Columns: mode, intended edits, lost edits, lost %, makespan, makespan relative to mode 4
+    (``-`` when mode 4 is not among the results), retries, causal violations.
+
+    Args:
+        results: results, usually from :func:`run_all`.
+
+    Returns:
+        The table, one line per result after a header and a rule, without a final newline.
+    """
+    baseline = next((r.makespan for r in results if r.mode is Mode.GLOBAL_LOCK), None)
+    header = (
+        "mode",
+        "intended",
+        "lost",
+        "lost %",
+        "makespan",
+        "vs mode 4",
+        "retries",
+        "violations",
+    )
+    rows = [header]
+    for r in results:
+        relative = f"{r.makespan / baseline:.2f}x" if baseline else "-"
+        rows.append(
+            (
+                r.mode.label,
+                str(r.intended),
+                str(r.lost),
+                f"{r.lost_percent:.1f} %",
+                f"{r.makespan:.3f} s",
+                relative,
+                str(r.retries),
+                str(r.causal_violations),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))
+        return "  ".join((first, *rest))
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def verdict(results: Sequence[ModeResult]) -> str:
+    """Return a one-line summary of the results.
+
+    Args:
+        results: results of the four modes, as from :func:`run_all`.
+
+    Returns:
+        What was lost without the causal checks, what was lost with them, and how the
+        SERIALIZABLE makespan compares with the global lock's.
+    """
+    by_mode = {r.mode: r for r in results}
+    parts = []
+    unprotected = [by_mode[m] for m in (Mode.NO_COORDINATION, Mode.PER_CALL_LEASES) if m in by_mode]
+    if unprotected:
+        worst = max(unprotected, key=lambda r: r.lost)
+        parts.append(
+            f"without causal checks up to {worst.lost} of {worst.intended} edits "
+            f"({worst.lost_percent:.0f} %) vanished"
+        )
+    serializable = by_mode.get(Mode.SERIALIZABLE)
+    if serializable is not None:
+        parts.append(f"with SERIALIZABLE sessions {serializable.lost} were lost")
+        serial = by_mode.get(Mode.GLOBAL_LOCK)
+        if serial is not None and serializable.makespan > 0:
+            parts.append(
+                f"{serial.makespan / serializable.makespan:.1f}x faster than one global lock"
+            )
+    return "; ".join(parts) + "." if parts else "no results."
