@@ -1,0 +1,436 @@
+"""Protected file tools on a workspace root: read, write, edit and list, for one agent.
+
+Every call goes through the kernel. A read holds CONSUMES on the file, a write or an edit holds
+MUTATES, a listing holds CONSUMES on the directory, and each call runs in a SERIALIZABLE session
+of its own, so:
+
+- two agents never write the same file at once, and a reader never sees half a write;
+- a write of a file whose latest version the agent never read (another agent wrote it after the
+  agent's last ``read_file``, or the agent never read it at all) is refused with a
+  :class:`~klock_async.errors.CausalViolationError` that tells the agent to read the file again.
+  Creating a file nobody wrote through the tools is not stale;
+- Wait-Die deaths are retried with the kernel's :class:`~klock_async.api.RetryPolicy` (the agent
+  keeps its age, so it cannot starve).
+
+Paths are relative to the workspace root (absolute paths inside the root are accepted too).
+Anything that resolves outside the root (``..``, another absolute path, a symlink that leads
+out) is refused with :class:`PathOutsideWorkspaceError`. File I/O runs in worker threads through
+:mod:`anyio`, so the event loop never blocks on the disk.
+
+Both the LangChain toolkit and the MCP server are built on :class:`WorkspaceFiles`::
+
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", "/path/to/repo")
+        text = await files.read_file("src/auth.py")
+        await files.edit_file("src/auth.py", "return None", "return user")
+
+Errors (all are :class:`~klock_async.errors.InvalidRequestError`, so nothing was changed)::
+
+    FileToolError
+    ├── PathOutsideWorkspaceError   the path resolves outside the workspace root
+    ├── WorkspaceFileNotFoundError  no such file
+    └── EditMismatchError           old_text not found, or found more than once
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+
+from klock_async.api import Klock, RetryPolicy, Session
+from klock_async.clocks import IsolationLevel
+from klock_async.errors import CausalViolationError, InvalidRequestError, UnknownAgentError
+from klock_async.model import Predicate, Resource, ResourceType, validate_ttl
+
+__all__ = [
+    "EditMismatchError",
+    "FileToolError",
+    "PathOutsideWorkspaceError",
+    "WorkspaceFileNotFoundError",
+    "WorkspaceFiles",
+    "WorkspacePath",
+]
+
+T = TypeVar("T")
+
+DEFAULT_MAX_ENTRIES = 1000
+"""How many entries ``list_files`` returns at most before it says how many it left out."""
+
+
+class FileToolError(InvalidRequestError):
+    """A file tool refused the request; nothing was changed."""
+
+    code = "file_tool_error"
+
+
+class PathOutsideWorkspaceError(FileToolError):
+    """The path resolves outside the workspace root (``..``, absolute path, symlink)."""
+
+    code = "path_outside_workspace"
+    status = 403
+
+
+class WorkspaceFileNotFoundError(FileToolError):
+    """The file (or directory) does not exist in the workspace."""
+
+    code = "file_not_found"
+    status = 404
+
+
+class EditMismatchError(FileToolError):
+    """``old_text`` does not occur in the file exactly once."""
+
+    code = "edit_mismatch"
+    status = 409
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspacePath:
+    """A path inside the workspace, resolved once.
+
+    Attributes:
+        relative: the path as the agent sees it: POSIX, relative to the root, ``.`` for the root.
+        absolute: the resolved path on disk (symlinks followed).
+        resource: the kernel resource leased for it (``FILE:`` + the absolute path).
+    """
+
+    relative: str
+    absolute: Path
+    resource: Resource
+
+
+async def _call(resource: str, op: Callable[[], Awaitable[Any]]) -> Any:
+    return await op()
+
+
+def _resource_of(resource: str, op: Callable[[], Awaitable[Any]]) -> str:
+    return resource
+
+
+class WorkspaceFiles:
+    """Protected file tools on one workspace root, for one agent.
+
+    The agent is registered on first use unless it is registered already. Each call runs in a
+    SERIALIZABLE session of its own (so two concurrent calls of the same agent are serialised
+    too), or, when ``session=`` is given, inside that session: its other leases then cover the
+    call (no conflict with itself), and a Wait-Die death is raised instead of retried, because
+    a dying session must give up what it holds before it tries again.
+
+    Args:
+        klock: the kernel facade (embedded or connected to a server).
+        agent_id: the agent that makes the calls.
+        root: the workspace root; must be an existing directory.
+        ttl: lease ttl in seconds (heartbeated while a call runs; default: the kernel's).
+        retry: retry policy for Wait-Die deaths (default ``RetryPolicy()``).
+        encoding: text encoding of the files.
+        max_entries: most entries ``list_files`` returns.
+
+    Raises:
+        InvalidRequestError: empty agent id, bad ttl or max_entries.
+        FileToolError: the root is not an existing directory.
+    """
+
+    def __init__(
+        self,
+        klock: Klock,
+        agent_id: str,
+        root: str | os.PathLike[str],
+        *,
+        ttl: float | None = None,
+        retry: RetryPolicy | None = None,
+        encoding: str = "utf-8",
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        if not isinstance(agent_id, str) or not agent_id.strip():
+            raise InvalidRequestError("agent_id must be a non-empty string naming the agent")
+        if ttl is not None:
+            validate_ttl(ttl)
+        if not isinstance(max_entries, int) or max_entries < 1:
+            raise InvalidRequestError(
+                f"max_entries must be a positive integer, not {max_entries!r}"
+            )
+        real = Path(os.path.realpath(os.fspath(root)))
+        if not real.is_dir():
+            raise FileToolError(f"workspace root {os.fspath(root)!r} is not an existing directory")
+        self._klock = klock
+        self.agent_id = agent_id
+        self.root = real
+        self.encoding = encoding
+        self.max_entries = max_entries
+        self._ttl = ttl
+        self._registered = False
+        protect = klock.protected
+        policy = retry or RetryPolicy()
+        serializable = IsolationLevel.SERIALIZABLE
+        self._reading = protect(
+            agent=agent_id,
+            resource=_resource_of,
+            predicate=Predicate.CONSUMES,
+            ttl=ttl,
+            isolation=serializable,
+            retry=policy,
+        )(_call)
+        self._writing = protect(
+            agent=agent_id,
+            resource=_resource_of,
+            predicate=Predicate.MUTATES,
+            ttl=ttl,
+            isolation=serializable,
+            retry=policy,
+        )(_call)
+
+    def __repr__(self) -> str:
+        return f"<WorkspaceFiles agent={self.agent_id!r} root={str(self.root)!r}>"
+
+    # ------------------------------------------------------------------ paths
+
+    async def resolve(self, path: str) -> WorkspacePath:
+        """Resolve ``path`` (relative to the root, or absolute inside it) to a workspace path.
+
+        Symlinks are followed, so a link that leads out of the workspace is refused.
+
+        Raises:
+            FileToolError: the path is not a non-empty string.
+            PathOutsideWorkspaceError: the path resolves outside the workspace root.
+        """
+        if not isinstance(path, str) or not path.strip() or "\x00" in path:
+            raise FileToolError(
+                f"a path is a non-empty string relative to the workspace root, not {path!r}"
+            )
+        given = Path(path.strip())
+        candidate = given if given.is_absolute() else self.root / given
+        resolved = Path(await anyio.Path(candidate).resolve())
+        if resolved != self.root and not resolved.is_relative_to(self.root):
+            raise PathOutsideWorkspaceError(
+                f"{path!r} is outside the workspace; use a path relative to the workspace root "
+                "that stays inside it"
+            )
+        relative = resolved.relative_to(self.root).as_posix()
+        resource = Resource.of(ResourceType.FILE, resolved.as_posix())
+        return WorkspacePath(relative=relative or ".", absolute=resolved, resource=resource)
+
+    # ------------------------------------------------------------------ tools
+
+    async def read_file(self, path: str, *, session: Session | None = None) -> str:
+        """Return the text of a file, holding CONSUMES on it (records the read causally).
+
+        Raises:
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+            WorkspaceFileNotFoundError: no such file.
+            FileToolError: a directory, not text in the workspace encoding, or unreadable.
+            LeaseDied: ``session`` was given and an older agent holds a conflicting lease.
+            RetriesExhaustedError: the call kept dying and ran out of retries.
+        """
+        target = await self._file_target(path)
+        return await self._guard(
+            target, Predicate.CONSUMES, lambda: self._read_text(target), session
+        )
+
+    async def write_file(self, path: str, content: str, *, session: Session | None = None) -> str:
+        """Write ``content`` to a file (creating it and its directories), holding MUTATES.
+
+        Returns a one-line summary for the agent.
+
+        Raises:
+            CausalViolationError: the file changed since this agent read it (or it never read
+                it): read it again, then redo the change. Nothing was written.
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+            FileToolError: content is not a string, or the file cannot be written.
+            LeaseDied: ``session`` was given and an older agent holds a conflicting lease.
+            RetriesExhaustedError: the call kept dying and ran out of retries.
+        """
+        if not isinstance(content, str):
+            raise FileToolError(f"content must be a string, not {type(content).__name__}")
+        target = await self._file_target(path)
+
+        async def write() -> str:
+            existed = await anyio.Path(target.absolute).exists()
+            await self._write_text(target, content)
+            verb = "overwrote" if existed else "created"
+            return f"{verb} {target.relative} ({len(content)} characters)"
+
+        return await self._guard(target, Predicate.MUTATES, write, session)
+
+    async def edit_file(
+        self, path: str, old_text: str, new_text: str, *, session: Session | None = None
+    ) -> str:
+        """Replace the one occurrence of ``old_text`` in a file by ``new_text``, holding MUTATES.
+
+        Returns a one-line summary for the agent.
+
+        Raises:
+            CausalViolationError: the file changed since this agent read it (or it never read
+                it): read it again, then redo the edit. Nothing was written.
+            EditMismatchError: ``old_text`` occurs zero times or more than once.
+            WorkspaceFileNotFoundError: no such file.
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+            FileToolError: empty ``old_text``, identical texts, or an unreadable file.
+            LeaseDied: ``session`` was given and an older agent holds a conflicting lease.
+            RetriesExhaustedError: the call kept dying and ran out of retries.
+        """
+        if not isinstance(old_text, str) or not isinstance(new_text, str):
+            raise FileToolError("old_text and new_text must be strings")
+        if not old_text:
+            raise FileToolError(
+                "old_text is empty; copy the exact text to replace from read_file "
+                "(use write_file to create or overwrite a whole file)"
+            )
+        if old_text == new_text:
+            raise FileToolError("old_text and new_text are the same; there is nothing to change")
+        target = await self._file_target(path)
+
+        async def edit() -> str:
+            text = await self._read_text(target)
+            found = text.count(old_text)
+            if found == 0:
+                raise EditMismatchError(
+                    f"old_text was not found in {target.relative}; read the file again and copy "
+                    "the exact text to replace (whitespace included). Nothing was changed."
+                )
+            if found > 1:
+                raise EditMismatchError(
+                    f"old_text occurs {found} times in {target.relative}; include more of the "
+                    "surrounding lines so that it occurs exactly once. Nothing was changed."
+                )
+            await self._write_text(target, text.replace(old_text, new_text, 1))
+            return f"edited {target.relative}: replaced 1 occurrence"
+
+        return await self._guard(target, Predicate.MUTATES, edit, session)
+
+    async def list_files(
+        self, path: str = ".", *, recursive: bool = False, session: Session | None = None
+    ) -> list[str]:
+        """List a directory of the workspace, holding CONSUMES on it.
+
+        Entries are paths relative to the workspace root, sorted, directories ending in ``/``.
+        Recursive listings do not descend into symlinked directories. When there are more than
+        ``max_entries``, the last line says how many were left out.
+
+        Raises:
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+            WorkspaceFileNotFoundError: no such directory.
+            FileToolError: the path is a file, or the directory cannot be read.
+            LeaseDied: ``session`` was given and an older agent holds a conflicting lease.
+            RetriesExhaustedError: the call kept dying and ran out of retries.
+        """
+        target = await self.resolve(path)
+
+        async def listing() -> list[str]:
+            try:
+                return await anyio.to_thread.run_sync(
+                    _list_directory, target.absolute, self.root, recursive, self.max_entries
+                )
+            except FileNotFoundError:
+                raise WorkspaceFileNotFoundError(
+                    f"{target.relative} does not exist in the workspace"
+                ) from None
+            except NotADirectoryError:
+                raise FileToolError(
+                    f"{target.relative} is a file, not a directory; use read_file"
+                ) from None
+            except OSError as exc:
+                raise FileToolError(f"cannot list {target.relative}: {exc.strerror}") from None
+
+        return await self._guard(target, Predicate.CONSUMES, listing, session)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _file_target(self, path: str) -> WorkspacePath:
+        target = await self.resolve(path)
+        if target.absolute == self.root:
+            raise FileToolError("that is the workspace root, a directory; name a file inside it")
+        return target
+
+    async def _ensure_agent(self) -> None:
+        if self._registered:
+            return
+        try:
+            await self._klock.agent(self.agent_id)
+        except UnknownAgentError:
+            await self._klock.register_agent(self.agent_id)
+        self._registered = True
+
+    async def _guard(
+        self,
+        target: WorkspacePath,
+        predicate: Predicate,
+        op: Callable[[], Awaitable[T]],
+        session: Session | None,
+    ) -> T:
+        await self._ensure_agent()
+        try:
+            if session is None:
+                run = self._reading if predicate is Predicate.CONSUMES else self._writing
+                return cast(T, await run(str(target.resource), op))
+            if session.agent_id != self.agent_id:
+                raise InvalidRequestError(
+                    f"session {session.id!r} belongs to agent {session.agent_id!r}, "
+                    f"not to {self.agent_id!r}"
+                )
+            async with session.lease(target.resource, predicate, ttl=self._ttl):
+                return await op()
+        except CausalViolationError as violation:
+            raise CausalViolationError(
+                f"{target.relative} changed since you read it (another agent wrote it after your "
+                "last read, or you never read it). Read it again with read_file, then redo your "
+                "change on the new content. Nothing was written.",
+                path=violation.path,
+                agent_id=violation.agent_id,
+                agent_clock=violation.agent_clock,
+                path_clock=violation.path_clock,
+            ) from None
+
+    async def _read_text(self, target: WorkspacePath) -> str:
+        try:
+            return await anyio.Path(target.absolute).read_text(encoding=self.encoding)
+        except FileNotFoundError:
+            raise WorkspaceFileNotFoundError(
+                f"{target.relative} does not exist in the workspace; list_files shows what there "
+                "is, write_file creates a file"
+            ) from None
+        except IsADirectoryError:
+            raise FileToolError(f"{target.relative} is a directory; use list_files") from None
+        except UnicodeDecodeError:
+            raise FileToolError(
+                f"{target.relative} is not {self.encoding} text; these tools edit text files only"
+            ) from None
+        except OSError as exc:
+            raise FileToolError(f"cannot read {target.relative}: {exc.strerror}") from None
+
+    async def _write_text(self, target: WorkspacePath, content: str) -> None:
+        file = anyio.Path(target.absolute)
+        try:
+            await file.parent.mkdir(parents=True, exist_ok=True)
+            await file.write_text(content, encoding=self.encoding)
+        except IsADirectoryError:
+            raise FileToolError(f"{target.relative} is a directory; name a file") from None
+        except OSError as exc:
+            raise FileToolError(f"cannot write {target.relative}: {exc.strerror}") from None
+
+
+def _list_directory(directory: Path, root: Path, recursive: bool, limit: int) -> list[str]:
+    """Walk ``directory`` (in a worker thread); paths relative to ``root``, sorted."""
+    entries: list[str] = []
+    pending = [directory]
+    with os.scandir(directory):  # raise FileNotFoundError / NotADirectoryError up front
+        pass
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as scan:
+            for entry in scan:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                relative = Path(entry.path).relative_to(root).as_posix()
+                entries.append(relative + "/" if is_dir else relative)
+                if recursive and is_dir:
+                    pending.append(Path(entry.path))
+    entries.sort()
+    if len(entries) > limit:
+        left_out = len(entries) - limit
+        return [*entries[:limit], f"... {left_out} more entries not shown; list a subdirectory"]
+    return entries
