@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -173,28 +174,20 @@ def test_lost_percent() -> None:
 def test_table_lists_every_mode_with_makespan_relative_to_the_global_lock() -> None:
     """The table has a header, a rule and one aligned row per mode."""
     lines = format_table(RESULTS).splitlines()
-    assert lines[0].split() == [
+    cells = [re.split(r" {2,}", line.strip()) for line in lines]
+    assert cells[0] == [
         "mode",
         "intended",
         "lost",
-        "lost",
-        "%",
+        "lost %",
         "makespan",
-        "vs",
-        "mode",
-        "4",
+        "vs mode 4",
         "retries",
         "violations",
     ]
     assert set(lines[1]) == {"-", " "}
     assert len({len(line) for line in lines}) == 1
-    assert lines[2].split() == ["1.", "no", "coordination", "40", "10", "25.0", "%"] + [
-        "0.100",
-        "s",
-        "0.10x",
-        "0",
-        "0",
-    ]
+    assert cells[2] == ["1. no coordination", "40", "10", "25.0 %", "0.100 s", "0.10x", "0", "0"]
     assert "0.250 s" in lines[4] and "0.25x" in lines[4] and lines[4].startswith("3. SERIAL")
     assert "1.00x" in lines[5]
 
