@@ -1,0 +1,58 @@
+"""Every benchmark script in benchmarks/ runs with ``--quick`` and prints its table.
+
+No timing is asserted: the figures depend on the machine. This only keeps the scripts working.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+# script -> the rows its table must print
+ROWS = {
+    "kernel.py": (
+        "(a) floor: asyncio queue + future round trip",
+        "(b) acquire+release, facade",
+        "acquire+release, Scheduler direct",
+        "(c) throughput, 100 agents, distinct files",
+        "(d) hand-off: release -> waiter running",
+        "(e) acquire+release, 100 other leases",
+        "acquire+release, 2,000 other leases",
+    ),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_benchmark_prints_its_table(script: Path, tmp_path: Path) -> None:
+    """The benchmark exits 0 with --quick and prints its table."""
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.strip(), result.stderr[-4000:]
+    for row in ROWS.get(script.name, ()):
+        assert row in result.stdout, result.stdout
+
+
+def test_kernel_benchmark_judges_each_target() -> None:
+    """The kernel table prints PASS or MISS for each of its four targets."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel.py"), "--quick", "--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    verdicts = [line for line in result.stdout.splitlines() if line.endswith(("PASS", "MISS"))]
+    assert len(verdicts) == 4, result.stdout
