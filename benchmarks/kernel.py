@@ -206,15 +206,14 @@ class HeldKernel:
     async def start(self) -> None:
         """Start the kernel and take the leases (in batches of atomic requests)."""
         await self.klock.__aenter__()
-        await self.klock.register_agent("holder")
-        backend = self.klock.backend
+        holder = await self.klock.register_agent("holder")
         batch = 1_000
         for first in range(0, self.count, batch):
-            intents = tuple(
-                Intent(Resource.parse(f"FILE:/repo/pkg{i % 100}/mod{i}.py"), Predicate.MUTATES)
+            intents = [
+                (f"FILE:/repo/pkg{i % 100}/mod{i}.py", "MUTATES")
                 for i in range(first, min(first + batch, self.count))
-            )
-            await backend.acquire("holder", f"batch-{first}", intents, ttl=3_600.0)
+            ]
+            await holder.session().acquire_many(intents, ttl=3_600.0)
         stats = await self.klock.statistics()
         assert stats.leases_active == self.count, stats
 
