@@ -1,0 +1,1064 @@
+"""``klock serve``: the scheduler behind an HTTP API, with an optional SQLite journal.
+
+The ASGI app (Starlette, served by uvicorn) owns one :class:`~klock_async.scheduler.Scheduler`.
+Its handlers only translate: JSON in, one scheduler call, JSON out. Every state change still
+goes through the scheduler actor, so HTTP clients and embedded callers obey exactly the same
+rules, and a long-polling ``POST /leases`` with ``"wait": true`` is resolved by the same future
+as an embedded waiter.
+
+The API is a superset of the Klock OSS v1 REST contract (same paths, field names and envelope
+``{"success", "data", "error"}``, ttl in milliseconds, ``reason``/``wait_time`` on a refused
+lease), so v1 clients keep working. Every endpoint is documented with examples in
+``docs/server.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.errors import (
+    InvalidRequestError,
+    InvalidTTLError,
+    KernelClosedError,
+    KlockError,
+    LeaseDied,
+    LeaseWouldWait,
+)
+from klock_async.model import (
+    AgentInfo,
+    Intent,
+    LeaseInfo,
+    Predicate,
+    Resource,
+    ResourceType,
+    Statistics,
+)
+from klock_async.scheduler import Scheduler
+
+__all__ = [
+    "BodyTooLargeError",
+    "InvalidFieldError",
+    "MalformedJSONError",
+    "MissingFieldError",
+    "Server",
+    "UnauthorizedError",
+    "add_arguments",
+    "create_app",
+    "run",
+]
+
+_log = structlog.get_logger("klock_async")
+
+DEFAULT_PORT = 3100
+DEFAULT_TTL_MS = 30_000
+"""Lease ttl when a request names none (milliseconds)."""
+MAX_BODY_BYTES = 1 << 20
+"""Largest request body accepted by default; larger ones get 413 ``body_too_large``."""
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors that exist only at the HTTP boundary. The remote client turns unknown 4xx codes into
+# InvalidRequestError or TransportError by status.
+
+
+class MalformedJSONError(InvalidRequestError):
+    """The body is not a JSON object."""
+
+    code = "malformed_json"
+
+
+class MissingFieldError(InvalidRequestError):
+    """A required field is absent."""
+
+    code = "missing_field"
+
+
+class InvalidFieldError(InvalidRequestError):
+    """A field has the wrong type or an unusable value."""
+
+    code = "invalid_field"
+
+
+class BodyTooLargeError(InvalidRequestError):
+    """The body is larger than the server accepts."""
+
+    code = "body_too_large"
+    status = 413
+
+
+class UnauthorizedError(KlockError):
+    """The request carries no valid ``Authorization: Bearer <token>`` header."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class _RouteError(KlockError):
+    """No such endpoint, or not with this method."""
+
+    def __init__(self, message: str, *, code: str, status: int) -> None:
+        super().__init__(message)
+        self._code = code
+        self._status = status
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"code": self._code, "message": self.message}
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while its long-poll was pending."""
+
+
+# --------------------------------------------------------------------------------------------
+# JSON encoding: the wire form of the kernel's values.
+
+
+def _dumps(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _ms(seconds: float) -> int | float:
+    value = seconds * 1000.0
+    rounded = round(value)
+    return rounded if abs(value - rounded) < 1e-6 else round(value, 3)
+
+
+def lease_json(info: LeaseInfo) -> dict[str, Any]:
+    """The JSON form of a lease (``ttl`` and ``expires_at`` in milliseconds, v1 style)."""
+    return {
+        "lease_id": info.id,
+        "id": info.id,
+        "agent_id": info.agent_id,
+        "session_id": info.session_id,
+        "resource": str(info.resource),
+        "resource_type": info.resource.type.value,
+        "resource_path": info.resource.path,
+        "predicate": info.predicate.value,
+        "token": info.token,
+        "ttl": _ms(info.ttl),
+        "expires_at": round(info.expires_at * 1000.0),
+        "state": info.state.value,
+    }
+
+
+def _agent_json(info: AgentInfo) -> dict[str, Any]:
+    return {"agent_id": info.id, "priority": info.ts, "ts": info.ts}
+
+
+def _statistics_json(stats: Statistics) -> dict[str, Any]:
+    return {
+        "agents": stats.agents,
+        "leases_active": stats.leases_active,
+        "requests_waiting": stats.requests_waiting,
+        "grants": stats.grants,
+        "waits": stats.waits,
+        "deaths": stats.deaths,
+        "releases": stats.releases,
+        "expiries": stats.expiries,
+        "revocations": stats.revocations,
+        "causal_violations": stats.causal_violations,
+        "batches": stats.batches,
+        "messages": stats.messages,
+    }
+
+
+def _ok(data: Any, status: int = 200) -> Response:
+    return Response(
+        _dumps({"success": True, "data": data, "error": None}),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def _error_response(error: KlockError, status: int | None = None) -> Response:
+    payload = error.to_payload()
+    code = payload.pop("code")
+    message = payload.pop("message")
+    body: dict[str, Any] = {
+        "success": False,
+        "data": None,
+        "error": message,
+        "code": code,
+        "details": payload,
+    }
+    # The fields Klock v1 clients read on a refused lease.
+    if isinstance(error, LeaseDied):
+        body["reason"] = "DIE"
+        body["wait_time"] = _ms(error.retry_after)
+    elif isinstance(error, LeaseWouldWait):
+        body["reason"] = "WAIT"
+        body["wait_time"] = _ms(error.wait_time)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else None
+    if isinstance(error, _RouteError):
+        status = error._status
+    return Response(
+        _dumps(body),
+        status_code=status or error.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Request parsing: every check raises a typed InvalidRequestError before the scheduler is asked.
+
+
+def _field(body: Mapping[str, Any], name: str, kind: type[T], what: str) -> T:
+    if name not in body or body[name] is None:
+        raise MissingFieldError(f"field {name!r} is required ({what})")
+    value = body[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidFieldError(f"field {name!r} must be {what}, got {value!r}")
+    return value
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type[T], what: str) -> T | None:
+    if body.get(name) is None:
+        return None
+    return _field(body, name, kind, what)
+
+
+def _text(body: Mapping[str, Any], name: str) -> str:
+    value = _field(body, name, str, "a non-empty string")
+    if not value.strip():
+        raise InvalidFieldError(f"field {name!r} must be a non-empty string")
+    return value
+
+
+def _optional_text(body: Mapping[str, Any], name: str) -> str | None:
+    if body.get(name) is None:
+        return None
+    return _text(body, name)
+
+
+def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = _optional(body, name, bool, "true or false")
+    return default if value is None else value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidFieldError(f"field {name!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _ttl(body: Mapping[str, Any], default_ms: float | None = DEFAULT_TTL_MS) -> float | None:
+    """The ttl in seconds from a millisecond field."""
+    if body.get("ttl") is None:
+        return None if default_ms is None else default_ms / 1000.0
+    value = body["ttl"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidTTLError(f"ttl must be a positive number of milliseconds, got {value!r}")
+    return float(value) / 1000.0
+
+
+def _timeout(body: Mapping[str, Any]) -> float | None:
+    if body.get("timeout_ms") is None:
+        return None
+    value = _number(body["timeout_ms"], "timeout_ms")
+    if value < 0:
+        raise InvalidFieldError(f"field 'timeout_ms' must be >= 0, got {value!r}")
+    return value / 1000.0
+
+
+def _isolation(body: Mapping[str, Any]) -> IsolationLevel:
+    name = _optional(body, "isolation", str, "an isolation level name")
+    if name is None:
+        return IsolationLevel.READ_COMMITTED
+    try:
+        return IsolationLevel.parse(name)
+    except ValueError as exc:
+        raise InvalidFieldError(str(exc)) from None
+
+
+def _intent(item: Any, where: str) -> Intent:
+    if not isinstance(item, Mapping):
+        raise InvalidFieldError(f"{where} must be an object, got {item!r}")
+    predicate = _field(item, "predicate", str, "a predicate name such as MUTATES")
+    if item.get("resource") is not None:
+        resource = Resource.parse(_field(item, "resource", str, "a 'TYPE:path' string"))
+    else:
+        rtype = _field(item, "resource_type", str, "a resource type such as FILE")
+        path = _field(item, "resource_path", str, "a resource path")
+        resource = Resource.of(ResourceType.parse(rtype), path)
+    return Intent(resource, Predicate.parse(predicate))
+
+
+def _query_agent(request: Request, body: Mapping[str, Any]) -> str | None:
+    """The optional ``agent_id`` of a release or heartbeat: query string, then body."""
+    value = request.query_params.get("agent_id")
+    if value is not None:
+        if not value.strip():
+            raise InvalidFieldError("query parameter 'agent_id' must be a non-empty string")
+        return value
+    return _optional_text(body, "agent_id")
+
+
+def _query_flag(request: Request, name: str, body: Mapping[str, Any]) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return _flag(body, name, False)
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise InvalidFieldError(f"query parameter {name!r} must be true or false, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: counters of the HTTP layer; the kernel's own counters come from statistics().
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Histogram:
+    __slots__ = ("count", "counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.count += 1
+        self.total += seconds
+
+
+class _HttpMetrics:
+    """Request counts and latency per route; touched only on the event loop thread."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], _Histogram] = {}
+        self.long_polls = 0
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.latency.get((method, route))
+        if histogram is None:
+            histogram = self.latency[(method, route)] = _Histogram()
+        histogram.observe(seconds)
+
+
+def _prometheus(stats: Statistics, conflicts: int, http: _HttpMetrics) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, value: float) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name} {value}")
+
+    metric("klock_agents", "gauge", "Registered agents.", stats.agents)
+    metric("klock_leases_active", "gauge", "Active leases.", stats.leases_active)
+    metric("klock_requests_waiting", "gauge", "Requests queued (WAIT).", stats.requests_waiting)
+    metric("klock_long_polls", "gauge", "HTTP long-polls pending.", http.long_polls)
+    metric("klock_grants_total", "counter", "Requests granted.", stats.grants)
+    metric("klock_waits_total", "counter", "Requests that had to wait.", stats.waits)
+    metric("klock_deaths_total", "counter", "Requests refused by Wait-Die.", stats.deaths)
+    metric("klock_releases_total", "counter", "Leases released.", stats.releases)
+    metric("klock_expiries_total", "counter", "Leases expired.", stats.expiries)
+    metric("klock_revocations_total", "counter", "Leases revoked.", stats.revocations)
+    metric(
+        "klock_causal_violations_total",
+        "counter",
+        "Writes refused as stale (strict).",
+        stats.causal_violations,
+    )
+    metric(
+        "klock_clock_conflicts_total",
+        "counter",
+        "Stale writes let through (non-strict).",
+        conflicts,
+    )
+    metric("klock_batches_total", "counter", "Mailbox batches handled.", stats.batches)
+    metric("klock_messages_total", "counter", "Messages handled.", stats.messages)
+    lines.append("# HELP klock_http_requests_total HTTP requests answered.")
+    lines.append("# TYPE klock_http_requests_total counter")
+    for (method, route, status), count in sorted(http.requests.items()):
+        lines.append(
+            f'klock_http_requests_total{{method="{method}",route="{route}",status="{status}"}} '
+            f"{count}"
+        )
+    lines.append("# HELP klock_http_request_duration_seconds Time to answer an HTTP request.")
+    lines.append("# TYPE klock_http_request_duration_seconds histogram")
+    for (method, route), hist in sorted(http.latency.items()):
+        labels = f'method="{method}",route="{route}"'
+        cumulative = 0
+        for bound, count in zip((*_BUCKETS, math.inf), hist.counts, strict=True):
+            cumulative += count
+            le = "+Inf" if bound == math.inf else repr(bound)
+            lines.append(
+                f'klock_http_request_duration_seconds_bucket{{{labels},le="{le}"}} {cumulative}'
+            )
+        lines.append(f"klock_http_request_duration_seconds_sum{{{labels}}} {hist.total}")
+        lines.append(f"klock_http_request_duration_seconds_count{{{labels}}} {hist.count}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The guard: authentication, body size, metrics. A plain ASGI middleware (no per-request task).
+
+
+class _Guard:
+    def __init__(self, app: ASGIApp, api: _Api) -> None:
+        self.app = app
+        self.api = api
+        token = api.token
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_status)
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.api.http.observe(scope["method"], path, status, time.perf_counter() - started)
+
+    def _refuse(self, scope: Scope) -> Response | None:
+        expected = self.expected
+        if expected is not None and scope["path"] != "/health":
+            given = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    given = value
+                    break
+            if not hmac.compare_digest(given, expected):
+                return _error_response(
+                    UnauthorizedError(
+                        "this server needs 'Authorization: Bearer <token>'; pass the token the "
+                        "server was started with (klock serve --token, or KLOCK_TOKEN)"
+                    )
+                )
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    return _error_response(MalformedJSONError("bad Content-Length header"))
+                if size > self.api.max_body_bytes:
+                    return _error_response(self.api.too_large())
+                break
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The handlers.
+
+
+class _Arrivals:
+    """Which long-poll requests (by client request id) have been handed to the scheduler.
+
+    ``POST /sync`` waits here, so a client can be sure its pending long-polls were decided
+    (granted, queued or refused) before it asks for a snapshot: a barrier without polling.
+    """
+
+    _KEEP = 65_536
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+
+    def arrived(self, request_id: str) -> None:
+        self._seen[request_id] = None
+        if len(self._seen) > self._KEEP:
+            self._seen.popitem(last=False)
+        for fut in self._waiting.pop(request_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, request_ids: Sequence[str]) -> None:
+        """Wait until every listed request has been handed to the scheduler."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for rid in request_ids:
+            if rid in self._seen:
+                continue
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiting.setdefault(rid, []).append(fut)
+            futures.append((rid, fut))
+        try:
+            for _, fut in futures:
+                await fut
+        finally:
+            for rid, fut in futures:
+                waiting = self._waiting.get(rid)
+                if waiting is not None and fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._waiting[rid]
+
+
+class _Api:
+    """The endpoints; each turns one request into one scheduler call."""
+
+    REQUEST_ID_HEADER: ClassVar[str] = "x-klock-request-id"
+
+    def __init__(
+        self,
+        *,
+        db: str | None,
+        token: str | None,
+        synchronous: str,
+        max_body_bytes: int,
+    ) -> None:
+        self.db = db
+        self.token = token
+        self.synchronous = synchronous
+        self.max_body_bytes = max_body_bytes
+        self.http = _HttpMetrics()
+        self.arrivals = _Arrivals()
+        self._scheduler: Scheduler | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        journal = None
+        if self.db is not None:
+            from klock_async.journal import SqliteJournal
+
+            journal = SqliteJournal(self.db, synchronous=self.synchronous)
+        scheduler = Scheduler(journal=journal)
+        await scheduler.start()
+        self._scheduler = scheduler
+        self._closing = asyncio.get_running_loop().create_future()
+        stats = await scheduler.statistics()
+        _log.info(
+            "server.started",
+            db=self.db,
+            agents=stats.agents,
+            leases_active=stats.leases_active,
+            auth=self.token is not None,
+        )
+        try:
+            yield
+        finally:
+            self.begin_shutdown()
+            await scheduler.aclose()
+            _log.info("server.stopped")
+
+    def begin_shutdown(self) -> None:
+        """End pending long-polls (they answer 503 ``kernel_closed``); new ones are refused."""
+        closing = self._closing
+        if closing is not None and not closing.done():
+            closing.set_result(None)
+
+    @property
+    def backend(self) -> Scheduler:
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise KernelClosedError("the server is not running yet (or any more)")
+        return scheduler
+
+    def too_large(self) -> BodyTooLargeError:
+        return BodyTooLargeError(
+            f"request body larger than {self.max_body_bytes} bytes; split the request"
+        )
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _body(self, request: Request, *, required: bool = True) -> dict[str, Any]:
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self.too_large()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            if required:
+                raise MalformedJSONError("the request needs a JSON object body")
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MalformedJSONError(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise MalformedJSONError(f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    async def _long_poll(self, request: Request, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a call that may wait long; withdraw it when the client leaves or we shut down.
+
+        The call runs in a child task whose first step marks the request as arrived and posts
+        it to the scheduler, so ``POST /sync`` can order itself after it.
+        """
+        closing = self._closing
+        if closing is None or closing.done():
+            raise KernelClosedError("the server is shutting down; retry against its successor")
+        request_id = request.headers.get(self.REQUEST_ID_HEADER)
+
+        async def posted() -> T:
+            if request_id is not None:
+                self.arrivals.arrived(request_id)
+            return await call()
+
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(posted())
+        gone = loop.create_task(_disconnected(request.receive))
+        self.http.long_polls += 1
+        try:
+            await asyncio.wait((work, gone, closing), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        finally:
+            self.http.long_polls -= 1
+            gone.cancel()
+        if work.done():
+            if gone.done() and not gone.cancelled() and work.exception() is None:
+                await self._give_back(work.result())  # granted just as the client left
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, KlockError):
+            result = await work
+            await self._give_back(result)  # granted while being withdrawn
+        if closing.done():
+            raise KernelClosedError("the server shut down while the request was waiting")
+        raise _ClientGone()
+
+    async def _give_back(self, result: object) -> None:
+        infos = result if isinstance(result, tuple) else ()
+        for info in infos:
+            if isinstance(info, LeaseInfo):
+                with contextlib.suppress(KlockError):
+                    await self.backend.release(info.id, info.agent_id)
+
+    # ------------------------------------------------------------ endpoints
+
+    async def health(self, request: Request) -> Response:
+        stats = await self.backend.statistics()
+        return _ok({"status": "ok", "active_leases": stats.leases_active})
+
+    async def metrics(self, request: Request) -> Response:
+        stats = await self.backend.statistics()
+        clocks = await self.backend.clock_status()
+        text = _prometheus(stats, clocks.conflict_count, self.http)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def statistics(self, request: Request) -> Response:
+        return _ok(_statistics_json(await self.backend.statistics()))
+
+    async def register_agent(self, request: Request) -> Response:
+        body = await self._body(request)
+        agent_id = _text(body, "agent_id")
+        priority = _optional(body, "priority", int, "an integer (lower is older)")
+        info = await self.backend.register_agent(agent_id, priority)
+        return _ok(_agent_json(info))
+
+    async def list_agents(self, request: Request) -> Response:
+        agents = await self.backend.agents()
+        return _ok([_agent_json(info) for info in sorted(agents, key=lambda a: a.ts)])
+
+    async def acquire(self, request: Request) -> Response:
+        body = await self._body(request)
+        agent_id = _text(body, "agent_id")
+        session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
+        intent = _intent(body, "the request")
+        infos = await self._acquire(request, body, agent_id, session_id, (intent,))
+        return _ok(lease_json(infos[0]))
+
+    async def declare_intents(self, request: Request) -> Response:
+        body = await self._body(request)
+        agent_id = _text(body, "agent_id")
+        session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
+        items = _field(body, "intents", list, "a non-empty list of intents")
+        if not items:
+            raise InvalidFieldError("field 'intents' must list at least one intent")
+        intents = tuple(_intent(item, f"intents[{i}]") for i, item in enumerate(items))
+        infos = await self._acquire(request, body, agent_id, session_id, intents)
+        return _ok(
+            {
+                "agent_id": agent_id,
+                "session_id": session_id,
+                "status": "Granted",
+                "conflicts": [],
+                "leases": [lease_json(info) for info in infos],
+            }
+        )
+
+    async def _acquire(
+        self,
+        request: Request,
+        body: Mapping[str, Any],
+        agent_id: str,
+        session_id: str,
+        intents: tuple[Intent, ...],
+    ) -> tuple[LeaseInfo, ...]:
+        ttl = _ttl(body)
+        assert ttl is not None
+        wait = _flag(body, "wait", False)
+        timeout = _timeout(body)
+        isolation = _isolation(body)
+        backend = self.backend
+
+        def call() -> Awaitable[tuple[LeaseInfo, ...]]:
+            return backend.acquire(
+                agent_id,
+                session_id,
+                intents,
+                ttl=ttl,
+                wait=wait,
+                timeout=timeout,
+                isolation=isolation,
+            )
+
+        if wait:
+            return await self._long_poll(request, call)
+        return await call()
+
+    async def release(self, request: Request) -> Response:
+        body = await self._body(request, required=False)
+        agent_id = _query_agent(request, body)
+        record_write = _query_flag(request, "record_write", body)
+        info = await self.backend.release(
+            request.path_params["lease_id"], agent_id, record_write=record_write
+        )
+        return _ok({"released": True, **lease_json(info)})
+
+    async def heartbeat(self, request: Request) -> Response:
+        body = await self._body(request, required=False)
+        agent_id = _query_agent(request, body)
+        ttl = _ttl(body, default_ms=None)
+        info = await self.backend.heartbeat(request.path_params["lease_id"], agent_id, ttl)
+        return _ok(lease_json(info))
+
+    async def wait_ended(self, request: Request) -> Response:
+        body = await self._body(request, required=False)
+        timeout = _timeout(body)
+        lease_id = request.path_params["lease_id"]
+        backend = self.backend
+        ended = await self._long_poll(request, lambda: backend.wait_ended(lease_id, timeout))
+        return _ok(
+            {"ended": ended is not None, "lease": None if ended is None else lease_json(ended)}
+        )
+
+    async def revoke(self, request: Request) -> Response:
+        info = await self.backend.revoke(request.path_params["lease_id"])
+        return _ok(lease_json(info))
+
+    async def list_leases(self, request: Request) -> Response:
+        leases = await self.backend.leases()
+        agent_id = request.query_params.get("agent_id")
+        session_id = request.query_params.get("session_id")
+        return _ok(
+            [
+                lease_json(info)
+                for info in sorted(leases, key=lambda lease: lease.token)
+                if (agent_id is None or info.agent_id == agent_id)
+                and (session_id is None or info.session_id == session_id)
+            ]
+        )
+
+    async def release_session(self, request: Request) -> Response:
+        body = await self._body(request)
+        agent_id = _text(body, "agent_id")
+        session_id = _text(body, "session_id")
+        count = await self.backend.release_session(agent_id, session_id)
+        return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
+
+    async def evict(self, request: Request) -> Response:
+        body = await self._body(request, required=False)
+        agent_id = _optional_text(body, "agent_id")
+        if agent_id is None:
+            # Klock v1 "evict expired": this kernel ends leases on their deadline already.
+            return _ok({"evicted": 0})
+        count = await self.backend.evict(agent_id)
+        return _ok({"agent_id": agent_id, "evicted": count})
+
+    async def clock_read(self, request: Request) -> Response:
+        body = await self._body(request)
+        path = _text(body, "path")
+        agent_id = _text(body, "agent_id")
+        clock = await self.backend.clock_read(path, agent_id)
+        return _ok(_clock_json(path, clock))
+
+    async def clock_write(self, request: Request) -> Response:
+        body = await self._body(request)
+        path = _text(body, "path")
+        agent_id = _text(body, "agent_id")
+        strict = _flag(body, "strict", True)
+        clock = await self.backend.clock_write(path, agent_id, strict=strict)
+        return _ok(_clock_json(path, clock))
+
+    async def clock_status(self, request: Request) -> Response:
+        status = await self.backend.clock_status()
+        return _ok(
+            {"tracked_paths": list(status.tracked_paths), "conflict_count": status.conflict_count}
+        )
+
+    async def sync(self, request: Request) -> Response:
+        body = await self._body(request, required=False)
+        ids = _optional(body, "requests", list, "a list of request ids") or []
+        if not all(isinstance(rid, str) for rid in ids):
+            raise InvalidFieldError("field 'requests' must list request id strings")
+        timeout = _timeout(body)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.arrivals.wait(ids)
+        except TimeoutError:
+            raise InvalidFieldError(
+                "some listed requests never reached the server (sent elsewhere, or failed "
+                "before sending)"
+            ) from None
+        return _ok(_statistics_json(await self.backend.statistics()))
+
+
+def _clock_json(path: str, clock: VectorClock) -> dict[str, Any]:
+    return {"path": path, "clock": clock.as_dict()}
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _endpoint(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except KlockError as error:
+            return _error_response(error)
+        except _ClientGone:
+            return Response(status_code=499)
+
+    endpoint.__name__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _error_response(
+            _RouteError(
+                f"{request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+                status=405,
+            )
+        )
+    return _error_response(
+        _RouteError(
+            f"no endpoint {request.method} {request.url.path}; see docs/server.md",
+            code="not_found",
+            status=exc.status_code,
+        )
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    _log.error("server.error", path=request.url.path, error=repr(exc))
+    return _error_response(
+        _RouteError("internal server error; see the server log", code="internal", status=500)
+    )
+
+
+def create_app(
+    *,
+    db: str | None = None,
+    token: str | None = None,
+    synchronous: str = "FULL",
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Starlette:
+    """Build the ASGI app: one scheduler, started and stopped with the app's lifespan.
+
+    Args:
+        db: SQLite journal path; None keeps state in memory only (lost on restart).
+        token: when set, every request except ``GET /health`` needs
+            ``Authorization: Bearer <token>``.
+        synchronous: journal durability, ``"FULL"`` or ``"NORMAL"`` (see
+            :class:`~klock_async.journal.SqliteJournal`).
+        max_body_bytes: larger request bodies are refused with 413.
+
+    Raises:
+        ValueError: ``max_body_bytes`` is not positive, or ``token`` is empty.
+    """
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
+    if token is not None and not token:
+        raise ValueError("an empty token would let anyone in; pass None for no auth")
+    api = _Api(db=db, token=token, synchronous=synchronous, max_body_bytes=max_body_bytes)
+    e = _endpoint
+    routes = [
+        Route("/health", e(api.health), methods=["GET"]),
+        Route("/metrics", e(api.metrics), methods=["GET"]),
+        Route("/statistics", e(api.statistics), methods=["GET"]),
+        Route("/agents", e(api.register_agent), methods=["POST"]),
+        Route("/agents", e(api.list_agents), methods=["GET"]),
+        Route("/leases", e(api.acquire), methods=["POST"]),
+        Route("/leases", e(api.list_leases), methods=["GET"]),
+        Route("/leases/{lease_id}", e(api.release), methods=["DELETE"]),
+        Route("/leases/{lease_id}/heartbeat", e(api.heartbeat), methods=["POST"]),
+        Route("/leases/{lease_id}/wait", e(api.wait_ended), methods=["POST"]),
+        Route("/leases/{lease_id}/revoke", e(api.revoke), methods=["POST"]),
+        Route("/intents", e(api.declare_intents), methods=["POST"]),
+        Route("/sessions/release", e(api.release_session), methods=["POST"]),
+        Route("/evict", e(api.evict), methods=["POST"]),
+        Route("/clocks", e(api.clock_status), methods=["GET"]),
+        Route("/clocks/read", e(api.clock_read), methods=["POST"]),
+        Route("/clocks/write", e(api.clock_write), methods=["POST"]),
+        Route("/sync", e(api.sync), methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=api.lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.add_middleware(_Guard, api=api)
+    app.state.klock = api
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Running it.
+
+
+class Server(uvicorn.Server):
+    """A uvicorn server that says when it accepts connections and ends long-polls on exit.
+
+    Args:
+        config: the uvicorn configuration; its app is one built by :func:`create_app`.
+        on_ready: called with the base URL once the socket accepts connections.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, *, on_ready: Callable[[str], None] | None = None
+    ) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+        self.url: str | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start the app and listen; then announce the URL."""
+        await super().startup(sockets=sockets)
+        if self.should_exit:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        _log.info("server.ready", url=self.url)
+        if self._on_ready is not None:
+            self._on_ready(self.url)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End pending long-polls first, so a graceful shutdown does not wait for them."""
+        app = self.config.app
+        api = getattr(getattr(app, "state", None), "klock", None)
+        if isinstance(api, _Api):
+            api.begin_shutdown()
+        await super().shutdown(sockets=sockets)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of ``klock serve``."""
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
+    )
+    parser.add_argument("--db", default=None, help="SQLite journal; without it state is lost")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
+    )
+    parser.add_argument(
+        "--sync",
+        choices=("full", "normal"),
+        default="full",
+        help="journal durability: full survives power loss, normal only a process crash",
+    )
+    parser.add_argument(
+        "--max-body", type=int, default=MAX_BODY_BYTES, help="largest request body in bytes"
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``klock serve`` until interrupted; return the exit status."""
+    from klock_async.logging import configure
+
+    configure(args.log_level, json=args.log_json)
+    token = args.token if args.token is not None else os.environ.get("KLOCK_TOKEN") or None
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        _log.warning(
+            "server.unauthenticated",
+            host=args.host,
+            hint="anyone who reaches this address can take and release leases; set --token",
+        )
+    app = create_app(
+        db=args.db, token=token, synchronous=args.sync.upper(), max_body_bytes=args.max_body
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+
+    def announce(url: str) -> None:
+        print(f"klock serve: listening on {url}", flush=True)
+
+    server = Server(config, on_ready=announce)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C
+        return 130
+    return 0 if server.started else 1
