@@ -1,0 +1,50 @@
+"""Shared fixtures: kernels to run the behaviour scenarios against, and ordering helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from klock_async import Klock
+from klock_async.model import Statistics
+
+KernelFactory = Callable[..., contextlib.AbstractAsyncContextManager[Klock]]
+"""Called with ``Klock`` keyword arguments (e.g. ``default_ttl``); entering it yields a running
+``Klock``; leaving it shuts the kernel (and whatever serves it) down."""
+
+
+@contextlib.asynccontextmanager
+async def _embedded(**options: Any) -> AsyncIterator[Klock]:
+    async with Klock(**options) as klock:
+        yield klock
+
+
+# Each kernel the scenarios in test_scenarios.py run against. To add a variant (e.g. "remote":
+# a real server on a free loopback port and Klock.connect(url)), add its name to the params
+# and a branch below returning an async context manager factory of an entered Klock.
+@pytest.fixture(params=["embedded"])
+def kernel_factory(request: pytest.FixtureRequest) -> KernelFactory:
+    """A factory of running kernels: ``async with kernel_factory() as klock: ...``."""
+    if request.param == "embedded":
+        return _embedded
+    raise AssertionError(f"unknown kernel variant {request.param!r}")  # pragma: no cover
+
+
+@pytest.fixture
+def settle() -> Callable[[Klock], Awaitable[Statistics]]:
+    """``await settle(klock)``: statistics answered after every ready task posted its message.
+
+    Tasks run in the order they were scheduled, so a task created after them posts its query
+    after their requests, and the actor answers messages in order: when the statistics come
+    back, every request those tasks sent has been decided (granted, queued or refused). No
+    sleeping. A transport that does not keep that order must provide its own variant here.
+    """
+
+    async def settle(klock: Klock) -> Statistics:
+        return await asyncio.create_task(klock.statistics())
+
+    return settle
