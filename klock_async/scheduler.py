@@ -30,6 +30,7 @@ from klock_async.errors import (
     AgentExistsError,
     CausalViolationError,
     InvalidRequestError,
+    InvalidResourceError,
     KernelClosedError,
     KlockError,
     LeaseDied,
@@ -587,6 +588,8 @@ class Scheduler:
         ttl = validate_ttl(ttl)
         if timeout is not None and not timeout >= 0:
             raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        if not intents:
+            raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
         fut = self._future()
         request_id = next(self._request_ids)
         self._post(
@@ -940,7 +943,12 @@ class Scheduler:
         verdict = rules.wait_die(request.ts, self._blockers(request))
         decision = verdict.decision
         if decision is rules.Decision.GRANT:
-            return self._grant(request)
+            granted = self._grant(request)
+            if granted and new and self._queued:
+                # A fresh grant may be older than a waiter it now blocks: that waiter must die,
+                # or it would wait for an older holder (a possible wait cycle).
+                self._reevaluate([i.resource for i in request.intents])
+            return granted
         blocker = verdict.blocker
         assert blocker is not None
         if decision is rules.Decision.WAIT:
