@@ -500,7 +500,7 @@ class _Arrivals:
     (granted, queued or refused) before it asks for a snapshot: a barrier without polling.
     """
 
-    _KEEP = 65_536
+    KEEP = 65_536
 
     def __init__(self) -> None:
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -508,11 +508,14 @@ class _Arrivals:
 
     def arrived(self, request_id: str) -> None:
         self._seen[request_id] = None
-        if len(self._seen) > self._KEEP:
+        if len(self._seen) > self.KEEP:
             self._seen.popitem(last=False)
         for fut in self._waiting.pop(request_id, ()):
             if not fut.done():
                 fut.set_result(None)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._seen
 
     async def wait(self, request_ids: Sequence[str]) -> None:
         """Wait until every listed request has been handed to the scheduler."""
@@ -555,6 +558,9 @@ class _Api:
         self.max_body_bytes = max_body_bytes
         self.http = _HttpMetrics()
         self.arrivals = _Arrivals()
+        # Pending long-polls by client request id, and ids withdrawn before they arrived.
+        self._polls: dict[str, asyncio.Task[Any]] = {}
+        self._withdrawn: OrderedDict[str, None] = OrderedDict()
         self._scheduler: Scheduler | None = None
         self._closing: asyncio.Future[None] | None = None
 
@@ -637,6 +643,8 @@ class _Api:
         if closing is None or closing.done():
             raise KernelClosedError("the server is shutting down; retry against its successor")
         request_id = request.headers.get(self.REQUEST_ID_HEADER)
+        if request_id is not None and request_id in self._withdrawn:
+            raise _ClientGone()  # withdrawn before it arrived
 
         async def posted() -> T:
             if request_id is not None:
@@ -646,6 +654,8 @@ class _Api:
         loop = asyncio.get_running_loop()
         work = loop.create_task(posted())
         gone = loop.create_task(_disconnected(request.receive))
+        if request_id is not None:
+            self._polls[request_id] = work
         self.http.long_polls += 1
         try:
             await asyncio.wait((work, gone, closing), return_when=asyncio.FIRST_COMPLETED)
@@ -655,6 +665,10 @@ class _Api:
         finally:
             self.http.long_polls -= 1
             gone.cancel()
+            if request_id is not None:
+                self._polls.pop(request_id, None)
+        if work.cancelled():
+            raise _ClientGone()  # withdrawn by POST /withdraw
         if work.done():
             if gone.done() and not gone.cancelled() and work.exception() is None:
                 await self._give_back(work.result())  # granted just as the client left
@@ -837,6 +851,24 @@ class _Api:
             {"tracked_paths": list(status.tracked_paths), "conflict_count": status.conflict_count}
         )
 
+    async def withdraw(self, request: Request) -> Response:
+        body = await self._body(request)
+        request_id = _text(body, "request_id")
+        work = self._polls.get(request_id)
+        if work is not None:
+            # Cancelling the call makes the scheduler withdraw it (and give back a grant it
+            # made in the same instant); once awaited, that withdrawal is in its mailbox.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KlockError):
+                await work
+            return _ok({"request_id": request_id, "withdrawn": work.cancelled()})
+        if request_id in self.arrivals:
+            return _ok({"request_id": request_id, "withdrawn": False})  # answered already
+        self._withdrawn[request_id] = None
+        if len(self._withdrawn) > _Arrivals.KEEP:
+            self._withdrawn.popitem(last=False)
+        return _ok({"request_id": request_id, "withdrawn": True})
+
     async def sync(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         ids = _optional(body, "requests", list, "a list of request ids") or []
@@ -874,7 +906,13 @@ def _endpoint(
         except KlockError as error:
             return _error_response(error)
         except _ClientGone:
-            return Response(status_code=499)
+            return _error_response(
+                _RouteError(
+                    "the request was withdrawn (its client left or withdrew it)",
+                    code="withdrawn",
+                    status=499,
+                )
+            )
 
     endpoint.__name__ = handler.__name__
     endpoint.__doc__ = handler.__doc__
@@ -952,6 +990,7 @@ def create_app(
         Route("/clocks/read", e(api.clock_read), methods=["POST"]),
         Route("/clocks/write", e(api.clock_write), methods=["POST"]),
         Route("/sync", e(api.sync), methods=["POST"]),
+        Route("/withdraw", e(api.withdraw), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

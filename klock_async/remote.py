@@ -1,0 +1,504 @@
+"""The HTTP transport: :class:`RemoteBackend` talks to a ``klock serve`` server.
+
+``Klock.connect(url)`` wraps it in the same facade as the embedded kernel, so agents, sessions,
+lease blocks with auto-heartbeat, the ``protected`` decorator and clocks work unchanged across
+processes and machines. Errors come back typed: the server sends each error's ``code`` and
+fields, and :func:`~klock_async.errors.error_from_payload` rebuilds the same exception the
+embedded kernel would have raised.
+
+A waiting acquire is one long-poll (``POST /intents`` with ``"wait": true``), answered by the
+same future as an embedded waiter: nothing polls. Cancelling the caller withdraws the request:
+the client asks the server to withdraw it and returns only once the server confirmed, and a
+grant that crossed the withdrawal on the wire is released, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from klock_async.backend import ClockStatus
+from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.errors import (
+    InvalidRequestError,
+    KernelClosedError,
+    KlockError,
+    TransportError,
+    error_from_payload,
+)
+from klock_async.model import (
+    AgentInfo,
+    Intent,
+    LeaseInfo,
+    LeaseState,
+    Predicate,
+    Resource,
+    ResourceType,
+    Statistics,
+    validate_ttl,
+)
+
+__all__ = ["RemoteBackend"]
+
+_REQUEST_ID = "x-klock-request-id"
+
+
+def _lease(data: Mapping[str, Any]) -> LeaseInfo:
+    return LeaseInfo(
+        id=data["lease_id"],
+        agent_id=data["agent_id"],
+        session_id=data["session_id"],
+        resource=Resource(ResourceType(data["resource_type"]), data["resource_path"]),
+        predicate=Predicate(data["predicate"]),
+        token=data["token"],
+        ttl=data["ttl"] / 1000.0,
+        expires_at=data["expires_at"] / 1000.0,
+        state=LeaseState(data["state"]),
+    )
+
+
+def _statistics(data: Mapping[str, Any]) -> Statistics:
+    return Statistics(**{name: data[name] for name in Statistics.__dataclass_fields__})
+
+
+class RemoteBackend:
+    """The :class:`~klock_async.backend.Backend` of a ``klock serve`` server, over HTTP.
+
+    Use it through ``Klock.connect(url)``. One instance keeps a pool of keep-alive connections
+    and may be shared by any number of tasks of one event loop.
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:3100``.
+        token: the bearer token the server was started with, if any.
+        timeout: seconds to wait for an answer to a request that does not wait by design
+            (long-polls wait as long as they were asked to, plus this much).
+        transport: an httpx transport to use instead of TCP (e.g. ``httpx.ASGITransport``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InvalidRequestError(
+                f"the server URL must start with http:// or https://: {url!r}"
+            )
+        if not timeout > 0:
+            raise InvalidRequestError(f"timeout must be a positive number of seconds: {timeout!r}")
+        self.url = url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+        self._prefix = secrets.token_hex(6) + "-"
+        self._ids = itertools.count(1)
+        # request id -> (is a long-poll, done): what barrier() waits for.
+        self._inflight: dict[str, tuple[bool, asyncio.Future[None]]] = {}
+        self._polls: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<RemoteBackend {self.url}>"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the connection pool and check that the server answers (and takes the token).
+
+        Raises:
+            TransportError: the server cannot be reached, or refuses the token.
+        """
+        if self._client is not None:
+            return
+        if self._closed:
+            raise KernelClosedError("this remote backend was closed; create a new one")
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            transport=self._transport,
+        )
+        try:
+            await self.statistics()
+        except BaseException:
+            await self._client.aclose()
+            self._client = None
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connections; pending calls fail with :class:`KernelClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        for poll in list(self._polls):
+            poll.cancel()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _check_open(self) -> httpx.AsyncClient:
+        client = self._client
+        if client is None:
+            if self._closed:
+                raise KernelClosedError("the connection to the klock server was closed")
+            raise KernelClosedError("not connected; use 'async with Klock.connect(url)'")
+        return client
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        long_poll: bool = False,
+        wait_for: float | None = 0.0,
+        request_id: str | None = None,
+    ) -> Any:
+        """Send one request and return the envelope's ``data``, or raise the typed error.
+
+        ``wait_for`` is how long the server may keep the request by design (None: forever).
+        """
+        client = self._check_open()
+        rid = request_id or self._track(long_poll)
+        read = None if wait_for is None else wait_for + self._timeout
+        try:
+            response = await client.request(
+                method,
+                path,
+                json=body,
+                params=params,
+                headers={_REQUEST_ID: rid},
+                timeout=httpx.Timeout(self._timeout, read=read),
+            )
+        except httpx.TimeoutException as exc:
+            raise TransportError(
+                f"the klock server at {self.url} did not answer {method} {path} within "
+                f"{read}s ({type(exc).__name__}); it may be overloaded or stuck"
+            ) from None
+        except httpx.HTTPError as exc:
+            if self._closed:
+                raise KernelClosedError("the connection to the klock server was closed") from None
+            raise TransportError(
+                f"cannot reach the klock server at {self.url} ({type(exc).__name__}: {exc}); "
+                "is 'klock serve' running there?"
+            ) from None
+        finally:
+            self._inflight.pop(rid)[1].set_result(None)
+        return self._unwrap(response, method, path)
+
+    def _track(self, long_poll: bool) -> str:
+        """Register a request as sent (synchronously, so a barrier behind it sees it)."""
+        rid = self._prefix + str(next(self._ids))
+        self._inflight[rid] = (long_poll, asyncio.get_running_loop().create_future())
+        return rid
+
+    def _unwrap(self, response: httpx.Response, method: str, path: str) -> Any:
+        try:
+            envelope = response.json()
+        except ValueError:
+            envelope = None
+        if not isinstance(envelope, dict) or "success" not in envelope:
+            raise TransportError(
+                f"{self.url} answered {method} {path} with HTTP {response.status_code} and no "
+                "klock envelope; is it a klock server?"
+            )
+        if envelope["success"]:
+            return envelope.get("data")
+        raise self._error(response.status_code, envelope)
+
+    def _error(self, status: int, envelope: Mapping[str, Any]) -> KlockError:
+        message = str(envelope.get("error") or "the server refused the request")
+        code = str(envelope.get("code") or "klock_error")
+        details = envelope.get("details")
+        payload = {"code": code, "message": message}
+        if isinstance(details, Mapping):
+            payload.update(details)
+        error = error_from_payload(payload)
+        if type(error) is not KlockError:
+            return error
+        # Codes that exist only at the HTTP boundary (malformed_json, missing_field, ...).
+        if status in (400, 413, 422):
+            return InvalidRequestError(f"{message} ({code})")
+        if status == 401:
+            return TransportError(
+                f"the klock server at {self.url} refused the request ({message}); pass "
+                "token=... as the server was started with"
+            )
+        return TransportError(f"the klock server at {self.url} answered {status} {code}: {message}")
+
+    async def _poll(
+        self, rid: str, method: str, path: str, body: Mapping[str, Any], wait_for: float | None
+    ) -> Any:
+        """A long-poll in its own task, so a cancelled caller can still collect its answer."""
+        loop = asyncio.get_running_loop()
+        inner = loop.create_task(
+            self._call(method, path, body, long_poll=True, wait_for=wait_for, request_id=rid)
+        )
+        self._polls.add(inner)
+        inner.add_done_callback(self._polls.discard)
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if inner.done() and self._closed:
+                raise KernelClosedError(
+                    "the connection to the klock server was closed while the request waited"
+                ) from None
+            await asyncio.shield(self._abandon(rid, inner))
+            raise
+
+    async def _abandon(self, rid: str, inner: asyncio.Task[Any]) -> None:
+        """The caller gave up: withdraw the request and give back a grant that crossed it."""
+        with contextlib.suppress(KlockError):
+            await self._call("POST", "/withdraw", {"request_id": rid})
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await inner
+        except (KlockError, TimeoutError, asyncio.CancelledError):
+            inner.cancel()
+            return
+        leases = result.get("leases", ()) if isinstance(result, Mapping) else ()
+        for data in leases:
+            with contextlib.suppress(KlockError):
+                await self._call(
+                    "DELETE", f"/leases/{data['lease_id']}", params={"agent_id": data["agent_id"]}
+                )
+
+    async def barrier(self) -> Statistics:
+        """Wait until the scheduler has decided every request this client sent so far.
+
+        Requests that answer at once are awaited; long-polls still pending (queued waiters)
+        are confirmed by the server as handed to the scheduler. The statistics returned are
+        taken after all of them: the remote counterpart of posting a query behind them.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        pending = list(self._inflight.items())
+        short = [done for long_poll, done in (entry for _, entry in pending) if not long_poll]
+        polls = [rid for rid, (long_poll, _) in pending if long_poll]
+        if short:
+            await asyncio.wait(short)
+        data = await self._call(
+            "POST", "/sync", {"requests": polls, "timeout_ms": self._timeout * 1000}
+        )
+        return _statistics(data)
+
+    # ---------------------------------------------------------------- Backend
+
+    async def register_agent(self, agent_id: str, priority: int | None) -> AgentInfo:
+        """Register an agent; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            InvalidRequestError: empty id or non-integer priority.
+            AgentExistsError: the id exists with another priority.
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call("POST", "/agents", {"agent_id": agent_id, "priority": priority})
+        return AgentInfo(data["agent_id"], data["ts"])
+
+    async def acquire(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Sequence[Intent],
+        *,
+        ttl: float,
+        wait: bool = True,
+        timeout: float | None = None,
+        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+    ) -> tuple[LeaseInfo, ...]:
+        """Request leases; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseDied: Wait-Die refused the request.
+            LeaseWouldWait: ``wait`` is false and the request would have to queue.
+            AcquireTimeoutError: ``timeout`` ran out; the request was withdrawn.
+            CausalViolationError: a stale write in a SERIALIZABLE session.
+            InvalidRequestError: bad input; nothing changed.
+            UnknownAgentError: ``agent_id`` was never registered.
+            TransportError: the server cannot be reached.
+        """
+        ttl = validate_ttl(ttl)
+        if timeout is not None and not timeout >= 0:
+            raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        self._check_open()
+        body = {
+            "agent_id": agent_id,
+            "session_id": session_id,
+            "intents": [
+                {"resource": str(intent.resource), "predicate": intent.predicate.value}
+                for intent in intents
+            ],
+            "ttl": ttl * 1000.0,
+            "wait": wait,
+            "timeout_ms": None if timeout is None else timeout * 1000.0,
+            "isolation": isolation.value,
+        }
+        if wait:
+            data = await self._poll(self._track(True), "POST", "/intents", body, timeout)
+        else:
+            data = await self._call("POST", "/intents", body)
+        return tuple(_lease(lease) for lease in data["leases"])
+
+    async def release(
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+    ) -> LeaseInfo:
+        """End a lease; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: ``agent_id`` is not the holder.
+            TransportError: the server cannot be reached.
+        """
+        params = {"record_write": "true" if record_write else "false"}
+        if agent_id is not None:
+            params["agent_id"] = agent_id
+        data = await self._call("DELETE", f"/leases/{_segment(lease_id)}", params=params)
+        return _lease(data)
+
+    async def heartbeat(
+        self, lease_id: str, agent_id: str | None = None, ttl: float | None = None
+    ) -> LeaseInfo:
+        """Extend a lease; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: ``agent_id`` is not the holder.
+            InvalidTTLError: bad ttl.
+            TransportError: the server cannot be reached.
+        """
+        body: dict[str, Any] = {}
+        if agent_id is not None:
+            body["agent_id"] = agent_id
+        if ttl is not None:
+            body["ttl"] = validate_ttl(ttl) * 1000.0
+        data = await self._call("POST", f"/leases/{_segment(lease_id)}/heartbeat", body)
+        return _lease(data)
+
+    async def release_session(self, agent_id: str, session_id: str) -> int:
+        """Release a session's leases; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call(
+            "POST", "/sessions/release", {"agent_id": agent_id, "session_id": session_id}
+        )
+        return int(data["released"])
+
+    async def wait_ended(self, lease_id: str, timeout: float | None) -> LeaseInfo | None:
+        """Wait for a lease to end (one long-poll); see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: the lease is not active.
+            TransportError: the server cannot be reached.
+        """
+        if timeout is not None and not timeout >= 0:
+            raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        self._check_open()
+        body = {"timeout_ms": None if timeout is None else timeout * 1000.0}
+        # A cancelled caller just drops the connection: the server forgets the watch.
+        data = await self._call(
+            "POST", f"/leases/{_segment(lease_id)}/wait", body, long_poll=True, wait_for=timeout
+        )
+        return None if not data["ended"] else _lease(data["lease"])
+
+    async def revoke(self, lease_id: str) -> LeaseInfo:
+        """Revoke a lease; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            TransportError: the server cannot be reached.
+        """
+        return _lease(await self._call("POST", f"/leases/{_segment(lease_id)}/revoke"))
+
+    async def evict(self, agent_id: str) -> int:
+        """Revoke an agent's leases; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            UnknownAgentError: never registered.
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call("POST", "/evict", {"agent_id": agent_id})
+        return int(data["evicted"])
+
+    async def leases(self) -> tuple[LeaseInfo, ...]:
+        """Snapshot of the active leases.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        return tuple(_lease(data) for data in await self._call("GET", "/leases"))
+
+    async def agents(self) -> tuple[AgentInfo, ...]:
+        """Snapshot of the registered agents.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        return tuple(AgentInfo(d["agent_id"], d["ts"]) for d in await self._call("GET", "/agents"))
+
+    async def statistics(self) -> Statistics:
+        """Snapshot of the counters.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        return _statistics(await self._call("GET", "/statistics"))
+
+    async def clock_read(self, path: str, agent_id: str) -> VectorClock:
+        """Read a path's clock as an agent; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            UnknownAgentError: never registered.
+            InvalidResourceError: bad path.
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call("POST", "/clocks/read", {"path": path, "agent_id": agent_id})
+        return VectorClock(data["clock"])
+
+    async def clock_write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock:
+        """Record a write; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            CausalViolationError: strict, and the agent never saw the path's latest version.
+            UnknownAgentError: never registered.
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call(
+            "POST", "/clocks/write", {"path": path, "agent_id": agent_id, "strict": strict}
+        )
+        return VectorClock(data["clock"])
+
+    async def clock_status(self) -> ClockStatus:
+        """Tracked paths and conflict count.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call("GET", "/clocks")
+        return ClockStatus(tuple(data["tracked_paths"]), int(data["conflict_count"]))
+
+
+def _segment(lease_id: str) -> str:
+    """A lease id as one URL path segment (ids are URL-safe; anything else is escaped)."""
+    from urllib.parse import quote
+
+    if not isinstance(lease_id, str) or not lease_id:
+        raise InvalidRequestError(f"a lease id is a non-empty string, got {lease_id!r}")
+    return quote(lease_id, safe="")
