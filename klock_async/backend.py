@@ -77,8 +77,10 @@ class Backend(Protocol):
     async def wait_ended(self, lease_id: str, timeout: float | None) -> LeaseInfo | None:
         """Wait until the lease is no longer active; return its final snapshot.
 
-        Returns None when ``timeout`` runs out first. Raises ``LeaseNotFoundError`` at once
-        when the lease is not active (ended already, or never granted).
+        Returns None when ``timeout`` runs out first. A lease that expired or was revoked
+        before the watch arrived returns its final snapshot at once (while the scheduler
+        still remembers it). Raises ``LeaseNotFoundError`` at once when the lease is not
+        active otherwise (released, long gone, or never granted).
         """
 
     async def revoke(self, lease_id: str) -> LeaseInfo:

@@ -60,6 +60,8 @@ _READ = Predicate.CONSUMES
 _LEASE_ID_BYTES = 16  # 128 random bits: a lease id is a capability, it must be unguessable
 _LEASE_ID_POOL = _LEASE_ID_BYTES * 256
 
+_LOST_MEMORY = 4096  # expired or revoked leases whose final state a late watcher can still learn
+
 
 # --------------------------------------------------------------------------------------------
 # Durable journal interface (implemented by klock_async.journal)
@@ -331,6 +333,7 @@ class Scheduler:
         self._queued: dict[int, _Request] = {}
         self._expiry: list[tuple[float, str]] = []
         self._watchers: dict[str, list[asyncio.Future[Any]]] = {}
+        self._lost: dict[str, LeaseInfo] = {}  # the last _LOST_MEMORY expired/revoked leases
         self._clocks = VectorClockManager()
         self._last_token = 0
         self._last_agent_ts = 0
@@ -648,7 +651,9 @@ class Scheduler:
         """Wait for a lease to end; see :class:`~klock_async.backend.Backend`.
 
         Raises:
-            LeaseNotFoundError: the lease is not active (ended already, or never existed).
+            LeaseNotFoundError: the lease is not active and was not recently lost (released,
+                or never existed); a recently expired or revoked lease returns its final
+                snapshot instead.
         """
         fut = self._future()
         self._post(_WatchLease(lease_id, fut))
@@ -817,6 +822,9 @@ class Scheduler:
 
     def _on_watch(self, msg: _WatchLease) -> object:
         if msg.lease_id not in self._leases:
+            lost = self._lost.get(msg.lease_id)
+            if lost is not None:  # lost before the watch arrived: say how it ended
+                return lost
             raise LeaseNotFoundError(f"lease {msg.lease_id!r} is not active")
         watchers = self._watchers.setdefault(msg.lease_id, [])
         watchers[:] = [f for f in watchers if not f.done()]
@@ -1182,6 +1190,13 @@ class Scheduler:
         info = lease.info(state)
         if self._journal is not None:
             self._journal.record_lease(info)
+        if state is not LeaseState.RELEASED:
+            # Its holder may start watching only now (a revocation right after the grant):
+            # keep the final snapshot so the watch reports the loss, not "unknown lease".
+            lost = self._lost
+            lost[lease.id] = info
+            if len(lost) > _LOST_MEMORY:
+                del lost[next(iter(lost))]
         counter = {
             LeaseState.RELEASED: "releases",
             LeaseState.EXPIRED: "expiries",

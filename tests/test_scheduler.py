@@ -242,6 +242,25 @@ async def test_revocation_wakes_the_waiter(klock: Klock) -> None:
         await klock.revoke(held.id)
 
 
+async def test_late_watch_learns_how_a_lease_was_lost(klock: Klock) -> None:
+    """Watching a lease that was already revoked or expired reports its final state."""
+    (agent,) = await agents(klock, "a")
+    revoked = await agent.acquire("/r", "MUTATES")
+    await klock.revoke(revoked.id)
+    info = await klock.backend.wait_ended(revoked.id, None)
+    assert info is not None and info.state is LeaseState.REVOKED
+    expiring = await agent.acquire("/e", "MUTATES", ttl=0.01)
+    await klock.backend.wait_ended(expiring.id, None)
+    info = await klock.backend.wait_ended(expiring.id, None)
+    assert info is not None and info.state is LeaseState.EXPIRED
+    released = await agent.acquire("/x", "MUTATES")
+    await released.release()
+    with pytest.raises(LeaseNotFoundError):
+        await klock.backend.wait_ended(released.id, None)
+    with pytest.raises(LeaseNotFoundError):
+        await klock.backend.heartbeat(revoked.id, "a")  # lost is not active
+
+
 async def test_evict_revokes_every_lease_of_an_agent(klock: Klock) -> None:
     """Evicting an agent ends all its leases and nobody else's."""
     a, b = await agents(klock, "a", "b")
