@@ -106,6 +106,12 @@ class Resource:
     def __str__(self) -> str:
         return f"{self.type.value}:{self.path}"
 
+    def __hash__(self) -> int:
+        # Resources key the scheduler's indexes. The generated hash of (type, path) calls the
+        # enum's hash in Python on every lookup; the path's hash is cached by the str itself.
+        # Equal resources have equal paths, so this agrees with __eq__.
+        return hash(self.path)
+
     @classmethod
     def of(cls, type: ResourceType | str, path: str) -> Resource:
         """Build a resource from a type and a path, normalising the path.
