@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import secrets
+import socket
+import ssl
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import httpx
 
 from klock_async.backend import ClockStatus
 from klock_async.clocks import IsolationLevel, VectorClock
@@ -63,22 +65,212 @@ def _lease(data: Mapping[str, Any]) -> LeaseInfo:
     )
 
 
+def _dumps(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def _statistics(data: Mapping[str, Any]) -> Statistics:
     return Statistics(**{name: data[name] for name in Statistics.__dataclass_fields__})
+
+
+class _Http1:
+    """A lean HTTP/1.1 client: one keep-alive connection per concurrent request, no pooling
+    limits, JSON bodies with Content-Length. Cancelling a request closes its connection, which
+    is how the server learns that a long-poll's caller left."""
+
+    _IDLE_MAX = 256
+
+    def __init__(self, url: str, token: str | None, connect_timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if not parts.hostname:
+            raise InvalidRequestError(f"the server URL names no host: {url!r}")
+        self._host = parts.hostname
+        https = parts.scheme == "https"
+        self._port = parts.port or (443 if https else 80)
+        self._ssl = ssl.create_default_context() if https else None
+        self._path = parts.path.rstrip("/")
+        netloc = parts.netloc.rpartition("@")[2]
+        fixed = f"Host: {netloc}\r\nUser-Agent: klock-async\r\nAccept: application/json\r\n"
+        if token:
+            fixed += f"Authorization: Bearer {token}\r\n"
+        self._fixed = fixed.encode("latin-1")
+        self._connect_timeout = connect_timeout
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._open: set[asyncio.StreamWriter] = set()
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        request_id: str,
+        read_timeout: float | None,
+    ) -> tuple[int, bytes]:
+        head = (
+            f"{method} {self._path}{target} HTTP/1.1\r\n".encode("latin-1")
+            + self._fixed
+            + f"{_REQUEST_ID}: {request_id}\r\n".encode("latin-1")
+        )
+        if body is None:
+            data = head + b"Content-Length: 0\r\n\r\n"
+        else:
+            data = (
+                head
+                + b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+        while True:
+            reader, writer, reused = await self._checkout()
+            try:
+                writer.write(data)
+                if read_timeout is None:
+                    status, content, keep = await _read_response(reader)
+                else:
+                    async with asyncio.timeout(read_timeout):
+                        status, content, keep = await _read_response(reader)
+            except _Stale:
+                self._discard(writer)
+                if reused:
+                    continue  # the server had closed this idle connection: use a new one
+                raise ConnectionResetError("the server closed the connection") from None
+            except BaseException:
+                self._discard(writer)  # unknown state: never reuse (and tell the server)
+                raise
+            if keep and len(self._idle) < self._IDLE_MAX:
+                self._idle.append((reader, writer))
+            else:
+                self._discard(writer)
+            return status, content
+
+    async def _checkout(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if reader.at_eof() or writer.is_closing():
+                self._discard(writer)
+                continue
+            return reader, writer, True
+        async with asyncio.timeout(self._connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                self._host, self._port, ssl=self._ssl, limit=1 << 20
+            )
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._open.add(writer)
+        return reader, writer, False
+
+    def _discard(self, writer: asyncio.StreamWriter) -> None:
+        self._open.discard(writer)
+        writer.close()
+
+    async def aclose(self) -> None:
+        self._idle.clear()
+        writers, self._open = self._open, set()
+        for writer in writers:
+            writer.close()
+        for writer in writers:
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _Stale(Exception):
+    """The connection ended before any byte of the response arrived."""
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """Read one HTTP/1.1 response; return (status, body, keep the connection)."""
+    try:
+        raw = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise _Stale() from None
+        raise
+    lines = raw.split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    status = int(rest[:3])
+    length = -1
+    chunked = False
+    keep = version == b"HTTP/1.1"
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            token = value.strip().lower()
+            keep = token == b"keep-alive" or (keep and token != b"close")
+    if chunked:
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        return status, b"".join(parts), keep
+    if length >= 0:
+        return status, await reader.readexactly(length) if length else b"", keep
+    return status, await reader.read(), False
+
+
+class _Httpx:
+    """Requests through an httpx transport (for ``RemoteBackend(transport=...)``)."""
+
+    def __init__(self, url: str, token: str | None, transport: Any) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._httpx = httpx
+        self._client = httpx.AsyncClient(base_url=url, headers=headers, transport=transport)
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        request_id: str,
+        read_timeout: float | None,
+    ) -> tuple[int, bytes]:
+        headers = {_REQUEST_ID: request_id}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        response = await self._client.request(
+            method,
+            target,
+            content=body,
+            headers=headers,
+            timeout=self._httpx.Timeout(30.0, read=read_timeout),
+        )
+        return response.status_code, response.content
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class RemoteBackend:
     """The :class:`~klock_async.backend.Backend` of a ``klock serve`` server, over HTTP.
 
-    Use it through ``Klock.connect(url)``. One instance keeps a pool of keep-alive connections
-    and may be shared by any number of tasks of one event loop.
+    Use it through ``Klock.connect(url)``. One instance may be shared by any number of tasks
+    of one event loop; each concurrent request uses a keep-alive HTTP/1.1 connection of its
+    own (a lean client: a general-purpose pool costs more per request than the server spends
+    on it).
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:3100``.
         token: the bearer token the server was started with, if any.
         timeout: seconds to wait for an answer to a request that does not wait by design
             (long-polls wait as long as they were asked to, plus this much).
-        transport: an httpx transport to use instead of TCP (e.g. ``httpx.ASGITransport``).
+        transport: an ``httpx.AsyncBaseTransport`` to send requests through instead of TCP
+            (e.g. ``httpx.ASGITransport(app)`` to talk to an app in the same process).
+
+    Raises:
+        InvalidRequestError: the URL is not ``http(s)://host...`` or the timeout is not positive.
     """
 
     def __init__(
@@ -87,19 +279,19 @@ class RemoteBackend:
         *,
         token: str | None = None,
         timeout: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Any = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InvalidRequestError(
                 f"the server URL must start with http:// or https://: {url!r}"
             )
-        if not timeout > 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise InvalidRequestError(f"timeout must be a positive number of seconds: {timeout!r}")
         self.url = url.rstrip("/")
         self._token = token
-        self._timeout = timeout
+        self._timeout = float(timeout)
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._wire: _Http1 | _Httpx | None = None
         self._closed = False
         self._prefix = secrets.token_hex(6) + "-"
         self._ids = itertools.count(1)
@@ -113,28 +305,24 @@ class RemoteBackend:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Open the connection pool and check that the server answers (and takes the token).
+        """Connect and check that the server answers (and takes the token).
 
         Raises:
             TransportError: the server cannot be reached, or refuses the token.
         """
-        if self._client is not None:
+        if self._wire is not None:
             return
         if self._closed:
             raise KernelClosedError("this remote backend was closed; create a new one")
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(self._timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            transport=self._transport,
-        )
+        if self._transport is not None:
+            self._wire = _Httpx(self.url, self._token, self._transport)
+        else:
+            self._wire = _Http1(self.url, self._token, self._timeout)
         try:
             await self.statistics()
         except BaseException:
-            await self._client.aclose()
-            self._client = None
+            wire, self._wire = self._wire, None
+            await wire.aclose()
             raise
 
     async def aclose(self) -> None:
@@ -144,19 +332,19 @@ class RemoteBackend:
         self._closed = True
         for poll in list(self._polls):
             poll.cancel()
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.aclose()
 
     # ---------------------------------------------------------------- plumbing
 
-    def _check_open(self) -> httpx.AsyncClient:
-        client = self._client
-        if client is None:
+    def _check_open(self) -> _Http1 | _Httpx:
+        wire = self._wire
+        if wire is None:
             if self._closed:
                 raise KernelClosedError("the connection to the klock server was closed")
             raise KernelClosedError("not connected; use 'async with Klock.connect(url)'")
-        return client
+        return wire
 
     async def _call(
         self,
@@ -173,33 +361,34 @@ class RemoteBackend:
 
         ``wait_for`` is how long the server may keep the request by design (None: forever).
         """
-        client = self._check_open()
+        wire = self._check_open()
         rid = request_id or self._track(long_poll)
         read = None if wait_for is None else wait_for + self._timeout
+        target = path if not params else f"{path}?{urllib.parse.urlencode(params)}"
+        payload = None if body is None else _dumps(body)
         try:
-            response = await client.request(
-                method,
-                path,
-                json=body,
-                params=params,
-                headers={_REQUEST_ID: rid},
-                timeout=httpx.Timeout(self._timeout, read=read),
-            )
-        except httpx.TimeoutException as exc:
+            status, content = await wire.send(method, target, payload, rid, read)
+        except TimeoutError:
             raise TransportError(
                 f"the klock server at {self.url} did not answer {method} {path} within "
-                f"{read}s ({type(exc).__name__}); it may be overloaded or stuck"
+                f"{read}s; it may be overloaded or stuck"
             ) from None
-        except httpx.HTTPError as exc:
+        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
             if self._closed:
                 raise KernelClosedError("the connection to the klock server was closed") from None
             raise TransportError(
                 f"cannot reach the klock server at {self.url} ({type(exc).__name__}: {exc}); "
                 "is 'klock serve' running there?"
             ) from None
+        except Exception as exc:  # an httpx transport's own errors
+            if self._closed:
+                raise KernelClosedError("the connection to the klock server was closed") from None
+            raise TransportError(
+                f"the request {method} {path} to {self.url} failed: {type(exc).__name__}: {exc}"
+            ) from None
         finally:
             self._inflight.pop(rid)[1].set_result(None)
-        return self._unwrap(response, method, path)
+        return self._unwrap(status, content, method, path)
 
     def _track(self, long_poll: bool) -> str:
         """Register a request as sent (synchronously, so a barrier behind it sees it)."""
@@ -207,19 +396,19 @@ class RemoteBackend:
         self._inflight[rid] = (long_poll, asyncio.get_running_loop().create_future())
         return rid
 
-    def _unwrap(self, response: httpx.Response, method: str, path: str) -> Any:
+    def _unwrap(self, status: int, content: bytes, method: str, path: str) -> Any:
         try:
-            envelope = response.json()
+            envelope = json.loads(content)
         except ValueError:
             envelope = None
         if not isinstance(envelope, dict) or "success" not in envelope:
             raise TransportError(
-                f"{self.url} answered {method} {path} with HTTP {response.status_code} and no "
-                "klock envelope; is it a klock server?"
+                f"{self.url} answered {method} {path} with HTTP {status} and no klock "
+                "envelope; is it a klock server?"
             )
         if envelope["success"]:
             return envelope.get("data")
-        raise self._error(response.status_code, envelope)
+        raise self._error(status, envelope)
 
     def _error(self, status: int, envelope: Mapping[str, Any]) -> KlockError:
         message = str(envelope.get("error") or "the server refused the request")
@@ -497,8 +686,6 @@ class RemoteBackend:
 
 def _segment(lease_id: str) -> str:
     """A lease id as one URL path segment (ids are URL-safe; anything else is escaped)."""
-    from urllib.parse import quote
-
     if not isinstance(lease_id, str) or not lease_id:
         raise InvalidRequestError(f"a lease id is a non-empty string, got {lease_id!r}")
-    return quote(lease_id, safe="")
+    return urllib.parse.quote(lease_id, safe="")

@@ -431,12 +431,30 @@ def _prometheus(stats: Statistics, conflicts: int, http: _HttpMetrics) -> str:
 # The guard: authentication, body size, metrics. A plain ASGI middleware (no per-request task).
 
 
-class _Guard:
-    def __init__(self, app: ASGIApp, api: _Api) -> None:
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class _FrontDoor:
+    """Authentication, body limit, metrics, and direct dispatch of the API's own routes.
+
+    The API's routes are looked up in two dicts (static paths, and the operations on
+    ``/leases/{lease_id}``), which costs far less per request than walking the route list;
+    anything else falls through to the Starlette app behind, which answers 404 or 405.
+    """
+
+    def __init__(self, app: ASGIApp, api: _Api, table: Sequence[tuple[str, str, Endpoint]]) -> None:
         self.app = app
         self.api = api
         token = api.token
         self.expected = f"Bearer {token}".encode() if token else None
+        self.static: dict[tuple[str, str], tuple[str, Endpoint]] = {}
+        self.lease_ops: dict[tuple[str, str], tuple[str, Endpoint]] = {}
+        prefix = "/leases/{lease_id}"
+        for method, path, endpoint in table:
+            if path.startswith(prefix):
+                self.lease_ops[(method, path[len(prefix) + 1 :])] = (path, endpoint)
+            else:
+                self.static[(method, path)] = (path, endpoint)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -451,16 +469,38 @@ class _Guard:
                 status = message["status"]
             await send(message)
 
+        method = scope["method"]
+        path = scope["path"]
+        route = self.static.get((method, path))
+        if route is None and path.startswith("/leases/"):
+            lease_id, _, op = path[8:].partition("/")
+            if lease_id:
+                route = self.lease_ops.get((method, op))
+                if route is not None:
+                    scope["path_params"] = {"lease_id": lease_id}
+        label = "unmatched" if route is None else route[0]
         try:
             refusal = self._refuse(scope)
             if refusal is not None:
                 await refusal(scope, receive, send_status)
-                return
-            await self.app(scope, receive, send_status)
+            elif route is None:
+                await self.app(scope, receive, send_status)
+            else:
+                await self._serve(route[1], scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.api.http.observe(scope["method"], path, status, time.perf_counter() - started)
+            self.api.http.observe(method, label, status, time.perf_counter() - started)
+
+    async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await endpoint(Request(scope, receive, send))
+        except Exception as exc:  # a bug: answer 500, keep serving
+            _log.error("server.error", path=scope["path"], error=repr(exc))
+            response = _error_response(
+                _RouteError(
+                    "internal server error; see the server log", code="internal", status=500
+                )
+            )
+        await response(scope, receive, send)
 
     def _refuse(self, scope: Scope) -> Response | None:
         expected = self.expected
@@ -970,34 +1010,34 @@ def create_app(
     if token is not None and not token:
         raise ValueError("an empty token would let anyone in; pass None for no auth")
     api = _Api(db=db, token=token, synchronous=synchronous, max_body_bytes=max_body_bytes)
-    e = _endpoint
-    routes = [
-        Route("/health", e(api.health), methods=["GET"]),
-        Route("/metrics", e(api.metrics), methods=["GET"]),
-        Route("/statistics", e(api.statistics), methods=["GET"]),
-        Route("/agents", e(api.register_agent), methods=["POST"]),
-        Route("/agents", e(api.list_agents), methods=["GET"]),
-        Route("/leases", e(api.acquire), methods=["POST"]),
-        Route("/leases", e(api.list_leases), methods=["GET"]),
-        Route("/leases/{lease_id}", e(api.release), methods=["DELETE"]),
-        Route("/leases/{lease_id}/heartbeat", e(api.heartbeat), methods=["POST"]),
-        Route("/leases/{lease_id}/wait", e(api.wait_ended), methods=["POST"]),
-        Route("/leases/{lease_id}/revoke", e(api.revoke), methods=["POST"]),
-        Route("/intents", e(api.declare_intents), methods=["POST"]),
-        Route("/sessions/release", e(api.release_session), methods=["POST"]),
-        Route("/evict", e(api.evict), methods=["POST"]),
-        Route("/clocks", e(api.clock_status), methods=["GET"]),
-        Route("/clocks/read", e(api.clock_read), methods=["POST"]),
-        Route("/clocks/write", e(api.clock_write), methods=["POST"]),
-        Route("/sync", e(api.sync), methods=["POST"]),
-        Route("/withdraw", e(api.withdraw), methods=["POST"]),
+    table: list[tuple[str, str, Endpoint]] = [
+        ("GET", "/health", api.health),
+        ("GET", "/metrics", api.metrics),
+        ("GET", "/statistics", api.statistics),
+        ("POST", "/agents", api.register_agent),
+        ("GET", "/agents", api.list_agents),
+        ("POST", "/leases", api.acquire),
+        ("GET", "/leases", api.list_leases),
+        ("DELETE", "/leases/{lease_id}", api.release),
+        ("POST", "/leases/{lease_id}/heartbeat", api.heartbeat),
+        ("POST", "/leases/{lease_id}/wait", api.wait_ended),
+        ("POST", "/leases/{lease_id}/revoke", api.revoke),
+        ("POST", "/intents", api.declare_intents),
+        ("POST", "/sessions/release", api.release_session),
+        ("POST", "/evict", api.evict),
+        ("GET", "/clocks", api.clock_status),
+        ("POST", "/clocks/read", api.clock_read),
+        ("POST", "/clocks/write", api.clock_write),
+        ("POST", "/sync", api.sync),
+        ("POST", "/withdraw", api.withdraw),
     ]
+    table = [(method, path, _endpoint(handler)) for method, path, handler in table]
     app = Starlette(
-        routes=routes,
+        routes=[Route(path, endpoint, methods=[method]) for method, path, endpoint in table],
         lifespan=api.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
-    app.add_middleware(_Guard, api=api)
+    app.add_middleware(_FrontDoor, api=api, table=table)
     app.state.klock = api
     return app
 
@@ -1090,6 +1130,7 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        proxy_headers=False,
     )
 
     def announce(url: str) -> None:

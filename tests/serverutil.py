@@ -108,7 +108,16 @@ def serve_subprocess(
     db: Path | None = None, *, extra: Sequence[str] = (), env: dict[str, str] | None = None
 ) -> Iterator[ChildServer]:
     """Start ``python -m klock_async serve`` on a free port; stop it (SIGKILL) on exit."""
-    command = [sys.executable, "-m", "klock_async", "serve", "--port", "0", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "klock_async",
+        "serve",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+    ]
     if db is not None:
         command += ["--db", str(db)]
     command += list(extra)
