@@ -253,7 +253,8 @@ class WorkspaceFiles:
             existed = await anyio.Path(target.absolute).exists()
             await self._write_text(target, content)
             verb = "overwrote" if existed else "created"
-            return f"{verb} {target.relative} ({len(content)} characters)"
+            size = len(content)
+            return f"{verb} {target.relative} ({size} character{'' if size == 1 else 's'})"
 
         return await self._guard(target, Predicate.MUTATES, write, session)
 
