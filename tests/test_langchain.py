@@ -7,6 +7,7 @@ and ``invoke`` from many concurrent tasks and threads; no language model.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import BaseModel, Field
 
 from klock_async import InvalidRequestError, Klock, Predicate
+from klock_async.compat import KlockClient
 from klock_async.integrations.langchain import (
     KlockConflictError,
     KlockFileToolkit,
@@ -188,7 +190,7 @@ class _AddInput(BaseModel):
     amount: int
 
 
-def _make_async_tool(klock: Klock, agent: str, counter: _Counter, **options: Any) -> BaseTool:
+def _make_async_tool(klock: Any, agent: str, counter: _Counter, **options: Any) -> BaseTool:
     class AddTool(BaseTool):
         name: str = "add"
         description: str = "Add an amount to a shared counter."
@@ -232,7 +234,7 @@ async def test_decorated_async_tools_serialise_concurrent_calls() -> None:
         assert {a.id for a in await klock.agents()} == {f"agent-{n}" for n in range(6)}
 
 
-def _make_sync_tool(klock: Klock, agent: str, path: Path, **options: Any) -> BaseTool:
+def _make_sync_tool(klock: Any, agent: str, path: Path, **options: Any) -> BaseTool:
     class AppendTool(BaseTool):
         name: str = "append_line"
         description: str = "Append a line to a file."
@@ -430,3 +432,37 @@ async def test_an_extractor_that_fails_is_a_clear_error() -> None:
         with pytest.raises(ValueError, match="could not resolve a resource path"):
             await empty("/a")
         assert await klock.leases() == []
+
+
+def test_sync_tools_on_the_blocking_compat_client(tmp_path: Path) -> None:
+    """With klock_async.compat.KlockClient, sync tools in many threads lose no line."""
+    target = tmp_path / "log.txt"
+    target.write_text("", encoding="utf-8")
+    with KlockClient() as client:
+        client.register_agent("agent-0", None)  # registered by hand, as v1 code does
+        tools = [_make_sync_tool(client, f"agent-{n}", target, max_retries=500) for n in range(4)]
+
+        def agent(n: int) -> None:
+            for i in range(5):
+                assert tools[n].invoke({"path": str(target), "line": f"{n}-{i}"}) == "ok"
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(agent, range(4)))
+        lines = target.read_text(encoding="utf-8").splitlines()
+        assert sorted(lines) == sorted(f"{n}-{i}" for n in range(4) for i in range(5))
+        assert client.list_leases() == []
+
+
+async def test_async_tools_on_the_blocking_compat_client() -> None:
+    """An async _arun over the blocking client keeps the lease while it awaits."""
+    counter = _Counter()
+    with KlockClient() as client:
+        tools = [_make_async_tool(client, f"agent-{n}", counter, max_retries=500) for n in range(3)]
+
+        async def agent(tool: BaseTool) -> None:
+            for _ in range(5):
+                await tool.ainvoke({"key": "total", "amount": 1})
+
+        await asyncio.gather(*(agent(tool) for tool in tools))
+        assert counter.value == 15
+        assert client.list_leases() == []

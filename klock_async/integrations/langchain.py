@@ -45,6 +45,7 @@ import functools
 import inspect
 import os
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
@@ -304,6 +305,11 @@ class BlockingKlockClient(Protocol):
         """Release a lease."""
 
 
+def _call_session(session_id: str | None, agent_id: str) -> str:
+    """A session of its own for one call, named after the work it belongs to."""
+    return f"{session_id or agent_id}/{uuid.uuid4().hex[:12]}"
+
+
 def _v1_acquire(
     client: BlockingKlockClient,
     agent_id: str,
@@ -321,9 +327,15 @@ def _v1_acquire(
         refusal: dict[str, Any] | None = None
         refused: Resource | None = None
         for resource in resources:
-            answer = client.acquire_lease(
-                agent_id, session_id, resource.type.value, resource.path, predicate.value, ttl_ms
-            )
+            args = (agent_id, session_id, resource.type.value, resource.path, predicate.value)
+            try:
+                answer = client.acquire_lease(*args, ttl_ms)
+            except UnknownAgentError:
+                register = getattr(client, "register_agent", None)
+                if register is None:
+                    raise
+                register(agent_id, None)  # first use: the next age, as with a Klock
+                answer = client.acquire_lease(*args, ttl_ms)
             if answer.get("success"):
                 held.append(str(answer["lease_id"]))
                 continue
@@ -346,8 +358,8 @@ def _v1_acquire(
                 wait_time_ms=int(wait_ms) if isinstance(wait_ms, int | float) else None,
             )
         delay = policy.backoff(attempt)
-        if reason == "WAIT" and isinstance(wait_ms, int | float) and wait_ms > 0:
-            delay = min(wait_ms / 1000, policy.max_delay)
+        if isinstance(wait_ms, int | float) and wait_ms > 0:
+            delay = min(delay, wait_ms / 1000)
         # The v1 protocol withdraws a WAIT: the caller chooses when to ask again.
         time.sleep(delay)
         attempt += 1
@@ -493,7 +505,7 @@ def klock_protected(
                         _v1_acquire,
                         client,
                         agent_id,
-                        session_id or agent_id,
+                        _call_session(session_id, agent_id),
                         resources,
                         pred,
                         ttl_ms,
@@ -525,7 +537,7 @@ def klock_protected(
                 leases = _v1_acquire(
                     client,
                     agent_id,
-                    session_id or agent_id,
+                    _call_session(session_id, agent_id),
                     resources,
                     pred,
                     ttl_ms,
