@@ -146,7 +146,7 @@ def _tool_error(error: KlockError, agent_id: str, resource: str, tool: str) -> K
     """Translate a kernel error into the exception the model reads."""
     if isinstance(error, CausalViolationError):
         return KlockStaleWriteError(
-            f"{error.message} (tool {tool})",
+            error.message,
             agent_id=agent_id,
             resource_path=error.path,
             reason="STALE",
