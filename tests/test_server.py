@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from serverutil import ThreadServer, serve_in_thread
 
 _names = itertools.count(1)
