@@ -8,6 +8,7 @@ so a typo can never turn a write lock into a read lock.
 from __future__ import annotations
 
 import enum
+import functools
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -158,19 +159,28 @@ class Resource:
             return cls.of(rtype, tail)
         return cls.of(ResourceType.FILE, value)
 
-    def ancestors(self) -> Iterable[Resource]:
-        """Yield the strict ancestors of this resource, nearest first."""
-        path = self.path
-        while True:
-            cut = path.rfind("/")
-            if cut < 0:
-                return
-            if cut == 0:
-                if path != "/":
-                    yield Resource(self.type, "/")
-                return
-            path = path[:cut]
-            yield Resource(self.type, path)
+    def ancestors(self) -> tuple[Resource, ...]:
+        """The strict ancestors of this resource, nearest first."""
+        return _ancestors(self)
+
+
+# The scheduler walks a resource's ancestors on every request, grant and release; building
+# them allocated a Resource per level each time. Recently used resources keep theirs.
+@functools.lru_cache(maxsize=4096)
+def _ancestors(resource: Resource) -> tuple[Resource, ...]:
+    found = []
+    path = resource.path
+    while True:
+        cut = path.rfind("/")
+        if cut < 0:
+            break
+        if cut == 0:
+            if path != "/":
+                found.append(Resource(resource.type, "/"))
+            break
+        path = path[:cut]
+        found.append(Resource(resource.type, path))
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
