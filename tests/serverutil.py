@@ -6,10 +6,14 @@ Two ways, both waiting for readiness without polling:
   loop; ready when the server's ``on_ready`` callback fires (after the socket listens).
 - :func:`serve_subprocess`: ``python -m klock_async serve --port 0 --db PATH`` as a child
   process; ready when it prints its ``listening on URL`` line on stdout.
+
+:func:`remote_kernel` is the "remote" variant of the ``kernel_factory`` fixture: a fresh
+server per kernel, so every scenario starts from an empty state as it does embedded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -17,13 +21,15 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from klock_async import Klock
+from klock_async.remote import RemoteBackend
 from klock_async.server import Server, create_app
 
 READY_TIMEOUT = 30.0
@@ -156,3 +162,19 @@ def serve_subprocess(
         if process.poll() is None:
             process.kill()
         process.wait(READY_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def remote_kernel(**options: Any) -> AsyncIterator[Klock]:
+    """A server of its own (fresh state) on a thread, and a ``Klock`` connected to it.
+
+    ``options`` are ``Klock`` keyword arguments (e.g. ``default_ttl``). Starting and stopping
+    the server run off the event loop, so the test's loop is never blocked.
+    """
+    stack = contextlib.ExitStack()
+    server = await asyncio.to_thread(stack.enter_context, serve_in_thread())
+    try:
+        async with Klock(backend=RemoteBackend(server.url), **options) as klock:
+            yield klock
+    finally:
+        await asyncio.to_thread(stack.close)
