@@ -54,7 +54,7 @@ class Predicate(enum.Enum):
         if isinstance(value, Predicate):
             return value
         if isinstance(value, str):
-            member = cls.__members__.get(value.strip().upper())
+            member = _PREDICATES.get(value) or _PREDICATES.get(value.strip().upper())
             if member is not None:
                 return member
         raise InvalidPredicateError(
@@ -63,6 +63,7 @@ class Predicate(enum.Enum):
 
 
 _WRITING = frozenset({Predicate.PROVIDES, Predicate.MUTATES, Predicate.DELETES, Predicate.RENAMES})
+_PREDICATES = {p.value: p for p in Predicate}  # by name, without building __members__ per call
 
 
 class ResourceType(enum.Enum):
@@ -146,22 +147,30 @@ class Resource:
             return value
         if not isinstance(value, str):
             raise InvalidResourceError(f"a resource is a 'TYPE:path' string, not {value!r}")
-        head, sep, tail = value.partition(":")
-        if sep and head and "/" not in head and "." not in head:
-            try:
-                rtype = ResourceType.parse(head)
-            except InvalidResourceError:
-                raise InvalidResourceError(
-                    f"unknown resource type {head!r} in {value!r}; use one of "
-                    f"{', '.join(ResourceType.__members__)} (write FILE:{value} for a file path "
-                    "that contains a colon)"
-                ) from None
-            return cls.of(rtype, tail)
-        return cls.of(ResourceType.FILE, value)
+        return _parse_resource(value)
 
     def ancestors(self) -> tuple[Resource, ...]:
         """The strict ancestors of this resource, nearest first."""
         return _ancestors(self)
+
+
+# Agents name the same files over and over, and every acquire parses its resources: recent
+# parses are kept (normalising a path was the costliest step of validating a request).
+# Errors are not cached: a bad string raises each time.
+@functools.lru_cache(maxsize=4096)
+def _parse_resource(value: str) -> Resource:
+    head, sep, tail = value.partition(":")
+    if sep and head and "/" not in head and "." not in head:
+        try:
+            rtype = ResourceType.parse(head)
+        except InvalidResourceError:
+            raise InvalidResourceError(
+                f"unknown resource type {head!r} in {value!r}; use one of "
+                f"{', '.join(ResourceType.__members__)} (write FILE:{value} for a file path "
+                "that contains a colon)"
+            ) from None
+        return Resource.of(rtype, tail)
+    return Resource.of(ResourceType.FILE, value)
 
 
 # The scheduler walks a resource's ancestors on every request, grant and release; building
