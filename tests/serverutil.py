@@ -136,7 +136,6 @@ def serve_subprocess(
     )
     handle = ChildServer("", process)
     assert process.stdout is not None and process.stderr is not None
-    threading.Thread(target=_drain, args=(process.stderr, handle.stderr), daemon=True).start()
     lines: queue.Queue[str] = queue.Queue()
 
     def read_stdout() -> None:
@@ -145,7 +144,12 @@ def serve_subprocess(
             lines.put(line)
         lines.put("")
 
-    threading.Thread(target=read_stdout, daemon=True).start()
+    readers = [
+        threading.Thread(target=_drain, args=(process.stderr, handle.stderr), daemon=True),
+        threading.Thread(target=read_stdout, daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
     try:
         while True:
             line = lines.get(timeout=READY_TIMEOUT)
@@ -162,6 +166,10 @@ def serve_subprocess(
         if process.poll() is None:
             process.kill()
         process.wait(READY_TIMEOUT)
+        for reader in readers:  # both end at the pipes' EOF, now that the process is gone
+            reader.join(READY_TIMEOUT)
+        process.stdout.close()
+        process.stderr.close()
 
 
 @contextlib.asynccontextmanager

@@ -1,22 +1,38 @@
-"""Restart recovery of the embedded scheduler from its SQLite journal."""
+"""Restart recovery from the SQLite journal: embedded restarts, and a server killed under load."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import random
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from serverutil import serve_subprocess
 
 from klock_async import (
     CausalViolationError,
+    Intent,
+    IsolationLevel,
+    KernelClosedError,
     Klock,
     LeaseDied,
+    LeaseInfo,
     LeaseNotFoundError,
     LeaseState,
     LeaseWouldWait,
+    Predicate,
+    Resource,
+    TransportError,
+    VectorClock,
+    rules,
 )
 from klock_async.journal import SqliteJournal
+from klock_async.remote import RemoteBackend
 from klock_async.scheduler import Scheduler
 
 
@@ -173,3 +189,137 @@ async def test_clocks_and_conflicts_survive(tmp_path: Path) -> None:
         await klock.read("src/g.py", "a")
         clock = await klock.write("src/g.py", "a")
         assert clock.as_dict() == {"a": 2, "b": 2}
+
+
+# ------------------------------------------------------------------ a crash under load
+
+
+@dataclass
+class _Seen:
+    """What the clients were told before the crash."""
+
+    grants: dict[str, LeaseInfo] = field(default_factory=dict)
+    released: set[str] = field(default_factory=set)
+    releasing: set[str] = field(default_factory=set)  # sent; the answer may have been lost
+    clocks: dict[str, list[VectorClock]] = field(default_factory=dict)
+
+
+async def _load(url: str, agent_id: str, seed: int, seen: _Seen, enough: asyncio.Event) -> None:
+    """One client process' worth of traffic: acquire, sometimes release, sometimes write."""
+    rng = random.Random(seed)
+    backend = RemoteBackend(url, timeout=10)
+    await backend.start()
+    try:
+        for step in itertools.count():
+            resource = Resource.parse(f"/crash/{rng.randrange(24)}.py")
+            predicate = rng.choice((Predicate.MUTATES, Predicate.CONSUMES))
+            ttl = rng.choice((60.0, 60.0, 60.0, 0.2))
+            try:
+                if step % 7 == 6:
+                    path = f"/crash/{rng.randrange(24)}.py"
+                    clock = await backend.clock_write(path, agent_id, strict=False)
+                    seen.clocks.setdefault(f"FILE:{path}", []).append(clock)
+                    continue
+                (lease,) = await backend.acquire(
+                    agent_id,
+                    uuid.uuid4().hex,
+                    (Intent(resource, predicate),),
+                    ttl=ttl,
+                    wait=False,
+                    timeout=None,
+                    isolation=IsolationLevel.READ_COMMITTED,
+                )
+            except (LeaseDied, LeaseWouldWait):
+                continue
+            except (TransportError, KernelClosedError):
+                return  # the server is gone
+            seen.grants[lease.id] = lease
+            if len(seen.grants) >= 150:
+                enough.set()
+            if rng.random() < 0.6:
+                seen.releasing.add(lease.id)
+                try:
+                    await backend.release(lease.id, agent_id)
+                except (TransportError, KernelClosedError):
+                    return
+                seen.released.add(lease.id)
+    finally:
+        await backend.aclose()
+
+
+async def test_sigkill_under_load_loses_no_grant(tmp_path: Path) -> None:
+    """SIGKILL mid-load, restart on the same db: every grant seen is there or expired, no token
+    repeats, no two conflicting leases are active, and the clocks are intact."""
+    db = tmp_path / "klock.db"
+    agents = [f"crash-{i}" for i in range(8)]
+    seen = _Seen()
+    with serve_subprocess(db) as first:
+        setup = RemoteBackend(first.url)
+        await setup.start()
+        for agent_id in agents:
+            await setup.register_agent(agent_id, None)
+        await setup.aclose()
+        enough = asyncio.Event()
+        clients = [
+            asyncio.create_task(_load(first.url, agent_id, seed, seen, enough))
+            for seed, agent_id in enumerate(agents)
+        ]
+        await enough.wait()
+        first.kill()  # SIGKILL while the clients keep sending
+        await asyncio.gather(*clients)
+    assert len(seen.grants) >= 150
+
+    with serve_subprocess(db) as second:
+        backend = RemoteBackend(second.url)
+        await backend.start()
+        try:
+            asked = time.time()
+            active = {lease.id: lease for lease in await backend.leases()}
+            answered = time.time()
+            # Every grant a client saw and did not release is active, unless its time is up.
+            kept = expired = 0
+            for lease_id, granted in seen.grants.items():
+                if lease_id in seen.released:
+                    assert lease_id not in active, "a confirmed release came back"
+                elif lease_id in seen.releasing:
+                    continue  # released or not: the answer died with the server
+                elif granted.expires_at > answered + 0.01:
+                    assert lease_id in active, f"grant {granted} was lost"
+                    assert active[lease_id].token == granted.token
+                    assert active[lease_id].expires_at == granted.expires_at
+                    kept += 1
+                elif granted.expires_at < asked - 0.01:
+                    assert lease_id not in active, f"{granted} should have expired"
+                    expired += 1
+            assert kept > 0 and expired > 0
+            # No token was handed out twice, and new ones continue above all of them.
+            tokens = [lease.token for lease in seen.grants.values()]
+            assert len(tokens) == len(set(tokens))
+            (fresh_lease,) = await backend.acquire(
+                agents[0],
+                "after-restart",
+                (Intent(Resource.parse("/crash/elsewhere"), Predicate.MUTATES),),
+                ttl=60,
+                wait=False,
+                timeout=None,
+                isolation=IsolationLevel.READ_COMMITTED,
+            )
+            assert fresh_lease.token > max(tokens)
+            # No two conflicting leases of different sessions are active.
+            held = list(active.values())
+            for i, a in enumerate(held):
+                for b in held[i + 1 :]:
+                    if (a.agent_id, a.session_id) != (b.agent_id, b.session_id):
+                        assert not rules.intents_conflict(
+                            Intent(a.resource, a.predicate), Intent(b.resource, b.predicate)
+                        ), f"conflicting active leases {a} and {b}"
+            # Clocks: each path's clock descends from every clock a writer was told.
+            status = await backend.clock_status()
+            for path, clocks in seen.clocks.items():
+                assert path in status.tracked_paths
+                recovered = await backend.clock_read(path, agents[0])
+                for clock in clocks:
+                    assert clock <= recovered
+            assert {agent.id for agent in await backend.agents()} == set(agents)
+        finally:
+            await backend.aclose()
