@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import heapq
 import itertools
 import logging
@@ -375,6 +376,7 @@ class Scheduler:
         self._timer_at = float("inf")
         self._task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None  # shutdown after a journal failure
+        self._deciding: _Request | None = None  # last request _decide saw; failed on a crash
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._handlers: dict[type, Callable[[Any], Any]] = {
@@ -488,6 +490,31 @@ class Scheduler:
             wakeup.set_result(None)
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        except Exception as exc:  # a bug, or a log write that failed: fail callers, never hang
+            self._crashed(exc)
+
+    def _crashed(self, exc: Exception) -> None:
+        # The log output itself may be what failed (e.g. a closed pipe).
+        with contextlib.suppress(Exception):
+            _log.error("scheduler.crashed", error=repr(exc))
+        error = KernelClosedError(
+            f"the klock scheduler stopped on an unexpected error ({exc!r}); nothing of its "
+            "last batch was granted. Start a new kernel."
+        )
+        error.__cause__ = exc
+        futures = [fut for fut, _, _ in self._outbox]
+        if self._deciding is not None:  # it may have left the queue without an answer
+            futures.append(self._deciding.reply)
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(error)
+        self._outbox.clear()
+        assert self._loop is not None
+        self._closer = self._loop.create_task(self.aclose())
+
+    async def _serve(self) -> None:
         loop = self._loop
         assert loop is not None
         mailbox = self._mailbox
@@ -511,6 +538,11 @@ class Scheduler:
                     result = handlers[type(msg)](msg)
                 except KlockError as exc:
                     self._outbox.append((msg.reply, None, exc))
+                except Exception:
+                    reply = getattr(msg, "reply", None)
+                    if reply is not None:
+                        self._outbox.append((reply, None, None))  # failed by _crashed
+                    raise
                 else:
                     if result is not _PENDING:
                         self._outbox.append((msg.reply, result, None))
@@ -969,6 +1001,7 @@ class Scheduler:
 
     def _decide(self, request: _Request, *, new: bool, wait: bool = True) -> bool:
         """Apply Wait-Die to one request; return True when it was granted."""
+        self._deciding = request
         verdict = rules.wait_die(request.ts, self._blockers(request))
         decision = verdict.decision
         if decision is rules.Decision.GRANT:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog
 
 from klock_async import (
     CausalViolationError,
     InvalidResourceError,
     IsolationLevel,
+    KernelClosedError,
     Klock,
     UnknownAgentError,
     VectorClock,
@@ -142,6 +144,55 @@ async def test_bad_clock_input_is_refused_and_changes_nothing(
             else:
                 await klock.write(path, agent)
         assert await clock_state(klock) == before
+
+
+async def test_violation_that_cannot_be_logged_fails_callers_instead_of_hanging() -> None:
+    """If the kernel cannot write its log (a closed pipe), callers get KernelClosedError."""
+
+    def broken_pipe(logger: object, name: str, event: dict[str, object]) -> dict[str, object]:
+        if event["event"] == "clock.violation":
+            raise BrokenPipeError(32, "Broken pipe")
+        raise structlog.DropEvent
+
+    saved = structlog.get_config()
+    structlog.configure(processors=[broken_pipe])
+    try:
+        async with Klock() as klock:
+            await klock.register_agent("a1")
+            await klock.register_agent("a2")
+            await klock.write(PATH, "a2")
+            with pytest.raises(KernelClosedError, match="unexpected error") as info:
+                await klock.write(PATH, "a1")
+            assert isinstance(info.value.__cause__, BrokenPipeError)
+            with pytest.raises(KernelClosedError):
+                await klock.statistics()
+    finally:
+        structlog.configure(**saved)
+
+
+async def test_grant_that_cannot_be_logged_fails_the_waiter_instead_of_hanging() -> None:
+    """A queued request whose grant crashes the kernel gets KernelClosedError, as do others."""
+
+    def broken_pipe(logger: object, name: str, event: dict[str, object]) -> dict[str, object]:
+        if event["event"] == "lease.granted" and event.get("agent") == "older":
+            raise BrokenPipeError(32, "Broken pipe")
+        raise structlog.DropEvent
+
+    saved = structlog.get_config()
+    structlog.configure(processors=[broken_pipe])
+    try:
+        async with Klock() as klock:
+            older = await klock.register_agent("older")
+            younger = await klock.register_agent("younger")
+            held = await younger.acquire(PATH, "MUTATES")
+            waiter = asyncio.create_task(older.acquire(PATH, "MUTATES"))
+            assert (await asyncio.create_task(klock.statistics())).requests_waiting == 1
+            with pytest.raises(KernelClosedError, match="unexpected error"):
+                await held.release()
+            with pytest.raises(KernelClosedError, match="unexpected error"):
+                await waiter
+    finally:
+        structlog.configure(**saved)
 
 
 # --- SERIALIZABLE sessions and leases ----------------------------------------------------------
