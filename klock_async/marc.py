@@ -460,8 +460,11 @@ def verdict(results: Sequence[ModeResult]) -> str:
     if serializable is not None:
         parts.append(f"with SERIALIZABLE sessions {serializable.lost} were lost")
         serial = by_mode.get(Mode.GLOBAL_LOCK)
-        if serial is not None and serializable.makespan > 0:
+        if serial is not None and serializable.makespan > 0 and serial.makespan > 0:
+            speedup = serial.makespan / serializable.makespan
             parts.append(
-                f"{serial.makespan / serializable.makespan:.1f}x faster than one global lock"
+                f"{speedup:.1f}x faster than one global lock"
+                if speedup >= 1
+                else f"{1 / speedup:.1f}x slower than one global lock"
             )
     return "; ".join(parts) + "." if parts else "no results."

@@ -212,3 +212,9 @@ def test_edit_is_a_frozen_value() -> None:
     edit = Edit("src/a.py", 0.1, "# m")
     with pytest.raises(AttributeError):
         edit.think = 0.2  # type: ignore[misc]
+
+
+def test_verdict_says_slower_when_the_global_lock_wins() -> None:
+    """When every edit hits one file, the verdict says how much slower mode 3 was."""
+    text = verdict([result(Mode.SERIALIZABLE, 0, 2.0), result(Mode.GLOBAL_LOCK, 0, 1.0)])
+    assert text == "with SERIALIZABLE sessions 0 were lost; 2.0x slower than one global lock."
