@@ -71,6 +71,14 @@ def _info_enabled() -> bool:
     return is_enabled_for is None or bool(is_enabled_for(logging.INFO))
 
 
+# What rules.wait_die answers when nothing blocks (the common case, decided without a call).
+_GRANT: rules.Verdict[Any] = rules.Verdict(rules.Decision.GRANT)
+_ENDED_COUNTER = {
+    LeaseState.RELEASED: "releases",
+    LeaseState.EXPIRED: "expiries",
+    LeaseState.REVOKED: "revocations",
+}
+
 _LEASE_ID_BYTES = 16  # 128 random bits: a lease id is a capability, it must be unguessable
 _LEASE_ID_POOL = _LEASE_ID_BYTES * 256
 
@@ -1002,7 +1010,8 @@ class Scheduler:
     def _decide(self, request: _Request, *, new: bool, wait: bool = True) -> bool:
         """Apply Wait-Die to one request; return True when it was granted."""
         self._deciding = request
-        verdict = rules.wait_die(request.ts, self._blockers(request))
+        blockers = self._blockers(request)
+        verdict = rules.wait_die(request.ts, blockers) if blockers else _GRANT
         decision = verdict.decision
         if decision is rules.Decision.GRANT:
             granted = self._grant(request)
@@ -1163,6 +1172,8 @@ class Scheduler:
         A grant changes the resources it covers, so their queues are re-run in turn until
         nothing changes.
         """
+        if not self._queued:  # nothing waits: the common case after a release
+            return
         dirty = set(resources)
         while dirty and self._queued:
             candidates: dict[int, _Request] = {}
@@ -1246,12 +1257,7 @@ class Scheduler:
             lost[lease.id] = info
             if len(lost) > _LOST_MEMORY:
                 del lost[next(iter(lost))]
-        counter = {
-            LeaseState.RELEASED: "releases",
-            LeaseState.EXPIRED: "expiries",
-            LeaseState.REVOKED: "revocations",
-        }[state]
-        self._counts[counter] += 1
+        self._counts[_ENDED_COUNTER[state]] += 1
         if self._log_leases:
             _log.info(
                 f"lease.{state.value.lower()}",
