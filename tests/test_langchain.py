@@ -7,6 +7,8 @@ and ``invoke`` from many concurrent tasks and threads; no language model.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -466,3 +468,16 @@ async def test_async_tools_on_the_blocking_compat_client() -> None:
         await asyncio.gather(*(agent(tool) for tool in tools))
         assert counter.value == 15
         assert client.list_leases() == []
+
+
+def test_a_missing_langchain_core_is_a_clear_import_error() -> None:
+    """Without langchain-core the module says which extra to install."""
+    code = (
+        "import sys; sys.modules['langchain_core'] = None\n"
+        "import klock_async.integrations.langchain"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode != 0
+    assert "pip install 'klock-async[langchain]'" in result.stderr

@@ -334,3 +334,13 @@ async def test_without_a_url_it_starts_or_finds_the_local_server(
         started = re.search(r"\(pid (\d+)", first_log.read_text(encoding="utf-8"))
         if started:  # the server outlives its clients by design: stop the one this test made
             os.kill(int(started[1]), signal.SIGTERM)
+
+
+def test_a_missing_mcp_sdk_is_a_clear_error() -> None:
+    """Without the mcp SDK, 'klock mcp' says which extra to install."""
+    code = "import sys; sys.modules['mcp'] = None\nfrom klock_async.cli import main\nmain(['mcp'])"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 2
+    assert "pip install 'klock-async[mcp]'" in result.stderr

@@ -75,10 +75,14 @@ from klock_async.model import Predicate, Resource, ResourceType
 
 __all__ = [
     "BlockingKlockClient",
+    "EditFileInput",
     "KlockConflictError",
     "KlockFileToolkit",
     "KlockStaleWriteError",
     "KlockToolError",
+    "ListFilesInput",
+    "ReadFileInput",
+    "WriteFileInput",
     "klock_protected",
 ]
 
@@ -407,9 +411,10 @@ def klock_protected(
         klock_client: a :class:`~klock_async.api.Klock` (embedded or connected), or a blocking
             Klock v1 client such as ``klock_async.compat.KlockClient``.
         agent_id: the agent making the call.
-        session_id: a name for the work, kept for compatibility with Klock. Every call runs in a
-            session of its own, so two concurrent calls of one agent are serialised and a call
-            that dies gives up only its own leases.
+        session_id: a name for the work, kept for compatibility with Klock (a blocking client
+            names its per-call sessions after it). Every call runs in a session of its own, so
+            two concurrent calls of one agent are serialised and a call that dies gives up only
+            its own leases.
         resource_type: FILE, SYMBOL, API_ENDPOINT, DATABASE_TABLE or CONFIG_KEY.
         resource_path_extractor: called with the call's arguments by name (``self`` left out);
             returns the resource path, or several.
