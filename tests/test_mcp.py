@@ -331,9 +331,10 @@ async def test_without_a_url_it_starts_or_finds_the_local_server(
                     stale = await a.call_tool("write_file", {"path": "notes.md", "content": "a\n"})
                     assert stale.is_error and STALE in _text(stale)  # one kernel for both
     finally:
-        started = re.search(r"\(pid (\d+)", first_log.read_text(encoding="utf-8"))
+        started = re.search(r"\(pid (\d+), log (.+)\)", first_log.read_text(encoding="utf-8"))
         if started:  # the server outlives its clients by design: stop the one this test made
             os.kill(int(started[1]), signal.SIGTERM)
+            await anyio.Path(started[2]).unlink(missing_ok=True)
 
 
 def test_a_missing_mcp_sdk_is_a_clear_error() -> None:

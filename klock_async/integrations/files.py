@@ -418,9 +418,7 @@ class WorkspaceFiles:
 def _list_directory(directory: Path, root: Path, recursive: bool, limit: int) -> list[str]:
     """Walk ``directory`` (in a worker thread); paths relative to ``root``, sorted."""
     entries: list[str] = []
-    pending = [directory]
-    with os.scandir(directory):  # raise FileNotFoundError / NotADirectoryError up front
-        pass
+    pending = [directory]  # the first scandir raises FileNotFoundError / NotADirectoryError
     while pending:
         current = pending.pop()
         with os.scandir(current) as scan:
