@@ -236,9 +236,14 @@ def validate_ttl(ttl: float) -> float:
     Raises:
         InvalidTTLError: ``ttl`` is not a positive finite number.
     """
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < float("inf"):
+    if type(ttl) is float and 0 < ttl < _INFINITY:  # the common case, checked per acquire
+        return ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < _INFINITY:
         raise InvalidTTLError(f"ttl must be a positive number of seconds, got {ttl!r}")
     return float(ttl)
+
+
+_INFINITY = float("inf")
 
 
 class LeaseState(enum.Enum):
