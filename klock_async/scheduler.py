@@ -685,7 +685,9 @@ class Scheduler:
         self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`."""
-        result: LeaseInfo = await self._ask(lambda f: _Release(lease_id, agent_id, record_write, f))
+        fut = self._future()  # what _ask does, without its closure and extra coroutine
+        self._post(_Release(lease_id, agent_id, record_write, fut))
+        result: LeaseInfo = await fut
         return result
 
     async def heartbeat(
