@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -22,21 +23,25 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``klock`` command line; return the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="klock", description="klock_async: a coordination kernel for multi-agent AI systems"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Only the chosen subcommand's module is imported: `klock serve` must not load the MCP SDK.
+    chosen = next((a for a in args_list if not a.startswith("-")), None)
     for name, (module_name, extra, help_text) in _COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if name != chosen:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            missing = exc
-            cmd.set_defaults(_missing=(missing, extra))
+            cmd.set_defaults(_missing=(exc, extra))
             continue
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     missing_info = getattr(args, "_missing", None)
     if missing_info is not None:
         error, extra = missing_info
