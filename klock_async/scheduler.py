@@ -813,12 +813,13 @@ class Scheduler:
         request = self._queued.get(msg.request_id)
         if request is not None:
             self._unqueue(request)
-            _log.info(
-                "lease.withdrawn",
-                agent=request.agent_id,
-                session=request.session_id,
-                resources=[str(i.resource) for i in request.intents],
-            )
+            if self._log_leases:
+                _log.info(
+                    "lease.withdrawn",
+                    agent=request.agent_id,
+                    session=request.session_id,
+                    resources=[str(i.resource) for i in request.intents],
+                )
             self._reevaluate([i.resource for i in request.intents])
             return _PENDING
         # Granted, but the caller stopped waiting before it saw the answer: give it back.
@@ -1032,14 +1033,15 @@ class Scheduler:
                 return False
             self._enqueue(request)
             self._counts["waits"] += 1
-            _log.info(
-                "lease.waiting",
-                agent=request.agent_id,
-                session=request.session_id,
-                resources=[str(i.resource) for i in request.intents],
-                predicates=[i.predicate.value for i in request.intents],
-                blocker=blocker.agent_id,
-            )
+            if self._log_leases:
+                _log.info(
+                    "lease.waiting",
+                    agent=request.agent_id,
+                    session=request.session_id,
+                    resources=[str(i.resource) for i in request.intents],
+                    predicates=[i.predicate.value for i in request.intents],
+                    blocker=blocker.agent_id,
+                )
             # A new older waiter: younger conflicting waiters must now die.
             self._reevaluate([i.resource for i in request.intents])
             return False
@@ -1127,15 +1129,16 @@ class Scheduler:
             if isinstance(blocker, _Lease) and self._loop is not None
             else 0.05
         )
-        _log.info(
-            "lease.died",
-            agent=request.agent_id,
-            session=request.session_id,
-            resource=str(intent.resource),
-            predicate=intent.predicate.value,
-            blocker=blocker.agent_id,
-            blocker_lease=blocker_lease,
-        )
+        if self._log_leases:
+            _log.info(
+                "lease.died",
+                agent=request.agent_id,
+                session=request.session_id,
+                resource=str(intent.resource),
+                predicate=intent.predicate.value,
+                blocker=blocker.agent_id,
+                blocker_lease=blocker_lease,
+            )
         self._fail(
             request.reply,
             LeaseDied(
