@@ -874,16 +874,18 @@ class _Api:
         body = await self._body(request)
         path = _text(body, "path")
         agent_id = _text(body, "agent_id")
+        key = str(Resource.parse(path))  # the tracked name: TYPE:normalised/path
         clock = await self.backend.clock_read(path, agent_id)
-        return _ok(_clock_json(path, clock))
+        return _ok(_clock_json(key, clock))
 
     async def clock_write(self, request: Request) -> Response:
         body = await self._body(request)
         path = _text(body, "path")
         agent_id = _text(body, "agent_id")
         strict = _flag(body, "strict", True)
+        key = str(Resource.parse(path))
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
-        return _ok(_clock_json(path, clock))
+        return _ok(_clock_json(key, clock))
 
     async def clock_status(self, request: Request) -> Response:
         status = await self.backend.clock_status()
