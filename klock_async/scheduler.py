@@ -60,14 +60,14 @@ _log = structlog.get_logger("klock_async")
 _READ = Predicate.CONSUMES
 
 
-def _info_enabled() -> bool:
-    """Whether structlog, as configured now, keeps INFO events.
+def _info_enabled(logger: Any) -> bool:
+    """Whether ``logger`` (a bound structlog logger) keeps INFO events.
 
     The actor asks once per batch and skips building the fields of the per-lease events
     (``lease.granted``, ``lease.released``, ...) that a filtering logger would drop: with
     logging at WARNING, building them was a fifth of the cost of an acquire+release.
     """
-    is_enabled_for = getattr(_log.bind(), "is_enabled_for", None)
+    is_enabled_for = getattr(logger, "is_enabled_for", None)
     return is_enabled_for is None or bool(is_enabled_for(logging.INFO))
 
 
@@ -363,6 +363,7 @@ class Scheduler:
         self._id_pool = b""  # random bytes not yet spent on lease ids
         self._id_at = 0
         self._log_leases = True  # _info_enabled(), refreshed at the start of each batch
+        self._logger: Any = None  # the bound logger _log_leases was computed for
         self._counts = dict.fromkeys(
             (
                 "grants",
@@ -534,7 +535,9 @@ class Scheduler:
                 self._wakeup = loop.create_future()
                 await self._wakeup
                 self._wakeup = None
-            self._log_leases = _info_enabled()
+            logger = _log.bind()  # the same object each time once structlog caches it
+            if logger is not self._logger:
+                self._logger, self._log_leases = logger, _info_enabled(logger)
             if self._expiry and self._expiry[0][0] <= loop.time():
                 self._expire_due(loop.time())
             n = len(mailbox)
