@@ -26,11 +26,15 @@ async def _embedded(**options: Any) -> AsyncIterator[Klock]:
 # Each kernel the scenarios in test_scenarios.py run against. To add a variant (e.g. "remote":
 # a real server on a free loopback port and Klock.connect(url)), add its name to the params
 # and a branch below returning an async context manager factory of an entered Klock.
-@pytest.fixture(params=["embedded"])
+@pytest.fixture(params=["embedded", "remote"])
 def kernel_factory(request: pytest.FixtureRequest) -> KernelFactory:
     """A factory of running kernels: ``async with kernel_factory() as klock: ...``."""
     if request.param == "embedded":
         return _embedded
+    if request.param == "remote":  # a real uvicorn on a free loopback port, Klock.connect
+        from serverutil import remote_kernel
+
+        return remote_kernel
     raise AssertionError(f"unknown kernel variant {request.param!r}")  # pragma: no cover
 
 
@@ -41,10 +45,15 @@ def settle() -> Callable[[Klock], Awaitable[Statistics]]:
     Tasks run in the order they were scheduled, so a task created after them posts its query
     after their requests, and the actor answers messages in order: when the statistics come
     back, every request those tasks sent has been decided (granted, queued or refused). No
-    sleeping. A transport that does not keep that order must provide its own variant here.
+    sleeping. A backend whose transport does not keep that order (HTTP) offers ``barrier()``,
+    which waits until the scheduler has decided every request it sent, then answers the same.
     """
 
     async def settle(klock: Klock) -> Statistics:
-        return await asyncio.create_task(klock.statistics())
+        barrier = getattr(klock.backend, "barrier", None)
+        if barrier is None:
+            return await asyncio.create_task(klock.statistics())
+        result: Statistics = await asyncio.create_task(barrier())
+        return result
 
     return settle
