@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from klock_async import Klock
 from klock_async.remote import RemoteBackend
-from klock_async.server import Server, create_app
+from klock_async.server import Server, create_app, server_config
 
 READY_TIMEOUT = 30.0
 """Seconds a server may take to start before the test fails (a bound, not a wait)."""
@@ -56,9 +54,7 @@ class ThreadServer:
 def serve_in_thread(**app_options: Any) -> Iterator[ThreadServer]:
     """Run ``create_app(**app_options)`` under uvicorn on 127.0.0.1, port chosen by the OS."""
     app = create_app(**app_options)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False
-    )
+    config = server_config(app, port=0)
     ready: queue.Queue[str] = queue.Queue()
     server = Server(config, on_ready=ready.put)
     errors: list[BaseException] = []
