@@ -941,21 +941,27 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def _endpoint(
-    handler: Callable[[Request], Awaitable[Response]],
+    handler: Callable[[Request], Awaitable[Response]], arrivals: _Arrivals
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(request)
         except KlockError as error:
-            return _error_response(error)
+            response = _error_response(error)
         except _ClientGone:
-            return _error_response(
+            response = _error_response(
                 _RouteError(
                     "the request was withdrawn (its client left or withdrew it)",
                     code="withdrawn",
                     status=499,
                 )
             )
+        # A request refused before it reached the scheduler (bad input, say) is done with
+        # too: a barrier that lists it must not wait for it.
+        request_id = request.headers.get(_Api.REQUEST_ID_HEADER)
+        if request_id is not None:
+            arrivals.arrived(request_id)
+        return response
 
     endpoint.__name__ = handler.__name__
     endpoint.__doc__ = handler.__doc__
@@ -1034,7 +1040,7 @@ def create_app(
         ("POST", "/sync", api.sync),
         ("POST", "/withdraw", api.withdraw),
     ]
-    table = [(method, path, _endpoint(handler)) for method, path, handler in table]
+    table = [(method, path, _endpoint(handler, api.arrivals)) for method, path, handler in table]
     app = Starlette(
         routes=[Route(path, endpoint, methods=[method]) for method, path, endpoint in table],
         lifespan=api.lifespan,

@@ -727,3 +727,15 @@ def test_response_is_the_v1_envelope_for_every_error_field(http: httpx.Client) -
     body = http.get("/nowhere").json()
     assert set(body) == {"success", "data", "error", "code", "details"}
     assert json.dumps(body)
+
+
+def test_sync_does_not_wait_for_a_refused_request(http: httpx.Client) -> None:
+    """A tagged long-poll refused before reaching the scheduler counts as arrived for /sync."""
+    rid = fresh("request")
+    body = lease_body(register(http), "/sync/refused", wait=True, isolation="NONSENSE")
+    refused(
+        http.post("/leases", json=body, headers={"x-klock-request-id": rid}), 400, "invalid_field"
+    )
+    assert "requests_waiting" in ok(
+        http.post("/sync", json={"requests": [rid], "timeout_ms": 5000})
+    )
