@@ -97,6 +97,7 @@ class _Http1:
         self._connect_timeout = connect_timeout
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._open: set[asyncio.StreamWriter] = set()
+        self._closed = False
 
     async def send(
         self,
@@ -145,6 +146,8 @@ class _Http1:
             return status, content
 
     async def _checkout(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        if self._closed:
+            raise ConnectionAbortedError("the client was closed")
         while self._idle:
             reader, writer = self._idle.pop()
             if reader.at_eof() or writer.is_closing():
@@ -167,6 +170,7 @@ class _Http1:
         writer.close()
 
     async def aclose(self) -> None:
+        self._closed = True
         self._idle.clear()
         writers, self._open = self._open, set()
         for writer in writers:

@@ -193,10 +193,13 @@ async def test_closing_fails_pending_calls(server: ThreadServer) -> None:
         await klock.__aenter__()
         old = await klock.register_agent(fresh(), priority=-1_000 - next(_names))
         waiting = asyncio.create_task(old.acquire("/close/a", "MUTATES"))
+        watching = asyncio.create_task(klock.backend.wait_ended(lease.id, None))
         await asyncio.create_task(klock.backend.barrier())  # type: ignore[attr-defined]
         await klock.aclose()
         with pytest.raises(KernelClosedError):
             await waiting
+        with pytest.raises(KernelClosedError):
+            await watching
         with pytest.raises(KernelClosedError):
             await klock.statistics()
         await lease.release()
