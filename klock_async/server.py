@@ -256,6 +256,11 @@ def _optional_text(body: Mapping[str, Any], name: str) -> str | None:
     return _text(body, name)
 
 
+def _name(body: Mapping[str, Any], name: str) -> str:
+    """A required string the scheduler validates itself (so errors match the embedded kernel)."""
+    return _field(body, name, str, "a string")
+
+
 def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
     value = _optional(body, name, bool, "true or false")
     return default if value is None else value
@@ -757,7 +762,7 @@ class _Api:
 
     async def acquire(self, request: Request) -> Response:
         body = await self._body(request)
-        agent_id = _text(body, "agent_id")
+        agent_id = _name(body, "agent_id")
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         intent = _intent(body, "the request")
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
@@ -765,7 +770,7 @@ class _Api:
 
     async def declare_intents(self, request: Request) -> Response:
         body = await self._body(request)
-        agent_id = _text(body, "agent_id")
+        agent_id = _name(body, "agent_id")
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         items = _field(body, "intents", list, "a non-empty list of intents")
         if not items:
@@ -857,8 +862,8 @@ class _Api:
 
     async def release_session(self, request: Request) -> Response:
         body = await self._body(request)
-        agent_id = _text(body, "agent_id")
-        session_id = _text(body, "session_id")
+        agent_id = _name(body, "agent_id")
+        session_id = _name(body, "session_id")
         count = await self.backend.release_session(agent_id, session_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
 
@@ -873,20 +878,19 @@ class _Api:
 
     async def clock_read(self, request: Request) -> Response:
         body = await self._body(request)
-        path = _text(body, "path")
-        agent_id = _text(body, "agent_id")
-        key = str(Resource.parse(path))  # the tracked name: TYPE:normalised/path
+        path = _name(body, "path")
+        agent_id = _name(body, "agent_id")
         clock = await self.backend.clock_read(path, agent_id)
-        return _ok(_clock_json(key, clock))
+        # Answer the tracked name (TYPE:normalised/path); the scheduler accepted the path.
+        return _ok(_clock_json(str(Resource.parse(path)), clock))
 
     async def clock_write(self, request: Request) -> Response:
         body = await self._body(request)
-        path = _text(body, "path")
-        agent_id = _text(body, "agent_id")
+        path = _name(body, "path")
+        agent_id = _name(body, "agent_id")
         strict = _flag(body, "strict", True)
-        key = str(Resource.parse(path))
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
-        return _ok(_clock_json(key, clock))
+        return _ok(_clock_json(str(Resource.parse(path)), clock))
 
     async def clock_status(self, request: Request) -> Response:
         status = await self.backend.clock_status()
