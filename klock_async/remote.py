@@ -60,7 +60,7 @@ def _lease(data: Mapping[str, Any]) -> LeaseInfo:
         predicate=Predicate(data["predicate"]),
         token=data["token"],
         ttl=data["ttl"] / 1000.0,
-        expires_at=data["expires_at"] / 1000.0,
+        expires_at=data.get("expires_at_s") or data["expires_at"] / 1000.0,
         state=LeaseState(data["state"]),
     )
 
@@ -296,6 +296,7 @@ class RemoteBackend:
         self._timeout = float(timeout)
         self._transport = transport
         self._wire: _Http1 | _Httpx | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in, once started
         self._closed = False
         self._prefix = secrets.token_hex(6) + "-"
         self._ids = itertools.count(1)
@@ -318,6 +319,7 @@ class RemoteBackend:
             return
         if self._closed:
             raise KernelClosedError("this remote backend was closed; create a new one")
+        self._loop = asyncio.get_running_loop()
         if self._transport is not None:
             self._wire = _Httpx(self.url, self._token, self._transport)
         else:

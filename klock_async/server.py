@@ -149,7 +149,11 @@ def _ms(seconds: float) -> int | float:
 
 
 def lease_json(info: LeaseInfo) -> dict[str, Any]:
-    """The JSON form of a lease (``ttl`` and ``expires_at`` in milliseconds, v1 style)."""
+    """The JSON form of a lease.
+
+    ``ttl`` and ``expires_at`` are in milliseconds, v1 style (``expires_at`` an integer);
+    ``expires_at_s`` is the same instant in seconds at full precision.
+    """
     return {
         "lease_id": info.id,
         "id": info.id,
@@ -162,6 +166,7 @@ def lease_json(info: LeaseInfo) -> dict[str, Any]:
         "token": info.token,
         "ttl": _ms(info.ttl),
         "expires_at": round(info.expires_at * 1000.0),
+        "expires_at_s": info.expires_at,
         "state": info.state.value,
     }
 
