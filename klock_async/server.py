@@ -928,7 +928,7 @@ class _Api:
             raise InvalidFieldError("field 'requests' must list request id strings")
         timeout = _timeout(body)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(30.0 if timeout is None else timeout):
                 await self.arrivals.wait(ids)
         except TimeoutError:
             raise InvalidFieldError(
