@@ -1211,6 +1211,21 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             hint="anyone who reaches this address can take and release leases; set --token",
         )
+    if args.db is not None:
+        # Fail fast, with one line instead of a traceback, on a journal that cannot be used.
+        import sqlite3
+        import sys
+
+        from klock_async.journal import SqliteJournal
+
+        probe = SqliteJournal(args.db, synchronous=args.sync.upper())
+        try:
+            probe.load()
+        except (OSError, sqlite3.Error) as exc:
+            print(f"klock serve: cannot use --db {args.db}: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            probe.close()
     app = create_app(
         db=args.db, token=token, synchronous=args.sync.upper(), max_body_bytes=args.max_body
     )

@@ -739,3 +739,22 @@ def test_sync_does_not_wait_for_a_refused_request(http: httpx.Client) -> None:
     assert "requests_waiting" in ok(
         http.post("/sync", json={"requests": [rid], "timeout_ms": 5000})
     )
+
+
+def test_serve_refuses_an_unusable_journal(tmp_path: Path) -> None:
+    """``klock serve --db`` on a file that is not a journal exits 2 with a one-line reason."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "not-a-db"
+    bad.write_bytes(b"this is not a database" * 100)
+    result = subprocess.run(
+        [sys.executable, "-m", "klock_async", "serve", "--port", "0", "--db", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "cannot use --db" in result.stderr and "not a database" in result.stderr
+    assert "Traceback" not in result.stderr
