@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -758,3 +759,17 @@ def test_serve_refuses_an_unusable_journal(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot use --db" in result.stderr and "not a database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_takes_the_token_from_the_environment() -> None:
+    """``klock serve`` without --token uses KLOCK_TOKEN from its environment."""
+    from serverutil import serve_subprocess
+
+    with (
+        serve_subprocess(env={"KLOCK_TOKEN": "from-env"}) as child,
+        httpx.Client(base_url=child.url) as http,
+    ):
+        refused(http.get("/leases"), 401, "unauthorized")
+        assert ok(http.get("/leases", headers={"Authorization": "Bearer from-env"})) == []
+        # Graceful shutdown, then uvicorn re-raises SIGTERM so the exit says why it stopped.
+        assert child.terminate() in (0, -signal.SIGTERM)
