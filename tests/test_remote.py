@@ -264,3 +264,25 @@ async def test_through_an_httpx_transport() -> None:
             assert stats.requests_waiting == 1
             await lease.release()
             assert (await waiting).agent_id == "old"
+
+
+async def test_idle_connection_closed_by_the_server_is_replaced(server: ThreadServer) -> None:
+    """A keep-alive connection the server closed while idle is not reused: the call succeeds."""
+    backend = RemoteBackend(server.url)
+    await backend.start()
+    try:
+        await backend.statistics()  # leaves one idle keep-alive connection
+        loop = server.app.state.klock._closing.get_loop()
+
+        async def close_all() -> int:
+            connections = list(server.server.server_state.connections)
+            for connection in connections:
+                connection.transport.close()
+            return len(connections)
+
+        closed = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close_all(), loop))
+        assert closed >= 1
+        stats = await backend.statistics()
+        assert stats.agents >= 0
+    finally:
+        await backend.aclose()
