@@ -725,9 +725,9 @@ class _Api:
                 await self._give_back(work.result())  # granted just as the client left
             return work.result()
         work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, KlockError):
-            result = await work
-            await self._give_back(result)  # granted while being withdrawn
+        await asyncio.wait((work,))  # the scheduler has the withdrawal once the call ended
+        if not work.cancelled() and work.exception() is None:
+            await self._give_back(work.result())  # granted while being withdrawn
         if closing.done():
             raise KernelClosedError("the server shut down while the request was waiting")
         raise _ClientGone()
@@ -911,8 +911,7 @@ class _Api:
             # Cancelling the call makes the scheduler withdraw it (and give back a grant it
             # made in the same instant); once awaited, that withdrawal is in its mailbox.
             work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, KlockError):
-                await work
+            await asyncio.wait((work,))
             return _ok({"request_id": request_id, "withdrawn": work.cancelled()})
         if request_id in self.arrivals:
             return _ok({"request_id": request_id, "withdrawn": False})  # answered already
