@@ -49,6 +49,7 @@ from klock_async.model import (
 __all__ = ["RemoteBackend"]
 
 _REQUEST_ID = "x-klock-request-id"
+_ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
 
 
 # Enum members by value: a dict lookup costs a fraction of calling the enum class.
@@ -463,11 +464,15 @@ class RemoteBackend:
             raise
 
     async def _abandon(self, rid: str, inner: asyncio.Task[Any]) -> None:
-        """The caller gave up: withdraw the request and give back a grant that crossed it."""
-        with contextlib.suppress(KlockError):
-            await self._call("POST", "/withdraw", {"request_id": rid})
+        """The caller gave up: withdraw the request and give back a grant that crossed it.
+
+        Bounded, so a cancel never hangs on a stuck server: past the bound the connection is
+        dropped, which makes the server withdraw the request on its own.
+        """
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(min(self._timeout, _ABANDON_SECONDS)):
+                with contextlib.suppress(KlockError):
+                    await self._call("POST", "/withdraw", {"request_id": rid})
                 result = await inner
         except (KlockError, TimeoutError, asyncio.CancelledError):
             inner.cancel()
