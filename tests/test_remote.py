@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from klock_async import (
     KernelClosedError,
     Klock,
     LeaseDied,
+    LeaseLostError,
     LeaseNotFoundError,
     LeaseState,
     LeaseWouldWait,
@@ -286,3 +288,67 @@ async def test_idle_connection_closed_by_the_server_is_replaced(server: ThreadSe
         assert stats.agents >= 0
     finally:
         await backend.aclose()
+
+
+# ------------------------------------------------------------------ the facade on both kernels
+# The same facade scenarios embedded and through a real server (the kernel_factory fixture).
+
+
+async def test_lease_block_heartbeats_past_its_ttl(kernel_factory: Any) -> None:
+    """A lease block keeps a short-ttl lease alive while inside, then releases it."""
+    async with kernel_factory() as klock:
+        agent = await klock.register_agent("keeper")
+        async with agent.lease("/hb/a", "MUTATES", ttl=0.3) as lease:
+            # Three ttls pass inside the block: the keeper's heartbeats hold the lease.
+            assert await klock.backend.wait_ended(lease.id, 0.9) is None
+            assert lease.state is LeaseState.ACTIVE
+        assert lease.state is LeaseState.RELEASED
+        assert await klock.leases() == []
+
+
+async def test_protected_call_retries_after_dying(kernel_factory: Any, settle: Any) -> None:
+    """A protected tool of a younger agent dies, waits for the blocker, retries and runs."""
+    async with kernel_factory() as klock:
+        old = await klock.register_agent("old")
+        await klock.register_agent("young")
+        calls: list[str] = []
+
+        @klock.protected(agent="young", resource="/tool/file", predicate="MUTATES")
+        async def edit() -> str:
+            calls.append("edit")
+            return "done"
+
+        held = await old.acquire("/tool/file", "MUTATES")
+        running = asyncio.create_task(edit())
+        stats = await settle(klock)
+        assert stats.deaths >= 1 and not running.done()
+        await held.release()
+        assert await running == "done"
+        assert calls == ["edit"]
+
+
+async def test_serializable_session_refuses_a_stale_write(kernel_factory: Any) -> None:
+    """In a SERIALIZABLE session a write lease on a version never read is refused at grant."""
+    async with kernel_factory() as klock:
+        writer = await klock.register_agent("writer")
+        late = await klock.register_agent("late")
+        await writer.write("/ser/f")
+        async with late.session(isolation="SERIALIZABLE") as session:
+            with pytest.raises(CausalViolationError):
+                await session.acquire("/ser/f", "MUTATES")
+            assert await klock.leases() == []
+            await session.acquire("/ser/f", "CONSUMES")  # a read merges the clock
+            lease = await session.acquire("/ser/f", "MUTATES")  # reentrant, now fresh
+            await lease.release()
+        assert await klock.conflict_count() == 0
+
+
+async def test_evicted_holder_learns_it_lost_the_lease(kernel_factory: Any) -> None:
+    """Evicting an agent revokes its leases; its lease block raises LeaseLostError."""
+    async with kernel_factory() as klock:
+        agent = await klock.register_agent("crashed")
+        with pytest.raises(LeaseLostError):
+            async with agent.lease("/evict/a", "MUTATES", ttl=30) as lease:
+                assert await klock.evict("crashed") == 1
+                assert await lease.wait_lost() is LeaseState.REVOKED
+        assert await klock.leases() == []
