@@ -3,7 +3,8 @@
 Prints one table, every figure from this one run on this machine:
 
 (a) the floor: a bare asyncio round trip (a task puts ``(msg, future)`` on an
-    ``asyncio.Queue``; a server task gets it and sets the future's result);
+    ``asyncio.Queue``; a server task gets it and sets the future's result), and, for
+    reference, one message through the Scheduler actor that does no work;
 (b) one uncontended acquire+release pair through the public facade
     (``agent.acquire(...)`` then ``lease.release()``), and the same pair sent straight to the
     ``Scheduler`` backend, which shows what the facade itself costs;
@@ -116,6 +117,22 @@ async def floor_round_trip(n: int) -> float:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def scheduler_round_trip(n: int) -> float:
+    """One message through the Scheduler actor that does no work (``agents()``, none known).
+
+    This is the actor's own floor: a pair is two such round trips plus the kernel's work.
+    """
+    scheduler = Scheduler()
+    await scheduler.start()
+    try:
+        start = _clock()
+        for _ in range(n):
+            await scheduler.agents()
+        return (_clock() - start) / n
+    finally:
+        await scheduler.aclose()
 
 
 async def facade_pair(klock: Klock, n: int, *, agent_id: str = "solo") -> float:
@@ -245,7 +262,7 @@ async def run(sizes: Sizes) -> list[Row]:
     few, many = HeldKernel(sizes.few_held), HeldKernel(sizes.many_held)
     await few.start()
     await many.start()
-    keys = ("floor", "facade", "scheduler", "throughput", "handoff", "few", "many")
+    keys = ("floor", "actor", "facade", "scheduler", "throughput", "handoff", "few", "many")
     samples: dict[str, list[float]] = {key: [] for key in keys}
     try:
         # One untimed pass warms caches, code paths and allocators.
@@ -256,6 +273,7 @@ async def run(sizes: Sizes) -> list[Row]:
             probe = f"probe-{rep}"
             for key, measurement in (
                 ("floor", floor_round_trip(sizes.round_trips)),
+                ("actor", scheduler_round_trip(sizes.round_trips)),
                 ("facade", _facade_in_new_kernel(sizes.pairs)),
                 ("scheduler", scheduler_pair(sizes.pairs)),
                 ("throughput", throughput(sizes.agents, sizes.pairs_per_agent)),
@@ -280,6 +298,13 @@ async def run(sizes: Sizes) -> list[Row]:
     growth = _median([m / f for m, f in zip(samples["many"], samples["few"], strict=True)])
     return [
         Row("(a) floor: asyncio queue + future round trip", _median(floors), 1.0, "", None),
+        Row(
+            "    Scheduler round trip doing no work",
+            _median(samples["actor"]),
+            to_floor("actor"),
+            "(the actor's own floor; a pair is 2)",
+            None,
+        ),
         Row(
             "(b) acquire+release, facade",
             _median(samples["facade"]),

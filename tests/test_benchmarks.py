@@ -18,6 +18,7 @@ SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
 ROWS = {
     "kernel.py": (
         "(a) floor: asyncio queue + future round trip",
+        "Scheduler round trip doing no work",
         "(b) acquire+release, facade",
         "acquire+release, Scheduler direct",
         "(c) throughput, 100 agents, distinct files",
