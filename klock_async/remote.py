@@ -233,11 +233,12 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
 class _Httpx:
     """Requests through an httpx transport (for ``RemoteBackend(transport=...)``)."""
 
-    def __init__(self, url: str, token: str | None, transport: Any) -> None:
+    def __init__(self, url: str, token: str | None, transport: Any, timeout: float) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._httpx = httpx
+        self._timeout = timeout
         self._client = httpx.AsyncClient(base_url=url, headers=headers, transport=transport)
 
     async def send(
@@ -256,7 +257,7 @@ class _Httpx:
             target,
             content=body,
             headers=headers,
-            timeout=self._httpx.Timeout(30.0, read=read_timeout),
+            timeout=self._httpx.Timeout(self._timeout, read=read_timeout),
         )
         return response.status_code, response.content
 
@@ -328,7 +329,7 @@ class RemoteBackend:
             raise KernelClosedError("this remote backend was closed; create a new one")
         self._loop = asyncio.get_running_loop()
         if self._transport is not None:
-            self._wire = _Httpx(self.url, self._token, self._transport)
+            self._wire = _Httpx(self.url, self._token, self._transport, self._timeout)
         else:
             self._wire = _Http1(self.url, self._token, self._timeout)
         try:
