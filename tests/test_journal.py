@@ -220,3 +220,34 @@ async def test_journal_failure_stops_the_kernel(tmp_path: Path) -> None:
             blocker.execute("ROLLBACK")
             blocker.close()
     assert _rows(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        pytest.param("FILE:/src/a:b.py", id="file-with-colon"),
+        pytest.param("SYMBOL:pkg.mod:Class.method", id="symbol-with-colons"),
+        pytest.param("CONFIG_KEY:db.pool.size", id="config-key"),
+        pytest.param("API_ENDPOINT:/v1/users/{id}", id="endpoint"),
+        pytest.param("DATABASE_TABLE:public.users", id="table"),
+    ],
+)
+async def test_resources_round_trip(tmp_path: Path, resource: str) -> None:
+    """Every resource type and odd path comes back from the journal as the same resource."""
+    path = tmp_path / "k.db"
+    lease = LeaseInfo(
+        id="x",
+        agent_id="a",
+        session_id="s",
+        resource=Resource.parse(resource),
+        predicate=Predicate.DEPENDS_ON,
+        token=1,
+        ttl=0.5,
+        expires_at=123.25,
+    )
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_lease(lease)
+    await journal.commit()
+    journal.close()
+    assert SqliteJournal(path).load().leases == [lease]
