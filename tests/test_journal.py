@@ -12,7 +12,7 @@ from klock_async import KernelClosedError, Klock
 from klock_async.clocks import VectorClock
 from klock_async.journal import SqliteJournal
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
-from klock_async.scheduler import Scheduler
+from klock_async.scheduler import RecoveredState, Scheduler
 
 
 def _lease(lease_id: str, token: int, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
@@ -27,6 +27,14 @@ def _lease(lease_id: str, token: int, state: LeaseState = LeaseState.ACTIVE) -> 
         expires_at=1_000_000.0 + token,
         state=state,
     )
+
+
+def _load(path: Path) -> RecoveredState:
+    journal = SqliteJournal(path)
+    try:
+        return journal.load()
+    finally:
+        journal.close()
 
 
 def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -87,7 +95,7 @@ async def test_ended_leases_are_trimmed(tmp_path: Path) -> None:
     await journal.commit()
     journal.close()
     assert _rows(path, "SELECT id FROM leases") == [("kept",)]
-    state = SqliteJournal(path).load()
+    state = _load(path)
     assert [lease.id for lease in state.leases] == ["kept"]
     assert state.last_token == 4
 
@@ -102,7 +110,7 @@ async def test_counters_never_go_backwards(tmp_path: Path) -> None:
     journal.record_counters(3, 2)
     await journal.commit()
     journal.close()
-    state = SqliteJournal(path).load()
+    state = _load(path)
     assert (state.last_token, state.last_agent_ts) == (10, 5)
 
 
@@ -250,4 +258,4 @@ async def test_resources_round_trip(tmp_path: Path, resource: str) -> None:
     journal.record_lease(lease)
     await journal.commit()
     journal.close()
-    assert SqliteJournal(path).load().leases == [lease]
+    assert _load(path).leases == [lease]
