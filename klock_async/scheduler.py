@@ -1064,8 +1064,6 @@ class Scheduler:
                         self._counts["causal_violations"] += 1
                         self._fail(request.reply, self._violation(stale))
                         return False
-        if request.id in self._queued:
-            self._unqueue(request)
         assert self._loop is not None
         agent = self._agents[request.agent_id]
         now_wall, now = self._wall(), self._loop.time()
@@ -1103,6 +1101,9 @@ class Scheduler:
                     token=lease.token,
                     lease=lease.id,
                 )
+        if request.id in self._queued:
+            # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
+            self._unqueue(request)
         self._counts["grants"] += 1
         if self._journal is not None:
             self._journal.record_counters(self._last_token, self._last_agent_ts)
