@@ -83,7 +83,11 @@ class _LoopThread:
                 "a blocking klock client was called from its own event loop thread; "
                 "use the async API (klock_async.Klock) inside coroutines"
             )
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop was closed by close()
+            coro.close()
+            raise KernelClosedError("this klock client was closed") from None
         return future.result()
 
     def stop(self) -> None:
@@ -255,7 +259,11 @@ class _BlockingClient:
         return uuid.uuid4().hex
 
     def close(self) -> None:
-        """Stop the client's loop thread (the embedded kernel shuts down). Idempotent."""
+        """Stop the client's loop thread (the embedded kernel shuts down). Idempotent.
+
+        Call it once no other thread uses the client any more; later calls raise
+        :class:`KernelClosedError`.
+        """
         if self._closed:
             return
         self._closed = True
