@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
+import anyio
 import structlog
 
 from klock_async.backend import Backend
@@ -314,21 +315,31 @@ class LeaseBlock:
     ) -> None:
         for keeper in self._keepers:
             keeper.cancel()
-        for keeper in self._keepers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+        # Shielded: a caller leaving a cancelled anyio scope (move_on_after, fail_after, a task
+        # group) would otherwise be cancelled again at every await below and keep the rest of
+        # its leases until they expire.
+        with anyio.CancelScope(shield=True):
+            lost = await self._release(clean=exc is None)
+        if lost is not None and exc is None:
+            raise lost
+
+    async def _release(self, *, clean: bool) -> LeaseLostError | None:
+        if self._keepers:
+            await asyncio.wait(self._keepers)
+            for keeper in self._keepers:
+                if not keeper.cancelled():
+                    keeper.exception()  # retrieved: a failing transport shows in release()
         lost: LeaseLostError | None = None
         for lease in self._leases:
             if lease.state is not LeaseState.ACTIVE and not lease.lost:
                 continue
             try:
                 await lease.release(
-                    record_write=exc is None and lease._isolation.requires_vector_clocks
+                    record_write=clean and lease._isolation.requires_vector_clocks
                 )
             except LeaseLostError as error:
                 lost = lost or error
-        if lost is not None and exc is None:
-            raise lost
+        return lost
 
 
 class _Acquirer:
@@ -529,7 +540,10 @@ class Session(_Acquirer):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.shield(self.release_all())
+        # Both shields: an anyio scope that is cancelled would cancel every await here, and a
+        # plain task cancellation must not stop the release half-way.
+        with anyio.CancelScope(shield=True):
+            await asyncio.shield(self.release_all())
 
 
 class Klock:

@@ -178,6 +178,53 @@ async def test_lease_block_validates_early() -> None:
             agent.lease("", "MUTATES")
 
 
+async def test_lease_block_cancelled_by_an_anyio_scope_gives_everything_back() -> None:
+    """Leaving a cancelled anyio scope releases every lease of the block at once."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        with anyio.move_on_after(0.05) as scope:
+            async with agent.lease_many([("/x", "MUTATES"), ("/y", "MUTATES")]):
+                await anyio.sleep(5)  # simulated work, cut short by the scope
+        assert scope.cancelled_caught
+        assert await klock.leases() == []
+        with anyio.move_on_after(0.05):
+            async with agent.session() as session:
+                await session.acquire("/z", "MUTATES")
+                await anyio.sleep(5)
+        assert await klock.leases() == []
+        check(klock)
+
+
+async def test_lease_block_cancelled_by_asyncio_timeout() -> None:
+    """asyncio.timeout around a block raises TimeoutError and leaves nothing held."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05), agent.lease("/w", "MUTATES"):
+                await asyncio.sleep(5)
+        assert await klock.leases() == []
+
+
+async def test_cancelled_task_inside_a_block_releases() -> None:
+    """Cancelling a task that holds a lease block releases its leases; nothing is left."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        entered = asyncio.Event()
+
+        async def work() -> None:
+            async with agent.lease_many([("/p", "MUTATES"), ("/q", "CONSUMES")]):
+                entered.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(work())
+        await entered.wait()
+        assert len(await klock.leases()) == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await klock.leases() == []
+
+
 # --- sessions -------------------------------------------------------------------------------
 
 
