@@ -20,7 +20,7 @@ WARNING, so the kernel's ``lease.*`` events are dropped cheaply, as in a product
 
 Run from the repository root::
 
-    python benchmarks/kernel.py            # full run, about a minute
+    python benchmarks/kernel.py            # full run, about half a minute
     python benchmarks/kernel.py --quick    # a few seconds, small sizes (smoke test)
 """
 
