@@ -100,9 +100,9 @@ async def test_lease_block_heartbeats_by_itself() -> None:
     """A lease block outlives its ttl while the body works: the keeper heartbeats it."""
     async with Klock() as klock:
         agent = await klock.register_agent("coder")
-        async with agent.lease("/f", "MUTATES", ttl=0.3) as lease:
+        async with agent.lease("/f", "MUTATES", ttl=0.6) as lease:
             first_expiry = lease.expires_at
-            await anyio.sleep(0.9)  # simulated work, three times the ttl
+            await anyio.sleep(1.5)  # simulated work, 2.5 times the ttl
             assert lease.state is LeaseState.ACTIVE
             assert [i.id for i in await klock.leases()] == [lease.id]
         assert lease.state is LeaseState.RELEASED

@@ -104,8 +104,8 @@ async def test_heartbeat(kernel_factory: KernelFactory) -> None:
     """A lease block keeps its lease past the ttl; an explicit heartbeat pushes the expiry."""
     async with kernel_factory() as klock:
         agent = await klock.register_agent("coder")
-        async with agent.lease("/f", "MUTATES", ttl=0.5) as lease:
-            await anyio.sleep(1.2)  # simulated work, longer than the ttl
+        async with agent.lease("/f", "MUTATES", ttl=0.9) as lease:
+            await anyio.sleep(2.0)  # simulated work, longer than the ttl
             assert not lease.lost
         assert lease.state is LeaseState.RELEASED
         assert (await klock.statistics()).expiries == 0
