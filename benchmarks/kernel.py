@@ -356,11 +356,12 @@ async def _facade_in_new_kernel(n: int) -> float:
 
 def render(rows: list[Row], sizes: Sizes, command: str) -> str:
     """The table, preceded by what was run and where."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
         f"klock_async kernel benchmark: {command}",
         f"machine: {os.cpu_count()} CPUs (nproc), {platform.machine()}, "
         f"Python {platform.python_version()} ({platform.python_implementation()}), "
-        f"{platform.system()}",
+        f"{platform.system()}, load average {load} (1, 5, 15 min) at the end of the run",
         f"repetitions: {sizes.reps} (each figure is their median; each ratio is the median of "
         "the per-repetition ratios)",
         "logging: structlog filtering bound logger at WARNING, cache_logger_on_first_use=True "
