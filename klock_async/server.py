@@ -149,7 +149,7 @@ def _ms(seconds: float) -> int | float:
     return rounded if abs(value - rounded) < 1e-6 else round(value, 3)
 
 
-def lease_json(info: LeaseInfo) -> dict[str, Any]:
+def _lease_json(info: LeaseInfo) -> dict[str, Any]:
     """The JSON form of a lease.
 
     ``ttl`` and ``expires_at`` are in milliseconds, v1 style (``expires_at`` an integer);
@@ -795,7 +795,7 @@ class _Api:
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         intent = _intent(body, "the request")
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
-        return _ok(lease_json(infos[0]))
+        return _ok(_lease_json(infos[0]))
 
     async def declare_intents(self, request: Request) -> Response:
         body = await self._body(request)
@@ -812,7 +812,7 @@ class _Api:
                 "session_id": session_id,
                 "status": "Granted",
                 "conflicts": [],
-                "leases": [lease_json(info) for info in infos],
+                "leases": [_lease_json(info) for info in infos],
             }
         )
 
@@ -853,14 +853,14 @@ class _Api:
         info = await self.backend.release(
             request.path_params["lease_id"], agent_id, record_write=record_write
         )
-        return _ok({"released": True, **lease_json(info)})
+        return _ok({"released": True, **_lease_json(info)})
 
     async def heartbeat(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         agent_id = _query_agent(request, body)
         ttl = _ttl(body, default_ms=None)
         info = await self.backend.heartbeat(request.path_params["lease_id"], agent_id, ttl)
-        return _ok(lease_json(info))
+        return _ok(_lease_json(info))
 
     async def wait_ended(self, request: Request) -> Response:
         body = await self._body(request, required=False)
@@ -869,12 +869,12 @@ class _Api:
         backend = self.backend
         ended = await self._long_poll(request, lambda: backend.wait_ended(lease_id, timeout))
         return _ok(
-            {"ended": ended is not None, "lease": None if ended is None else lease_json(ended)}
+            {"ended": ended is not None, "lease": None if ended is None else _lease_json(ended)}
         )
 
     async def revoke(self, request: Request) -> Response:
         info = await self.backend.revoke(request.path_params["lease_id"])
-        return _ok(lease_json(info))
+        return _ok(_lease_json(info))
 
     async def list_leases(self, request: Request) -> Response:
         leases = await self.backend.leases()
@@ -882,7 +882,7 @@ class _Api:
         session_id = request.query_params.get("session_id")
         return _ok(
             [
-                lease_json(info)
+                _lease_json(info)
                 for info in sorted(leases, key=lambda lease: lease.token)
                 if (agent_id is None or info.agent_id == agent_id)
                 and (session_id is None or info.session_id == session_id)
