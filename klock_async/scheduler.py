@@ -670,15 +670,20 @@ class Scheduler:
                 result = await fut
                 return result
         except TimeoutError:
-            self._withdraw(request_id, agent_id, session_id)
-            raise AcquireTimeoutError(
-                f"agent {agent_id!r} waited {timeout}s for "
-                f"{', '.join(f'{i.predicate.value} {i.resource}' for i in intents)} and gave up; "
-                "nothing is held. Retry later or raise the timeout."
-            ) from None
+            if not fut.done() or fut.cancelled():
+                self._withdraw(request_id, agent_id, session_id)
+                raise AcquireTimeoutError(
+                    f"agent {agent_id!r} waited {timeout}s for "
+                    f"{', '.join(f'{i.predicate.value} {i.resource}' for i in intents)} and "
+                    "gave up; nothing is held. Retry later or raise the timeout."
+                ) from None
         except asyncio.CancelledError:
             self._withdraw(request_id, agent_id, session_id)
             raise
+        # Decided in the loop turn that also ran out the timeout (always so for timeout=0 on a
+        # free resource): the decision stands.
+        decided: tuple[LeaseInfo, ...] = fut.result()
+        return decided
 
     def _withdraw(self, request_id: int, agent_id: str, session_id: str) -> None:
         if not self._closed:
@@ -725,7 +730,11 @@ class Scheduler:
                 result = await fut
                 return result
         except TimeoutError:
-            return None
+            if not fut.done() or fut.cancelled():
+                return None
+        # Answered in the loop turn that also ran out the timeout (timeout=0 is a poll).
+        answered: LeaseInfo = fut.result()
+        return answered
 
     async def revoke(self, lease_id: str) -> LeaseInfo:
         """Revoke one lease; see :class:`~klock_async.backend.Backend`."""

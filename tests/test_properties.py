@@ -432,43 +432,54 @@ async def _run_cancellations(plan: list[tuple[int, str, str, int]]) -> None:
         tasks: list[tuple[asyncio.Task[Any], str, int]] = []
         for i, (age_index, resource, predicate, fate) in enumerate(plan):
             session = (await klock.agent(names[age_index])).session(session_id=f"s{i}")
-            timeout = 0.0 if fate == 2 else None  # timeout=0 always runs out, even on a grant
+            timeout = 0.0 if fate == 2 else None  # 0: decided at once, or withdrawn
             acquiring = session.acquire(resource, predicate, timeout=timeout)
             tasks.append((asyncio.create_task(acquiring), session.id, fate))
         await _quiesce(klock)
-        for i, (task, session_id, fate) in enumerate(tasks):
-            if fate == 1 and task.done():  # decided already: nothing left to withdraw
-                tasks[i] = (task, session_id, 0)
-            elif fate == 1:
-                task.cancel()
+        for task, _, fate in tasks:
+            if fate == 1:
+                task.cancel()  # a no-op for a task that has its answer already
         # Releasing now grants waiters in the same batches as the withdrawals of the cancels.
         for holder in holders:
             with contextlib.suppress(LeaseNotFoundError):
                 await holder.release()
-        withdrawn = [(t, s) for t, s, fate in tasks if fate]
-        for task, _ in withdrawn:
-            with contextlib.suppress(asyncio.CancelledError, AcquireTimeoutError, LeaseDied):
-                await task
+        for task, _, fate in tasks:
+            if fate:
+                with contextlib.suppress(asyncio.CancelledError, AcquireTimeoutError, LeaseDied):
+                    await task
         await _quiesce(klock)
 
+        handed: set[str] = set()
+        withdrawn: set[str] = set()
+        in_flight: set[str] = set()
+        for task, session_id, _ in tasks:
+            if not task.done():
+                in_flight.add(session_id)
+            elif task.cancelled() or isinstance(task.exception(), AcquireTimeoutError):
+                withdrawn.add(session_id)
+            elif task.exception() is None:
+                handed.add(task.result().id)
+            else:
+                assert isinstance(task.exception(), LeaseDied), repr(task.exception())
         active = await klock.leases()
         assert_no_conflicts(active)
         backend.check_invariants()
-        withdrawn_sessions = {session for _, session in withdrawn}
-        assert not [lease for lease in active if lease.session_id in withdrawn_sessions]
-        left_alone = {session: task for task, session, fate in tasks if not fate}
-        for lease in active:  # everything else held was handed to a caller that still waits on it
-            task = left_alone[lease.session_id]
-            assert not task.done() or [lease.id] == [held.id for held in [task.result()]]
+        for lease in active:
+            # Cancelled and timed-out requests hold nothing; everything held was handed to
+            # its caller, or belongs to a request that is still waiting.
+            assert lease.session_id not in withdrawn, f"withdrawn request holds {lease}"
+            assert lease.id in handed or lease.session_id in in_flight, f"leaked {lease}"
 
         # Free everything; what still waits must then be decided.
         while not all(task.done() for task, _, _ in tasks):
             for name in AGES:
                 await klock.evict(name)
             await _quiesce(klock)
-        for task, _, fate in tasks:
-            if not fate and not task.cancelled() and task.exception() is not None:
-                assert isinstance(task.exception(), LeaseDied), repr(task.exception())
+        for task, _, _ in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                assert isinstance(task.exception(), LeaseDied | AcquireTimeoutError), repr(
+                    task.exception()
+                )
 
 
 @settings(max_examples=60, deadline=None)

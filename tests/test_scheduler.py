@@ -470,6 +470,31 @@ async def test_timeout_withdraws_the_request(klock: Klock) -> None:
     assert await klock.leases() == []
 
 
+async def test_zero_timeout_takes_an_immediate_answer(klock: Klock) -> None:
+    """timeout=0 grants a free resource, dies at once, or withdraws what would wait."""
+    old, young, newest = await agents(klock, "old", "young", "newest")
+    lease = await young.acquire("/f", "MUTATES", timeout=0)
+    assert lease.agent_id == "young"
+    with pytest.raises(LeaseDied):
+        await newest.acquire("/f", "MUTATES", timeout=0)
+    with pytest.raises(AcquireTimeoutError):
+        await old.acquire("/f", "MUTATES", timeout=0)
+    stats = await settle(klock)
+    assert (stats.requests_waiting, stats.leases_active) == (0, 1)
+
+
+async def test_zero_timeout_watch_is_a_poll(klock: Klock) -> None:
+    """wait_ended(id, 0) answers None for an active lease and raises for an unknown one."""
+    (agent,) = await agents(klock, "a")
+    lease = await agent.acquire("/f", "MUTATES")
+    assert await klock.backend.wait_ended(lease.id, 0) is None
+    with pytest.raises(LeaseNotFoundError):
+        await klock.backend.wait_ended("no-such-lease", 0)
+    await klock.revoke(lease.id)
+    ended = await klock.backend.wait_ended(lease.id, 0)
+    assert ended is not None and ended.state is LeaseState.REVOKED
+
+
 async def test_cancelling_the_waiter_withdraws_the_request(klock: Klock) -> None:
     """Cancelling the task awaiting an acquire withdraws it; nothing is granted later."""
     old, young = await agents(klock, "old", "young")
