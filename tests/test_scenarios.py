@@ -139,6 +139,8 @@ async def test_timeout(kernel_factory: KernelFactory, settle: Settle) -> None:
         assert (await settle(klock)).requests_waiting == 0
         await held.release()
         assert await klock.leases() == []
+        free = await old.acquire("/free", "MUTATES", timeout=0)  # a free resource: granted
+        await free.release()
         await young.acquire("/g", "MUTATES")
         with pytest.raises(LeaseWouldWait):
             await old.acquire("/g", "MUTATES", wait=False)
