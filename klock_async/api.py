@@ -175,6 +175,19 @@ class Lease:
                 self._mark(ended.state)
         return self._info.state
 
+    async def _mark_gone(self) -> None:
+        """The kernel says the lease is not active: record how it ended, if it still knows.
+
+        A lease the kernel no longer knows is taken as lost (EXPIRED), never as released:
+        claiming protection that may not have held would be the worse mistake.
+        """
+        state = LeaseState.EXPIRED
+        with contextlib.suppress(LeaseNotFoundError):
+            ended = await self._backend.wait_ended(self.id, 0)
+            if ended is not None:
+                state = ended.state
+        self._mark(state)
+
     def _mark(self, state: LeaseState) -> None:
         if self._info.state is LeaseState.ACTIVE:
             self._info = _replace_state(self._info, state)
@@ -199,7 +212,7 @@ class Lease:
         try:
             self._info = await self._backend.heartbeat(self.id, self.agent_id, ttl)
         except LeaseNotFoundError:
-            self._mark(LeaseState.EXPIRED)
+            await self._mark_gone()
             raise self._lost_error() from None
 
     async def release(self, *, record_write: bool | None = None) -> None:
@@ -224,7 +237,7 @@ class Lease:
                 self.id, self.agent_id, record_write=record_write
             )
         except LeaseNotFoundError:
-            self._mark(LeaseState.EXPIRED)
+            await self._mark_gone()
             raise self._lost_error() from None
 
     def _lost_error(self) -> LeaseLostError:
@@ -334,9 +347,7 @@ class LeaseBlock:
             if lease.state is not LeaseState.ACTIVE and not lease.lost:
                 continue
             try:
-                await lease.release(
-                    record_write=clean and lease._isolation.requires_vector_clocks
-                )
+                await lease.release(record_write=clean and lease._isolation.requires_vector_clocks)
             except LeaseLostError as error:
                 lost = lost or error
         return lost

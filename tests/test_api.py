@@ -84,6 +84,25 @@ async def test_lease_release_twice() -> None:
             await lease.release()
 
 
+async def test_lease_handle_learns_how_it_was_lost() -> None:
+    """Releasing or heartbeating a lost lease raises LeaseLostError with the real state."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        revoked = await agent.acquire("/r", "MUTATES")
+        await klock.revoke(revoked.id)
+        with pytest.raises(LeaseLostError) as lost:
+            await revoked.release()
+        assert lost.value.state == "REVOKED"
+        assert revoked.state is LeaseState.REVOKED
+        expiring = await agent.acquire("/e", "MUTATES", ttl=0.01)
+        assert await klock.backend.wait_ended(expiring.id, None) is not None
+        with pytest.raises(LeaseLostError) as lost:
+            await expiring.heartbeat()
+        assert lost.value.state == "EXPIRED"
+        with pytest.raises(LeaseLostError):
+            await expiring.release()
+
+
 async def test_klock_validates_default_ttl() -> None:
     """A bad default ttl is refused when the facade is built."""
     with pytest.raises(InvalidTTLError):
