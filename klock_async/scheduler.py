@@ -830,6 +830,8 @@ class Scheduler:
                     "lease.withdrawn",
                     agent=request.agent_id,
                     session=request.session_id,
+                    resource=str(request.intents[0].resource),
+                    predicate=request.intents[0].predicate.value,
                     resources=[str(i.resource) for i in request.intents],
                 )
             self._reevaluate([i.resource for i in request.intents])
@@ -1050,6 +1052,8 @@ class Scheduler:
                     "lease.waiting",
                     agent=request.agent_id,
                     session=request.session_id,
+                    resource=str(request.intents[0].resource),
+                    predicate=request.intents[0].predicate.value,
                     resources=[str(i.resource) for i in request.intents],
                     predicates=[i.predicate.value for i in request.intents],
                     blocker=blocker.agent_id,

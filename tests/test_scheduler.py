@@ -741,6 +741,10 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
         await klock.revoke(granted.id)
         short = await young.acquire("/g", "MUTATES", ttl=0.01)
         await klock.backend.wait_ended(short.id, None)
+        blocker = await young.acquire("/h", "MUTATES")
+        with pytest.raises(AcquireTimeoutError):
+            await old.acquire("/h", "CONSUMES", timeout=0.01)
+        await blocker.release()
     by_event: dict[str, list[dict[str, Any]]] = {}
     for entry in logs:
         by_event.setdefault(entry["event"], []).append(entry)
@@ -751,6 +755,7 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
         held.token,
         granted.token,
         short.token,
+        blocker.token,
     ]
     assert by_event["lease.released"][0]["agent"] == "young"
     assert by_event["lease.released"][0]["resource"] == "FILE:/f"
@@ -758,9 +763,18 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
     assert by_event["lease.released"][0]["session"] == held.session_id
     assert by_event["lease.revoked"][0]["lease"] == granted.id
     assert by_event["lease.expired"][0]["lease"] == short.id
-    (waiting,) = by_event["lease.waiting"]
-    assert waiting["agent"] == "old"
-    assert {"session", "blocker"} <= waiting.keys()
+    first_wait, second_wait = by_event["lease.waiting"]
+    assert (first_wait["agent"], first_wait["resource"]) == ("old", "FILE:/f")
+    assert (first_wait["predicate"], first_wait["blocker"]) == ("MUTATES", "young")
+    assert first_wait["session"] == granted.session_id
+    assert (second_wait["resource"], second_wait["predicate"]) == ("FILE:/h", "CONSUMES")
+    (withdrawn,) = by_event["lease.withdrawn"]
+    assert (withdrawn["agent"], withdrawn["resource"], withdrawn["predicate"]) == (
+        "old",
+        "FILE:/h",
+        "CONSUMES",
+    )
+    assert withdrawn["session"] == second_wait["session"]
     (died,) = by_event["lease.died"]
     assert died["agent"] == "newest"
     assert died["resource"] == "FILE:/f"
