@@ -6,6 +6,7 @@ Run: python examples/quickstart.py
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 
 from klock_async import Klock, LeaseDied
 from klock_async.logging import configure
@@ -34,7 +35,7 @@ async def main() -> None:
         @klock.protected(agent="coder", resource=lambda path, **_: path, predicate="MUTATES")
         async def append_line(path: str, line: str) -> None:
             text = files[path]  # read ...
-            await anyio.sleep(0)  # ... think (another call could run here) ...
+            await anyio.lowlevel.checkpoint()  # ... think (another call may run here) ...
             files[path] = text + line + "\n"  # ... write
 
         async with anyio.create_task_group() as tg:
