@@ -823,8 +823,12 @@ class Klock:
                 ) from None
 
     async def _wait_for_blocker(self, died: LeaseDied, cap: float) -> None:
-        if died.blocker_lease_id is not None:
-            with contextlib.suppress(LeaseNotFoundError):  # ended already: retry now
-                await self.backend.wait_ended(died.blocker_lease_id, cap)
+        if died.blocker_lease_id is None:
+            await asyncio.sleep(cap)  # the blocker is a queued request: capped jittered backoff
             return
-        await asyncio.sleep(cap)  # the blocker is a queued request: capped jittered backoff
+        with contextlib.suppress(LeaseNotFoundError):  # ended already: retry now
+            await self.backend.wait_ended(died.blocker_lease_id, cap)
+        if died.blocker_agent_id == died.agent_id:
+            # Sessions of one agent have one age and never wait on each other: spread their
+            # retries so they do not collide again the moment the blocker ends.
+            await asyncio.sleep(random.uniform(0.0, cap))
