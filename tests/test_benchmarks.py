@@ -26,6 +26,18 @@ ROWS = {
         "(e) acquire+release, 100 other leases",
         "acquire+release, 2,000 other leases",
     ),
+    "marc.py": (
+        "1. no coordination",
+        "2. leases per tool call",
+        "3. SERIALIZABLE sessions",
+        "4. one global lock",
+    ),
+    "server.py": (
+        "(a) throughput, 50 agents, embedded",
+        "(b) throughput, 50 agents, remote (loopback)",
+        "(c) throughput, 50 agents, remote + journal",
+        "(e) hand-off, remote: release -> long-poll",
+    ),
 }
 
 
