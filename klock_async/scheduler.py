@@ -1229,6 +1229,14 @@ class Scheduler:
         """
         if not self._queued:  # nothing waits: the common case after a release
             return
+        if len(self._queued) == 1:
+            # One waiter (a plain hand-off): the candidates are it or nobody, and re-deciding a
+            # waiter the change did not touch leaves it waiting (it is older than each of its
+            # blockers), so decide it without walking the indexes and sorting.
+            (request,) = self._queued.values()
+            if not request.reply.done():  # else its caller is gone; a withdraw is on its way
+                self._decide(request, new=False)
+            return
         dirty = set(resources)
         while dirty and self._queued:
             candidates: dict[int, _Request] = {}
