@@ -6,7 +6,11 @@ Our exception hierarchy::
     ├── InvalidRequestError            bad input; nothing changed (also a ValueError)
     │   ├── InvalidPredicateError
     │   ├── InvalidResourceError
-    │   └── InvalidTTLError
+    │   ├── InvalidTTLError
+    │   ├── MalformedJSONError         (HTTP) the body is not a JSON object
+    │   ├── MissingFieldError          (HTTP) a required field is absent
+    │   ├── InvalidFieldError          (HTTP) a field has the wrong type or value
+    │   └── BodyTooLargeError          (HTTP) the body exceeds the server's limit
     ├── UnknownAgentError              the agent id was never registered
     ├── AgentExistsError               registering an id again with another priority
     ├── LeaseError
@@ -20,6 +24,7 @@ Our exception hierarchy::
     ├── CausalViolationError           a write would overwrite a version never read
     ├── KernelClosedError              the kernel shut down before answering
     └── TransportError                 the coordination server could not be reached
+        └── UnauthorizedError          (HTTP) no valid bearer token
 
 Every error has a stable ``code`` (used in the HTTP API) and a message that says what happened
 and what to do next.
@@ -33,7 +38,9 @@ from typing import Any, ClassVar
 __all__ = [
     "AcquireTimeoutError",
     "AgentExistsError",
+    "BodyTooLargeError",
     "CausalViolationError",
+    "InvalidFieldError",
     "InvalidPredicateError",
     "InvalidRequestError",
     "InvalidResourceError",
@@ -45,9 +52,12 @@ __all__ = [
     "LeaseLostError",
     "LeaseNotFoundError",
     "LeaseWouldWait",
+    "MalformedJSONError",
+    "MissingFieldError",
     "NotLeaseOwnerError",
     "RetriesExhaustedError",
     "TransportError",
+    "UnauthorizedError",
     "UnknownAgentError",
     "error_from_payload",
 ]
@@ -272,6 +282,38 @@ class TransportError(KlockError):
 
     code = "transport_error"
     status = 502
+
+
+class UnauthorizedError(TransportError):
+    """The request carries no valid ``Authorization: Bearer <token>`` header."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class MalformedJSONError(InvalidRequestError):
+    """The body is not a JSON object."""
+
+    code = "malformed_json"
+
+
+class MissingFieldError(InvalidRequestError):
+    """A required field is absent."""
+
+    code = "missing_field"
+
+
+class InvalidFieldError(InvalidRequestError):
+    """A field has the wrong type or an unusable value."""
+
+    code = "invalid_field"
+
+
+class BodyTooLargeError(InvalidRequestError):
+    """The body is larger than the server accepts."""
+
+    code = "body_too_large"
+    status = 413
 
 
 _BY_CODE: dict[str, type[KlockError]] = {}

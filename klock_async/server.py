@@ -40,12 +40,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
-    InvalidRequestError,
+    BodyTooLargeError,
+    InvalidFieldError,
     InvalidTTLError,
     KernelClosedError,
     KlockError,
     LeaseDied,
     LeaseWouldWait,
+    MalformedJSONError,
+    MissingFieldError,
+    UnauthorizedError,
 )
 from klock_async.model import (
     AgentInfo,
@@ -59,12 +63,7 @@ from klock_async.model import (
 from klock_async.scheduler import Scheduler
 
 __all__ = [
-    "BodyTooLargeError",
-    "InvalidFieldError",
-    "MalformedJSONError",
-    "MissingFieldError",
     "Server",
-    "UnauthorizedError",
     "add_arguments",
     "create_app",
     "run",
@@ -83,40 +82,7 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
-# Errors that exist only at the HTTP boundary. The remote client turns unknown 4xx codes into
-# InvalidRequestError or TransportError by status.
-
-
-class MalformedJSONError(InvalidRequestError):
-    """The body is not a JSON object."""
-
-    code = "malformed_json"
-
-
-class MissingFieldError(InvalidRequestError):
-    """A required field is absent."""
-
-    code = "missing_field"
-
-
-class InvalidFieldError(InvalidRequestError):
-    """A field has the wrong type or an unusable value."""
-
-    code = "invalid_field"
-
-
-class BodyTooLargeError(InvalidRequestError):
-    """The body is larger than the server accepts."""
-
-    code = "body_too_large"
-    status = 413
-
-
-class UnauthorizedError(KlockError):
-    """The request carries no valid ``Authorization: Bearer <token>`` header."""
-
-    code = "unauthorized"
-    status = 401
+# Routing errors (the HTTP-boundary errors clients can see live in klock_async.errors).
 
 
 class _RouteError(KlockError):

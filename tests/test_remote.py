@@ -16,6 +16,7 @@ from klock_async import (
     AcquireTimeoutError,
     AgentExistsError,
     CausalViolationError,
+    InvalidFieldError,
     InvalidPredicateError,
     InvalidRequestError,
     InvalidResourceError,
@@ -117,11 +118,12 @@ async def test_invalid_input_is_refused_before_sending(server: ThreadServer) -> 
             await klock.backend.acquire(agent.id, "s", (), ttl=1, wait=True, timeout=-1)
 
 
-async def test_http_only_codes_become_invalid_request(server: ThreadServer) -> None:
-    """A 4xx code that exists only at the HTTP layer arrives as InvalidRequestError."""
+async def test_http_boundary_errors_arrive_typed(server: ThreadServer) -> None:
+    """An error raised at the HTTP layer arrives as its own type, an InvalidRequestError."""
     async with Klock.connect(server.url) as klock:
-        with pytest.raises(InvalidRequestError, match="invalid_field"):
+        with pytest.raises(InvalidFieldError) as caught:
             await klock.register_agent("   ")
+        assert isinstance(caught.value, InvalidRequestError)
 
 
 async def test_waiter_is_woken_by_release_from_another_client(server: ThreadServer) -> None:
