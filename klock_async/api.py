@@ -12,10 +12,10 @@ import functools
 import inspect
 import os
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import structlog
@@ -48,6 +48,7 @@ _log = structlog.get_logger("klock_async")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 DEFAULT_TTL = 30.0
 """Seconds a lease lives without a heartbeat unless a ttl is given."""
@@ -74,15 +75,28 @@ class RetryPolicy:
         max_retries: retries after the first attempt; then ``RetriesExhaustedError``.
         base_delay: first backoff, in seconds.
         max_delay: cap of the backoff, in seconds.
+
+    Raises:
+        InvalidRequestError: a negative retry count or delays that are not
+            ``0 < base_delay <= max_delay``.
     """
 
     max_retries: int = 100
     base_delay: float = 0.01
     max_delay: float = 2.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise InvalidRequestError(f"max_retries must be an integer, got {self.max_retries!r}")
+        if self.max_retries < 0 or not 0 < self.base_delay <= self.max_delay < float("inf"):
+            raise InvalidRequestError(
+                "RetryPolicy needs max_retries >= 0 and 0 < base_delay <= max_delay, got "
+                f"{self.max_retries!r}, {self.base_delay!r}, {self.max_delay!r}"
+            )
+
     def backoff(self, attempt: int) -> float:
         """The longest wait before retry number ``attempt`` (0-based)."""
-        cap = min(self.max_delay, self.base_delay * 2.0**attempt)
+        cap = min(self.max_delay, self.base_delay * 2.0 ** min(attempt, 64))
         return cap * random.uniform(0.5, 1.0)
 
 
@@ -265,6 +279,27 @@ def _replace_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
     )
 
 
+async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end even when the caller is cancelled, then re-raise the cancel.
+
+    Releasing must not stop half-way: an anyio scope that is cancelled would cancel every await
+    (hence the anyio shield), and a plain ``task.cancel()``, even repeated, is not stopped by an
+    anyio shield (hence ``asyncio.shield`` in a loop until the work is done).
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
 class LeaseBlock:
     """``async with agent.lease(...) as lease``: acquire, keep alive, release.
 
@@ -331,8 +366,7 @@ class LeaseBlock:
         # Shielded: a caller leaving a cancelled anyio scope (move_on_after, fail_after, a task
         # group) would otherwise be cancelled again at every await below and keep the rest of
         # its leases until they expire.
-        with anyio.CancelScope(shield=True):
-            lost = await self._release(clean=exc is None)
+        lost = await _to_completion(self._release(clean=exc is None))
         if lost is not None and exc is None:
             raise lost
 
@@ -551,10 +585,7 @@ class Session(_Acquirer):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Both shields: an anyio scope that is cancelled would cancel every await here, and a
-        # plain task cancellation must not stop the release half-way.
-        with anyio.CancelScope(shield=True):
-            await asyncio.shield(self.release_all())
+        await _to_completion(self.release_all())
 
 
 class Klock:

@@ -22,6 +22,7 @@ Our exception hierarchy::
     ├── LeaseWouldWait                 acquire(wait=False) would have had to queue
     ├── AcquireTimeoutError            the wait ran out; nothing is held (also a TimeoutError)
     ├── CausalViolationError           a write would overwrite a version never read
+    ├── EvictedError                   the agent was evicted while its request waited
     ├── KernelClosedError              the kernel shut down before answering
     └── TransportError                 the coordination server could not be reached
         └── UnauthorizedError          (HTTP) no valid bearer token
@@ -40,6 +41,7 @@ __all__ = [
     "AgentExistsError",
     "BodyTooLargeError",
     "CausalViolationError",
+    "EvictedError",
     "InvalidFieldError",
     "InvalidPredicateError",
     "InvalidRequestError",
@@ -268,6 +270,13 @@ class CausalViolationError(KlockError):
             "agent_clock": self.agent_clock,
             "path_clock": self.path_clock,
         }
+
+
+class EvictedError(KlockError):
+    """The agent was evicted (its leases revoked) while this request waited; nothing is held."""
+
+    code = "evicted"
+    status = 409
 
 
 class KernelClosedError(KlockError):

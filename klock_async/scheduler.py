@@ -32,6 +32,7 @@ from klock_async.errors import (
     AcquireTimeoutError,
     AgentExistsError,
     CausalViolationError,
+    EvictedError,
     InvalidRequestError,
     InvalidResourceError,
     KernelClosedError,
@@ -481,7 +482,12 @@ class Scheduler:
                 if not fut.done():
                     fut.set_exception(error)
         self._watchers.clear()
-        self._flush()
+        # Replies still in the outbox belong to a batch whose commit was cut short: they must
+        # not claim a grant the journal may not hold (group commit answers only after commit).
+        for fut, _, _ in self._outbox:
+            if not fut.done():
+                fut.set_exception(error)
+        self._outbox.clear()
         if self._journal is not None:
             self._journal.close()
 
@@ -842,6 +848,9 @@ class Scheduler:
             ts = self._last_agent_ts
         else:
             ts = msg.priority
+            # Later automatic ages come after every explicit one: two agents that share an age
+            # always kill each other, and neither could ever become the oldest.
+            self._last_agent_ts = max(self._last_agent_ts, ts)
         agent = self._agents[msg.agent_id] = _Agent(msg.agent_id, ts)
         info = AgentInfo(agent.id, agent.ts)
         if self._journal is not None:
@@ -924,6 +933,16 @@ class Scheduler:
             assert msg.agent_id is not None
             self._agent(msg.agent_id)
             leases = [lease for lease in self._leases.values() if lease.agent_id == msg.agent_id]
+            # An evicted agent's queued requests go too: granted later, nobody would use them.
+            for request in [r for r in self._queued.values() if r.agent_id == msg.agent_id]:
+                self._unqueue(request)
+                self._fail(
+                    request.reply,
+                    EvictedError(
+                        f"agent {msg.agent_id!r} was evicted while this request waited; "
+                        "nothing is held. Acquire again if the agent is still at work."
+                    ),
+                )
         infos = [self._end(lease, LeaseState.REVOKED) for lease in leases]
         self._reevaluate([lease.resource for lease in leases])
         return infos

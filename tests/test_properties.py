@@ -33,6 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from klock_async import (
     AcquireTimeoutError,
+    EvictedError,
     Klock,
     LeaseDied,
     LeaseInfo,
@@ -147,9 +148,9 @@ class _Driver:
                     for lease in pending.task.result():
                         self.known[lease.id] = lease.info
                 else:
-                    assert isinstance(error, LeaseDied | LeaseWouldWait | AcquireTimeoutError), (
-                        repr(error)
-                    )
+                    assert isinstance(
+                        error, LeaseDied | LeaseWouldWait | AcquireTimeoutError | EvictedError
+                    ), repr(error)
         self.pending = still
 
     def pick(self, index: int) -> LeaseInfo | None:
@@ -477,9 +478,9 @@ async def _run_cancellations(plan: list[tuple[int, str, str, int]]) -> None:
             await _quiesce(klock)
         for task, _, _ in tasks:
             if not task.cancelled() and task.exception() is not None:
-                assert isinstance(task.exception(), LeaseDied | AcquireTimeoutError), repr(
-                    task.exception()
-                )
+                assert isinstance(
+                    task.exception(), LeaseDied | AcquireTimeoutError | EvictedError
+                ), repr(task.exception())
 
 
 @settings(max_examples=60, deadline=None)

@@ -89,7 +89,7 @@ async def test_agent_ages_are_kept(tmp_path: Path) -> None:
     async with _klock(db) as klock:
         assert (await klock.register_agent("first")).ts == 1
         assert (await klock.register_agent("explicit")).ts == 500
-        assert (await klock.register_agent("third")).ts == 3
+        assert (await klock.register_agent("third")).ts == 501  # after every explicit age
 
 
 async def test_recovered_lease_still_excludes(tmp_path: Path) -> None:
