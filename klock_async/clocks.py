@@ -374,12 +374,16 @@ class VectorClockManager:
             self._agents[agent_id] = agent_clock.merge(path_clock)
         return path_clock
 
-    def check_write(self, path: str, agent_id: str) -> StaleWrite | None:
+    def check_write(
+        self, path: str, agent_id: str, seen: VectorClock | None = None
+    ) -> StaleWrite | None:
         """Return whether a write of ``path`` by ``agent_id`` would be stale. Changes nothing.
 
         Args:
             path: The path to be written.
             agent_id: The writing agent.
+            seen: versions the agent holds but that are not merged into its clock yet (reads
+                under leases it still holds); counted as seen for this check only.
 
         Returns:
             A `StaleWrite` when the path's clock is not ``<=`` the agent's clock (the
@@ -389,9 +393,23 @@ class VectorClockManager:
         if path_clock is None:
             return None
         agent_clock = self._agents.get(agent_id, _EMPTY)
+        if seen is not None:
+            agent_clock = agent_clock.merge(seen)
         if path_clock <= agent_clock:
             return None
         return StaleWrite(path, agent_id, agent_clock, path_clock)
+
+    def observe(self, agent_id: str, clock: VectorClock) -> VectorClock:
+        """Merge a version the agent has seen (e.g. a path clock taken at a read) into its clock.
+
+        Returns:
+            The agent's new clock.
+        """
+        agent_clock = self._agents.get(agent_id, _EMPTY)
+        merged = agent_clock.merge(clock)
+        if merged != agent_clock:
+            self._agents[agent_id] = merged
+        return merged
 
     def write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock | StaleWrite:
         """Record that ``agent_id`` wrote ``path``.

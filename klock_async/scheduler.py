@@ -392,6 +392,10 @@ class Scheduler:
         self._queued: dict[int, _Request] = {}
         self._expiry: list[tuple[float, str]] = []
         self._watchers: dict[str, list[asyncio.Future[Any]]] = {}
+        # agent -> {lease id: the path clock at the grant of a SERIALIZABLE CONSUMES it holds}.
+        # The read joins the agent's clock when its holder releases the lease, not at grant: a
+        # grant its caller never saw (withdrawn after a cancel) must not count as a read.
+        self._unmerged_reads: dict[str, dict[str, VectorClock]] = {}
         self._lost: dict[str, LeaseInfo] = {}  # the last _LOST_MEMORY expired/revoked leases
         self._clocks = VectorClockManager()
         self._last_token = 0
@@ -886,7 +890,7 @@ class Scheduler:
         if held:
             granted = [lease for lease in held.values() if lease.request_id == msg.request_id]
             for lease in granted:
-                self._end(lease, LeaseState.RELEASED)
+                self._end(lease, LeaseState.RELEASED, seen=False)
             self._reevaluate([lease.resource for lease in granted])
         return _PENDING
 
@@ -1125,7 +1129,9 @@ class Scheduler:
         if request.isolation is IsolationLevel.SERIALIZABLE:
             for intent in request.intents:
                 if intent.predicate.writes:
-                    stale = self._clocks.check_write(str(intent.resource), request.agent_id)
+                    stale = self._clocks.check_write(
+                        str(intent.resource), request.agent_id, self._held_reads(request.agent_id)
+                    )
                     if stale is not None:
                         if request.id in self._queued:
                             self._unqueue(request)
@@ -1155,8 +1161,8 @@ class Scheduler:
             info = lease.info()
             infos.append(info)
             if request.isolation is IsolationLevel.SERIALIZABLE and intent.predicate is _READ:
-                self._clocks.read(str(intent.resource), request.agent_id)
-                self._journal_clocks(str(intent.resource), request.agent_id)
+                reads = self._unmerged_reads.setdefault(request.agent_id, {})
+                reads[lease.id] = self._clocks.clock_of(str(intent.resource))
             if self._journal is not None:
                 self._journal.record_lease(info)
             if self._log_leases:
@@ -1323,7 +1329,26 @@ class Scheduler:
                 slot.waiters.pop(request.id, None)
                 self._drop_slot_if_empty(intent.resource)
 
-    def _end(self, lease: _Lease, state: LeaseState) -> LeaseInfo:
+    def _held_reads(self, agent_id: str) -> VectorClock | None:
+        """The versions read under SERIALIZABLE CONSUMES leases the agent still holds."""
+        reads = self._unmerged_reads.get(agent_id)
+        if not reads:
+            return None
+        seen = VectorClock()
+        for clock in reads.values():
+            seen = seen.merge(clock)
+        return seen
+
+    def _end(self, lease: _Lease, state: LeaseState, *, seen: bool = True) -> LeaseInfo:
+        """End an active lease; ``seen`` is false when its holder never received it."""
+        reads = self._unmerged_reads.get(lease.agent_id)
+        if reads is not None and lease.id in reads:
+            clock = reads.pop(lease.id)
+            if not reads:
+                del self._unmerged_reads[lease.agent_id]
+            if seen and state is LeaseState.RELEASED:
+                self._clocks.observe(lease.agent_id, clock)
+                self._journal_clocks(str(lease.resource), lease.agent_id)
         del self._leases[lease.id]
         del self._slots[lease.resource].leases[lease.id]
         self._drop_slot_if_empty(lease.resource)

@@ -7,7 +7,15 @@ import asyncio
 
 import pytest
 
-from klock_async import EvictedError, InvalidRequestError, KernelClosedError, Klock, RetryPolicy
+from klock_async import (
+    CausalViolationError,
+    EvictedError,
+    InvalidRequestError,
+    IsolationLevel,
+    KernelClosedError,
+    Klock,
+    RetryPolicy,
+)
 from klock_async.clocks import VectorClock
 from klock_async.model import AgentInfo, Intent, LeaseInfo
 from klock_async.scheduler import RecoveredState, Scheduler
@@ -61,7 +69,8 @@ async def test_a_second_cancel_during_session_exit_still_releases() -> None:
 class _GatedJournal:
     """A journal whose commit of a grant waits until the test opens a gate."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hold: bool = True) -> None:
+        self.hold = hold  # gate the commits that carry a lease
         self.committing = asyncio.Event()
         self.gate = asyncio.Event()
         self.durable: list[object] = []
@@ -85,7 +94,7 @@ class _GatedJournal:
         pass
 
     async def commit(self) -> None:
-        if any(isinstance(item, LeaseInfo) for item in self._buffer):
+        if self.hold and any(isinstance(item, LeaseInfo) for item in self._buffer):
             self.committing.set()
             await self.gate.wait()
         self.durable += self._buffer
@@ -156,3 +165,32 @@ def test_backoff_stays_capped_after_many_attempts() -> None:
     """The backoff of a very late retry is the cap, not an overflow."""
     policy = RetryPolicy(max_retries=5000, max_delay=1.0)
     assert 0.5 <= policy.backoff(1100) <= 1.0
+
+
+async def test_a_read_its_caller_never_received_does_not_count() -> None:
+    """A SERIALIZABLE read granted to a caller that was cancelled before it saw the lease is
+    not a read: the agent's later strict write of that path is still refused as stale."""
+    journal = _GatedJournal(hold=False)
+    async with Klock(backend=Scheduler(journal=journal)) as klock:
+        reader = await klock.register_agent("reader")
+        writer = await klock.register_agent("writer")
+        held = await writer.acquire("f", "MUTATES")
+        await klock.write("f", "writer")  # a version the reader never saw
+
+        async def read() -> None:
+            async with reader.session(isolation=IsolationLevel.SERIALIZABLE) as session:
+                await session.acquire("f", "CONSUMES")
+
+        reading = asyncio.create_task(read())
+        assert (await asyncio.create_task(klock.statistics())).requests_waiting == 1
+        journal.hold = True
+        releasing = asyncio.create_task(held.release())
+        await journal.committing.wait()  # the read is granted; its answer waits for the commit
+        reading.cancel()
+        journal.gate.set()
+        await releasing
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        assert await klock.leases() == []
+        with pytest.raises(CausalViolationError):
+            await klock.write("f", "reader")
