@@ -642,3 +642,20 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 TestManagerInvariants = ManagerMachine.TestCase
+
+
+def test_observe_merges_a_seen_version_into_the_agent_clock() -> None:
+    """``observe`` merges a clock into the agent's clock, which only grows."""
+    manager = VectorClockManager()
+    assert manager.observe("a", VectorClock({"b": 2})) == VectorClock({"b": 2})
+    assert manager.observe("a", VectorClock({"b": 1, "c": 1})) == VectorClock({"b": 2, "c": 1})
+    assert manager.agent_clock("a") == VectorClock({"b": 2, "c": 1})
+
+
+def test_check_write_counts_held_reads_without_recording_them() -> None:
+    """A version passed as ``seen`` makes the write fresh for that check only."""
+    manager = VectorClockManager()
+    manager.write("p", "b")
+    assert manager.check_write("p", "a") is not None
+    assert manager.check_write("p", "a", VectorClock({"b": 1})) is None
+    assert manager.agent_clock("a") == VectorClock()
