@@ -363,3 +363,21 @@ async def test_calls_inside_a_session_reuse_its_leases(workspace: Path) -> None:
         async with coder.session() as session:
             with pytest.raises(InvalidRequestError, match="belongs to agent 'coder'"):
                 await other_files.read_file("README.md", session=session)
+
+
+async def test_a_directory_swapped_for_a_link_after_the_check_is_refused(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """A directory replaced by a symlink out of the workspace between the path check and the
+    write is caught by the check made again under the lease; nothing is written outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (workspace / "sub").mkdir()
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        target = await files.resolve("sub/a.txt")
+        (workspace / "sub").rmdir()
+        (workspace / "sub").symlink_to(outside, target_is_directory=True)
+        with pytest.raises(PathOutsideWorkspaceError):
+            await files._write_text(target, "escaped")
+    assert not (outside / "a.txt").exists()

@@ -387,7 +387,22 @@ class WorkspaceFiles:
                 path_clock=violation.path_clock,
             ) from None
 
+    async def _still_inside(self, target: WorkspacePath) -> None:
+        """Resolve the path again right before the I/O, under the lease.
+
+        A directory swapped for a symlink after the first check must not lead the call out of
+        the workspace.
+
+        Raises:
+            PathOutsideWorkspaceError: the path now resolves elsewhere.
+        """
+        if Path(await anyio.Path(target.absolute).resolve()) != target.absolute:
+            raise PathOutsideWorkspaceError(
+                f"{target.relative} changed into a link while the call waited; nothing was done"
+            )
+
     async def _read_text(self, target: WorkspacePath) -> str:
+        await self._still_inside(target)
         try:
             return await anyio.Path(target.absolute).read_text(encoding=self.encoding)
         except FileNotFoundError:
@@ -408,6 +423,7 @@ class WorkspaceFiles:
         file = anyio.Path(target.absolute)
         try:
             await file.parent.mkdir(parents=True, exist_ok=True)
+            await self._still_inside(target)
             await file.write_text(content, encoding=self.encoding)
         except IsADirectoryError:
             raise FileToolError(f"{target.relative} is a directory; name a file") from None
