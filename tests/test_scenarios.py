@@ -17,6 +17,7 @@ import pytest
 
 from klock_async import (
     AcquireTimeoutError,
+    EvictedError,
     InvalidPredicateError,
     InvalidResourceError,
     InvalidTTLError,
@@ -198,3 +199,21 @@ async def test_errors(kernel_factory: KernelFactory) -> None:
         with pytest.raises(LeaseNotFoundError):
             await mine.release()
         assert [i.id for i in await klock.leases()] == [theirs.id]
+
+
+async def test_eviction_fails_waiting_requests(
+    kernel_factory: KernelFactory, settle: Settle
+) -> None:
+    """Evicting an agent revokes its leases and fails what it still waits for."""
+    async with kernel_factory() as klock:
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        await old.acquire("/held", "MUTATES")
+        held = await young.acquire("/contended", "MUTATES")
+        waiter = asyncio.create_task(old.acquire("/contended", "MUTATES"))
+        assert (await settle(klock)).requests_waiting == 1
+        assert await klock.evict("old") == 1
+        with pytest.raises(EvictedError):
+            await waiter
+        await held.release()
+        assert await klock.leases() == []
