@@ -316,8 +316,10 @@ class LeaseBlock:
         ttl: float,
         timeout: float | None,
         heartbeat: bool,
+        session: Session | str | None = None,
     ) -> None:
         self._owner = owner
+        self._session = session
         self._intents = intents
         self._ttl = ttl
         self._timeout = timeout
@@ -327,7 +329,7 @@ class LeaseBlock:
 
     async def __aenter__(self) -> Lease:
         self._leases = await self._owner.acquire_many(
-            self._intents, ttl=self._ttl, timeout=self._timeout
+            self._intents, ttl=self._ttl, session=self._session, timeout=self._timeout
         )
         if self._heartbeat:
             loop = asyncio.get_running_loop()
@@ -397,16 +399,42 @@ class _Acquirer:
     def _session_for_call(self) -> tuple[str, IsolationLevel]:
         raise NotImplementedError
 
+    def _session_for(self, session: Session | str | None) -> tuple[str, IsolationLevel]:
+        if session is None:
+            return self._session_for_call()
+        if isinstance(session, Session):
+            if session.agent_id != self._agent_id:
+                raise InvalidRequestError(
+                    f"session {session.id} belongs to agent {session.agent_id!r}, "
+                    f"not {self._agent_id!r}; an agent acquires only in its own sessions"
+                )
+            return session.id, session.isolation
+        if isinstance(session, str) and session.strip():
+            return session, IsolationLevel.READ_COMMITTED
+        raise InvalidRequestError(
+            f"session must be a Session, a non-empty session id or None, not {session!r}"
+        )
+
     async def acquire(
         self,
         resource: Resource | str,
         predicate: Predicate | str,
         *,
         ttl: float | None = None,
+        session: Session | str | None = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> Lease:
         """Acquire one intent; return the lease once granted.
+
+        Args:
+            resource: ``TYPE:path`` or a bare path (a FILE).
+            predicate: the intent, e.g. ``"MUTATES"``.
+            ttl: seconds the lease lives without a heartbeat (default: the kernel's).
+            session: the session to acquire in (a :class:`Session` or its id); by default an
+                agent's acquire runs in a session of its own, a session's in that session.
+            wait: queue when Wait-Die says WAIT (else raise ``LeaseWouldWait``).
+            timeout: seconds to wait at most; then the request is withdrawn.
 
         Raises:
             LeaseDied: an older agent holds or awaits a conflicting intent (nothing is held).
@@ -417,7 +445,7 @@ class _Acquirer:
             UnknownAgentError: the agent is not registered.
         """
         leases = await self.acquire_many(
-            [(resource, predicate)], ttl=ttl, wait=wait, timeout=timeout
+            [(resource, predicate)], ttl=ttl, session=session, wait=wait, timeout=timeout
         )
         return leases[0]
 
@@ -426,6 +454,7 @@ class _Acquirer:
         intents: Sequence[IntentLike],
         *,
         ttl: float | None = None,
+        session: Session | str | None = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> list[Lease]:
@@ -436,7 +465,7 @@ class _Acquirer:
         """
         parsed = parse_intents(intents)
         ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
-        session_id, isolation = self._session_for_call()
+        session_id, isolation = self._session_for(session)
         infos = await self._klock.backend.acquire(
             self._agent_id,
             session_id,
@@ -454,6 +483,7 @@ class _Acquirer:
         predicate: Predicate | str,
         *,
         ttl: float | None = None,
+        session: Session | str | None = None,
         timeout: float | None = None,
         heartbeat: bool = True,
     ) -> LeaseBlock:
@@ -463,7 +493,7 @@ class _Acquirer:
             InvalidRequestError: bad resource, predicate or ttl (raised here, before entering).
         """
         return self.lease_many(
-            [(resource, predicate)], ttl=ttl, timeout=timeout, heartbeat=heartbeat
+            [(resource, predicate)], ttl=ttl, session=session, timeout=timeout, heartbeat=heartbeat
         )
 
     def lease_many(
@@ -471,6 +501,7 @@ class _Acquirer:
         intents: Sequence[IntentLike],
         *,
         ttl: float | None = None,
+        session: Session | str | None = None,
         timeout: float | None = None,
         heartbeat: bool = True,
     ) -> LeaseBlock:
@@ -481,7 +512,8 @@ class _Acquirer:
         """
         parsed = parse_intents(intents)
         ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
-        return LeaseBlock(self, parsed, ttl, timeout, heartbeat)
+        self._session_for(session)  # refuse a bad session now, before entering
+        return LeaseBlock(self, parsed, ttl, timeout, heartbeat, session)
 
 
 class Agent(_Acquirer):

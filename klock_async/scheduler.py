@@ -897,6 +897,9 @@ class Scheduler:
     def _on_release(self, msg: _Release) -> LeaseInfo:
         lease = self._owned_lease(msg.lease_id, msg.agent_id)
         if msg.record_write and lease.predicate.writes:
+            held_reads = self._held_reads(lease.agent_id)
+            if held_reads is not None:  # the write was made from what those leases let it read
+                self._clocks.observe(lease.agent_id, held_reads)
             result = self._clocks.write(str(lease.resource), lease.agent_id, strict=False)
             self._journal_clocks(str(lease.resource), lease.agent_id)
             assert not isinstance(result, StaleWrite)

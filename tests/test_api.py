@@ -505,3 +505,20 @@ async def test_protected_read_modify_write_loses_no_update(agent_of: Callable[[i
         assert (stats.grants, stats.releases, stats.leases_active) == (50, 50, 0)
         assert stats.requests_waiting == 0
         check(klock)
+
+
+async def test_acquire_takes_a_session_by_handle_or_id() -> None:
+    """``acquire(session=...)`` joins that session: its intents are reentrant and released
+    with it; another agent's session or an empty id is refused."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        other = await klock.register_agent("b")
+        async with agent.session() as session:
+            first = await agent.acquire("f", "MUTATES", session=session)
+            second = await agent.acquire("f", "MUTATES", session=session.id)
+            assert first.session_id == second.session_id == session.id
+            with pytest.raises(InvalidRequestError):
+                await other.acquire("g", "MUTATES", session=session)
+            with pytest.raises(InvalidRequestError):
+                await agent.acquire("g", "MUTATES", session="")
+        assert await klock.leases() == []
