@@ -636,6 +636,7 @@ class Klock:
         self.default_ttl = validate_ttl(default_ttl)
         self._backend = backend
         self._agents: dict[str, Agent] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def connect(cls, url: str, *, token: str | None = None, timeout: float = 30.0) -> Klock:
@@ -665,12 +666,22 @@ class Klock:
             raise KernelClosedError("the klock kernel is not running; use 'async with Klock()'")
         return self._backend
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the kernel (or its connection) runs in; None before it started.
+
+        Sync code in other threads posts work to it, e.g. with
+        ``asyncio.run_coroutine_threadsafe(agent.acquire(...), klock.loop)``.
+        """
+        return self._loop
+
     async def __aenter__(self) -> Klock:
         if self._backend is None:
             from klock_async.scheduler import Scheduler
 
             self._backend = Scheduler()
         await self._backend.start()
+        self._loop = asyncio.get_running_loop()
         return self
 
     async def __aexit__(

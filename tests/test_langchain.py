@@ -481,3 +481,26 @@ def test_a_missing_langchain_core_is_a_clear_import_error() -> None:
     )
     assert result.returncode != 0
     assert "pip install 'klock-async[langchain]'" in result.stderr
+
+
+def _touch_tool(klock: Klock) -> BaseTool:
+    class _Touch(BaseTool):
+        name: str = "touch"
+        description: str = "Record a touch."
+        touched: list[str] = Field(default_factory=list)
+
+        @klock_protected(klock, "thread-agent", "s", "FILE", lambda kw: kw["path"])
+        def _run(self, path: str) -> str:
+            self.touched.append(path)
+            return path
+
+    return _Touch()
+
+
+async def test_sync_tool_runs_over_every_kernel(kernel_factory: Any) -> None:
+    """A sync tool called from a worker thread works on every kernel, remote included."""
+    async with kernel_factory() as klock:
+        tool = _touch_tool(klock)
+        assert await asyncio.to_thread(tool.invoke, {"path": "/remote/a"}) == "/remote/a"
+        assert tool.touched == ["/remote/a"]  # type: ignore[attr-defined]
+        assert await klock.leases() == []

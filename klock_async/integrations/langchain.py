@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import inspect
 import os
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
@@ -196,26 +194,14 @@ def _tool_error(error: KlockError, agent_id: str, resource: str, tool: str) -> K
 
 # --------------------------------------------------------------------------- kernel loops
 
-# Sync tools run in worker threads, but a Klock lives in the event loop that started it. The
-# loop of each Klock this module saw running is remembered here so that a sync tool can post
-# its lease requests to it.
-_LOOPS: weakref.WeakKeyDictionary[Klock, asyncio.AbstractEventLoop] = weakref.WeakKeyDictionary()
-
-
-def _remember_loop(klock: Klock) -> None:
-    with contextlib.suppress(RuntimeError):
-        _LOOPS.setdefault(klock, asyncio.get_running_loop())
-
 
 def _kernel_loop(klock: Klock) -> asyncio.AbstractEventLoop:
-    loop = _LOOPS.get(klock)
-    if loop is None:
-        # The embedded scheduler knows its loop once started.
-        loop = getattr(klock.backend, "_loop", None)
-    if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed():
+    # Sync tools run in worker threads; a Klock lives in the event loop that started it.
+    loop = klock.loop
+    if loop is None or loop.is_closed():
         raise RuntimeError(
-            "a sync tool cannot find the event loop this Klock runs in; create the tool inside "
-            "that loop, call the tool with ainvoke, or use a blocking client "
+            "a sync tool needs a running Klock: enter it first (async with Klock() / "
+            "Klock.connect(url)), call the tool with ainvoke, or use a blocking client "
             "(klock_async.compat.KlockClient or KlockHttpClient)"
         )
     try:
@@ -444,7 +430,6 @@ def klock_protected(
         raise InvalidRequestError("resource_path_extractor must be a function of the arguments")
     policy = RetryPolicy(max_retries=max_retries)
     if isinstance(klock_client, Klock):
-        _remember_loop(klock_client)
         runner = klock_client.protected(
             agent=agent_id,
             resource=_resource_of,
@@ -523,7 +508,6 @@ def klock_protected(
                         for lease_id in leases:
                             await asyncio.to_thread(client.release_lease, lease_id)
                 klock = cast(Klock, klock_client)
-                _remember_loop(klock)
                 try:
                     await ensure_agent(klock)
                     return await runner([str(r) for r in resources], lambda: fn(*args, **kwargs))
@@ -668,7 +652,6 @@ class KlockFileToolkit:
         self.files = WorkspaceFiles(klock, agent_id, root, ttl=ttl, retry=retry)
         self._klock = klock
         self._handle_tool_error = handle_tool_error
-        _remember_loop(klock)
 
     @property
     def agent_id(self) -> str:
@@ -716,7 +699,6 @@ class KlockFileToolkit:
         return tools
 
     async def _guarded(self, tool: str, path: str, call: Coroutine[Any, Any, T]) -> T:
-        _remember_loop(self._klock)
         try:
             return await call
         except KlockError as error:
