@@ -72,6 +72,33 @@ def _info_enabled(logger: Any) -> bool:
     return is_enabled_for is None or bool(is_enabled_for(logging.INFO))
 
 
+def _log_lease(event: str, lease: _Lease) -> None:
+    """One per-lease event with the fields every lease event carries."""
+    _log.info(
+        event,
+        agent=lease.agent_id,
+        session=lease.session_id,
+        resource=str(lease.resource),
+        predicate=lease.predicate.value,
+        token=lease.token,
+        lease=lease.id,
+    )
+
+
+def _log_request(event: str, request: _Request, **fields: Any) -> None:
+    """One per-request event: its first intent as resource/predicate, all its resources."""
+    first = request.intents[0]
+    _log.info(
+        event,
+        agent=request.agent_id,
+        session=request.session_id,
+        resource=str(first.resource),
+        predicate=first.predicate.value,
+        resources=[str(i.resource) for i in request.intents],
+        **fields,
+    )
+
+
 # What rules.wait_die answers when nothing blocks (the common case, decided without a call).
 _GRANT: rules.Verdict[Any] = rules.Verdict(rules.Decision.GRANT)
 _ENDED_COUNTER = {
@@ -875,14 +902,7 @@ class Scheduler:
         if request is not None:
             self._unqueue(request)
             if self._log_leases:
-                _log.info(
-                    "lease.withdrawn",
-                    agent=request.agent_id,
-                    session=request.session_id,
-                    resource=str(request.intents[0].resource),
-                    predicate=request.intents[0].predicate.value,
-                    resources=[str(i.resource) for i in request.intents],
-                )
+                _log_request("lease.withdrawn", request)
             self._reevaluate([i.resource for i in request.intents])
             return _PENDING
         # Granted, but the caller stopped waiting before it saw the answer: give it back.
@@ -1110,13 +1130,9 @@ class Scheduler:
             self._enqueue(request)
             self._counts["waits"] += 1
             if self._log_leases:
-                _log.info(
+                _log_request(
                     "lease.waiting",
-                    agent=request.agent_id,
-                    session=request.session_id,
-                    resource=str(request.intents[0].resource),
-                    predicate=request.intents[0].predicate.value,
-                    resources=[str(i.resource) for i in request.intents],
+                    request,
                     predicates=[i.predicate.value for i in request.intents],
                     blocker=blocker.agent_id,
                 )
@@ -1169,15 +1185,7 @@ class Scheduler:
             if self._journal is not None:
                 self._journal.record_lease(info)
             if self._log_leases:
-                _log.info(
-                    "lease.granted",
-                    agent=lease.agent_id,
-                    session=lease.session_id,
-                    resource=str(lease.resource),
-                    predicate=lease.predicate.value,
-                    token=lease.token,
-                    lease=lease.id,
-                )
+                _log_lease("lease.granted", lease)
         if request.id in self._queued:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
@@ -1372,15 +1380,7 @@ class Scheduler:
                 del lost[next(iter(lost))]
         self._counts[_ENDED_COUNTER[state]] += 1
         if self._log_leases:
-            _log.info(
-                f"lease.{state.value.lower()}",
-                agent=lease.agent_id,
-                session=lease.session_id,
-                resource=str(lease.resource),
-                predicate=lease.predicate.value,
-                token=lease.token,
-                lease=lease.id,
-            )
+            _log_lease(f"lease.{state.value.lower()}", lease)
         for fut in self._watchers.pop(lease.id, ()):
             self._reply(fut, info)
         return info
