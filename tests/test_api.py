@@ -209,7 +209,7 @@ async def test_lease_block_cancelled_by_an_anyio_scope_gives_everything_back() -
         with anyio.move_on_after(0.05):
             async with agent.session() as session:
                 await session.acquire("/z", "MUTATES")
-                await anyio.sleep(5)
+                await anyio.sleep(5)  # simulated work, cut short by the scope
         assert await klock.leases() == []
         check(klock)
 
@@ -220,7 +220,7 @@ async def test_lease_block_cancelled_by_asyncio_timeout() -> None:
         agent = await klock.register_agent("a")
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05), agent.lease("/w", "MUTATES"):
-                await asyncio.sleep(5)
+                await asyncio.sleep(5)  # simulated work, cut short by the timeout
         assert await klock.leases() == []
 
 
