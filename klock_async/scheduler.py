@@ -110,6 +110,7 @@ _ENDED_COUNTER = {
 _LEASE_ID_BYTES = 16  # 128 random bits: a lease id is a capability, it must be unguessable
 _LEASE_ID_POOL = _LEASE_ID_BYTES * 256
 
+_HELD_SWEEP = 1024  # the client side's note of held leases is swept of ended ones past this size
 _LOST_MEMORY = 4096  # expired or revoked leases whose final state a late watcher can still learn
 
 
@@ -207,6 +208,13 @@ class _Release:
     reply: asyncio.Future[Any]
 
 
+@dataclass(slots=True)  # not frozen, like _Acquire
+class _Drop:
+    """A release that wants no answer (see Scheduler.release)."""
+
+    lease_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class _Heartbeat:
     lease_id: str
@@ -272,6 +280,7 @@ class _Lease:
     __slots__ = (
         "agent_id",
         "deadline",
+        "ended",
         "expires_at",
         "id",
         "predicate",
@@ -295,6 +304,7 @@ class _Lease:
         expires_at: float,
         deadline: float,
         request_id: int,
+        ended: asyncio.Future[LeaseState],
     ) -> None:
         self.id = lease_id
         self.agent_id = agent.id
@@ -307,6 +317,9 @@ class _Lease:
         self.expires_at = expires_at
         self.deadline = deadline
         self.request_id = request_id
+        # Resolved with the final state when the lease ends: the notification through which
+        # the client side learns, without asking, that a lease it holds is gone.
+        self.ended = ended
 
     def info(self, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
         # The same frozen value LeaseInfo(...) builds, with its slots set directly: see
@@ -353,6 +366,21 @@ _new_object = object.__new__
     _set_expires_at,
     _set_state,
 ) = _INFO_SETTERS = tuple(LeaseInfo.__dict__[name].__set__ for name in _INFO_FIELDS)
+
+
+def _with_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
+    """A copy of ``info`` in ``state`` (built as _Lease.info builds one)."""
+    copy: LeaseInfo = _new_object(LeaseInfo)
+    _set_id(copy, info.id)
+    _set_agent_id(copy, info.agent_id)
+    _set_session_id(copy, info.session_id)
+    _set_resource(copy, info.resource)
+    _set_predicate(copy, info.predicate)
+    _set_token(copy, info.token)
+    _set_ttl(copy, info.ttl)
+    _set_expires_at(copy, info.expires_at)
+    _set_state(copy, state)
+    return copy
 
 
 class _Request:
@@ -413,8 +441,9 @@ class Scheduler:
         self._wall = clock
         self._agents: dict[str, _Agent] = {}
         self._leases: dict[str, _Lease] = {}
-        self._slots: dict[Resource, _Slot] = {}
-        self._under: dict[Resource, set[Resource]] = {}
+        # Indexes are keyed by Resource.key (the "TYPE:path" string, hashed in C).
+        self._slots: dict[str, _Slot] = {}
+        self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
         self._sessions: dict[tuple[str, str], dict[str, _Lease]] = {}
         self._queued: dict[int, _Request] = {}
         self._expiry: list[tuple[float, str]] = []
@@ -446,6 +475,10 @@ class Scheduler:
             ),
             0,
         )
+        # Client side: what the actor granted through this object and has not yet been told
+        # released, each with the future the actor resolves when the lease ends (release()).
+        self._held: dict[str, tuple[LeaseInfo, asyncio.Future[LeaseState]]] = {}
+        self._held_limit = _HELD_SWEEP
         self._mailbox: deque[Any] = deque()
         self._outbox: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._wakeup: asyncio.Future[None] | None = None
@@ -462,6 +495,7 @@ class Scheduler:
             _Heartbeat: self._on_heartbeat,
             _Withdraw: self._on_withdraw,
             _RegisterAgent: self._on_register,
+            _Drop: self._on_drop,
             _ReleaseSession: self._on_release_session,
             _Revoke: self._on_revoke,
             _WatchLease: self._on_watch,
@@ -543,6 +577,7 @@ class Scheduler:
                 info.expires_at,
                 now + (info.expires_at - now_wall),
                 0,
+                self._loop.create_future(),
             )
             self._attach(lease)
             # A lease that expired while the server was down ends on the first timer tick.
@@ -737,11 +772,9 @@ class Scheduler:
         )
         try:
             if timeout is None:
-                result: tuple[LeaseInfo, ...] = await fut
-                return result
+                return self._granted_now(await fut)
             async with asyncio.timeout(timeout):
-                result = await fut
-                return result
+                return self._granted_now(await fut)
         except TimeoutError:
             if not fut.done() or fut.cancelled():
                 self._withdraw(request_id, agent_id, session_id)
@@ -755,8 +788,24 @@ class Scheduler:
             raise
         # Decided in the loop turn that also ran out the timeout (always so for timeout=0 on a
         # free resource): the decision stands.
-        decided: tuple[LeaseInfo, ...] = fut.result()
-        return decided
+        return self._granted_now(fut.result())
+
+    def _granted_now(
+        self, grants: tuple[tuple[LeaseInfo, asyncio.Future[LeaseState]], ...]
+    ) -> tuple[LeaseInfo, ...]:
+        """Note what the actor granted (see release) and return the snapshots."""
+        held = self._held
+        for info, ended in grants:
+            held[info.id] = (info, ended)
+        if len(held) > self._held_limit:
+            # Leases lost while held and never released leave their entry behind: drop the
+            # ended ones, at a cost proportional to the entries added since the last sweep.
+            for lease_id in [k for k, (_, ended) in held.items() if ended.done()]:
+                del held[lease_id]
+            self._held_limit = max(_HELD_SWEEP, 2 * len(held))
+        if len(grants) == 1:
+            return (grants[0][0],)
+        return tuple(info for info, _ in grants)
 
     def _withdraw(self, request_id: int, agent_id: str, session_id: str) -> None:
         if not self._closed:
@@ -765,10 +814,29 @@ class Scheduler:
     async def release(
         self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
     ) -> LeaseInfo:
-        """End a lease; see :class:`~klock_async.backend.Backend`."""
+        """End a lease; see :class:`~klock_async.backend.Backend`.
+
+        A lease granted through this object, still active as far as the actor has said, is
+        released one-way: the release is posted and the call returns at once, with the
+        snapshot the grant (or the last heartbeat) answered, in state RELEASED. The mailbox is
+        first in, first out, so every message posted after it (by any caller) finds the lease
+        released; nobody else can be granted the resource before the release was posted, so
+        the holder's work was protected until this call. The actor still answers a release
+        that records a causal write, a release by another agent than the holder, one of a
+        lease it already ended (expired or revoked: the holder must learn it was lost), and
+        every release when a journal is attached (the answer waits for the commit).
+        """
+        held = self._held.get(lease_id)
+        if held is not None and not record_write and self._journal is None:
+            info, ended = held
+            if not ended.done() and (agent_id is None or agent_id == info.agent_id):
+                self._post(_Drop(lease_id))
+                del self._held[lease_id]
+                return _with_state(info, LeaseState.RELEASED)
         fut = self._future()  # what _ask does, without its closure and extra coroutine
         self._post(_Release(lease_id, agent_id, record_write, fut))
         result: LeaseInfo = await fut
+        self._held.pop(lease_id, None)
         return result
 
     async def heartbeat(
@@ -778,6 +846,9 @@ class Scheduler:
         if ttl is not None:
             ttl = validate_ttl(ttl)
         result: LeaseInfo = await self._ask(lambda f: _Heartbeat(lease_id, agent_id, ttl, f))
+        held = self._held.get(lease_id)
+        if held is not None:  # a one-way release answers with the latest snapshot
+            self._held[lease_id] = (result, held[1])
         return result
 
     async def release_session(self, agent_id: str, session_id: str) -> int:
@@ -927,6 +998,13 @@ class Scheduler:
         self._reevaluate((lease.resource,))
         return info
 
+    def _on_drop(self, msg: _Drop) -> object:
+        lease = self._leases.get(msg.lease_id)
+        if lease is not None:  # else it expired in this batch, after its holder let it go
+            self._end(lease, LeaseState.RELEASED)
+            self._reevaluate((lease.resource,))
+        return _PENDING
+
     def _on_heartbeat(self, msg: _Heartbeat) -> LeaseInfo:
         lease = self._owned_lease(msg.lease_id, msg.agent_id)
         assert self._loop is not None
@@ -1075,14 +1153,14 @@ class Scheduler:
     def _overlapping(self, resource: Resource) -> Iterable[_Slot]:
         """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
         slots = self._slots
-        slot = slots.get(resource)
+        slot = slots.get(resource.key)
         if slot is not None:
             yield slot
-        for ancestor in resource.ancestors():
+        for ancestor in resource.up:
             slot = slots.get(ancestor)
             if slot is not None:
                 yield slot
-        for below in self._under.get(resource, ()):
+        for below in self._under.get(resource.key, ()):
             yield slots[below]
 
     def _blockers(self, request: _Request) -> list[_Lease | _Request]:
@@ -1157,9 +1235,10 @@ class Scheduler:
                         self._counts["causal_violations"] += 1
                         self._fail(request.reply, self._violation(stale))
                         return False
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
         agent = self._agents[request.agent_id]
-        now_wall, now = self._wall(), self._loop.time()
+        now_wall, now = self._wall(), loop.time()
         infos = []
         for intent in request.intents:
             self._last_token += 1
@@ -1174,11 +1253,12 @@ class Scheduler:
                 now_wall + request.ttl,
                 now + request.ttl,
                 request.id,
+                loop.create_future(),
             )
             self._attach(lease)
             heapq.heappush(self._expiry, (lease.deadline, lease.id))
             info = lease.info()
-            infos.append(info)
+            infos.append((info, lease.ended))
             if request.isolation is IsolationLevel.SERIALIZABLE and intent.predicate is _READ:
                 reads = self._unmerged_reads.setdefault(request.agent_id, {})
                 reads[lease.id] = self._clocks.clock_of(str(intent.resource))
@@ -1276,46 +1356,50 @@ class Scheduler:
             if not request.reply.done():  # else its caller is gone; a withdraw is on its way
                 self._decide(request, new=False)
             return
-        dirty = set(resources)
+        dirty = {resource.key: resource for resource in resources}
         while dirty and self._queued:
             candidates: dict[int, _Request] = {}
-            for resource in dirty:
+            for resource in dirty.values():
                 for slot in self._overlapping(resource):
                     for request, _ in slot.waiters.values():
                         candidates[request.id] = request
-            dirty = set()
+            dirty = {}
             for request in sorted(candidates.values(), key=lambda r: (r.ts, r.id)):
                 if request.id not in self._queued:
                     continue
                 if request.reply.done():  # its caller is gone; a withdraw is on its way
                     continue
                 if self._decide(request, new=False) or request.id not in self._queued:
-                    dirty.update(i.resource for i in request.intents)
+                    dirty.update((i.resource.key, i.resource) for i in request.intents)
 
     # ---------------------------------------------------------------- state changes
 
     def _slot(self, resource: Resource) -> _Slot:
-        slot = self._slots.get(resource)
+        key = resource.key
+        slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[resource] = _Slot()
-            for ancestor in resource.ancestors():
-                below = self._under.get(ancestor)
+            slot = self._slots[key] = _Slot()
+            under = self._under
+            for ancestor in resource.up:
+                below = under.get(ancestor)
                 if below is None:
-                    self._under[ancestor] = {resource}
+                    under[ancestor] = {key}
                 else:
-                    below.add(resource)
+                    below.add(key)
         return slot
 
     def _drop_slot_if_empty(self, resource: Resource) -> None:
-        slot = self._slots.get(resource)
+        key = resource.key
+        slot = self._slots.get(key)
         if slot is None or slot.leases or slot.waiters:
             return
-        del self._slots[resource]
-        for ancestor in resource.ancestors():
-            below = self._under[ancestor]
-            below.discard(resource)
+        del self._slots[key]
+        under = self._under
+        for ancestor in resource.up:
+            below = under[ancestor]
+            below.discard(key)
             if not below:
-                del self._under[ancestor]
+                del under[ancestor]
 
     def _attach(self, lease: _Lease) -> None:
         self._leases[lease.id] = lease
@@ -1335,7 +1419,7 @@ class Scheduler:
     def _unqueue(self, request: _Request) -> None:
         del self._queued[request.id]
         for intent in request.intents:
-            slot = self._slots.get(intent.resource)
+            slot = self._slots.get(intent.resource.key)
             if slot is not None:
                 slot.waiters.pop(request.id, None)
                 self._drop_slot_if_empty(intent.resource)
@@ -1361,7 +1445,7 @@ class Scheduler:
                 self._clocks.observe(lease.agent_id, clock)
                 self._journal_clocks(str(lease.resource), lease.agent_id)
         del self._leases[lease.id]
-        del self._slots[lease.resource].leases[lease.id]
+        del self._slots[lease.resource.key].leases[lease.id]
         self._drop_slot_if_empty(lease.resource)
         key = (lease.agent_id, lease.session_id)
         held = self._sessions[key]
@@ -1378,6 +1462,8 @@ class Scheduler:
             lost[lease.id] = info
             if len(lost) > _LOST_MEMORY:
                 del lost[next(iter(lost))]
+        if not lease.ended.done():
+            lease.ended.set_result(state)
         self._counts[_ENDED_COUNTER[state]] += 1
         if self._log_leases:
             _log_lease(f"lease.{state.value.lower()}", lease)
@@ -1407,7 +1493,7 @@ class Scheduler:
             AssertionError: an invariant does not hold.
         """
         for lease in self._leases.values():
-            assert self._slots[lease.resource].leases[lease.id] is lease
+            assert self._slots[lease.resource.key].leases[lease.id] is lease
             assert self._sessions[(lease.agent_id, lease.session_id)][lease.id] is lease
         assert sum(len(s.leases) for s in self._slots.values()) == len(self._leases)
         assert sum(len(h) for h in self._sessions.values()) == len(self._leases)
@@ -1420,8 +1506,8 @@ class Scheduler:
                     Intent(a.resource, a.predicate), Intent(b.resource, b.predicate)
                 ), f"conflicting active leases {a.info()} and {b.info()}"
         queued_ids = set()
-        for resource, slot in self._slots.items():
-            assert slot.leases or slot.waiters, f"empty slot {resource}"
+        for key, slot in self._slots.items():
+            assert slot.leases or slot.waiters, f"empty slot {key}"
             for rid, (request, _) in slot.waiters.items():
                 assert self._queued[rid] is request
                 queued_ids.add(rid)
@@ -1429,10 +1515,14 @@ class Scheduler:
         for request in self._queued.values():
             for blocker in self._blockers(request):
                 assert request.ts < blocker.ts, "a queued request waits for an older one"
-        expected: dict[Resource, set[Resource]] = {}
-        for resource in self._slots:
-            for ancestor in resource.ancestors():
-                expected.setdefault(ancestor, set()).add(resource)
+        expected: dict[str, set[str]] = {}
+        for slot in self._slots.values():
+            held = [lease.resource for lease in slot.leases.values()]
+            wanted = [i.resource for r, _ in slot.waiters.values() for i in r.intents]
+            (resource,) = {r for r in held + wanted if self._slots.get(r.key) is slot}
+            assert resource.up == tuple(str(a) for a in resource.ancestors())
+            for ancestor in resource.up:
+                expected.setdefault(ancestor, set()).add(resource.key)
         assert expected == self._under
         tokens = [lease.token for lease in self._leases.values()]
         assert len(tokens) == len(set(tokens))

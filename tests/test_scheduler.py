@@ -745,6 +745,7 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
         with pytest.raises(AcquireTimeoutError):
             await old.acquire("/h", "CONSUMES", timeout=0.01)
         await blocker.release()
+        await settle(klock)  # the withdraw and the release are one-way messages
     by_event: dict[str, list[dict[str, Any]]] = {}
     for entry in logs:
         by_event.setdefault(entry["event"], []).append(entry)
