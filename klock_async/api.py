@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import os
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from klock_async.errors import (
     LeaseNotFoundError,
     RetriesExhaustedError,
 )
+from klock_async.ids import new_session_id
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -54,12 +54,6 @@ DEFAULT_TTL = 30.0
 """Seconds a lease lives without a heartbeat unless a ttl is given."""
 
 IntentLike = tuple[Resource | str, Predicate | str] | Intent
-
-
-def _new_session_id() -> str:
-    # 128 random bits as 32 hex digits, as uuid4().hex gave, at a fifth of its cost: every
-    # acquire without a session makes one.
-    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,15 +234,16 @@ class Lease:
             LeaseNotFoundError: released twice.
             LeaseLostError: the lease had expired or been revoked before the release.
         """
-        if self._info.state is LeaseState.RELEASED:
-            raise LeaseNotFoundError(f"lease {self.id!r} was released already")
-        if self.lost:
+        info = self._info
+        if info.state is not LeaseState.ACTIVE:
+            if info.state is LeaseState.RELEASED:
+                raise LeaseNotFoundError(f"lease {info.id!r} was released already")
             raise self._lost_error()
         if record_write is None:
             record_write = self._isolation is IsolationLevel.SERIALIZABLE
         try:
             self._info = await self._backend.release(
-                self.id, self.agent_id, record_write=record_write
+                info.id, info.agent_id, record_write=record_write
             )
         except LeaseNotFoundError:
             await self._mark_gone()
@@ -444,10 +439,21 @@ class _Acquirer:
             InvalidRequestError: bad resource, predicate or ttl (nothing changed).
             UnknownAgentError: the agent is not registered.
         """
-        leases = await self.acquire_many(
-            [(resource, predicate)], ttl=ttl, session=session, wait=wait, timeout=timeout
+        # acquire_many for one intent, without its list and generator (this is the hot path).
+        intent = Intent.of(resource, predicate)
+        ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
+        session_id, isolation = self._session_for(session)
+        backend = self._klock.backend
+        (info,) = await backend.acquire(
+            self._agent_id,
+            session_id,
+            (intent,),
+            ttl=ttl,
+            wait=wait,
+            timeout=timeout,
+            isolation=isolation,
         )
-        return leases[0]
+        return Lease(backend, info, isolation)
 
     async def acquire_many(
         self,
@@ -542,7 +548,7 @@ class Agent(_Acquirer):
         return self._info.ts
 
     def _session_for_call(self) -> tuple[str, IsolationLevel]:
-        return _new_session_id(), IsolationLevel.READ_COMMITTED
+        return new_session_id(), IsolationLevel.READ_COMMITTED
 
     def session(
         self,
@@ -590,7 +596,7 @@ class Session(_Acquirer):
         session_id: str | None = None,
     ) -> None:
         super().__init__(klock, agent_id)
-        self.id = session_id or _new_session_id()
+        self.id = session_id or new_session_id()
         self.isolation = isolation
 
     def __repr__(self) -> str:

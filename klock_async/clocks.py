@@ -235,6 +235,10 @@ class IsolationLevel(enum.Enum):
     of a path whose current version the session never saw.
     """
 
+    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
+    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
+    __hash__ = object.__hash__
+
     SNAPSHOT = "SNAPSHOT"
     READ_COMMITTED = "READ_COMMITTED"
     SERIALIZABLE = "SERIALIZABLE"

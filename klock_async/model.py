@@ -32,6 +32,10 @@ __all__ = [
 class Predicate(enum.Enum):
     """What an agent intends to do with a resource (KLIS-1)."""
 
+    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
+    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
+    __hash__ = object.__hash__
+
     PROVIDES = "PROVIDES"
     CONSUMES = "CONSUMES"
     MUTATES = "MUTATES"
@@ -68,6 +72,10 @@ _PREDICATES = {p.value: p for p in Predicate}  # by name, without building __mem
 
 class ResourceType(enum.Enum):
     """The kind of thing a resource path names."""
+
+    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
+    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
+    __hash__ = object.__hash__
 
     FILE = "FILE"
     SYMBOL = "SYMBOL"
@@ -272,6 +280,10 @@ _INFINITY = float("inf")
 
 class LeaseState(enum.Enum):
     """Where a lease is in its life."""
+
+    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
+    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
+    __hash__ = object.__hash__
 
     ACTIVE = "ACTIVE"
     RELEASED = "RELEASED"

@@ -11,12 +11,10 @@ revocation that frees it: nothing polls.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import heapq
 import itertools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +41,7 @@ from klock_async.errors import (
     NotLeaseOwnerError,
     UnknownAgentError,
 )
+from klock_async.ids import new_lease_id
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -59,6 +58,7 @@ __all__ = ["Journal", "RecoveredState", "Scheduler"]
 _log = structlog.get_logger("klock_async")
 
 _READ = Predicate.CONSUMES
+_RELEASED = LeaseState.RELEASED
 
 
 def _info_enabled(logger: Any) -> bool:
@@ -107,9 +107,7 @@ _ENDED_COUNTER = {
     LeaseState.REVOKED: "revocations",
 }
 
-_LEASE_ID_BYTES = 16  # 128 random bits: a lease id is a capability, it must be unguessable
-_LEASE_ID_POOL = _LEASE_ID_BYTES * 256
-
+_IDLE_SLOTS = 1024  # empty resource slots kept for reuse (see Scheduler._idle_slot)
 _HELD_SWEEP = 1024  # the client side's note of held leases is swept of ended ones past this size
 _LOST_MEMORY = 4096  # expired or revoked leases whose final state a late watcher can still learn
 
@@ -178,12 +176,18 @@ class _RegisterAgent:
     reply: asyncio.Future[Any]
 
 
-# The two messages of every acquire+release pair are not frozen: a frozen dataclass's __init__
+# The messages of every acquire+release pair are not frozen: a frozen dataclass's __init__
 # sets each field with object.__setattr__ (about 1 us for _Acquire's eight), a plain one with
-# a slot store. Nothing mutates a message once posted.
+# a slot store.
 @dataclass(slots=True)
 class _Acquire:
-    request_id: int
+    """A request for leases, all or none.
+
+    The actor keeps the message itself as the request it decides and queues (``_Request``):
+    on arrival it sets ``ts`` to the agent's age, and nothing else ever changes it.
+    """
+
+    id: int
     agent_id: str
     session_id: str
     intents: tuple[Intent, ...]
@@ -191,6 +195,10 @@ class _Acquire:
     wait: bool
     isolation: IsolationLevel
     reply: asyncio.Future[Any]
+    ts: int = 0
+
+
+_Request = _Acquire
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +208,7 @@ class _Withdraw:
     session_id: str
 
 
-@dataclass(slots=True)  # not frozen, like _Acquire
+@dataclass(slots=True)  # not frozen: see _Acquire
 class _Release:
     lease_id: str
     agent_id: str | None
@@ -208,7 +216,7 @@ class _Release:
     reply: asyncio.Future[Any]
 
 
-@dataclass(slots=True)  # not frozen, like _Acquire
+@dataclass(slots=True)  # not frozen: see _Acquire
 class _Drop:
     """A release that wants no answer (see Scheduler.release)."""
 
@@ -383,20 +391,6 @@ def _with_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
     return copy
 
 
-class _Request:
-    __slots__ = ("agent_id", "id", "intents", "isolation", "reply", "session_id", "ts", "ttl")
-
-    def __init__(self, msg: _Acquire, agent: _Agent) -> None:
-        self.id = msg.request_id
-        self.agent_id = agent.id
-        self.ts = agent.ts
-        self.session_id = msg.session_id
-        self.intents = msg.intents
-        self.ttl = msg.ttl
-        self.isolation = msg.isolation
-        self.reply = msg.reply
-
-
 class _Slot:
     """Everything attached to one resource: its active leases and its queued requests."""
 
@@ -431,7 +425,8 @@ class Scheduler:
     # - no two active leases of different sessions conflict (rules.intents_conflict);
     # - every queued request is strictly older than each of its blockers (Wait-Die);
     # - _under[r] is exactly the set of resources with a slot strictly below r;
-    # - a slot exists only while it has leases or waiters;
+    # - a slot exists only while it has leases or waiters, or is one of the last _IDLE_SLOTS
+    #   emptied (in _idle, in the order they emptied);
     # - _last_token only grows; each grant takes the next value.
 
     def __init__(
@@ -444,6 +439,7 @@ class Scheduler:
         # Indexes are keyed by Resource.key (the "TYPE:path" string, hashed in C).
         self._slots: dict[str, _Slot] = {}
         self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
+        self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
         self._sessions: dict[tuple[str, str], dict[str, _Lease]] = {}
         self._queued: dict[int, _Request] = {}
         self._expiry: list[tuple[float, str]] = []
@@ -457,8 +453,6 @@ class Scheduler:
         self._last_token = 0
         self._last_agent_ts = 0
         self._request_ids = itertools.count(1)
-        self._id_pool = b""  # random bytes not yet spent on lease ids
-        self._id_at = 0
         self._log_leases = True  # _info_enabled(), refreshed at the start of each batch
         self._logger: Any = None  # the bound logger _log_leases was computed for
         self._counts = dict.fromkeys(
@@ -795,16 +789,20 @@ class Scheduler:
     ) -> tuple[LeaseInfo, ...]:
         """Note what the actor granted (see release) and return the snapshots."""
         held = self._held
-        for info, ended in grants:
+        if len(grants) == 1:
+            ((info, ended),) = grants
             held[info.id] = (info, ended)
+            if len(held) <= self._held_limit:
+                return (info,)
+        else:
+            for info, ended in grants:
+                held[info.id] = (info, ended)
         if len(held) > self._held_limit:
             # Leases lost while held and never released leave their entry behind: drop the
             # ended ones, at a cost proportional to the entries added since the last sweep.
             for lease_id in [k for k, (_, ended) in held.items() if ended.done()]:
                 del held[lease_id]
             self._held_limit = max(_HELD_SWEEP, 2 * len(held))
-        if len(grants) == 1:
-            return (grants[0][0],)
         return tuple(info for info, _ in grants)
 
     def _withdraw(self, request_id: int, agent_id: str, session_id: str) -> None:
@@ -962,10 +960,10 @@ class Scheduler:
         return info
 
     def _on_acquire(self, msg: _Acquire) -> object:
-        agent = self._agent(msg.agent_id)
+        agent = self._agents.get(msg.agent_id) or self._agent(msg.agent_id)
         if not msg.reply.done():
-            request = _Request(msg, agent)
-            self._decide(request, new=True, wait=msg.wait)
+            msg.ts = agent.ts
+            self._decide(msg, new=True, wait=msg.wait)
         return _PENDING
 
     def _on_withdraw(self, msg: _Withdraw) -> object:
@@ -994,7 +992,7 @@ class Scheduler:
             result = self._clocks.write(str(lease.resource), lease.agent_id, strict=False)
             self._journal_clocks(str(lease.resource), lease.agent_id)
             assert not isinstance(result, StaleWrite)
-        info = self._end(lease, LeaseState.RELEASED)
+        info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
         self._reevaluate((lease.resource,))
         return info
 
@@ -1048,7 +1046,7 @@ class Scheduler:
                         "nothing is held. Acquire again if the agent is still at work."
                     ),
                 )
-        infos = [self._end(lease, LeaseState.REVOKED) for lease in leases]
+        infos = [self._end(lease, LeaseState.REVOKED) or lease.info() for lease in leases]
         self._reevaluate([lease.resource for lease in leases])
         return infos
 
@@ -1150,18 +1148,19 @@ class Scheduler:
 
     # ---------------------------------------------------------------- Wait-Die
 
-    def _overlapping(self, resource: Resource) -> Iterable[_Slot]:
+    def _overlapping(self, resource: Resource) -> list[_Slot]:
         """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
         slots = self._slots
         slot = slots.get(resource.key)
-        if slot is not None:
-            yield slot
+        found = [] if slot is None else [slot]
         for ancestor in resource.up:
             slot = slots.get(ancestor)
             if slot is not None:
-                yield slot
-        for below in self._under.get(resource.key, ()):
-            yield slots[below]
+                found.append(slot)
+        below = self._under.get(resource.key)
+        if below:
+            found.extend([slots[key] for key in below])
+        return found
 
     def _blockers(self, request: _Request) -> list[_Lease | _Request]:
         found: list[_Lease | _Request] = []
@@ -1243,7 +1242,7 @@ class Scheduler:
         for intent in request.intents:
             self._last_token += 1
             lease = _Lease(
-                self._new_lease_id(),
+                new_lease_id(),
                 agent,
                 request.session_id,
                 intent.resource,
@@ -1274,19 +1273,6 @@ class Scheduler:
             self._journal.record_counters(self._last_token, self._last_agent_ts)
         self._reply(request.reply, tuple(infos))
         return True
-
-    def _new_lease_id(self) -> str:
-        """A fresh unguessable id, as ``secrets.token_urlsafe(16)`` makes one.
-
-        The random bytes come from ``os.urandom``, as the secrets module's do, but are read
-        256 ids at a time: one system call per id made an id cost twice as much.
-        """
-        at = self._id_at
-        if at == len(self._id_pool):
-            self._id_pool, at = os.urandom(_LEASE_ID_POOL), 0
-        self._id_at = at + _LEASE_ID_BYTES
-        chunk = self._id_pool[at : at + _LEASE_ID_BYTES]
-        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode("ascii")
 
     def _die(self, request: _Request, blocker: _Lease | _Request) -> None:
         self._counts["deaths"] += 1
@@ -1386,13 +1372,29 @@ class Scheduler:
                     under[ancestor] = {key}
                 else:
                     below.add(key)
+        elif not slot.leases and not slot.waiters:
+            del self._idle[key]
         return slot
 
     def _drop_slot_if_empty(self, resource: Resource) -> None:
+        slot = self._slots.get(resource.key)
+        if slot is not None and not slot.leases and not slot.waiters:
+            self._idle_slot(resource)
+
+    def _idle_slot(self, resource: Resource) -> None:
+        """Keep the emptied slot of ``resource`` for reuse; drop the oldest idle one past the cap.
+
+        Agents come back to the same files: reusing a slot spares the hierarchy index
+        (``_under``) an update per ancestor at every grant and release.
+        """
+        idle = self._idle
+        idle[resource.key] = resource
+        if len(idle) > _IDLE_SLOTS:
+            oldest = next(iter(idle))
+            self._forget_slot(idle.pop(oldest))
+
+    def _forget_slot(self, resource: Resource) -> None:
         key = resource.key
-        slot = self._slots.get(key)
-        if slot is None or slot.leases or slot.waiters:
-            return
         del self._slots[key]
         under = self._under
         for ancestor in resource.up:
@@ -1434,8 +1436,12 @@ class Scheduler:
             seen = seen.merge(clock)
         return seen
 
-    def _end(self, lease: _Lease, state: LeaseState, *, seen: bool = True) -> LeaseInfo:
-        """End an active lease; ``seen`` is false when its holder never received it."""
+    def _end(self, lease: _Lease, state: LeaseState, *, seen: bool = True) -> LeaseInfo | None:
+        """End an active lease; ``seen`` is false when its holder never received it.
+
+        Returns the final snapshot when one was needed (journal, watchers, a loss), else None:
+        a one-way release wants none, and building it was a tenth of the release's cost.
+        """
         reads = self._unmerged_reads.get(lease.agent_id)
         if reads is not None and lease.id in reads:
             clock = reads.pop(lease.id)
@@ -1444,30 +1450,36 @@ class Scheduler:
             if seen and state is LeaseState.RELEASED:
                 self._clocks.observe(lease.agent_id, clock)
                 self._journal_clocks(str(lease.resource), lease.agent_id)
-        del self._leases[lease.id]
-        del self._slots[lease.resource.key].leases[lease.id]
-        self._drop_slot_if_empty(lease.resource)
+        lease_id = lease.id
+        del self._leases[lease_id]
+        slot = self._slots[lease.resource.key]
+        del slot.leases[lease_id]
+        if not slot.leases and not slot.waiters:
+            self._idle_slot(lease.resource)
         key = (lease.agent_id, lease.session_id)
         held = self._sessions[key]
-        del held[lease.id]
+        del held[lease_id]
         if not held:
             del self._sessions[key]
-        info = lease.info(state)
-        if self._journal is not None:
-            self._journal.record_lease(info)
-        if state is not LeaseState.RELEASED:
-            # Its holder may start watching only now (a revocation right after the grant):
-            # keep the final snapshot so the watch reports the loss, not "unknown lease".
-            lost = self._lost
-            lost[lease.id] = info
-            if len(lost) > _LOST_MEMORY:
-                del lost[next(iter(lost))]
+        watchers = self._watchers.pop(lease_id, None)
+        info = None
+        if watchers is not None or self._journal is not None or state is not _RELEASED:
+            info = lease.info(state)
+            if self._journal is not None:
+                self._journal.record_lease(info)
+            if state is not _RELEASED:
+                # Its holder may start watching only now (a revocation right after the grant):
+                # keep the final snapshot so the watch reports the loss, not "unknown lease".
+                lost = self._lost
+                lost[lease_id] = info
+                if len(lost) > _LOST_MEMORY:
+                    del lost[next(iter(lost))]
         if not lease.ended.done():
             lease.ended.set_result(state)
         self._counts[_ENDED_COUNTER[state]] += 1
         if self._log_leases:
             _log_lease(f"lease.{state.value.lower()}", lease)
-        for fut in self._watchers.pop(lease.id, ()):
+        for fut in watchers or ():
             self._reply(fut, info)
         return info
 
@@ -1507,10 +1519,11 @@ class Scheduler:
                 ), f"conflicting active leases {a.info()} and {b.info()}"
         queued_ids = set()
         for key, slot in self._slots.items():
-            assert slot.leases or slot.waiters, f"empty slot {key}"
+            assert bool(slot.leases or slot.waiters) != (key in self._idle), f"slot {key}"
             for rid, (request, _) in slot.waiters.items():
                 assert self._queued[rid] is request
                 queued_ids.add(rid)
+        assert len(self._idle) <= _IDLE_SLOTS
         assert queued_ids == set(self._queued)
         for request in self._queued.values():
             for blocker in self._blockers(request):
@@ -1519,7 +1532,8 @@ class Scheduler:
         for slot in self._slots.values():
             held = [lease.resource for lease in slot.leases.values()]
             wanted = [i.resource for r, _ in slot.waiters.values() for i in r.intents]
-            (resource,) = {r for r in held + wanted if self._slots.get(r.key) is slot}
+            found = {r for r in held + wanted if self._slots.get(r.key) is slot}
+            (resource,) = found or {self._idle[key] for key, s in self._slots.items() if s is slot}
             assert resource.up == tuple(str(a) for a in resource.ancestors())
             for ancestor in resource.up:
                 expected.setdefault(ancestor, set()).add(resource.key)
