@@ -439,10 +439,15 @@ class _Acquirer:
             InvalidRequestError: bad resource, predicate or ttl (nothing changed).
             UnknownAgentError: the agent is not registered.
         """
-        # acquire_many for one intent, without its list and generator (this is the hot path).
+        # acquire_many for one intent, without its list and generator (this is the hot path;
+        # the backend validates the ttl).
         intent = Intent.of(resource, predicate)
-        ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
-        session_id, isolation = self._session_for(session)
+        if ttl is None:
+            ttl = self._klock.default_ttl
+        if session is None:
+            session_id, isolation = self._session_for_call()
+        else:
+            session_id, isolation = self._session_for(session)
         backend = self._klock.backend
         (info,) = await backend.acquire(
             self._agent_id,

@@ -57,6 +57,7 @@ __all__ = ["Journal", "RecoveredState", "Scheduler"]
 
 _log = structlog.get_logger("klock_async")
 
+_Future = asyncio.Future
 _READ = Predicate.CONSUMES
 _RELEASED = LeaseState.RELEASED
 
@@ -108,6 +109,8 @@ _ENDED_COUNTER = {
 }
 
 _IDLE_SLOTS = 1024  # empty resource slots kept for reuse (see Scheduler._idle_slot)
+_LATER_SWEEP = 1024  # Scheduler._later is swept of ended leases' entries past this size
+_NEVER = float("inf")
 _HELD_SWEEP = 1024  # the client side's note of held leases is swept of ended ones past this size
 _LOST_MEMORY = 4096  # expired or revoked leases whose final state a late watcher can still learn
 
@@ -303,7 +306,8 @@ class _Lease:
     def __init__(
         self,
         lease_id: str,
-        agent: _Agent,
+        agent_id: str,
+        ts: int,
         session_id: str,
         resource: Resource,
         predicate: Predicate,
@@ -315,8 +319,8 @@ class _Lease:
         ended: asyncio.Future[LeaseState],
     ) -> None:
         self.id = lease_id
-        self.agent_id = agent.id
-        self.ts = agent.ts
+        self.agent_id = agent_id
+        self.ts = ts
         self.session_id = session_id
         self.resource = resource
         self.predicate = predicate
@@ -442,7 +446,13 @@ class Scheduler:
         self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
         self._sessions: dict[tuple[str, str], dict[str, _Lease]] = {}
         self._queued: dict[int, _Request] = {}
+        # Expiry: a heap of (deadline, lease id), and the deadlines noted since the timer was
+        # armed that fall at or after it (the armed timer covers them; they join the heap when
+        # it fires). A grant appends to a list instead of pushing onto a heap that its release
+        # would leave a stale entry in. Entries of ended or extended leases are dropped lazily.
         self._expiry: list[tuple[float, str]] = []
+        self._later: list[tuple[float, str]] = []
+        self._later_limit = _LATER_SWEEP
         self._watchers: dict[str, list[asyncio.Future[Any]]] = {}
         # agent -> {lease id: the path clock at the grant of a SERIALIZABLE CONSUMES it holds}.
         # The read joins the agent's clock when its holder releases the lease, not at grant: a
@@ -477,7 +487,7 @@ class Scheduler:
         self._outbox: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._wakeup: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
+        self._timer_at = _NEVER
         self._task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None  # shutdown after a journal failure
         self._deciding: _Request | None = None  # last request _decide saw; failed on a crash
@@ -562,7 +572,8 @@ class Scheduler:
                 continue
             lease = _Lease(
                 info.id,
-                self._agents[info.agent_id],
+                info.agent_id,
+                self._agents[info.agent_id].ts,
                 info.session_id,
                 info.resource,
                 info.predicate,
@@ -575,7 +586,7 @@ class Scheduler:
             )
             self._attach(lease)
             # A lease that expired while the server was down ends on the first timer tick.
-            heapq.heappush(self._expiry, (lease.deadline, lease.id))
+            self._note_deadline(lease.deadline, lease.id)
             self._last_token = max(self._last_token, info.token)
         self._clocks = VectorClockManager.restore(
             state.path_clocks, state.agent_clocks, state.conflict_count
@@ -595,7 +606,7 @@ class Scheduler:
 
     def _wake(self) -> None:
         self._timer = None
-        self._timer_at = float("inf")
+        self._timer_at = _NEVER
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
@@ -631,7 +642,6 @@ class Scheduler:
         mailbox = self._mailbox
         handlers = self._handlers
         counts = self._counts
-        self._arm_timer(loop)  # recovered leases may be due already
         while True:
             if not mailbox:
                 self._wakeup = loop.create_future()
@@ -640,7 +650,11 @@ class Scheduler:
             logger = _log.bind()  # the same object each time once structlog caches it
             if logger is not self._logger:
                 self._logger, self._log_leases = logger, _info_enabled(logger)
-            if self._expiry and self._expiry[0][0] <= loop.time():
+            # The timer fired, or is due and has not run yet (then the leases end before
+            # this batch, not after it).
+            if self._timer is None and (self._expiry or self._later):
+                self._expire_due(loop.time())
+            elif self._timer_at <= loop.time():
                 self._expire_due(loop.time())
             n = len(mailbox)
             counts["batches"] += 1
@@ -666,7 +680,6 @@ class Scheduler:
                     self._journal_failed(exc)
                     return
             self._flush()
-            self._arm_timer(loop)
 
     def _journal_failed(self, exc: Exception) -> None:
         _log.error("journal.failed", error=repr(exc))
@@ -697,23 +710,29 @@ class Scheduler:
     def _fail(self, fut: asyncio.Future[Any], exc: BaseException) -> None:
         self._outbox.append((fut, None, exc))
 
-    def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
-        heap = self._expiry
-        # Drop heap entries of leases that ended or were extended (lazy deletion).
-        while heap:
-            deadline, lease_id = heap[0]
-            lease = self._leases.get(lease_id)
-            if lease is not None and lease.deadline == deadline:
-                break
-            heapq.heappop(heap)
-        if not heap:
-            return
-        at = heap[0][0]
-        if at < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(at, self._wake)
-            self._timer_at = at
+    def _note_deadline(self, deadline: float, lease_id: str) -> None:
+        """Have the lease checked for expiry at ``deadline`` (grant, heartbeat, recovery)."""
+        if deadline >= self._timer_at:
+            later = self._later
+            later.append((deadline, lease_id))
+            if len(later) > self._later_limit:  # mostly leases released since: drop those
+                self._later = [entry for entry in later if self._current(entry)]
+                self._later_limit = max(_LATER_SWEEP, 2 * len(self._later))
+        else:
+            heapq.heappush(self._expiry, (deadline, lease_id))
+            self._arm(deadline)
+
+    def _current(self, entry: tuple[float, str]) -> bool:
+        """Whether an expiry entry still belongs to an active lease (not ended or extended)."""
+        lease = self._leases.get(entry[1])
+        return lease is not None and lease.deadline == entry[0]
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer = self._loop.call_at(at, self._wake)
+        self._timer_at = at
 
     # ---------------------------------------------------------------- client side (Backend)
 
@@ -721,7 +740,7 @@ class Scheduler:
         loop = self._loop
         if loop is None:
             raise KernelClosedError("the klock kernel was not started; use 'async with Klock()'")
-        return loop.create_future()
+        return _Future(loop=loop)  # what loop.create_future() returns, without its frame
 
     async def _ask(self, make: Callable[[asyncio.Future[Any]], Any]) -> Any:
         fut = self._future()
@@ -1010,7 +1029,7 @@ class Scheduler:
         lease.ttl = ttl
         lease.expires_at = self._wall() + ttl
         lease.deadline = self._loop.time() + ttl
-        heapq.heappush(self._expiry, (lease.deadline, lease.id))
+        self._note_deadline(lease.deadline, lease.id)
         info = lease.info()
         if self._journal is not None:
             self._journal.record_lease(info)
@@ -1166,9 +1185,21 @@ class Scheduler:
         found: list[_Lease | _Request] = []
         agent_id, session_id, ts = request.agent_id, request.session_id, request.ts
         compatible = rules.COMPATIBLE
+        slots, under = self._slots, self._under
         for intent in request.intents:
             allowed = compatible[intent.predicate]
-            for slot in self._overlapping(intent.resource):
+            resource = intent.resource
+            # What _overlapping() lists, built inline: this runs for every request.
+            slot = slots.get(resource.key)
+            overlapping = [] if slot is None else [slot]
+            for ancestor in resource.up:
+                slot = slots.get(ancestor)
+                if slot is not None:
+                    overlapping.append(slot)
+            below = under.get(resource.key)
+            if below:
+                overlapping.extend([slots[key] for key in below])
+            for slot in overlapping:
                 for lease in slot.leases.values():
                     if lease.predicate in allowed:
                         continue
@@ -1236,26 +1267,28 @@ class Scheduler:
                         return False
         loop = self._loop
         assert loop is not None
-        agent = self._agents[request.agent_id]
-        now_wall, now = self._wall(), loop.time()
+        ttl = request.ttl
+        expires_at, deadline = self._wall() + ttl, loop.time() + ttl
         infos = []
         for intent in request.intents:
             self._last_token += 1
+            lease_id = new_lease_id()
             lease = _Lease(
-                new_lease_id(),
-                agent,
+                lease_id,
+                request.agent_id,
+                request.ts,
                 request.session_id,
                 intent.resource,
                 intent.predicate,
                 self._last_token,
-                request.ttl,
-                now_wall + request.ttl,
-                now + request.ttl,
+                ttl,
+                expires_at,
+                deadline,
                 request.id,
-                loop.create_future(),
+                _Future(loop=loop),
             )
             self._attach(lease)
-            heapq.heappush(self._expiry, (lease.deadline, lease.id))
+            self._note_deadline(deadline, lease_id)
             info = lease.info()
             infos.append((info, lease.ended))
             if request.isolation is IsolationLevel.SERIALIZABLE and intent.predicate is _READ:
@@ -1404,14 +1437,18 @@ class Scheduler:
                 del under[ancestor]
 
     def _attach(self, lease: _Lease) -> None:
-        self._leases[lease.id] = lease
-        self._slot(lease.resource).leases[lease.id] = lease
+        lease_id = lease.id
+        self._leases[lease_id] = lease
+        slot = self._slots.get(lease.resource.key)
+        if slot is None or (not slot.leases and not slot.waiters):
+            slot = self._slot(lease.resource)
+        slot.leases[lease_id] = lease
         key = (lease.agent_id, lease.session_id)
         held = self._sessions.get(key)
         if held is None:
-            self._sessions[key] = {lease.id: lease}
+            self._sessions[key] = {lease_id: lease}
         else:
-            held[lease.id] = lease
+            held[lease_id] = lease
 
     def _enqueue(self, request: _Request) -> None:
         self._queued[request.id] = request
@@ -1484,7 +1521,16 @@ class Scheduler:
         return info
 
     def _expire_due(self, now: float) -> None:
+        """End the leases due by ``now`` and arm the timer for the next deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = _NEVER
         heap = self._expiry
+        for entry in self._later:
+            if self._current(entry):
+                heapq.heappush(heap, entry)
+        self._later = []
         expired: list[Resource] = []
         while heap and heap[0][0] <= now:
             deadline, lease_id = heapq.heappop(heap)
@@ -1493,6 +1539,10 @@ class Scheduler:
                 continue  # released earlier, or extended by a heartbeat
             self._end(lease, LeaseState.EXPIRED)
             expired.append(lease.resource)
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            self._arm(heap[0][0])
         if expired:
             self._reevaluate(expired)
 
@@ -1538,6 +1588,12 @@ class Scheduler:
             for ancestor in resource.up:
                 expected.setdefault(ancestor, set()).add(resource.key)
         assert expected == self._under
+        entries = set(self._expiry) | set(self._later)
+        for lease in self._leases.values():
+            assert (lease.deadline, lease.id) in entries, f"no expiry entry for {lease.id}"
+            # Armed no later than every deadline (or fired, and the actor has yet to run).
+            assert self._timer is None or self._timer_at <= lease.deadline
+        assert self._timer is None or all(d >= self._timer_at for d, _ in self._later)
         tokens = [lease.token for lease in self._leases.values()]
         assert len(tokens) == len(set(tokens))
         assert all(t <= self._last_token for t in tokens)
