@@ -652,9 +652,8 @@ class Scheduler:
                 self._logger, self._log_leases = logger, _info_enabled(logger)
             # The timer fired, or is due and has not run yet (then the leases end before
             # this batch, not after it).
-            if self._timer is None and (self._expiry or self._later):
-                self._expire_due(loop.time())
-            elif self._timer_at <= loop.time():
+            fired = self._timer is None and (self._expiry or self._later)
+            if fired or self._timer_at <= loop.time():
                 self._expire_due(loop.time())
             n = len(mailbox)
             counts["batches"] += 1
