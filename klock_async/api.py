@@ -448,7 +448,7 @@ class _Acquirer:
             session_id, isolation = self._session_for_call()
         else:
             session_id, isolation = self._session_for(session)
-        backend = self._klock.backend
+        backend = self._klock._backend or self._klock.backend  # the property raises if unset
         (info,) = await backend.acquire(
             self._agent_id,
             session_id,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterator
 
 __all__ = ["new_lease_id", "new_session_id"]
 
@@ -20,29 +19,26 @@ _LEASE_ID_BYTES = 18  # 144 random bits: 24 url-safe characters, no padding
 _SESSION_ID_BYTES = 16  # 128 random bits: 32 hex digits, as uuid4().hex
 
 
-def _lease_ids() -> Iterator[str]:
+# Ids not yet handed out; new_*_id() pops from the end and refills when empty.
+_lease_pool: list[str] = []
+_session_pool: list[str] = []
+
+
+def _refill_lease_ids() -> None:
     width = _LEASE_ID_BYTES * 4 // 3
-    while True:
-        text = base64.urlsafe_b64encode(os.urandom(_LEASE_ID_BYTES * _BATCH)).decode("ascii")
-        for at in range(0, len(text), width):
-            yield text[at : at + width]
+    text = base64.urlsafe_b64encode(os.urandom(_LEASE_ID_BYTES * _BATCH)).decode("ascii")
+    _lease_pool.extend(text[at : at + width] for at in range(0, len(text), width))
 
 
-def _session_ids() -> Iterator[str]:
+def _refill_session_ids() -> None:
     width = _SESSION_ID_BYTES * 2
-    while True:
-        text = os.urandom(_SESSION_ID_BYTES * _BATCH).hex()
-        for at in range(0, len(text), width):
-            yield text[at : at + width]
-
-
-_lease_pool = _lease_ids()
-_session_pool = _session_ids()
+    text = os.urandom(_SESSION_ID_BYTES * _BATCH).hex()
+    _session_pool.extend(text[at : at + width] for at in range(0, len(text), width))
 
 
 def _fresh_pools() -> None:
-    global _lease_pool, _session_pool
-    _lease_pool, _session_pool = _lease_ids(), _session_ids()
+    _lease_pool.clear()
+    _session_pool.clear()
 
 
 os.register_at_fork(after_in_child=_fresh_pools)
@@ -50,9 +46,13 @@ os.register_at_fork(after_in_child=_fresh_pools)
 
 def new_lease_id() -> str:
     """A fresh lease id: 24 url-safe characters carrying 144 random bits."""
-    return next(_lease_pool)
+    if not _lease_pool:
+        _refill_lease_ids()
+    return _lease_pool.pop()
 
 
 def new_session_id() -> str:
     """A fresh session id: 32 hex digits carrying 128 random bits."""
-    return next(_session_pool)
+    if not _session_pool:
+        _refill_session_ids()
+    return _session_pool.pop()

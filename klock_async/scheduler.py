@@ -58,7 +58,11 @@ __all__ = ["Journal", "RecoveredState", "Scheduler"]
 _log = structlog.get_logger("klock_async")
 
 _Future = asyncio.Future
+# What the actor answers a granted request with, per lease: the snapshot, and the future it
+# resolves when the lease ends.
+_Grant = tuple[LeaseInfo, "asyncio.Future[LeaseState]"]
 _READ = Predicate.CONSUMES
+_SERIALIZABLE = IsolationLevel.SERIALIZABLE
 _RELEASED = LeaseState.RELEASED
 
 
@@ -481,7 +485,7 @@ class Scheduler:
         )
         # Client side: what the actor granted through this object and has not yet been told
         # released, each with the future the actor resolves when the lease ends (release()).
-        self._held: dict[str, tuple[LeaseInfo, asyncio.Future[LeaseState]]] = {}
+        self._held: dict[str, _Grant] = {}
         self._held_limit = _HELD_SWEEP
         self._mailbox: deque[Any] = deque()
         self._outbox: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
@@ -622,8 +626,9 @@ class Scheduler:
         with contextlib.suppress(Exception):
             _log.error("scheduler.crashed", error=repr(exc))
         error = KernelClosedError(
-            f"the klock scheduler stopped on an unexpected error ({exc!r}); nothing of its "
-            "last batch was granted. Start a new kernel."
+            f"the klock scheduler stopped on an unexpected error ({exc!r}); the request it "
+            "was deciding was not granted, and no lease of this kernel holds any longer. "
+            "Start a new kernel."
         )
         error.__cause__ = exc
         futures = [fut for fut, _, _ in self._outbox]
@@ -644,7 +649,7 @@ class Scheduler:
         counts = self._counts
         while True:
             if not mailbox:
-                self._wakeup = loop.create_future()
+                self._wakeup = _Future(loop=loop)
                 await self._wakeup
                 self._wakeup = None
             logger = _log.bind()  # the same object each time once structlog caches it
@@ -663,7 +668,7 @@ class Scheduler:
                 try:
                     result = handlers[type(msg)](msg)
                 except KlockError as exc:
-                    self._outbox.append((msg.reply, None, exc))
+                    self._fail(msg.reply, exc)
                 except Exception:
                     reply = getattr(msg, "reply", None)
                     if reply is not None:
@@ -671,14 +676,15 @@ class Scheduler:
                     raise
                 else:
                     if result is not _PENDING:
-                        self._outbox.append((msg.reply, result, None))
+                        self._reply(msg.reply, result)
             if self._journal is not None:
                 try:
                     await self._journal.commit()
                 except Exception as exc:  # the disk failed: nothing of this batch is durable
                     self._journal_failed(exc)
                     return
-            self._flush()
+            if self._outbox:
+                self._flush()
 
     def _journal_failed(self, exc: Exception) -> None:
         _log.error("journal.failed", error=repr(exc))
@@ -703,11 +709,20 @@ class Scheduler:
             else:
                 fut.set_result(value)
 
+    # Without a journal an answer is given at once; with one it waits in the outbox for the
+    # batch's commit (group commit: nobody hears of a grant the journal may not hold).
+
     def _reply(self, fut: asyncio.Future[Any], value: Any) -> None:
-        self._outbox.append((fut, value, None))
+        if self._journal is not None:
+            self._outbox.append((fut, value, None))
+        elif not fut.done():
+            fut.set_result(value)
 
     def _fail(self, fut: asyncio.Future[Any], exc: BaseException) -> None:
-        self._outbox.append((fut, None, exc))
+        if self._journal is not None:
+            self._outbox.append((fut, None, exc))
+        elif not fut.done():
+            fut.set_exception(exc)
 
     def _note_deadline(self, deadline: float, lease_id: str) -> None:
         """Have the lease checked for expiry at ``deadline`` (grant, heartbeat, recovery)."""
@@ -779,9 +794,8 @@ class Scheduler:
             raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
         fut = self._future()
         request_id = next(self._request_ids)
-        self._post(
-            _Acquire(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
-        )
+        msg = _Acquire(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
+        self._post(msg)
         try:
             if timeout is None:
                 return self._granted_now(await fut)
@@ -802,19 +816,18 @@ class Scheduler:
         # free resource): the decision stands.
         return self._granted_now(fut.result())
 
-    def _granted_now(
-        self, grants: tuple[tuple[LeaseInfo, asyncio.Future[LeaseState]], ...]
-    ) -> tuple[LeaseInfo, ...]:
+    def _granted_now(self, grants: tuple[_Grant, ...]) -> tuple[LeaseInfo, ...]:
         """Note what the actor granted (see release) and return the snapshots."""
         held = self._held
         if len(grants) == 1:
-            ((info, ended),) = grants
-            held[info.id] = (info, ended)
+            (grant,) = grants
+            info = grant[0]
+            held[info.id] = grant
             if len(held) <= self._held_limit:
                 return (info,)
         else:
-            for info, ended in grants:
-                held[info.id] = (info, ended)
+            for grant in grants:
+                held[grant[0].id] = grant
         if len(held) > self._held_limit:
             # Leases lost while held and never released leave their entry behind: drop the
             # ended ones, at a cost proportional to the entries added since the last sweep.
@@ -981,7 +994,7 @@ class Scheduler:
         agent = self._agents.get(msg.agent_id) or self._agent(msg.agent_id)
         if not msg.reply.done():
             msg.ts = agent.ts
-            self._decide(msg, new=True, wait=msg.wait)
+            self._decide(msg, True, msg.wait)
         return _PENDING
 
     def _on_withdraw(self, msg: _Withdraw) -> object:
@@ -1018,7 +1031,8 @@ class Scheduler:
         lease = self._leases.get(msg.lease_id)
         if lease is not None:  # else it expired in this batch, after its holder let it go
             self._end(lease, LeaseState.RELEASED)
-            self._reevaluate((lease.resource,))
+            if self._queued:
+                self._reevaluate((lease.resource,))
         return _PENDING
 
     def _on_heartbeat(self, msg: _Heartbeat) -> LeaseInfo:
@@ -1186,10 +1200,16 @@ class Scheduler:
         compatible = rules.COMPATIBLE
         slots, under = self._slots, self._under
         for intent in request.intents:
-            allowed = compatible[intent.predicate]
             resource = intent.resource
-            # What _overlapping() lists, built inline: this runs for every request.
             slot = slots.get(resource.key)
+            if (
+                (slot is None or not (slot.leases or slot.waiters))
+                and resource.key not in under
+                and slots.keys().isdisjoint(resource.up)
+            ):
+                continue  # nothing on the resource, above or below it (the common case)
+            allowed = compatible[intent.predicate]
+            # What _overlapping() lists, built inline.
             overlapping = [] if slot is None else [slot]
             for ancestor in resource.up:
                 slot = slots.get(ancestor)
@@ -1213,7 +1233,7 @@ class Scheduler:
                     found.append(other)
         return found
 
-    def _decide(self, request: _Request, *, new: bool, wait: bool = True) -> bool:
+    def _decide(self, request: _Request, new: bool, wait: bool = True) -> bool:
         """Apply Wait-Die to one request; return True when it was granted."""
         self._deciding = request
         blockers = self._blockers(request)
@@ -1252,7 +1272,8 @@ class Scheduler:
         return False
 
     def _grant(self, request: _Request) -> bool:
-        if request.isolation is IsolationLevel.SERIALIZABLE:
+        serializable = request.isolation is _SERIALIZABLE
+        if serializable:
             for intent in request.intents:
                 if intent.predicate.writes:
                     stale = self._clocks.check_write(
@@ -1290,7 +1311,7 @@ class Scheduler:
             self._note_deadline(deadline, lease_id)
             info = lease.info()
             infos.append((info, lease.ended))
-            if request.isolation is IsolationLevel.SERIALIZABLE and intent.predicate is _READ:
+            if serializable and intent.predicate is _READ:
                 reads = self._unmerged_reads.setdefault(request.agent_id, {})
                 reads[lease.id] = self._clocks.clock_of(str(intent.resource))
             if self._journal is not None:
@@ -1491,7 +1512,10 @@ class Scheduler:
         slot = self._slots[lease.resource.key]
         del slot.leases[lease_id]
         if not slot.leases and not slot.waiters:
-            self._idle_slot(lease.resource)
+            idle = self._idle
+            idle[lease.resource.key] = lease.resource  # _idle_slot(), inline
+            if len(idle) > _IDLE_SLOTS:
+                self._forget_slot(idle.pop(next(iter(idle))))
         key = (lease.agent_id, lease.session_id)
         held = self._sessions[key]
         del held[lease_id]
