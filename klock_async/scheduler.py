@@ -496,6 +496,7 @@ class Scheduler:
         self._closer: asyncio.Task[None] | None = None  # shutdown after a journal failure
         self._deciding: _Request | None = None  # last request _decide saw; failed on a crash
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._now = 0.0  # loop.time() at the start of the current batch
         self._closed = False
         self._handlers: dict[type, Callable[[Any], Any]] = {
             _Acquire: self._on_acquire,
@@ -657,9 +658,10 @@ class Scheduler:
                 self._logger, self._log_leases = logger, _info_enabled(logger)
             # The timer fired, or is due and has not run yet (then the leases end before
             # this batch, not after it).
+            now = self._now = loop.time()  # the batch's time: grants in it count from here
             fired = self._timer is None and (self._expiry or self._later)
-            if fired or self._timer_at <= loop.time():
-                self._expire_due(loop.time())
+            if fired or self._timer_at <= now:
+                self._expire_due(now)
             n = len(mailbox)
             counts["batches"] += 1
             counts["messages"] += n
@@ -1288,7 +1290,7 @@ class Scheduler:
         loop = self._loop
         assert loop is not None
         ttl = request.ttl
-        expires_at, deadline = self._wall() + ttl, loop.time() + ttl
+        expires_at, deadline = self._wall() + ttl, self._now + ttl
         infos = []
         for intent in request.intents:
             self._last_token += 1
