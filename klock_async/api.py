@@ -102,24 +102,29 @@ class Lease:
     the store you write to, which should refuse a token smaller than one it already saw.
     """
 
-    __slots__ = ("_backend", "_info", "_isolation", "_lost")
+    # _info is the latest snapshot the backend gave; _state is what this handle knows of the
+    # lease now. They differ after a one-way release (or a loss learned without a snapshot):
+    # the final snapshot is built when someone asks for it.
+    __slots__ = ("_backend", "_info", "_isolation", "_state")
 
     def __init__(self, backend: Backend, info: LeaseInfo, isolation: IsolationLevel) -> None:
         self._backend = backend
         self._info = info
         self._isolation = isolation
-        self._lost: asyncio.Event | None = None
+        self._state = info.state
 
     def __repr__(self) -> str:
         i = self._info
         return (
             f"<Lease {i.predicate.value} {i.resource} agent={i.agent_id!r} token={i.token} "
-            f"state={i.state.value}>"
+            f"state={self._state.value}>"
         )
 
     @property
     def info(self) -> LeaseInfo:
         """The latest snapshot of this lease."""
+        if self._info.state is not self._state:
+            self._info = _replace_state(self._info, self._state)
         return self._info
 
     @property
@@ -160,28 +165,28 @@ class Lease:
     @property
     def state(self) -> LeaseState:
         """ACTIVE, RELEASED, EXPIRED or REVOKED, as far as this handle knows."""
-        return self._info.state
+        return self._state
 
     @property
     def lost(self) -> bool:
         """True when the lease expired or was revoked while held."""
-        return self._info.state in (LeaseState.EXPIRED, LeaseState.REVOKED)
+        return self._state in (LeaseState.EXPIRED, LeaseState.REVOKED)
 
     async def wait_lost(self) -> LeaseState:
         """Wait until the lease is lost (expired or revoked) and return that state.
 
         Returns as soon as the lease ends in any way; for a released lease that is RELEASED.
         """
-        while self._info.state is LeaseState.ACTIVE:
+        while self._state is LeaseState.ACTIVE:
             try:
                 ended = await self._backend.wait_ended(self.id, None)
             except LeaseNotFoundError:
-                if self._info.state is LeaseState.ACTIVE:
+                if self._state is LeaseState.ACTIVE:
                     self._mark(LeaseState.EXPIRED)
                 break
             if ended is not None:
                 self._mark(ended.state)
-        return self._info.state
+        return self._state
 
     async def _mark_gone(self) -> None:
         """The kernel says the lease is not active: record how it ended, if it still knows.
@@ -197,8 +202,8 @@ class Lease:
         self._mark(state)
 
     def _mark(self, state: LeaseState) -> None:
-        if self._info.state is LeaseState.ACTIVE:
-            self._info = _replace_state(self._info, state)
+        if self._state is LeaseState.ACTIVE:
+            self._state = state
             if state is not LeaseState.RELEASED:
                 _log.warning(
                     "lease.lost",
@@ -235,22 +240,26 @@ class Lease:
             LeaseLostError: the lease had expired or been revoked before the release.
         """
         info = self._info
-        if info.state is not LeaseState.ACTIVE:
-            if info.state is LeaseState.RELEASED:
+        if self._state is not LeaseState.ACTIVE:
+            if self._state is LeaseState.RELEASED:
                 raise LeaseNotFoundError(f"lease {info.id!r} was released already")
             raise self._lost_error()
         if record_write is None:
             record_write = self._isolation is IsolationLevel.SERIALIZABLE
+        if not record_write and self._backend.release_nowait(info.id, info.agent_id):
+            self._state = LeaseState.RELEASED
+            return
         try:
             self._info = await self._backend.release(
                 info.id, info.agent_id, record_write=record_write
             )
+            self._state = self._info.state
         except LeaseNotFoundError:
             await self._mark_gone()
             raise self._lost_error() from None
 
     def _lost_error(self) -> LeaseLostError:
-        state = self._info.state.value
+        state = self._state.value
         return LeaseLostError(
             f"lease on {self.predicate.value} {self.resource} (token {self.token}) was lost "
             f"({state.lower()}) while held: work done after that was not protected. Heartbeat "

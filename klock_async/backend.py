@@ -66,6 +66,15 @@ class Backend(Protocol):
     ) -> LeaseInfo:
         """End an active lease; with ``record_write`` also record a causal write of its path."""
 
+    def release_nowait(self, lease_id: str, agent_id: str) -> bool:
+        """Release without waiting for an answer, when the backend can vouch it will succeed.
+
+        True: the release is on its way, and every request made after this call finds the
+        lease released. False: the backend cannot tell that the lease is still active and held
+        by ``agent_id`` (or must answer releases, e.g. after a commit); nothing was done, and
+        the caller uses :meth:`release`, which also tells whether the lease was lost.
+        """
+
     async def heartbeat(
         self, lease_id: str, agent_id: str | None = None, ttl: float | None = None
     ) -> LeaseInfo:

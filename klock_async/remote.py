@@ -562,6 +562,14 @@ class RemoteBackend:
             data = await self._call("POST", "/intents", body)
         return tuple(_lease(lease) for lease in data["leases"])
 
+    def release_nowait(self, lease_id: str, agent_id: str) -> bool:
+        """Always False: only the server can vouch that a lease is still active.
+
+        A one-way release over HTTP could not tell the holder that its lease was lost, so
+        the facade uses :meth:`release` (the server releases in one request either way).
+        """
+        return False
+
     async def release(
         self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
     ) -> LeaseInfo:

@@ -847,28 +847,40 @@ class Scheduler:
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
-        A lease granted through this object, still active as far as the actor has said, is
-        released one-way: the release is posted and the call returns at once, with the
-        snapshot the grant (or the last heartbeat) answered, in state RELEASED. The mailbox is
-        first in, first out, so every message posted after it (by any caller) finds the lease
-        released; nobody else can be granted the resource before the release was posted, so
-        the holder's work was protected until this call. The actor still answers a release
-        that records a causal write, a release by another agent than the holder, one of a
-        lease it already ended (expired or revoked: the holder must learn it was lost), and
-        every release when a journal is attached (the answer waits for the commit).
+        Without ``record_write``, a release that :meth:`release_nowait` can make is made that
+        way, and answered with the snapshot the grant (or the last heartbeat) gave, in state
+        RELEASED.
         """
         held = self._held.get(lease_id)
-        if held is not None and not record_write and self._journal is None:
-            info, ended = held
-            if not ended.done() and (agent_id is None or agent_id == info.agent_id):
-                self._post(_Drop(lease_id))
-                del self._held[lease_id]
-                return _with_state(info, LeaseState.RELEASED)
+        if held is not None and not record_write and self.release_nowait(lease_id, agent_id):
+            return _with_state(held[0], LeaseState.RELEASED)
         fut = self._future()  # what _ask does, without its closure and extra coroutine
         self._post(_Release(lease_id, agent_id, record_write, fut))
         result: LeaseInfo = await fut
         self._held.pop(lease_id, None)
         return result
+
+    def release_nowait(self, lease_id: str, agent_id: str | None = None) -> bool:
+        """Release one-way a lease granted through this object that the actor has not ended.
+
+        The release is posted and the call returns at once. The mailbox is first in, first
+        out, so every message posted after it (by any caller) finds the lease released, and
+        nobody else can be granted the resource before the release was posted: the holder's
+        work was protected until this call. Returns False, posting nothing, for a lease the
+        actor already ended (expired or revoked: :meth:`release` then tells the holder it
+        was lost), one held by another agent than ``agent_id``, one this object did not
+        grant, and always when a journal is attached (a release is answered after its
+        commit).
+        """
+        held = self._held.get(lease_id)
+        if held is None or self._journal is not None:
+            return False
+        info, ended = held
+        if ended.done() or (agent_id is not None and agent_id != info.agent_id):
+            return False
+        self._post(_Drop(lease_id))
+        del self._held[lease_id]
+        return True
 
     async def heartbeat(
         self, lease_id: str, agent_id: str | None = None, ttl: float | None = None
