@@ -190,6 +190,7 @@ async def test_reply_comes_after_commit(tmp_path: Path) -> None:
         lease = await agent.acquire("src/x.py", "MUTATES", ttl=30)
         assert _rows(path, "SELECT id, token FROM leases") == [(lease.id, lease.token)]
         assert _rows(path, "SELECT value FROM meta WHERE key = 'last_token'") == [(lease.token,)]
+        assert not klock.backend.release_nowait(lease.id, "a")  # answered after the commit
         await lease.release()
         assert _rows(path, "SELECT COUNT(*) FROM leases") == [(0,)]
         await klock.write("src/x.py", "a")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from klock_async.clocks import IsolationLevel
 from klock_async.errors import (
     InvalidPredicateError,
     InvalidRequestError,
@@ -182,6 +185,35 @@ def test_ancestors(text: str, expected: list[str]) -> None:
     resource = Resource.parse(text)
     assert [a.path for a in resource.ancestors()] == expected
     assert all(a.type is resource.type for a in resource.ancestors())
+    assert resource.up == tuple(a.key for a in resource.ancestors())  # the scheduler's keys
+
+
+def test_resource_key_is_its_printed_form_and_survives_copies() -> None:
+    """``key`` is ``TYPE:path``; copies and pickles rebuild it, and it never enters equality."""
+    resource = Resource.parse("src/lib/a.js")
+    assert resource.key == str(resource) == "FILE:/src/lib/a.js"
+    for clone in (
+        copy.copy(resource),
+        copy.deepcopy(resource),
+        pickle.loads(pickle.dumps(resource)),
+        dataclasses.replace(resource),
+    ):
+        assert clone == resource
+        assert (clone.key, clone.up) == (resource.key, resource.up)
+    moved = dataclasses.replace(resource, path="/other/b.js")
+    assert (moved.key, moved.up) == ("FILE:/other/b.js", ("FILE:/other", "FILE:/"))
+    assert "key" not in repr(resource)
+    with pytest.raises(TypeError):
+        Resource(ResourceType.FILE, "/a", "FILE:/b")  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("members", [Predicate, ResourceType, LeaseState, IsolationLevel])
+def test_enum_members_hash_consistently_with_equality(members: Any) -> None:
+    """Members hash by identity (in C); lookups by member and by parsed value agree."""
+    table = {member: member.value for member in members}
+    for member in members:
+        assert table[members(member.value)] == member.value
+        assert hash(member) == hash(members(member.value))
 
 
 segments = st.sampled_from(["a", "b", "src", "srcx", ".", "..", "", "x.js"])
@@ -208,6 +240,8 @@ def test_overlaps_agrees_with_ancestors(a: tuple[str, str], b: tuple[str, str]) 
         return
     by_index = ra == rb or ra in set(rb.ancestors()) or rb in set(ra.ancestors())
     assert overlaps(ra, rb) is by_index
+    by_keys = ra.key == rb.key or ra.key in rb.up or rb.key in ra.up
+    assert by_keys is by_index
 
 
 # --- intents and ttl ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from klock_async import (
     Klock,
     LeaseDied,
     LeaseInfo,
+    LeaseLostError,
     LeaseNotFoundError,
     LeaseState,
     LeaseWouldWait,
@@ -35,7 +36,7 @@ from klock_async import (
 )
 from klock_async.api import Agent
 from klock_async.model import Intent
-from klock_async.scheduler import Scheduler
+from klock_async.scheduler import _IDLE_SLOTS, _LATER_SWEEP, Scheduler
 
 
 async def settle(klock: Klock) -> Statistics:
@@ -665,6 +666,104 @@ async def test_release_twice_and_someone_elses(klock: Klock) -> None:
     with pytest.raises(LeaseNotFoundError):
         await klock.backend.release(mine.id, "a")
     assert await _snapshot(klock) == after_release
+
+
+# --- one-way releases ------------------------------------------------------------------------
+
+
+async def test_release_is_one_way_and_every_later_message_sees_it(klock: Klock) -> None:
+    """release() returns before the actor runs; whatever is asked afterwards finds it done."""
+    old, young = await agents(klock, "old", "young")
+    lease = await young.acquire("/f", "MUTATES")
+    before = await klock.statistics()
+    await lease.release()
+    assert lease.state is LeaseState.RELEASED
+    assert lease.info.state is LeaseState.RELEASED  # the final snapshot, built on demand
+    assert (lease.info.id, lease.info.token) == (lease.id, lease.token)
+    assert await klock.leases() == []  # posted after the release: FIFO
+    assert (await klock.statistics()).releases == before.releases + 1
+    again = await old.acquire("/f", "MUTATES", wait=False)  # free at once, nothing queued
+    await again.release()
+
+
+async def test_release_nowait_vouches_only_for_active_leases_it_granted(klock: Klock) -> None:
+    """Unknown, someone else's or already ended leases are refused; a refusal changes nothing."""
+    backend = scheduler_of(klock)
+    a, b = await agents(klock, "a", "b")
+    lease = await a.acquire("/f", "MUTATES")
+    before = await _snapshot(klock)
+    assert not backend.release_nowait("no-such-lease", "a")
+    assert not backend.release_nowait(lease.id, "b")
+    assert await _snapshot(klock) == before
+    await klock.revoke(lease.id)
+    assert not backend.release_nowait(lease.id, "a")  # the actor ended it: the holder must learn
+    with pytest.raises(LeaseLostError):
+        await lease.release()
+    assert lease.state is LeaseState.REVOKED
+    second = await b.acquire("/f", "MUTATES")
+    assert backend.release_nowait(second.id, "b")
+    assert not backend.release_nowait(second.id, "b")  # once only
+    with pytest.raises(LeaseNotFoundError):
+        await backend.release(second.id, "b")  # processed after the one-way release
+
+
+async def test_an_expired_lease_is_lost_not_released(klock: Klock) -> None:
+    """Once the actor has expired a lease, release() says it was lost, not released."""
+    (agent,) = await agents(klock, "a")
+    lease = await agent.acquire("/f", "MUTATES", ttl=0.01)
+    await klock.backend.wait_ended(lease.id, None)
+    assert not scheduler_of(klock).release_nowait(lease.id, "a")
+    with pytest.raises(LeaseLostError):
+        await lease.release()
+    assert lease.state is LeaseState.EXPIRED
+    assert lease.info.state is LeaseState.EXPIRED
+
+
+# --- expiry bookkeeping and the resource index ------------------------------------------------
+
+
+async def test_a_shorter_ttl_granted_later_expires_first(klock: Klock) -> None:
+    """A deadline earlier than the armed timer re-arms it; a later one waits behind it."""
+    a, b = await agents(klock, "a", "b")
+    long = await a.acquire("/long", "MUTATES", ttl=3_600)
+    short = await b.acquire("/short", "MUTATES", ttl=0.01)
+    ended = await klock.backend.wait_ended(short.id, None)
+    assert ended is not None and ended.state is LeaseState.EXPIRED
+    assert [i.id for i in await klock.leases()] == [long.id]
+
+
+async def test_released_leases_leave_no_expiry_entries_behind(klock: Klock) -> None:
+    """Many grants behind one armed timer: the entries of released leases are swept."""
+    (agent,) = await agents(klock, "a")
+    first = await agent.acquire("/first", "MUTATES", ttl=0.2)  # arms the timer
+    for _ in range(3 * _LATER_SWEEP):
+        lease = await agent.acquire("/f", "MUTATES", ttl=3_600)
+        await lease.release()
+    await settle(klock)
+    scheduler = scheduler_of(klock)
+    scheduler.check_invariants()
+    assert len(scheduler._later) <= _LATER_SWEEP + 1  # white box: the list is bounded
+    ended = await klock.backend.wait_ended(first.id, None)
+    assert ended is not None and ended.state is LeaseState.EXPIRED
+
+
+async def test_idle_slots_are_bounded_and_keep_the_hierarchy(klock: Klock) -> None:
+    """Past the cap, emptied slots are dropped; directory and file leases still conflict."""
+    old, young = await agents(klock, "old", "young")
+    for i in range(_IDLE_SLOTS + 50):
+        lease = await young.acquire(f"/d{i % 7}/f{i}.py", "MUTATES")
+        await lease.release()
+    await settle(klock)
+    scheduler_of(klock).check_invariants()
+    directory = await young.acquire("/d3", "MUTATES")
+    with pytest.raises(LeaseWouldWait):
+        await old.acquire("/d3/f3.py", "MUTATES", wait=False)
+    await directory.release()
+    file = await young.acquire("/d3/f3.py", "MUTATES")
+    with pytest.raises(LeaseWouldWait):
+        await old.acquire("/d3", "MUTATES", wait=False)
+    await file.release()
+    assert (await old.acquire("/d3", "MUTATES", wait=False)).agent_id == "old"
 
 
 async def test_register_agent(klock: Klock) -> None:
