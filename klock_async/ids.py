@@ -27,13 +27,13 @@ _session_pool: list[str] = []
 def _refill_lease_ids() -> None:
     width = _LEASE_ID_BYTES * 4 // 3
     text = base64.urlsafe_b64encode(os.urandom(_LEASE_ID_BYTES * _BATCH)).decode("ascii")
-    _lease_pool.extend(text[at : at + width] for at in range(0, len(text), width))
+    _lease_pool.extend([text[at : at + width] for at in range(0, len(text), width)])
 
 
 def _refill_session_ids() -> None:
     width = _SESSION_ID_BYTES * 2
     text = os.urandom(_SESSION_ID_BYTES * _BATCH).hex()
-    _session_pool.extend(text[at : at + width] for at in range(0, len(text), width))
+    _session_pool.extend([text[at : at + width] for at in range(0, len(text), width)])
 
 
 def _fresh_pools() -> None:

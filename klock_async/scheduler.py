@@ -58,12 +58,17 @@ __all__ = ["Journal", "RecoveredState", "Scheduler"]
 _log = structlog.get_logger("klock_async")
 
 _Future = asyncio.Future
-# What the actor answers a granted request with, per lease: the snapshot, and the future it
-# resolves when the lease ends.
-_Grant = tuple[LeaseInfo, "asyncio.Future[LeaseState]"]
+# A lease's end mark: empty while the lease is active; the actor appends the final state when
+# it ends, and nothing else writes to it. The client side reads it (release_nowait) to learn,
+# without asking, that a lease it handed out is gone. (A future would do the same, at several
+# times the cost of an empty list, on every grant.)
+_EndMark = list[LeaseState]
+# What the actor answers a granted request with, per lease: the snapshot and its end mark.
+_Grant = tuple[LeaseInfo, _EndMark]
 _READ = Predicate.CONSUMES
 _SERIALIZABLE = IsolationLevel.SERIALIZABLE
 _RELEASED = LeaseState.RELEASED
+_GRANTED = rules.Decision.GRANT
 
 
 def _info_enabled(logger: Any) -> bool:
@@ -320,7 +325,7 @@ class _Lease:
         expires_at: float,
         deadline: float,
         request_id: int,
-        ended: asyncio.Future[LeaseState],
+        ended: _EndMark,
     ) -> None:
         self.id = lease_id
         self.agent_id = agent_id
@@ -333,8 +338,6 @@ class _Lease:
         self.expires_at = expires_at
         self.deadline = deadline
         self.request_id = request_id
-        # Resolved with the final state when the lease ends: the notification through which
-        # the client side learns, without asking, that a lease it holds is gone.
         self.ended = ended
 
     def info(self, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
@@ -587,7 +590,7 @@ class Scheduler:
                 info.expires_at,
                 now + (info.expires_at - now_wall),
                 0,
-                self._loop.create_future(),
+                [],
             )
             self._attach(lease)
             # A lease that expired while the server was down ends on the first timer tick.
@@ -833,7 +836,7 @@ class Scheduler:
         if len(held) > self._held_limit:
             # Leases lost while held and never released leave their entry behind: drop the
             # ended ones, at a cost proportional to the entries added since the last sweep.
-            for lease_id in [k for k, (_, ended) in held.items() if ended.done()]:
+            for lease_id in [k for k, (_, ended) in held.items() if ended]:
                 del held[lease_id]
             self._held_limit = max(_HELD_SWEEP, 2 * len(held))
         return tuple(info for info, _ in grants)
@@ -876,7 +879,7 @@ class Scheduler:
         if held is None or self._journal is not None:
             return False
         info, ended = held
-        if ended.done() or (agent_id is not None and agent_id != info.agent_id):
+        if ended or (agent_id is not None and agent_id != info.agent_id):
             return False
         self._post(_Drop(lease_id))
         del self._held[lease_id]
@@ -1044,7 +1047,7 @@ class Scheduler:
     def _on_drop(self, msg: _Drop) -> object:
         lease = self._leases.get(msg.lease_id)
         if lease is not None:  # else it expired in this batch, after its holder let it go
-            self._end(lease, LeaseState.RELEASED)
+            self._end(lease, _RELEASED)
             if self._queued:
                 self._reevaluate((lease.resource,))
         return _PENDING
@@ -1253,7 +1256,7 @@ class Scheduler:
         blockers = self._blockers(request)
         verdict = rules.wait_die(request.ts, blockers) if blockers else _GRANT
         decision = verdict.decision
-        if decision is rules.Decision.GRANT:
+        if decision is _GRANTED:
             granted = self._grant(request)
             if granted and new and self._queued:
                 # A fresh grant may be older than a waiter it now blocks: that waiter must die,
@@ -1299,8 +1302,6 @@ class Scheduler:
                         self._counts["causal_violations"] += 1
                         self._fail(request.reply, self._violation(stale))
                         return False
-        loop = self._loop
-        assert loop is not None
         ttl = request.ttl
         expires_at, deadline = self._wall() + ttl, self._now + ttl
         infos = []
@@ -1319,7 +1320,7 @@ class Scheduler:
                 expires_at,
                 deadline,
                 request.id,
-                _Future(loop=loop),
+                [],
             )
             self._attach(lease)
             self._note_deadline(deadline, lease_id)
@@ -1548,8 +1549,7 @@ class Scheduler:
                 lost[lease_id] = info
                 if len(lost) > _LOST_MEMORY:
                     del lost[next(iter(lost))]
-        if not lease.ended.done():
-            lease.ended.set_result(state)
+        lease.ended.append(state)
         self._counts[_ENDED_COUNTER[state]] += 1
         if self._log_leases:
             _log_lease(f"lease.{state.value.lower()}", lease)
