@@ -38,6 +38,7 @@ from klock_async.model import (
     Predicate,
     Resource,
     Statistics,
+    _intent_of,
     parse_intents,
     validate_ttl,
 )
@@ -450,7 +451,10 @@ class _Acquirer:
         """
         # acquire_many for one intent, without its list and generator (this is the hot path;
         # the backend validates the ttl).
-        intent = Intent.of(resource, predicate)
+        if type(resource) is str and type(predicate) is str:
+            intent = _intent_of(resource, predicate)  # what Intent.of() does, without its frame
+        else:
+            intent = Intent.of(resource, predicate)
         if ttl is None:
             ttl = self._klock.default_ttl
         if session is None:

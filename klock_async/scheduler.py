@@ -735,7 +735,12 @@ class Scheduler:
             later = self._later
             later.append((deadline, lease_id))
             if len(later) > self._later_limit:  # mostly leases released since: drop those
-                self._later = [entry for entry in later if self._current(entry)]
+                leases = self._leases
+                self._later = [
+                    (at, lease_id)
+                    for at, lease_id in later
+                    if (lease := leases.get(lease_id)) is not None and lease.deadline == at
+                ]
                 self._later_limit = max(_LATER_SWEEP, 2 * len(self._later))
         else:
             heapq.heappush(self._expiry, (deadline, lease_id))
@@ -803,7 +808,13 @@ class Scheduler:
         self._post(msg)
         try:
             if timeout is None:
-                return self._granted_now(await fut)
+                grants = await fut
+                if len(grants) == 1 and len(self._held) < self._held_limit:
+                    (grant,) = grants  # _granted_now(), common case
+                    info = grant[0]
+                    self._held[info.id] = grant
+                    return (info,)
+                return self._granted_now(grants)
             async with asyncio.timeout(timeout):
                 return self._granted_now(await fut)
         except TimeoutError:
@@ -1323,7 +1334,10 @@ class Scheduler:
                 [],
             )
             self._attach(lease)
-            self._note_deadline(deadline, lease_id)
+            if deadline >= self._timer_at and len(self._later) < self._later_limit:
+                self._later.append((deadline, lease_id))  # _note_deadline(), common case
+            else:
+                self._note_deadline(deadline, lease_id)
             info = lease.info()
             infos.append((info, lease.ended))
             if serializable and intent.predicate is _READ:
