@@ -99,6 +99,7 @@ async def test_errors_come_back_typed(server: ThreadServer) -> None:
         with pytest.raises(CausalViolationError) as stale:
             await klock.write("/te/c", young.id)
         assert stale.value.path_clock == {old.id: 1}
+        assert not klock.backend.release_nowait(mine.id, mine.agent_id)  # HTTP always answers
         await mine.release()
         with pytest.raises(LeaseNotFoundError):
             await klock.backend.release(mine.id)
