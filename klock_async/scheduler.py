@@ -487,7 +487,7 @@ class Scheduler:
             0,
         )
         # Client side: what the actor granted through this object and has not yet been told
-        # released, each with the future the actor resolves when the lease ends (release()).
+        # released, each with its end mark (see release_nowait). Only client code touches it.
         self._held: dict[str, _Grant] = {}
         self._held_limit = _HELD_SWEEP
         self._mailbox: deque[Any] = deque()
@@ -659,9 +659,9 @@ class Scheduler:
             logger = _log.bind()  # the same object each time once structlog caches it
             if logger is not self._logger:
                 self._logger, self._log_leases = logger, _info_enabled(logger)
+            now = self._now = loop.time()  # the batch's time: grants in it count from here
             # The timer fired, or is due and has not run yet (then the leases end before
             # this batch, not after it).
-            now = self._now = loop.time()  # the batch's time: grants in it count from here
             fired = self._timer is None and (self._expiry or self._later)
             if fired or self._timer_at <= now:
                 self._expire_due(now)
@@ -737,9 +737,9 @@ class Scheduler:
             if len(later) > self._later_limit:  # mostly leases released since: drop those
                 leases = self._leases
                 self._later = [
-                    (at, lease_id)
-                    for at, lease_id in later
-                    if (lease := leases.get(lease_id)) is not None and lease.deadline == at
+                    (at, held_id)
+                    for at, held_id in later
+                    if (lease := leases.get(held_id)) is not None and lease.deadline == at
                 ]
                 self._later_limit = max(_LATER_SWEEP, 2 * len(self._later))
         else:
