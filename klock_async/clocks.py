@@ -20,11 +20,12 @@ scheduler task alone.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NoReturn
+
+from klock_async.model import IdentityHashEnum
 
 __all__ = ["IsolationLevel", "StaleWrite", "VectorClock", "VectorClockManager"]
 
@@ -228,16 +229,12 @@ class VectorClock:
 _EMPTY = VectorClock()
 
 
-class IsolationLevel(enum.Enum):
+class IsolationLevel(IdentityHashEnum):
     """How much a session is protected from other sessions' writes.
 
     Only SERIALIZABLE tracks vector clocks and takes intent locks; it refuses a write
     of a path whose current version the session never saw.
     """
-
-    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
-    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
-    __hash__ = object.__hash__
 
     SNAPSHOT = "SNAPSHOT"
     READ_COMMITTED = "READ_COMMITTED"

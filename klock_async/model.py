@@ -17,6 +17,7 @@ from klock_async.errors import InvalidPredicateError, InvalidResourceError, Inva
 
 __all__ = [
     "AgentInfo",
+    "IdentityHashEnum",
     "Intent",
     "LeaseInfo",
     "LeaseState",
@@ -29,12 +30,19 @@ __all__ = [
 ]
 
 
-class Predicate(enum.Enum):
-    """What an agent intends to do with a resource (KLIS-1)."""
+class IdentityHashEnum(enum.Enum):
+    """An enum whose members hash by identity.
 
-    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
-    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
+    Members are singletons, so identity hashing agrees with equality; it runs in C, where
+    Enum's own ``__hash__`` (the hash of the name) is a Python call on every dict lookup, and
+    the scheduler looks predicates and states up on every request.
+    """
+
     __hash__ = object.__hash__
+
+
+class Predicate(IdentityHashEnum):
+    """What an agent intends to do with a resource (KLIS-1)."""
 
     PROVIDES = "PROVIDES"
     CONSUMES = "CONSUMES"
@@ -70,12 +78,8 @@ _WRITING = frozenset({Predicate.PROVIDES, Predicate.MUTATES, Predicate.DELETES, 
 _PREDICATES = {p.value: p for p in Predicate}  # by name, without building __members__ per call
 
 
-class ResourceType(enum.Enum):
+class ResourceType(IdentityHashEnum):
     """The kind of thing a resource path names."""
-
-    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
-    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
-    __hash__ = object.__hash__
 
     FILE = "FILE"
     SYMBOL = "SYMBOL"
@@ -278,12 +282,8 @@ def validate_ttl(ttl: float) -> float:
 _INFINITY = float("inf")
 
 
-class LeaseState(enum.Enum):
+class LeaseState(IdentityHashEnum):
     """Where a lease is in its life."""
-
-    # Members are singletons, so identity hashing agrees with equality; it runs in C, where
-    # Enum's own __hash__ (the hash of the name) is a Python call on every dict lookup.
-    __hash__ = object.__hash__
 
     ACTIVE = "ACTIVE"
     RELEASED = "RELEASED"
