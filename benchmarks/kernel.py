@@ -122,7 +122,8 @@ async def floor_round_trip(n: int) -> float:
 async def scheduler_round_trip(n: int) -> float:
     """One message through the Scheduler actor that does no work (``agents()``, none known).
 
-    This is the actor's own floor: a pair is two such round trips plus the kernel's work.
+    This is the actor's own floor: a pair is one such round trip (the acquire) plus a one-way
+    release message and the kernel's work.
     """
     scheduler = Scheduler()
     await scheduler.start()
@@ -301,7 +302,7 @@ async def run(sizes: Sizes) -> list[Row]:
             "    Scheduler round trip doing no work",
             _median(samples["actor"]),
             to_floor("actor"),
-            "(the actor's own floor; a pair is 2)",
+            "(the actor's own floor)",
             None,
         ),
         Row(
