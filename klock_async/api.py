@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
 import random
@@ -125,7 +126,7 @@ class Lease:
     def info(self) -> LeaseInfo:
         """The latest snapshot of this lease."""
         if self._info.state is not self._state:
-            self._info = _replace_state(self._info, self._state)
+            self._info = dataclasses.replace(self._info, state=self._state)
         return self._info
 
     @property
@@ -268,20 +269,6 @@ class Lease:
             lease_id=self.id,
             state=state,
         )
-
-
-def _replace_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
-    return LeaseInfo(
-        id=info.id,
-        agent_id=info.agent_id,
-        session_id=info.session_id,
-        resource=info.resource,
-        predicate=info.predicate,
-        token=info.token,
-        ttl=info.ttl,
-        expires_at=info.expires_at,
-        state=state,
-    )
 
 
 async def _to_completion(work: Coroutine[Any, Any, T]) -> T:

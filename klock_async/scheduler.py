@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import structlog
@@ -385,21 +385,6 @@ _new_object = object.__new__
     _set_expires_at,
     _set_state,
 ) = _INFO_SETTERS = tuple(LeaseInfo.__dict__[name].__set__ for name in _INFO_FIELDS)
-
-
-def _with_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
-    """A copy of ``info`` in ``state`` (built as _Lease.info builds one)."""
-    copy: LeaseInfo = _new_object(LeaseInfo)
-    _set_id(copy, info.id)
-    _set_agent_id(copy, info.agent_id)
-    _set_session_id(copy, info.session_id)
-    _set_resource(copy, info.resource)
-    _set_predicate(copy, info.predicate)
-    _set_token(copy, info.token)
-    _set_ttl(copy, info.ttl)
-    _set_expires_at(copy, info.expires_at)
-    _set_state(copy, state)
-    return copy
 
 
 class _Slot:
@@ -867,7 +852,7 @@ class Scheduler:
         """
         held = self._held.get(lease_id)
         if held is not None and not record_write and self.release_nowait(lease_id, agent_id):
-            return _with_state(held[0], LeaseState.RELEASED)
+            return replace(held[0], state=LeaseState.RELEASED)
         fut = self._future()  # what _ask does, without its closure and extra coroutine
         self._post(_Release(lease_id, agent_id, record_write, fut))
         result: LeaseInfo = await fut
