@@ -7,7 +7,8 @@ Prints one table, every figure from this one run on this machine:
     reference, one message through the Scheduler actor that does no work;
 (b) one uncontended acquire+release pair through the public facade
     (``agent.acquire(...)`` then ``lease.release()``), and the same pair sent straight to the
-    ``Scheduler`` backend, which shows what the facade itself costs;
+    ``Scheduler`` backend (``acquire`` then the one-way ``release_nowait``), which shows what
+    the facade itself costs;
 (c) throughput: 100 agents in concurrent tasks, each acquiring and releasing its own file;
 (d) hand-off latency: an older agent waits behind a younger holder; the time from calling
     ``release()`` to the waiter's task running again;
@@ -148,7 +149,10 @@ async def facade_pair(klock: Klock, n: int, *, agent_id: str = "solo") -> float:
 
 
 async def scheduler_pair(n: int) -> float:
-    """(b) The same pair sent straight to the Scheduler backend (no facade)."""
+    """(b) The same pair sent straight to the Scheduler backend (no facade).
+
+    The release is the one-way ``release_nowait`` the facade's ``lease.release()`` makes.
+    """
     scheduler = Scheduler()
     await scheduler.start()
     try:
@@ -157,7 +161,7 @@ async def scheduler_pair(n: int) -> float:
         start = _clock()
         for _ in range(n):
             (info,) = await scheduler.acquire("solo", "session", intents, ttl=30.0)
-            await scheduler.release(info.id, "solo")
+            scheduler.release_nowait(info.id, "solo")
         return (_clock() - start) / n
     finally:
         await scheduler.aclose()
