@@ -637,7 +637,8 @@ class Scheduler:
         handlers = self._handlers
         counts = self._counts
         while True:
-            if not mailbox:
+            # Wait for a message, unless the timer fired while the actor awaited a commit.
+            if not mailbox and (self._timer is not None or not (self._expiry or self._later)):
                 self._wakeup = _Future(loop=loop)
                 await self._wakeup
                 self._wakeup = None

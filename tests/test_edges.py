@@ -71,6 +71,7 @@ class _GatedJournal:
 
     def __init__(self, *, hold: bool = True) -> None:
         self.hold = hold  # gate the commits that carry a lease
+        self.hold_all = False  # gate every commit
         self.committing = asyncio.Event()
         self.gate = asyncio.Event()
         self.durable: list[object] = []
@@ -94,7 +95,9 @@ class _GatedJournal:
         pass
 
     async def commit(self) -> None:
-        if self.hold and any(isinstance(item, LeaseInfo) for item in self._buffer):
+        if self.hold_all or (
+            self.hold and any(isinstance(item, LeaseInfo) for item in self._buffer)
+        ):
             self.committing.set()
             await self.gate.wait()
         self.durable += self._buffer
@@ -116,6 +119,27 @@ async def test_shutdown_during_a_commit_answers_no_grant() -> None:
     with pytest.raises(KernelClosedError):
         await acquire
     assert not any(isinstance(item, LeaseInfo) for item in journal.durable)
+
+
+async def test_a_deadline_passing_during_a_commit_still_ends_the_lease() -> None:
+    """The expiry timer can fire while the actor awaits a commit; the actor must not then idle.
+
+    The waiter's batch is the last message; its commit is held open until after the holder's
+    deadline. Nothing else is ever posted, so only the actor's own timer can hand the file on.
+    """
+    journal = _GatedJournal(hold=False)
+    async with Klock(backend=Scheduler(journal=journal)) as klock:
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        await young.acquire("f", "MUTATES", ttl=0.05)
+        # Timers run in order of their time: this one runs after the lease's expiry timer.
+        asyncio.get_running_loop().call_later(0.1, journal.gate.set)
+        journal.hold_all = True
+        waiter = asyncio.create_task(old.acquire("f", "MUTATES"))
+        await journal.committing.wait()
+        async with asyncio.timeout(10):  # a safety net: with the bug, the waiter waits forever
+            lease = await waiter
+        assert lease.agent_id == "old"
 
 
 async def test_eviction_fails_the_agents_queued_requests() -> None:
