@@ -52,6 +52,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
+# Enum members the hot paths compare with: a module global is cheaper to load than a member.
+_SERIALIZABLE = IsolationLevel.SERIALIZABLE
+_READ_COMMITTED = IsolationLevel.READ_COMMITTED
+_ACTIVE = LeaseState.ACTIVE
+_RELEASED = LeaseState.RELEASED
+
 DEFAULT_TTL = 30.0
 """Seconds a lease lives without a heartbeat unless a ttl is given."""
 
@@ -242,14 +248,14 @@ class Lease:
             LeaseLostError: the lease had expired or been revoked before the release.
         """
         info = self._info
-        if self._state is not LeaseState.ACTIVE:
-            if self._state is LeaseState.RELEASED:
+        if self._state is not _ACTIVE:
+            if self._state is _RELEASED:
                 raise LeaseNotFoundError(f"lease {info.id!r} was released already")
             raise self._lost_error()
         if record_write is None:
-            record_write = self._isolation is IsolationLevel.SERIALIZABLE
+            record_write = self._isolation is _SERIALIZABLE
         if not record_write and self._backend.release_nowait(info.id, info.agent_id):
-            self._state = LeaseState.RELEASED
+            self._state = _RELEASED
             return
         try:
             self._info = await self._backend.release(
@@ -553,7 +559,7 @@ class Agent(_Acquirer):
         return self._info.ts
 
     def _session_for_call(self) -> tuple[str, IsolationLevel]:
-        return new_session_id(), IsolationLevel.READ_COMMITTED
+        return new_session_id(), _READ_COMMITTED
 
     def session(
         self,
