@@ -234,7 +234,7 @@ class Lease:
             self._info = await self._backend.heartbeat(self.id, self.agent_id, ttl)
         except LeaseNotFoundError:
             await self._mark_gone()
-            raise self._lost_error() from None
+            raise self._gone_error() from None
 
     async def release(self, *, record_write: bool | None = None) -> None:
         """Release the lease.
@@ -264,7 +264,16 @@ class Lease:
             self._state = self._info.state
         except LeaseNotFoundError:
             await self._mark_gone()
-            raise self._lost_error() from None
+            raise self._gone_error() from None
+
+    def _gone_error(self) -> LeaseNotFoundError | LeaseLostError:
+        """The error for a lease the kernel says is not active: released, or lost."""
+        if self._state is LeaseState.RELEASED:
+            return LeaseNotFoundError(
+                f"lease {self.id!r} on {self.predicate.value} {self.resource} was released "
+                "already (its session let go of it); acquire it again if you still need it"
+            )
+        return self._lost_error()
 
     def _lost_error(self) -> LeaseLostError:
         state = self._state.value
@@ -384,6 +393,8 @@ class LeaseBlock:
                 await lease.release(record_write=clean and lease._isolation.requires_vector_clocks)
             except LeaseLostError as error:
                 lost = lost or error
+            except LeaseNotFoundError:
+                pass  # its session released it already: nothing is left to let go of
         return lost
 
 
@@ -879,13 +890,15 @@ class Klock:
         policy: RetryPolicy,
         call: Callable[[], Awaitable[R]],
     ) -> R:
+        # One session for every attempt: the unit of work keeps its age across retries. It
+        # holds nothing when it asks, so the kernel queues it and never makes it die; a kernel
+        # with another policy (an older server) may still refuse it with LeaseDied, and then
+        # the retry policy applies.
+        session = agent.session(isolation=isolation)
         attempt = 0
         while True:
             try:
-                async with (
-                    agent.session(isolation=isolation) as session,
-                    session.lease_many(intents, ttl=ttl),
-                ):
+                async with session.lease_many(intents, ttl=ttl):
                     return await call()
             except RetriesExhaustedError:
                 raise

@@ -13,7 +13,12 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from klock_async.errors import InvalidPredicateError, InvalidResourceError, InvalidTTLError
+from klock_async.errors import (
+    InvalidPredicateError,
+    InvalidRequestError,
+    InvalidResourceError,
+    InvalidTTLError,
+)
 
 __all__ = [
     "AgentInfo",
@@ -25,7 +30,10 @@ __all__ = [
     "Resource",
     "ResourceType",
     "Statistics",
+    "WaitFor",
+    "WaiterInfo",
     "parse_intents",
+    "validate_timeout",
     "validate_ttl",
 ]
 
@@ -282,6 +290,29 @@ def validate_ttl(ttl: float) -> float:
 _INFINITY = float("inf")
 
 
+def validate_timeout(timeout: float | None) -> float | None:
+    """Return ``timeout`` (seconds to wait at most) as a float, or None for no limit.
+
+    Raises:
+        InvalidRequestError: ``timeout`` is not None and not a finite number >= 0 (a string or
+            a bool is refused, never read as a number).
+    """
+    if timeout is None:
+        return None
+    if type(timeout) is float and 0 <= timeout < _INFINITY:
+        return timeout
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 <= timeout < _INFINITY
+    ):
+        raise InvalidRequestError(
+            f"timeout must be a number of seconds >= 0, or None to wait without limit; "
+            f"got {timeout!r}"
+        )
+    return float(timeout)
+
+
 class LeaseState(IdentityHashEnum):
     """Where a lease is in its life."""
 
@@ -335,3 +366,34 @@ class Statistics:
     causal_violations: int
     batches: int
     messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    """One edge of the wait-for graph: what a queued request waits for.
+
+    ``kind`` is ``"lease"`` (an active lease: ``id`` is the lease id) or ``"request"`` (an older
+    queued request: ``id`` is its request id); ``resource`` names what it holds or wants.
+    """
+
+    kind: str
+    id: str | int
+    agent_id: str
+    resource: str
+
+
+@dataclass(frozen=True, slots=True)
+class WaiterInfo:
+    """A snapshot of one queued request.
+
+    ``age`` is its unit's start order (lower is older; an agent's explicit ``priority``, when
+    it has one, orders before it), ``waits_for`` its edges in the wait-for graph.
+    """
+
+    request_id: int
+    agent_id: str
+    session_id: str
+    age: int
+    priority: int | None
+    intents: tuple[Intent, ...]
+    waits_for: tuple[WaitFor, ...]

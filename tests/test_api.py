@@ -23,7 +23,6 @@ from klock_async import (
     LeaseState,
     Predicate,
     Resource,
-    RetriesExhaustedError,
     RetryPolicy,
     Statistics,
     UnknownAgentError,
@@ -392,11 +391,11 @@ async def test_protected_validates_at_decoration_time() -> None:
             decorate(not_a_coroutine)  # type: ignore[arg-type]
 
 
-async def test_protected_retries_and_keeps_the_age() -> None:
-    """A call that dies waits for the blocker, retries with the same age, then runs."""
+async def test_protected_call_queues_and_never_dies() -> None:
+    """A protected call holds nothing when it asks: it waits in the queue, never dies, then runs."""
     async with Klock() as klock:
         old = await klock.register_agent("old")
-        young = await klock.register_agent("young")
+        await klock.register_agent("young")
         blocker = await old.acquire("/f", "MUTATES")
         runs: list[str] = []
 
@@ -406,49 +405,37 @@ async def test_protected_retries_and_keeps_the_age() -> None:
 
         with structlog.testing.capture_logs() as logs:
             call = asyncio.create_task(edit())
-            assert (await settle(klock)).deaths >= 1
+            stats = await settle(klock)
+            assert (stats.requests_waiting, stats.deaths) == (1, 0)
             assert runs == []
             await blocker.release()
             await call
         assert runs == ["young"]
-        died = [e for e in logs if e["event"] == "lease.died"]
-        granted = [e for e in logs if e["event"] == "lease.granted"]
-        assert died and all(e["agent"] == "young" and e["blocker"] == "old" for e in died)
-        assert [e["agent"] for e in granted] == ["young"]
-        # Each attempt ran in a fresh session of the same agent, whose age never changed.
-        sessions = {e["session"] for e in died} | {granted[0]["session"]}
-        assert len(sessions) == len(died) + 1
-        assert [(a.id, a.ts) for a in await klock.agents()] == [
-            ("old", old.ts),
-            ("young", young.ts),
-        ]
+        assert not [e for e in logs if e["event"] == "request.died"]
+        (waited,) = [e for e in logs if e["event"] == "request.queued"]
+        assert (waited["agent"], waited["blocker"]) == ("young", "old")
 
 
-@pytest.mark.parametrize("max_retries", [pytest.param(0, id="no-retry"), pytest.param(2, id="two")])
-async def test_protected_raises_when_retries_run_out(max_retries: int) -> None:
-    """Against an older holder that never leaves, the call gives up with a clear error."""
+async def test_many_protected_calls_on_one_file_all_complete() -> None:
+    """A hundred concurrent protected calls on one hot file all run, one at a time, none dies."""
     async with Klock() as klock:
-        old = await klock.register_agent("old")
-        await klock.register_agent("young")
-        blocker = await old.acquire("/f", "MUTATES")
+        for i in range(100):
+            await klock.register_agent(f"a{i}")
+        inside = 0
+        most = 0
 
-        @klock.protected(
-            agent="young",
-            resource="/f",
-            predicate="MUTATES",
-            retry=RetryPolicy(max_retries=max_retries, base_delay=0.001, max_delay=0.005),
-        )
-        async def edit() -> None:
-            raise AssertionError("must not run")
+        @klock.protected(agent=lambda i: f"a{i}", resource="/hot", predicate="MUTATES")
+        async def edit(i: int) -> None:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0)  # the tool's work
+            inside -= 1
 
-        with pytest.raises(RetriesExhaustedError, match="Gave up after") as exhausted:
-            await edit()
-        assert isinstance(exhausted.value, LeaseDied)
-        assert exhausted.value.blocker_agent_id == "old"
-        assert exhausted.value.blocker_lease_id == blocker.id
-        assert isinstance(exhausted.value.__cause__, LeaseDied)
-        assert (await klock.statistics()).deaths == max_retries + 1
-        assert [i.id for i in await klock.leases()] == [blocker.id]
+        await asyncio.gather(*(edit(i % 100) for i in range(300)))
+        stats = await klock.statistics()
+        assert most == 1
+        assert stats.deaths == 0 and stats.grants == 300
 
 
 def test_retry_policy_backoff_is_capped_and_jittered() -> None:
@@ -521,4 +508,36 @@ async def test_acquire_takes_a_session_by_handle_or_id() -> None:
                 await other.acquire("g", "MUTATES", session=session)
             with pytest.raises(InvalidRequestError):
                 await agent.acquire("g", "MUTATES", session="")
+        assert await klock.leases() == []
+
+
+async def test_release_after_the_session_released_says_not_found() -> None:
+    """Releasing or heartbeating a lease its session already released is LeaseNotFoundError."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        async with agent.session() as session:
+            lease = await session.acquire("/f", "MUTATES")
+            other = await session.acquire("/g", "MUTATES")
+            assert await session.release_all() == 2
+            with pytest.raises(LeaseNotFoundError, match="released already"):
+                await lease.release()
+            with pytest.raises(LeaseNotFoundError, match="released already"):
+                await other.heartbeat()
+        assert lease.state is LeaseState.RELEASED
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        pytest.param("1", id="string"),
+        pytest.param(True, id="bool"),
+        pytest.param(-1, id="negative"),
+    ],
+)
+async def test_acquire_timeout_must_be_a_number(timeout: object) -> None:
+    """A timeout that is not a number of seconds is a typed error, never read as one."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("a")
+        with pytest.raises(InvalidRequestError, match="timeout"):
+            await agent.acquire("/f", "MUTATES", timeout=timeout)  # type: ignore[arg-type]
         assert await klock.leases() == []

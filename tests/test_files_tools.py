@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
+import structlog
 
 from klock_async import (
     CausalViolationError,
@@ -15,7 +16,6 @@ from klock_async import (
     IsolationLevel,
     Klock,
     LeaseDied,
-    RetryPolicy,
 )
 from klock_async.integrations.files import (
     EditMismatchError,
@@ -302,35 +302,40 @@ async def test_long_listings_say_what_they_left_out(workspace: Path) -> None:
         ]
 
 
-async def test_a_call_that_dies_waits_for_the_blocker_and_retries(workspace: Path) -> None:
-    """A younger agent's write dies on an older reader's lease, waits for it, then succeeds."""
-    died = anyio.Event()
+async def test_a_call_waits_in_the_queue_for_the_holder(workspace: Path) -> None:
+    """A write of a file an older agent reads waits in the queue, never dies, then succeeds."""
+    queued = anyio.Event()
 
-    class Signalling(RetryPolicy):
-        def backoff(self, attempt: int) -> float:
-            died.set()
-            return super().backoff(attempt)
+    def notice(logger: object, name: str, event: dict[str, object]) -> dict[str, object]:
+        if event["event"] == "request.queued":
+            queued.set()
+        raise structlog.DropEvent
 
-    async with Klock() as klock:
-        older = await klock.register_agent("older")
-        files = WorkspaceFiles(klock, "younger", workspace, retry=Signalling())
-        done = anyio.Event()
+    saved = structlog.get_config()
+    structlog.configure(processors=[notice])
+    try:
+        async with Klock() as klock:
+            older = await klock.register_agent("older")
+            files = WorkspaceFiles(klock, "younger", workspace)
+            done = anyio.Event()
 
-        async def write() -> None:
-            await files.write_file("README.md", "# younger\n")
-            done.set()
+            async def write() -> None:
+                await files.write_file("README.md", "# younger\n")
+                done.set()
 
-        async with (
-            anyio.create_task_group() as tg,
-            older.lease(f"FILE:{workspace}/README.md", "CONSUMES"),
-        ):
-            tg.start_soon(write)
-            await died.wait()
-            assert not done.is_set()
-            assert (workspace / "README.md").read_text(encoding="utf-8") == "# demo\n"
-        assert done.is_set()
-        assert (workspace / "README.md").read_text(encoding="utf-8") == "# younger\n"
-        assert (await klock.statistics()).deaths >= 1
+            async with (
+                anyio.create_task_group() as tg,
+                older.lease(f"FILE:{workspace}/README.md", "CONSUMES"),
+            ):
+                tg.start_soon(write)
+                await queued.wait()
+                assert not done.is_set()
+                assert (workspace / "README.md").read_text(encoding="utf-8") == "# demo\n"
+            assert done.is_set()
+            assert (workspace / "README.md").read_text(encoding="utf-8") == "# younger\n"
+            assert (await klock.statistics()).deaths == 0
+    finally:
+        structlog.configure(**saved)
 
 
 async def test_calls_inside_a_session_reuse_its_leases(workspace: Path) -> None:
@@ -357,6 +362,7 @@ async def test_calls_inside_a_session_reuse_its_leases(workspace: Path) -> None:
             older.lease(readme, "CONSUMES"),
             coder.session(isolation=IsolationLevel.SERIALIZABLE) as session,
         ):
+            await session.acquire("FILE:/elsewhere", "MUTATES")  # the session holds: Wait-Die
             with pytest.raises(LeaseDied):
                 await files.write_file("README.md", "x", session=session)
         other_files = WorkspaceFiles(klock, "other", workspace)

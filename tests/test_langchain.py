@@ -309,33 +309,35 @@ async def test_tools_defined_before_the_kernel_started_find_its_loop() -> None:
 
 
 async def test_a_call_that_keeps_dying_becomes_a_tool_exception(tmp_path: Path) -> None:
-    """When an older agent holds the resource past every retry, the model gets a DIE message."""
+    """Over a client that never waits (Klock v1), a call refused past every retry is a DIE
+    message for the model; over a Klock the call would queue instead."""
     target = tmp_path / "x.txt"
     target.write_text("", encoding="utf-8")
-    async with Klock() as klock:
-        older = await klock.register_agent("older")
-        tool = _make_sync_tool(klock, "younger", target, max_retries=0)
-        async_tool = _make_async_tool(klock, "younger", _Counter(), max_retries=0)
-        async with (
-            older.lease(f"FILE:{target}", "CONSUMES"),
-            older.lease("CONFIG_KEY:total", "CONSUMES"),
-        ):
-            with pytest.raises(KlockConflictError) as caught:
-                await tool.ainvoke({"path": str(target), "line": "x"})
-            with pytest.raises(KlockConflictError):
-                await async_tool.ainvoke({"key": "total", "amount": 1})
+    with KlockClient() as client:
+        client.register_agent("older", priority=1)
+        client.register_agent("younger", priority=2)
+        tool = _make_sync_tool(client, "younger", target, max_retries=0)
+        async_tool = _make_async_tool(client, "younger", _Counter(), max_retries=0)
+        held = [
+            client.acquire_lease("older", "s", "FILE", str(target), "CONSUMES", 60_000),
+            client.acquire_lease("older", "s", "CONFIG_KEY", "total", "CONSUMES", 60_000),
+        ]
+        with pytest.raises(KlockConflictError) as caught:
+            await tool.ainvoke({"path": str(target), "line": "x"})
+        with pytest.raises(KlockConflictError):
+            await async_tool.ainvoke({"key": "total", "amount": 1})
         error = caught.value
         assert isinstance(error, ToolException)
         assert error.reason == "DIE"
         assert error.agent_id == "younger"
-        assert "'older', older than you" in str(error)
         assert "Nothing was changed" in str(error)
         assert target.read_text(encoding="utf-8") == ""
 
         tool.handle_tool_error = True
-        async with older.lease(f"FILE:{target}", "CONSUMES"):
-            answer = await tool.ainvoke({"path": str(target), "line": "x"})
+        answer = await tool.ainvoke({"path": str(target), "line": "x"})
         assert "call append_line again" in answer
+        for lease in held:
+            client.release_lease(lease["lease_id"])
 
 
 async def test_serializable_tools_report_stale_writes() -> None:

@@ -145,7 +145,7 @@ async def test_lease_tools_in_process(workspace: Path) -> None:
                     "edit_file", {"path": "src/app.py", "old_text": "1", "new_text": "2"}
                 )
             )
-            with pytest.raises(Exception, match="older or equal agent 'coder'"):
+            with pytest.raises(Exception, match="older agent 'coder'"):
                 await other.acquire(info.resource, "CONSUMES", wait=False)
 
             beat = await client.call_tool("heartbeat", {"ttl_seconds": 30})

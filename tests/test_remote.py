@@ -77,7 +77,7 @@ async def test_errors_come_back_typed(server: ThreadServer) -> None:
         young = await klock.register_agent(fresh())
         held = await old.acquire("/te/a", "MUTATES")
         with pytest.raises(LeaseDied) as died:
-            await young.acquire("/te/a", "CONSUMES")
+            await young.acquire("/te/a", "CONSUMES", wait=False)
         assert died.value.blocker_agent_id == old.id
         assert died.value.blocker_lease_id == held.id
         assert died.value.resource == "FILE:/te/a"
@@ -309,8 +309,8 @@ async def test_lease_block_heartbeats_past_its_ttl(kernel_factory: Any) -> None:
         assert await klock.leases() == []
 
 
-async def test_protected_call_retries_after_dying(kernel_factory: Any, settle: Any) -> None:
-    """A protected tool of a younger agent dies, waits for the blocker, retries and runs."""
+async def test_protected_call_waits_in_the_queue(kernel_factory: Any, settle: Any) -> None:
+    """A protected tool call queues behind the holder (it holds nothing: it never dies), then runs."""
     async with kernel_factory() as klock:
         old = await klock.register_agent("old")
         await klock.register_agent("young")
@@ -324,7 +324,7 @@ async def test_protected_call_retries_after_dying(kernel_factory: Any, settle: A
         held = await old.acquire("/tool/file", "MUTATES")
         running = asyncio.create_task(edit())
         stats = await settle(klock)
-        assert stats.deaths >= 1 and not running.done()
+        assert (stats.deaths, stats.requests_waiting) == (0, 1) and not running.done()
         await held.release()
         assert await running == "done"
         assert calls == ["edit"]

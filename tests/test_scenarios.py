@@ -38,19 +38,20 @@ Settle = Callable[[Klock], Awaitable[Statistics]]
 
 
 async def test_trace(kernel_factory: KernelFactory, settle: Settle) -> None:
-    """Younger holds; older waits; a newer agent dies; younger releases; older is granted."""
+    """Younger holds; older waits; a newer agent that may not wait dies; younger releases;
+    older is granted."""
     async with kernel_factory() as klock:
-        older = await klock.register_agent("planner")
-        younger = await klock.register_agent("coder")
-        newer = await klock.register_agent("reviewer")
+        older = await klock.register_agent("planner", priority=1)
+        younger = await klock.register_agent("coder", priority=2)
+        newer = await klock.register_agent("reviewer", priority=3)
         held = await younger.acquire("FILE:/src/auth.js", "MUTATES", ttl=30)
 
         waiter = asyncio.create_task(older.acquire("src/auth.js", "MUTATES"))
         assert (await settle(klock)).requests_waiting == 1
         assert not waiter.done()
 
-        with pytest.raises(LeaseDied) as died:
-            await newer.acquire("src/auth.js", "CONSUMES")
+        with pytest.raises(LeaseDied) as died:  # a call that may not wait gets the verdict
+            await newer.acquire("src/auth.js", "CONSUMES", wait=False)
         assert died.value.blocker_agent_id == "planner"
         assert died.value.resource == "FILE:/src/auth.js"
 
@@ -65,11 +66,11 @@ async def test_trace(kernel_factory: KernelFactory, settle: Settle) -> None:
 async def test_atomic_multi_acquire(kernel_factory: KernelFactory, settle: Settle) -> None:
     """Several intents are granted together or not at all."""
     async with kernel_factory() as klock:
-        old = await klock.register_agent("old")
-        young = await klock.register_agent("young")
+        old = await klock.register_agent("old", priority=1)
+        young = await klock.register_agent("young", priority=2)
         held = await old.acquire("/b", "MUTATES")
         with pytest.raises(LeaseDied):
-            await young.acquire_many([("/a", "MUTATES"), ("/b", "MUTATES")])
+            await young.acquire_many([("/a", "MUTATES"), ("/b", "MUTATES")], wait=False)
         assert [i.id for i in await klock.leases()] == [held.id]
 
         blocker = await young.acquire("/c", "MUTATES")
@@ -132,8 +133,8 @@ async def test_lost_lease(kernel_factory: KernelFactory) -> None:
 async def test_timeout(kernel_factory: KernelFactory, settle: Settle) -> None:
     """An acquire that runs out of time holds nothing and leaves nothing queued."""
     async with kernel_factory() as klock:
-        old = await klock.register_agent("old")
-        young = await klock.register_agent("young")
+        old = await klock.register_agent("old", priority=1)
+        young = await klock.register_agent("young", priority=2)
         held = await young.acquire("/f", "MUTATES")
         with pytest.raises(AcquireTimeoutError):
             await old.acquire("/f", "MUTATES", timeout=0.1)

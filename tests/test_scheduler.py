@@ -55,8 +55,8 @@ def state_of(leases: list[LeaseInfo]) -> set[tuple[str, str, str, str, int]]:
 
 
 async def agents(klock: Klock, *names: str) -> list[Agent]:
-    """Register agents oldest first."""
-    return [await klock.register_agent(name) for name in names]
+    """Register agents oldest first: explicit priorities, which order before unit start."""
+    return [await klock.register_agent(name, priority=i) for i, name in enumerate(names, 1)]
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ async def test_trace(klock: Klock) -> None:
     scheduler_of(klock).check_invariants()
 
     with pytest.raises(LeaseDied) as died:
-        await newer.acquire("src/./auth.js", "MUTATES")
+        await newer.acquire("src/./auth.js", "MUTATES", wait=False)
     # The oldest blocker is the queued request of the older agent, not the younger holder.
     assert died.value.blocker_agent_id == "older"
     assert died.value.agent_id == "newer"
@@ -99,12 +99,12 @@ async def test_trace(klock: Klock) -> None:
 
 
 async def test_newer_agent_dies_naming_the_holder() -> None:
-    """With nobody queued, a younger requester dies naming the holder and its lease."""
+    """With nobody queued, a younger requester that may not wait dies naming the holder."""
     async with Klock() as klock:
         old, young = await agents(klock, "old", "young")
         held = await old.acquire("/f", "MUTATES")
         with pytest.raises(LeaseDied) as died:
-            await young.acquire("/f", "CONSUMES")
+            await young.acquire("/f", "CONSUMES", wait=False)
         assert died.value.blocker_agent_id == "old"
         assert died.value.blocker_lease_id == held.id
         assert died.value.predicate == "CONSUMES"
@@ -116,10 +116,12 @@ async def test_newer_agent_dies_naming_the_holder() -> None:
 
 
 async def test_younger_waiter_dies_when_an_older_one_queues(klock: Klock) -> None:
-    """A new older waiter behind the same holder makes the younger waiter die."""
+    """A new older waiter behind the same holder makes a younger holding unit's waiter die."""
     a, b, c = await agents(klock, "a", "b", "c")
     await c.acquire("/f", "MUTATES")
-    b_waits = asyncio.create_task(b.acquire("/f", "MUTATES"))
+    b_session = b.session()
+    await b_session.acquire("/x", "MUTATES")  # b holds: its request keeps Wait-Die
+    b_waits = asyncio.create_task(b_session.acquire("/f", "MUTATES"))
     assert (await settle(klock)).requests_waiting == 1
     a_waits = asyncio.create_task(a.acquire("/f", "MUTATES"))
     with pytest.raises(LeaseDied) as died:
@@ -145,10 +147,12 @@ async def test_compatible_waiters_are_granted_together(klock: Klock) -> None:
 
 
 async def test_waiter_dies_when_an_older_agent_is_granted(klock: Klock) -> None:
-    """A fresh grant to an older agent re-evaluates the queue: the younger waiter dies."""
+    """A fresh grant to an older agent re-evaluates the queue: a younger holding waiter dies."""
     old, mid, young = await agents(klock, "old", "mid", "young")
     await young.acquire("/f", "CONSUMES")
-    writer = asyncio.create_task(mid.acquire("/f", "MUTATES"))
+    mid_session = mid.session()
+    await mid_session.acquire("/x", "MUTATES")
+    writer = asyncio.create_task(mid_session.acquire("/f", "MUTATES"))
     assert (await settle(klock)).requests_waiting == 1
     # CONSUMES shares /f with the young reader, and the queued writer is younger than "old",
     # so "old" is granted at once; the writer now waits for an older holder and must die.
@@ -186,7 +190,7 @@ async def test_younger_requester_dies_behind_an_older_waiter(klock: Klock) -> No
     writer = asyncio.create_task(a.acquire("/f", "MUTATES"))
     assert (await settle(klock)).requests_waiting == 1
     with pytest.raises(LeaseDied) as died:
-        await c.acquire("/f", "CONSUMES")
+        await c.acquire("/f", "CONSUMES", wait=False)
     assert died.value.blocker_agent_id == "a"
     assert died.value.blocker_lease_id is None
     await klock.evict("b")
@@ -200,7 +204,7 @@ async def test_multi_holder_wait_and_die(klock: Klock) -> None:
     await c.acquire("/f", "DEPENDS_ON")
     await e.acquire("/f", "CONSUMES")
     with pytest.raises(LeaseDied) as died:
-        await d.acquire("/f", "MUTATES")
+        await d.acquire("/f", "MUTATES", wait=False)
     assert died.value.blocker_agent_id == "b"
     waiter = asyncio.create_task(a.acquire("/f", "DELETES"))
     assert (await settle(klock)).requests_waiting == 1
@@ -296,7 +300,7 @@ async def test_hierarchy_conflicts(
     waiter = asyncio.create_task(old.acquire(*requested))
     assert (await settle(klock)).requests_waiting == 1
     with pytest.raises(LeaseDied):
-        await (await klock.register_agent("newest")).acquire(*held)
+        await (await klock.register_agent("newest", priority=3)).acquire(*held, wait=False)
     await lease.release()
     assert (await waiter).agent_id == "old"
 
@@ -334,26 +338,30 @@ async def test_reentrancy_within_a_session(klock: Klock) -> None:
     assert await klock.leases() == []
 
 
-async def test_same_agent_other_session_dies(klock: Klock) -> None:
-    """Equal ages never wait: the same agent in another session dies."""
+async def test_same_agent_other_session_is_another_unit(klock: Klock) -> None:
+    """Sessions of one agent are separate units: the younger one dies when it may not wait."""
     (agent,) = await agents(klock, "a")
     async with agent.session() as s1, agent.session() as s2:
         held = await s1.acquire("/f", "MUTATES")
         with pytest.raises(LeaseDied) as died:
-            await s2.acquire("/f", "MUTATES")
+            await s2.acquire("/f", "MUTATES", wait=False)
         assert died.value.blocker_agent_id == "a"
         assert died.value.blocker_lease_id == held.id
-        with pytest.raises(LeaseDied):
-            await agent.acquire("/f", "CONSUMES")  # a sessionless call is a session of its own
+        with pytest.raises(LeaseDied):  # a sessionless call is a session of its own
+            await agent.acquire("/f", "CONSUMES", wait=False)
+        waiter = asyncio.create_task(s2.acquire("/f", "MUTATES"))  # holds nothing: queues
+        assert (await settle(klock)).requests_waiting == 1
+        await held.release()
+        assert (await waiter).session_id == s2.id
 
 
-async def test_equal_priorities_die(klock: Klock) -> None:
-    """Two agents registered with the same priority never wait on each other."""
+async def test_equal_priorities_order_by_unit_start(klock: Klock) -> None:
+    """Agents registered with one priority are ordered by when their units started."""
     a = await klock.register_agent("a", priority=7)
     b = await klock.register_agent("b", priority=7)
     await a.acquire("/f", "MUTATES")
     with pytest.raises(LeaseDied):
-        await b.acquire("/f", "MUTATES")
+        await b.acquire("/f", "MUTATES", wait=False)
     assert (await klock.statistics()).requests_waiting == 0
 
 
@@ -379,7 +387,9 @@ async def test_acquire_many_is_all_or_nothing(klock: Klock) -> None:
     await old.acquire("/b", "MUTATES")
     before = await klock.leases()
     with pytest.raises(LeaseDied) as died:
-        await young.acquire_many([("/a", "MUTATES"), ("/b", "MUTATES"), ("/c", "MUTATES")])
+        await young.acquire_many(
+            [("/a", "MUTATES"), ("/b", "MUTATES"), ("/c", "MUTATES")], wait=False
+        )
     assert died.value.blocker_agent_id == "old"
     assert await klock.leases() == before
     # /a and /c are free: even a younger agent gets them without waiting.
@@ -394,7 +404,7 @@ async def test_acquire_many_waits_for_all(klock: Klock) -> None:
     assert (await settle(klock)).requests_waiting == 1
     assert [i.id for i in await klock.leases()] == [held.id]
     with pytest.raises(LeaseDied) as died:  # /a is promised to the older waiter
-        await newest.acquire("/a", "MUTATES")
+        await newest.acquire("/a", "MUTATES", wait=False)
     assert died.value.blocker_agent_id == "old"
     await held.release()
     leases = await waiter
@@ -472,12 +482,12 @@ async def test_timeout_withdraws_the_request(klock: Klock) -> None:
 
 
 async def test_zero_timeout_takes_an_immediate_answer(klock: Klock) -> None:
-    """timeout=0 grants a free resource, dies at once, or withdraws what would wait."""
+    """timeout=0 grants a free resource and withdraws what would wait."""
     old, young, newest = await agents(klock, "old", "young", "newest")
     lease = await young.acquire("/f", "MUTATES", timeout=0)
     assert lease.agent_id == "young"
-    with pytest.raises(LeaseDied):
-        await newest.acquire("/f", "MUTATES", timeout=0)
+    with pytest.raises(AcquireTimeoutError):
+        await newest.acquire("/f", "MUTATES", timeout=0)  # holds nothing: it would queue
     with pytest.raises(AcquireTimeoutError):
         await old.acquire("/f", "MUTATES", timeout=0)
     stats = await settle(klock)
@@ -512,7 +522,7 @@ async def test_cancelling_the_waiter_withdraws_the_request(klock: Klock) -> None
 
 
 async def test_cancel_before_the_release_is_processed(klock: Klock) -> None:
-    """A waiter cancelled in the batch that frees its resource is not granted."""
+    """A waiter cancelled in the batch that frees its resource gives back what it got."""
     old, young = await agents(klock, "old", "young")
     held = await young.acquire("/f", "MUTATES")
     waiter = asyncio.create_task(old.acquire("/f", "MUTATES"))
@@ -523,7 +533,8 @@ async def test_cancel_before_the_release_is_processed(klock: Klock) -> None:
         await waiter
     await settle(klock)
     assert await klock.leases() == []
-    assert (await klock.statistics()).grants == 1
+    stats = await klock.statistics()
+    assert stats.grants == stats.releases  # nothing leaked
     scheduler_of(klock).check_invariants()
 
 
@@ -742,7 +753,7 @@ async def test_released_leases_leave_no_expiry_entries_behind(klock: Klock) -> N
     await settle(klock)
     scheduler = scheduler_of(klock)
     scheduler.check_invariants()
-    assert len(scheduler._later) <= _LATER_SWEEP + 1  # white box: the list is bounded
+    assert len(scheduler._table._later) <= _LATER_SWEEP + 1  # white box: the list is bounded
     ended = await klock.backend.wait_ended(first.id, None)
     assert ended is not None and ended.state is LeaseState.EXPIRED
 
@@ -834,7 +845,7 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
         waiter = asyncio.create_task(old.acquire("/f", "MUTATES"))
         await settle(klock)
         with pytest.raises(LeaseDied):
-            await newest.acquire("/f", "CONSUMES")
+            await newest.acquire("/f", "CONSUMES", wait=False)
         await held.release()
         granted = await waiter
         await klock.revoke(granted.id)
@@ -863,19 +874,19 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
     assert by_event["lease.released"][0]["session"] == held.session_id
     assert by_event["lease.revoked"][0]["lease"] == granted.id
     assert by_event["lease.expired"][0]["lease"] == short.id
-    first_wait, second_wait = by_event["lease.waiting"]
+    first_wait, second_wait = by_event["request.queued"]
     assert (first_wait["agent"], first_wait["resource"]) == ("old", "FILE:/f")
     assert (first_wait["predicate"], first_wait["blocker"]) == ("MUTATES", "young")
     assert first_wait["session"] == granted.session_id
     assert (second_wait["resource"], second_wait["predicate"]) == ("FILE:/h", "CONSUMES")
-    (withdrawn,) = by_event["lease.withdrawn"]
+    (withdrawn,) = by_event["request.withdrawn"]
     assert (withdrawn["agent"], withdrawn["resource"], withdrawn["predicate"]) == (
         "old",
         "FILE:/h",
         "CONSUMES",
     )
     assert withdrawn["session"] == second_wait["session"]
-    (died,) = by_event["lease.died"]
+    (died,) = by_event["request.died"]
     assert died["agent"] == "newest"
     assert died["resource"] == "FILE:/f"
     assert died["predicate"] == "CONSUMES"

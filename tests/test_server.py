@@ -147,7 +147,7 @@ def test_younger_agent_dies_with_v1_reason(http: httpx.Client) -> None:
 
 def test_older_agent_gets_wait_and_nothing_is_queued(http: httpx.Client) -> None:
     """Without "wait": true an older agent gets reason WAIT and no request stays queued."""
-    old, young = register(http), register(http)
+    old, young = register(http, priority=-10), register(http)
     ok(http.post("/leases", json=lease_body(young, "src/wait.py")))
     body = refused(
         http.post("/leases", json=lease_body(old, "src/wait.py")), 409, "lease_would_wait"

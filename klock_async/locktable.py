@@ -1,0 +1,1347 @@
+"""The lock table: every agent, unit of work, lease and queued request, and the decisions on them.
+
+A synchronous state machine in the manner of sans-I/O protocol cores (h11, wsproto): no asyncio,
+no I/O, no clock reads. Time is an argument of every call that needs it. The scheduler actor
+(:mod:`klock_async.scheduler`) drives it from its mailbox and keeps only the futures, the timer
+and the journal commit; tests drive it directly, on virtual time, and explore it exhaustively.
+
+Answers that are not the immediate result of a call (a queued request granted by a release, a
+request that dies because an older one passed it, a watcher told that a lease ended) are
+appended to :attr:`LockTable.answers` as ``(reply, value)`` pairs, where ``reply`` is whatever
+opaque handle the caller put on the request or watch (the actor's future) and ``value`` is the
+result or a :class:`~klock_async.errors.KlockError` instance. The driver drains the list.
+
+The rules (DESIGN.md, "Wait-Die, exactly"; the argument is in docs/kernel.md):
+
+- A request whose intents are all covered by leases its own session (unit) holds is granted at
+  once, whatever is queued (reentrancy).
+- Blockers of a request R: the active leases of other units that conflict with R, and the
+  queued requests of other units that conflict with R and are older than R. A younger waiter
+  never blocks an older request: the older one passes it.
+- No blocker: GRANT. Otherwise a request of a unit that holds nothing (empty-handed) queues and
+  never dies; a request of a holding unit WAITs when it is older than every blocker and DIEs
+  otherwise; a request with ``wait=False`` never queues (LeaseDied or LeaseWouldWait).
+- Every change re-decides the queues it touches, oldest first, and hands freed resources to
+  the next compatible waiters in the same step. A grant or a new waiter that is older than a
+  queued request of a holding unit it conflicts with makes that request die.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+from klock_async import rules
+from klock_async.backend import ClockStatus
+from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock, VectorClockManager
+from klock_async.errors import (
+    AgentExistsError,
+    CausalViolationError,
+    EvictedError,
+    InvalidRequestError,
+    KlockError,
+    LeaseDied,
+    LeaseNotFoundError,
+    LeaseWouldWait,
+    NotLeaseOwnerError,
+    UnknownAgentError,
+)
+from klock_async.ids import new_lease_id
+from klock_async.model import (
+    AgentInfo,
+    Intent,
+    LeaseInfo,
+    LeaseState,
+    Predicate,
+    Resource,
+    Statistics,
+    WaiterInfo,
+    WaitFor,
+)
+
+__all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "Journal", "LockTable", "RecoveredState", "Request"]
+
+PRIORITY_MIN = -(2**63)
+PRIORITY_MAX = 2**63 - 1
+_RANK_AUTO = 2**64  # agents without an explicit priority rank after every explicit one
+_SEQ_BITS = 64
+_SEQ_MASK = 2**_SEQ_BITS - 1
+
+_READ = Predicate.CONSUMES
+_SERIALIZABLE = IsolationLevel.SERIALIZABLE
+_RELEASED = LeaseState.RELEASED
+_COMPATIBLE = rules.COMPATIBLE
+# Predicates that conflict with every predicate: nothing younger can pass a waiter holding one.
+_EXCLUSIVE = frozenset(p for p in Predicate if not _COMPATIBLE[p])
+_NEVER = float("inf")
+_ENDED_COUNTER = {
+    LeaseState.RELEASED: "releases",
+    LeaseState.EXPIRED: "expiries",
+    LeaseState.REVOKED: "revocations",
+}
+_IDLE_SLOTS = 1024  # empty resource slots kept for reuse (see LockTable._idle_slot)
+_LATER_SWEEP = 1024  # LockTable._later is swept of ended leases' entries past this size
+_LOST_MEMORY = 4096  # ended leases whose final state a late watcher can still learn
+_RETRYING_MEMORY = 65536  # ages of units that died and hold nothing, kept for their retry
+
+
+# --------------------------------------------------------------------------------------------
+# Durable journal interface (implemented by klock_async.journal)
+
+
+@dataclass(slots=True)
+class RecoveredState:
+    """What a journal hands back on start: enough to continue exactly where it stopped."""
+
+    agents: list[AgentInfo] = field(default_factory=list)
+    leases: list[LeaseInfo] = field(default_factory=list)
+    last_token: int = 0
+    last_agent_ts: int = 0
+    path_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
+    agent_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
+    conflict_count: int = 0
+
+
+class Journal(Protocol):
+    """Durable record of the lock table's state (implemented by klock_async.journal).
+
+    The ``record_*`` calls only buffer, so the lock table may call them and stay free of I/O;
+    :meth:`commit` writes the buffer in one transaction and is called by the actor only, which
+    resolves a batch's replies after it returns.
+    """
+
+    def load(self) -> RecoveredState:
+        """Read the state left by the previous run."""
+
+    def record_agent(self, agent: AgentInfo) -> None:
+        """Buffer a registered agent."""
+
+    def record_lease(self, lease: LeaseInfo) -> None:
+        """Buffer a granted or changed lease (insert or replace by id)."""
+
+    def record_clocks(
+        self,
+        path: str,
+        path_clock: VectorClock,
+        agent_id: str,
+        agent_clock: VectorClock,
+        conflict_count: int,
+    ) -> None:
+        """Buffer the clocks a clock operation changed."""
+
+    def record_counters(self, last_token: int, last_agent_ts: int) -> None:
+        """Buffer the highest fencing token and agent age handed out."""
+
+    async def commit(self) -> None:
+        """Write everything buffered in one transaction."""
+
+    def close(self) -> None:
+        """Release the database."""
+
+
+# --------------------------------------------------------------------------------------------
+# Records: mutable, owned by the table, never handed out.
+
+
+# Not frozen: the actor builds one per acquire, and a frozen dataclass's __init__ costs about
+# 1 us more for these fields. The table sets ``ts`` and ``holding``; nothing else changes.
+@dataclass(slots=True)
+class Request:
+    """A request for leases, all or none; ``reply`` is the driver's opaque answer handle."""
+
+    id: int
+    agent_id: str
+    session_id: str
+    intents: tuple[Intent, ...]
+    ttl: float
+    wait: bool
+    isolation: IsolationLevel
+    reply: Any
+    ts: int = 0  # the unit's age (lower is older), set on arrival
+    holding: bool = False  # queued while its unit held leases (set while queued)
+
+
+class _Agent:
+    __slots__ = ("id", "priority", "ts")
+
+    def __init__(self, agent_id: str, ts: int, priority: int | None) -> None:
+        self.id = agent_id
+        self.ts = ts
+        self.priority = priority
+
+
+class _Unit:
+    """A unit of work (an agent's session): its age, its leases and its queued requests."""
+
+    __slots__ = ("age", "key", "leases", "queued")
+
+    def __init__(self, key: tuple[str, str], age: int) -> None:
+        self.key = key
+        self.age = age
+        self.leases: dict[str, _Lease] = {}
+        self.queued: dict[int, Request] = {}
+
+
+class _Lease:
+    __slots__ = (
+        "agent_id",
+        "deadline",
+        "ended",
+        "id",
+        "predicate",
+        "request_id",
+        "resource",
+        "session_id",
+        "token",
+        "ts",
+        "ttl",
+        "unit",
+    )
+
+    def __init__(
+        self,
+        lease_id: str,
+        unit: _Unit,
+        resource: Resource,
+        predicate: Predicate,
+        token: int,
+        ttl: float,
+        deadline: float,
+        request_id: int,
+    ) -> None:
+        self.id = lease_id
+        self.unit = unit
+        self.agent_id, self.session_id = unit.key
+        self.ts = unit.age
+        self.resource = resource
+        self.predicate = predicate
+        self.token = token
+        self.ttl = ttl
+        self.deadline = deadline  # also its expires_at: the table's time is the wall clock
+        self.request_id = request_id
+        # The end mark: empty while active; the table appends the final state when the lease
+        # ends, and nothing else writes to it. The client side reads it (release_nowait).
+        self.ended: list[LeaseState] = []
+
+    def info(self, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
+        # The same frozen value LeaseInfo(...) builds, with its slots set directly: see
+        # _INFO_SETTERS.
+        info: LeaseInfo = _new_object(LeaseInfo)
+        _set_id(info, self.id)
+        _set_agent_id(info, self.agent_id)
+        _set_session_id(info, self.session_id)
+        _set_resource(info, self.resource)
+        _set_predicate(info, self.predicate)
+        _set_token(info, self.token)
+        _set_ttl(info, self.ttl)
+        _set_expires_at(info, self.deadline)
+        _set_state(info, state)
+        return info
+
+
+# A LeaseInfo snapshot is taken at every grant. The frozen dataclass's generated __init__ sets
+# each field through object.__setattr__ (about 1 us for nine fields); calling the slots' own
+# descriptors builds the same frozen value in half the time. The check keeps _Lease.info() in
+# step with the fields of LeaseInfo.
+_INFO_FIELDS = (
+    "id",
+    "agent_id",
+    "session_id",
+    "resource",
+    "predicate",
+    "token",
+    "ttl",
+    "expires_at",
+    "state",
+)
+if tuple(f.name for f in fields(LeaseInfo)) != _INFO_FIELDS:  # pragma: no cover - a guard
+    raise TypeError("LeaseInfo's fields changed: update _Lease.info() and _INFO_FIELDS")
+_new_object = object.__new__
+(
+    _set_id,
+    _set_agent_id,
+    _set_session_id,
+    _set_resource,
+    _set_predicate,
+    _set_token,
+    _set_ttl,
+    _set_expires_at,
+    _set_state,
+) = _INFO_SETTERS = tuple(LeaseInfo.__dict__[name].__set__ for name in _INFO_FIELDS)
+
+
+class _Slot:
+    """Everything attached to one resource: its active leases and its queue, oldest first."""
+
+    __slots__ = ("leases", "order", "waiters")
+
+    def __init__(self) -> None:
+        self.leases: dict[str, _Lease] = {}
+        # The queue: (age, request id) sorted, and request id -> (request, the predicates it
+        # may share this resource with: the intersection over its intents on the resource).
+        self.order: list[tuple[int, int]] = []
+        self.waiters: dict[int, tuple[Request, frozenset[Predicate]]] = {}
+
+
+def _allowed(predicates: Iterable[Predicate]) -> frozenset[Predicate]:
+    allowed: frozenset[Predicate] | None = None
+    for predicate in predicates:
+        compat = _COMPATIBLE[predicate]
+        allowed = compat if allowed is None else allowed & compat
+    assert allowed is not None
+    return allowed
+
+
+def _covers(held: Predicate, wanted: Predicate) -> bool:
+    """Whether holding ``held`` makes a lease of ``wanted`` change nothing for anyone else.
+
+    True when everything that may coexist with ``held`` may also coexist with ``wanted``.
+    """
+    return _COMPATIBLE[held] <= _COMPATIBLE[wanted]
+
+
+Observer = Callable[..., None]
+"""``observer(event, lease=..., request=..., **fields)``: told of every state change."""
+
+
+class LockTable:
+    """The pure lock table. See the module docstring for the rules.
+
+    Args:
+        journal: buffering interface of a durable journal, or None.
+        observer: called with each state change (``"lease.granted"``, ...) when not None.
+    """
+
+    # Invariants (checked by check_invariants(); tests assert them after every step):
+    # - every _Lease in _leases is in exactly _slots[resource].leases and in its unit's leases;
+    #   ended leases are in none of them;
+    # - every queued Request is in _queued, in its unit's queued, and in the order and waiters
+    #   of the slot of each of its resources, and nowhere else;
+    # - no two active leases of different units conflict (rules.intents_conflict);
+    # - a queued request of a holding unit is strictly older than each of its blockers;
+    # - a unit is in _units exactly while it holds a lease or has a queued request;
+    # - _under[r] is exactly the set of resources with a slot strictly below r;
+    # - a slot exists only while it has leases or waiters, or is one of the last _IDLE_SLOTS
+    #   emptied (in _idle, in the order they emptied);
+    # - _last_token only grows; each grant takes the next value.
+
+    def __init__(self, *, journal: Journal | None = None, observer: Observer | None = None) -> None:
+        self.journal = journal
+        self.observer = observer
+        self.answers: list[tuple[Any, Any]] = []
+        self.agents: dict[str, _Agent] = {}
+        self.units: dict[tuple[str, str], _Unit] = {}
+        self._retrying: dict[tuple[str, str], int] = {}
+        self.leases: dict[str, _Lease] = {}
+        # Indexes are keyed by Resource.key (the "TYPE:path" string, hashed in C).
+        self._slots: dict[str, _Slot] = {}
+        self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
+        self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
+        self.queued: dict[int, Request] = {}
+        # Expiry: a heap of (deadline, lease id), and the deadlines noted at or after the
+        # deadline the driver armed its timer for (they join the heap when it fires). A grant
+        # appends to a list instead of pushing onto a heap that its release would leave a stale
+        # entry in. Entries of ended or extended leases are dropped lazily.
+        self._expiry: list[tuple[float, str]] = []
+        self._later: list[tuple[float, str]] = []
+        self._later_limit = _LATER_SWEEP
+        self.armed = _NEVER  # the deadline the driver's timer is armed for
+        self.rearm = False  # a deadline fell before ``armed``: call next_deadline()
+        self._watchers: dict[str, list[Any]] = {}
+        # agent -> {lease id: the path clock at the grant of a SERIALIZABLE CONSUMES it holds}.
+        # The read joins the agent's clock when its holder releases the lease, not at grant: a
+        # grant its caller never saw (withdrawn after a cancel) must not count as a read.
+        self._unmerged_reads: dict[str, dict[str, VectorClock]] = {}
+        self._lost: dict[str, LeaseInfo] = {}  # the last _LOST_MEMORY leases ended by others
+        self.clocks = VectorClockManager()
+        self.last_token = 0
+        self.last_agent_ts = 0
+        self._last_unit = 0
+        self.counts = dict.fromkeys(
+            (
+                "grants",
+                "waits",
+                "deaths",
+                "releases",
+                "expiries",
+                "revocations",
+                "causal_violations",
+                "batches",
+                "messages",
+            ),
+            0,
+        )
+
+    # ---------------------------------------------------------------- recovery
+
+    def recover(self, state: RecoveredState, now: float) -> None:
+        """Load the state a journal recovered (before any other call)."""
+        for agent in state.agents:
+            self.agents[agent.id] = _Agent(agent.id, agent.ts, None)
+        self.last_agent_ts = state.last_agent_ts
+        self.last_token = state.last_token
+        # Units come back in grant order: their ages are fresh, and older grants stay older.
+        for info in sorted(state.leases, key=lambda i: i.token):
+            if info.state is not LeaseState.ACTIVE:
+                continue
+            if info.agent_id not in self.agents:
+                raise InvalidRequestError(
+                    f"journal lease {info.id!r} names agent {info.agent_id!r}, which the "
+                    "journal does not hold"
+                )
+            unit = self._unit(info.agent_id, info.session_id)
+            lease = _Lease(
+                info.id, unit, info.resource, info.predicate, info.token, info.ttl,
+                info.expires_at, 0,
+            )  # fmt: skip
+            self._attach(lease)
+            # A lease that expired while the server was down ends on the first expiry.
+            self._note_deadline(lease.deadline, lease.id)
+            self.last_token = max(self.last_token, info.token)
+        self.clocks = VectorClockManager.restore(
+            state.path_clocks, state.agent_clocks, state.conflict_count
+        )
+
+    # ---------------------------------------------------------------- agents and units
+
+    def register(self, agent_id: str, priority: int | None) -> AgentInfo:
+        """Register an agent (idempotent for the same priority).
+
+        Raises:
+            InvalidRequestError: empty id, or a priority that is not a signed 64-bit integer.
+            AgentExistsError: the id is registered with another priority.
+        """
+        if not isinstance(agent_id, str) or not agent_id.strip():
+            raise InvalidRequestError("an agent id must be a non-empty string")
+        if priority is not None and (
+            isinstance(priority, bool)
+            or not isinstance(priority, int)
+            or not PRIORITY_MIN <= priority <= PRIORITY_MAX
+        ):
+            raise InvalidRequestError(
+                f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, "
+                f"got {priority!r}"
+            )
+        agent = self.agents.get(agent_id)
+        if agent is not None:
+            if priority is not None and priority != agent.ts:
+                raise AgentExistsError(
+                    f"agent {agent_id!r} is registered already with age {agent.ts}; an "
+                    "agent's age never changes (register another id for another priority)"
+                )
+            return AgentInfo(agent.id, agent.ts)
+        if priority is None:
+            if self.last_agent_ts >= PRIORITY_MAX:
+                raise InvalidRequestError(
+                    "no automatic agent age is left above the explicit priorities in use "
+                    f"(the highest is {self.last_agent_ts}); register with an explicit priority"
+                )
+            self.last_agent_ts += 1
+            ts = self.last_agent_ts
+        else:
+            ts = priority
+            # Later automatic ages come after every explicit one.
+            self.last_agent_ts = max(self.last_agent_ts, ts)
+        agent = self.agents[agent_id] = _Agent(agent_id, ts, priority)
+        info = AgentInfo(agent.id, agent.ts)
+        if self.journal is not None:
+            self.journal.record_agent(info)
+            self.journal.record_counters(self.last_token, self.last_agent_ts)
+        if self.observer is not None:
+            self.observer("agent.registered", agent=agent.id, ts=agent.ts)
+        return info
+
+    def _agent(self, agent_id: str) -> _Agent:
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            raise UnknownAgentError(
+                f"agent {agent_id!r} is not registered; call register_agent({agent_id!r}) first"
+            )
+        return agent
+
+    def _unit(self, agent_id: str, session_id: str) -> _Unit:
+        """The unit of (agent, session), created with its age on its first request.
+
+        The age orders units for Wait-Die: an agent's explicit priority first, then the order
+        in which units started. A unit that died and holds nothing keeps its age for its retry.
+        """
+        key = (agent_id, session_id)
+        unit = self.units.get(key)
+        if unit is not None:
+            return unit
+        age = self._retrying.pop(key, None)
+        if age is None:
+            self._last_unit += 1
+            priority = self.agents[agent_id].priority
+            rank = _RANK_AUTO if priority is None else priority - PRIORITY_MIN
+            age = rank << _SEQ_BITS | self._last_unit
+        unit = self.units[key] = _Unit(key, age)
+        return unit
+
+    def _unit_idle(self, unit: _Unit) -> None:
+        if not unit.leases and not unit.queued:
+            del self.units[unit.key]
+
+    # ---------------------------------------------------------------- acquire
+
+    def acquire(self, request: Request, now: float) -> None:
+        """Decide a new request; its answer (now or later) goes to :attr:`answers`.
+
+        Raises:
+            UnknownAgentError: the agent was never registered (nothing changed).
+        """
+        if request.agent_id not in self.agents:
+            self._agent(request.agent_id)
+        unit = self._unit(request.agent_id, request.session_id)
+        request.ts = unit.age
+        if unit.leases and self._covered(request, unit):
+            if not self._grant(request, unit, now):
+                self._unit_idle(unit)
+            return
+        blockers = self._blockers(request)
+        if not blockers:
+            if self._grant(request, unit, now):
+                if self.queued:
+                    self._passed(request)
+            else:
+                self._unit_idle(unit)
+            return
+        verdict = rules.wait_die(request.ts, blockers)
+        blocker = verdict.blocker
+        assert blocker is not None
+        if not request.wait:
+            if verdict.decision is rules.Decision.DIE:
+                self._die(request, blocker, now)
+            else:
+                self.answers.append((request.reply, self._would_wait(request, blocker, now)))
+            self._unit_idle(unit)
+            return
+        if unit.leases and verdict.decision is rules.Decision.DIE:
+            self._die(request, blocker, now)
+            self._unit_idle(unit)
+            return
+        self._enqueue(request, unit)
+        self.counts["waits"] += 1
+        if self.observer is not None:
+            self.observer("request.queued", request=request, blocker=blocker.agent_id)
+        self._passed(request)
+
+    def _covered(self, request: Request, unit: _Unit) -> bool:
+        """Whether the unit's own leases already cover every intent of ``request``."""
+        for intent in request.intents:
+            resource = intent.resource
+            for lease in unit.leases.values():
+                held = lease.resource
+                if (held.key == resource.key or held.key in resource.up) and _covers(
+                    lease.predicate, intent.predicate
+                ):
+                    break
+            else:
+                return False
+        return True
+
+    def _overlapping(self, resource: Resource) -> list[_Slot]:
+        """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
+        slots = self._slots
+        slot = slots.get(resource.key)
+        found = [] if slot is None else [slot]
+        for ancestor in resource.up:
+            slot = slots.get(ancestor)
+            if slot is not None:
+                found.append(slot)
+        below = self._under.get(resource.key)
+        if below:
+            found.extend([slots[key] for key in below])
+        return found
+
+    def _blockers(self, request: Request) -> list[_Lease | Request]:
+        """Conflicting leases of other units, and conflicting older waiters of other units."""
+        found: list[_Lease | Request] = []
+        agent_id, session_id, ts = request.agent_id, request.session_id, request.ts
+        slots, under = self._slots, self._under
+        for intent in request.intents:
+            resource = intent.resource
+            slot = slots.get(resource.key)
+            if (
+                (slot is None or not (slot.leases or slot.waiters))
+                and resource.key not in under
+                and slots.keys().isdisjoint(resource.up)
+            ):
+                continue  # nothing on the resource, above or below it (the common case)
+            allowed = _COMPATIBLE[intent.predicate]
+            for slot in self._overlapping(resource):
+                for lease in slot.leases.values():
+                    if lease.predicate in allowed:
+                        continue
+                    if lease.agent_id == agent_id and lease.session_id == session_id:
+                        continue  # reentrancy (KLIS-7)
+                    found.append(lease)
+                waiters = slot.waiters
+                for age, rid in slot.order:
+                    if age >= ts:
+                        break  # younger waiters never block an older request
+                    other, other_allowed = waiters[rid]
+                    if intent.predicate in other_allowed:
+                        continue
+                    if other.agent_id == agent_id and other.session_id == session_id:
+                        continue
+                    found.append(other)
+        return found
+
+    def _passed(self, request: Request) -> None:
+        """``request`` was granted or queued ahead of younger waiters: those of holding units
+        that conflict with it must die (a holding unit never waits for an older request).
+        """
+        ts, unit_key = request.ts, (request.agent_id, request.session_id)
+        doomed: dict[int, tuple[Request, Intent]] = {}
+        for intent in request.intents:
+            for slot in self._overlapping(intent.resource):
+                order = slot.order
+                if not order or order[-1][0] <= ts:
+                    continue  # nobody younger waits here (the common case)
+                waiters = slot.waiters
+                for _, rid in order[bisect.bisect_right(order, (ts, request.id)) :]:
+                    other, other_allowed = waiters[rid]
+                    if (
+                        other.holding
+                        and intent.predicate not in other_allowed
+                        and (other.agent_id, other.session_id) != unit_key
+                    ):
+                        doomed[rid] = (other, intent)
+        unit = self.units.get(unit_key)
+        for other, intent in doomed.values():
+            if other.id in self.queued:
+                blocker: _Lease | Request = request
+                if request.id not in self.queued and unit is not None:  # granted: name the lease
+                    for lease in unit.leases.values():
+                        if lease.request_id == request.id and lease.resource == intent.resource:
+                            blocker = lease
+                self._kill(other, blocker, None)
+
+    def _kill(self, request: Request, blocker: _Lease | Request, now: float | None) -> None:
+        """A queued request of a holding unit dies."""
+        self._unqueue(request)
+        self._die(request, blocker, now)
+
+    # ---------------------------------------------------------------- grant and refuse
+
+    def _grant(self, request: Request, unit: _Unit, now: float) -> bool:
+        """Grant every intent of ``request``; False when a causal check refused it instead."""
+        if request.isolation is _SERIALIZABLE and not self._causally_fresh(request):
+            return False
+        ttl = request.ttl
+        deadline = now + ttl
+        answer = []
+        journal = self.journal
+        for intent in request.intents:
+            self.last_token += 1
+            lease_id = new_lease_id()
+            lease = _Lease(
+                lease_id, unit, intent.resource, intent.predicate, self.last_token, ttl,
+                deadline, request.id,
+            )  # fmt: skip
+            self._attach(lease)
+            if deadline >= self.armed and len(self._later) < self._later_limit:
+                self._later.append((deadline, lease_id))  # _note_deadline(), common case
+            else:
+                self._note_deadline(deadline, lease_id)
+            info = lease.info()
+            answer.append((info, lease.ended))
+            if request.isolation is _SERIALIZABLE and intent.predicate is _READ:
+                reads = self._unmerged_reads.setdefault(request.agent_id, {})
+                reads[lease_id] = self.clocks.clock_of(str(intent.resource))
+            if journal is not None:
+                journal.record_lease(info)
+            if self.observer is not None:
+                self.observer("lease.granted", lease=lease)
+        if request.id in self.queued:
+            # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
+            self._unqueue(request)
+        self.counts["grants"] += 1
+        if journal is not None:
+            journal.record_counters(self.last_token, self.last_agent_ts)
+        self.answers.append((request.reply, tuple(answer)))
+        if unit.queued:
+            self._now_holding(unit, now)
+        return True
+
+    def _now_holding(self, unit: _Unit, now: float) -> None:
+        """The unit was granted leases while other requests of it wait (two concurrent calls in
+        one session): those follow the holding rules from now on, and die unless older than
+        every blocker.
+        """
+        for other in list(unit.queued.values()):
+            if other.holding or other.id not in self.queued:
+                continue
+            other.holding = True
+            verdict = rules.wait_die(other.ts, self._blockers(other))
+            if verdict.decision is rules.Decision.DIE:
+                assert verdict.blocker is not None
+                self._kill(other, verdict.blocker, now)
+
+    def _causally_fresh(self, request: Request) -> bool:
+        for intent in request.intents:
+            if intent.predicate.writes:
+                stale = self.clocks.check_write(
+                    str(intent.resource), request.agent_id, self._held_reads(request.agent_id)
+                )
+                if stale is not None:
+                    if request.id in self.queued:
+                        self._unqueue(request)
+                    self.counts["causal_violations"] += 1
+                    self.answers.append((request.reply, self._violation(stale)))
+                    return False
+        return True
+
+    def _die(self, request: Request, blocker: _Lease | Request, now: float | None) -> None:
+        self.counts["deaths"] += 1
+        unit = self.units.get((request.agent_id, request.session_id))
+        if unit is not None and unit.leases:
+            # Its retry (after the retry helper releases what the unit holds) keeps the age.
+            self._retrying[unit.key] = unit.age
+            if len(self._retrying) > _RETRYING_MEMORY:
+                del self._retrying[next(iter(self._retrying))]
+        intent = request.intents[0]
+        blocker_lease = blocker.id if isinstance(blocker, _Lease) else None
+        where = str(blocker.resource) if isinstance(blocker, _Lease) else "a queued request"
+        retry_after = (
+            max(0.0, blocker.deadline - now) if isinstance(blocker, _Lease) and now else 0.0
+        )
+        if self.observer is not None:
+            self.observer(
+                "request.died",
+                request=request,
+                blocker=blocker.agent_id,
+                blocker_lease=blocker_lease,
+            )
+        self.answers.append(
+            (
+                request.reply,
+                LeaseDied(
+                    f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
+                    f"{intent.resource} while its session holds other leases: older agent "
+                    f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
+                    "Release what this session holds and retry; the session keeps its age, "
+                    "so it cannot starve.",
+                    agent_id=request.agent_id,
+                    resource=str(intent.resource),
+                    predicate=intent.predicate.value,
+                    blocker_agent_id=blocker.agent_id,
+                    blocker_lease_id=blocker_lease,
+                    retry_after=retry_after,
+                ),
+            )
+        )
+
+    def _would_wait(self, request: Request, blocker: _Lease | Request, now: float) -> KlockError:
+        intent = request.intents[0]
+        wait_time = max(0.0, blocker.deadline - now) if isinstance(blocker, _Lease) else 0.0
+        return LeaseWouldWait(
+            f"{intent.predicate.value} {intent.resource} is held or awaited by younger agent "
+            f"{blocker.agent_id!r}; nothing was queued. Ask again, or acquire with wait=True.",
+            agent_id=request.agent_id,
+            resource=str(intent.resource),
+            blocker_agent_id=blocker.agent_id,
+            wait_time=wait_time,
+        )
+
+    # ---------------------------------------------------------------- queues
+
+    def _enqueue(self, request: Request, unit: _Unit) -> None:
+        self.queued[request.id] = request
+        unit.queued[request.id] = request
+        request.holding = bool(unit.leases)
+        by_resource: dict[str, list[Predicate]] = {}
+        for intent in request.intents:
+            by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+        entry = (request.ts, request.id)
+        for intent in request.intents:
+            slot = self._slot(intent.resource)
+            if request.id in slot.waiters:
+                continue  # a resource named twice: one entry, the predicates combined
+            slot.waiters[request.id] = (request, _allowed(by_resource[intent.resource.key]))
+            order = slot.order
+            if not order or order[-1] < entry:
+                order.append(entry)  # the youngest so far (the common case)
+            else:
+                bisect.insort(order, entry)
+
+    def _unqueue(self, request: Request) -> None:
+        del self.queued[request.id]
+        unit = self.units[(request.agent_id, request.session_id)]
+        del unit.queued[request.id]
+        entry = (request.ts, request.id)
+        for intent in request.intents:
+            slot = self._slots.get(intent.resource.key)
+            if slot is not None and slot.waiters.pop(request.id, None) is not None:
+                order = slot.order
+                if order[0] == entry:
+                    del order[0]  # the oldest leaves (the common case)
+                else:
+                    del order[bisect.bisect_left(order, entry)]
+                self._drop_slot_if_empty(intent.resource)
+
+    def _reevaluate(self, resources: Iterable[Resource], now: float) -> None:
+        """Re-decide the queues that overlap ``resources``, oldest first, until nothing changes.
+
+        Per slot only the head of the queue can change: the waiters up to and including the
+        first one that wants the resource exclusively (every younger waiter of that slot
+        conflicts with it, and none of them may pass it).
+        """
+        if not self.queued:  # nothing waits: the common case after a release
+            return
+        dirty = {resource.key: resource for resource in resources}
+        while dirty and self.queued:
+            candidates: dict[int, Request] = {}
+            for resource in dirty.values():
+                for slot in self._overlapping(resource):
+                    waiters = slot.waiters
+                    for _, rid in slot.order:
+                        request, allowed = waiters[rid]
+                        candidates[rid] = request
+                        if not allowed:
+                            break
+            dirty = {}
+            for request in sorted(candidates.values(), key=lambda r: (r.ts, r.id)):
+                if request.id not in self.queued:
+                    continue
+                if self._redecide(request, now):
+                    dirty.update((i.resource.key, i.resource) for i in request.intents)
+
+    def _redecide(self, request: Request, now: float) -> bool:
+        """Re-decide a queued request; True when it left the queue (granted, died, refused)."""
+        blockers = self._blockers(request)
+        unit = self.units[(request.agent_id, request.session_id)]
+        if not blockers:
+            self._grant(request, unit, now)
+            if self.queued:
+                self._passed(request)
+            self._unit_idle(unit)
+            return True
+        if request.holding:
+            verdict = rules.wait_die(request.ts, blockers)
+            if verdict.decision is rules.Decision.DIE:
+                assert verdict.blocker is not None
+                self._kill(request, verdict.blocker, now)
+                self._unit_idle(unit)
+                return True
+        return False
+
+    def withdraw(self, request_id: int, agent_id: str, session_id: str, now: float) -> None:
+        """The caller stopped waiting: unqueue the request, or give back what it was granted."""
+        request = self.queued.get(request_id)
+        if request is not None:
+            unit = self.units[(request.agent_id, request.session_id)]
+            self._unqueue(request)
+            self._unit_idle(unit)
+            if self.observer is not None:
+                self.observer("request.withdrawn", request=request)
+            self._reevaluate([i.resource for i in request.intents], now)
+            return
+        # Granted, but the caller stopped waiting before it saw the answer: give it back.
+        holder = self.units.get((agent_id, session_id))
+        if holder is not None and holder.leases:
+            granted = [x for x in holder.leases.values() if x.request_id == request_id]
+            for lease in granted:
+                self._end(lease, LeaseState.RELEASED, seen=False)
+            self._reevaluate([lease.resource for lease in granted], now)
+
+    # ---------------------------------------------------------------- lease life
+
+    def owned(self, lease_id: str, agent_id: str | None) -> _Lease:
+        """The active lease ``lease_id``, checked against its holder.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: held by another agent.
+        """
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFoundError(
+                f"lease {lease_id!r} is not active (never granted, or already released, "
+                "expired or revoked); acquire it again if you still need it"
+            )
+        if agent_id is not None and agent_id != lease.agent_id:
+            raise NotLeaseOwnerError(
+                f"lease {lease_id!r} belongs to agent {lease.agent_id!r}, not {agent_id!r}; "
+                "only its holder may release or extend it"
+            )
+        return lease
+
+    def release(
+        self, lease_id: str, agent_id: str | None, record_write: bool, now: float
+    ) -> LeaseInfo:
+        """End a lease its holder lets go of; record a causal write when asked.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: held by another agent.
+        """
+        lease = self.owned(lease_id, agent_id)
+        if record_write and lease.predicate.writes:
+            held_reads = self._held_reads(lease.agent_id)
+            if held_reads is not None:  # the write was made from what those leases let it read
+                self.clocks.observe(lease.agent_id, held_reads)
+            result = self.clocks.write(str(lease.resource), lease.agent_id, strict=False)
+            self._journal_clocks(str(lease.resource), lease.agent_id)
+            assert not isinstance(result, StaleWrite)
+        info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
+        self._reevaluate((lease.resource,), now)
+        return info
+
+    def drop(self, lease_id: str, now: float) -> None:
+        """A one-way release: end the lease if it is still active (else it ended already)."""
+        lease = self.leases.get(lease_id)
+        if lease is not None:
+            self._end(lease, _RELEASED)
+            if self.queued:
+                self._reevaluate((lease.resource,), now)
+
+    def heartbeat(
+        self, lease_id: str, agent_id: str | None, ttl: float | None, now: float
+    ) -> LeaseInfo:
+        """Push a lease's deadline to ``now + ttl`` (its own ttl by default).
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: held by another agent.
+        """
+        lease = self.owned(lease_id, agent_id)
+        if ttl is not None:
+            lease.ttl = ttl
+        lease.deadline = now + lease.ttl
+        self._note_deadline(lease.deadline, lease.id)
+        info = lease.info()
+        if self.journal is not None:
+            self.journal.record_lease(info)
+        if self.observer is not None:
+            self.observer("lease.heartbeated", lease=lease)
+        return info
+
+    def release_session(self, agent_id: str, session_id: str, now: float) -> int:
+        """Release every lease of one unit; return how many."""
+        unit = self.units.get((agent_id, session_id))
+        if unit is None or not unit.leases:
+            return 0
+        leases = list(unit.leases.values())
+        for lease in leases:
+            self._end(lease, LeaseState.RELEASED, remember=True)
+        self._reevaluate([lease.resource for lease in leases], now)
+        return len(leases)
+
+    def revoke(self, lease_id: str, now: float) -> LeaseInfo:
+        """End one lease by force.
+
+        Raises:
+            LeaseNotFoundError: not active.
+        """
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFoundError(f"no active lease {lease_id!r} to revoke")
+        info = self._end(lease, LeaseState.REVOKED) or lease.info(LeaseState.REVOKED)
+        self._reevaluate([lease.resource], now)
+        return info
+
+    def evict(self, agent_id: str, now: float) -> int:
+        """Revoke an agent's leases and refuse its queued requests; return how many leases.
+
+        Raises:
+            UnknownAgentError: never registered.
+        """
+        self._agent(agent_id)
+        leases = [lease for lease in self.leases.values() if lease.agent_id == agent_id]
+        for request in [r for r in self.queued.values() if r.agent_id == agent_id]:
+            self._unqueue(request)
+            self.answers.append(
+                (
+                    request.reply,
+                    EvictedError(
+                        f"agent {agent_id!r} was evicted while this request waited; nothing "
+                        "is held. Acquire again if the agent is still at work."
+                    ),
+                )
+            )
+        for lease in leases:
+            self._end(lease, LeaseState.REVOKED)
+        for unit in [u for u in self.units.values() if u.key[0] == agent_id]:
+            self._unit_idle(unit)
+        self._reevaluate([lease.resource for lease in leases], now)
+        return len(leases)
+
+    def watch(self, lease_id: str, reply: Any) -> LeaseInfo | None:
+        """Answer ``reply`` when the lease ends; a lease that ended already answers now.
+
+        Raises:
+            LeaseNotFoundError: not active and not recently ended.
+        """
+        if lease_id not in self.leases:
+            lost = self._lost.get(lease_id)
+            if lost is not None:
+                return lost
+            raise LeaseNotFoundError(f"lease {lease_id!r} is not active")
+        self._watchers.setdefault(lease_id, []).append(reply)
+        return None
+
+    def unwatch(self, lease_id: str, reply: Any) -> None:
+        """Forget a watch whose caller stopped waiting."""
+        watchers = self._watchers.get(lease_id)
+        if watchers is not None:
+            watchers[:] = [w for w in watchers if w is not reply]
+            if not watchers:
+                del self._watchers[lease_id]
+
+    def expire(self, now: float) -> None:
+        """End the leases due by ``now``."""
+        heap = self._expiry
+        for entry in self._later:
+            if self._current(entry):
+                heapq.heappush(heap, entry)
+        self._later = []
+        self.armed = _NEVER  # next_deadline() arms again
+        expired: list[Resource] = []
+        while heap and heap[0][0] <= now:
+            deadline, lease_id = heapq.heappop(heap)
+            lease = self.leases.get(lease_id)
+            if lease is None or lease.deadline != deadline:
+                continue  # released earlier, or extended by a heartbeat
+            self._end(lease, LeaseState.EXPIRED)
+            expired.append(lease.resource)
+        if expired:
+            self._reevaluate(expired, now)
+
+    def next_deadline(self) -> float:
+        """The earliest deadline the driver must wake for (inf when none); it is now armed.
+
+        The driver calls it after :meth:`expire` and whenever :attr:`rearm` is set (a deadline
+        fell before the armed one). Deadlines at or after the armed one wait in a list until
+        the next :meth:`expire`.
+        """
+        heap = self._expiry
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+        if self._later and (not heap or heap[0][0] > self.armed):
+            # The armed deadline is gone: the list may hold earlier ones than the heap's top.
+            for entry in self._later:
+                if self._current(entry):
+                    heapq.heappush(heap, entry)
+            self._later = []
+        self.armed = heap[0][0] if heap else _NEVER
+        self.rearm = False
+        return self.armed
+
+    def _note_deadline(self, deadline: float, lease_id: str) -> None:
+        """Have the lease checked for expiry at ``deadline`` (grant, heartbeat, recovery)."""
+        if deadline >= self.armed:
+            later = self._later
+            later.append((deadline, lease_id))
+            if len(later) > self._later_limit:  # mostly leases released since: drop those
+                self._later = [entry for entry in later if self._current(entry)]
+                self._later_limit = max(_LATER_SWEEP, 2 * len(self._later))
+        else:
+            heapq.heappush(self._expiry, (deadline, lease_id))
+            self.rearm = True
+
+    def _current(self, entry: tuple[float, str]) -> bool:
+        """Whether an expiry entry still belongs to an active lease (not ended or extended)."""
+        lease = self.leases.get(entry[1])
+        return lease is not None and lease.deadline == entry[0]
+
+    # ---------------------------------------------------------------- state changes
+
+    def _slot(self, resource: Resource) -> _Slot:
+        key = resource.key
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+            under = self._under
+            for ancestor in resource.up:
+                below = under.get(ancestor)
+                if below is None:
+                    under[ancestor] = {key}
+                else:
+                    below.add(key)
+        elif not slot.leases and not slot.waiters:
+            del self._idle[key]
+        return slot
+
+    def _drop_slot_if_empty(self, resource: Resource) -> None:
+        slot = self._slots.get(resource.key)
+        if slot is not None and not slot.leases and not slot.waiters:
+            self._idle_slot(resource)
+
+    def _idle_slot(self, resource: Resource) -> None:
+        """Keep the emptied slot of ``resource`` for reuse; drop the oldest idle one past the cap.
+
+        Agents come back to the same files: reusing a slot spares the hierarchy index
+        (``_under``) an update per ancestor at every grant and release.
+        """
+        idle = self._idle
+        idle[resource.key] = resource
+        if len(idle) > _IDLE_SLOTS:
+            self._forget_slot(idle.pop(next(iter(idle))))
+
+    def _forget_slot(self, resource: Resource) -> None:
+        key = resource.key
+        del self._slots[key]
+        under = self._under
+        for ancestor in resource.up:
+            below = under[ancestor]
+            below.discard(key)
+            if not below:
+                del under[ancestor]
+
+    def _attach(self, lease: _Lease) -> None:
+        lease_id = lease.id
+        self.leases[lease_id] = lease
+        slot = self._slots.get(lease.resource.key)
+        if slot is None or (not slot.leases and not slot.waiters):
+            slot = self._slot(lease.resource)
+        slot.leases[lease_id] = lease
+        lease.unit.leases[lease_id] = lease
+
+    def _held_reads(self, agent_id: str) -> VectorClock | None:
+        """The versions read under SERIALIZABLE CONSUMES leases the agent still holds."""
+        reads = self._unmerged_reads.get(agent_id)
+        if not reads:
+            return None
+        seen = VectorClock()
+        for clock in reads.values():
+            seen = seen.merge(clock)
+        return seen
+
+    def _end(
+        self, lease: _Lease, state: LeaseState, *, seen: bool = True, remember: bool = False
+    ) -> LeaseInfo | None:
+        """End an active lease; ``seen`` is false when its holder never received it.
+
+        Returns the final snapshot when one was needed (journal, watchers, a loss, or
+        ``remember``: a release its holder did not make itself), else None: a one-way release
+        wants none, and building it was a tenth of the release's cost.
+        """
+        reads = self._unmerged_reads.get(lease.agent_id)
+        if reads is not None and lease.id in reads:
+            clock = reads.pop(lease.id)
+            if not reads:
+                del self._unmerged_reads[lease.agent_id]
+            if seen and state is LeaseState.RELEASED:
+                self.clocks.observe(lease.agent_id, clock)
+                self._journal_clocks(str(lease.resource), lease.agent_id)
+        lease_id = lease.id
+        del self.leases[lease_id]
+        resource = lease.resource
+        slot = self._slots[resource.key]
+        del slot.leases[lease_id]
+        if not slot.leases and not slot.waiters:
+            idle = self._idle
+            idle[resource.key] = resource  # _idle_slot(), inline
+            if len(idle) > _IDLE_SLOTS:
+                self._forget_slot(idle.pop(next(iter(idle))))
+        unit = lease.unit
+        del unit.leases[lease_id]
+        if not unit.leases:
+            if not unit.queued:
+                del self.units[unit.key]
+            else:  # its queued requests are empty-handed again: they never die
+                for request in unit.queued.values():
+                    request.holding = False
+        watchers = self._watchers.pop(lease_id, None)
+        info = None
+        if watchers is not None or self.journal is not None or state is not _RELEASED or remember:
+            info = lease.info(state)
+            if self.journal is not None:
+                self.journal.record_lease(info)
+            if state is not _RELEASED or remember:
+                # Its holder may ask only now (a revocation right after the grant, a release
+                # of a lease its session already let go of): keep the final snapshot.
+                lost = self._lost
+                lost[lease_id] = info
+                if len(lost) > _LOST_MEMORY:
+                    del lost[next(iter(lost))]
+        lease.ended.append(state)
+        self.counts[_ENDED_COUNTER[state]] += 1
+        if self.observer is not None:
+            self.observer(f"lease.{state.value.lower()}", lease=lease)
+        for reply in watchers or ():
+            self.answers.append((reply, info))
+        return info
+
+    # ---------------------------------------------------------------- clocks
+
+    def clock_read(self, path: str, agent_id: str) -> VectorClock:
+        """Return the path's clock and merge it into the agent's clock.
+
+        Raises:
+            UnknownAgentError: never registered.
+            InvalidResourceError: bad path.
+        """
+        self._agent(agent_id)
+        key = str(Resource.parse(path))
+        clock = self.clocks.read(key, agent_id)
+        self._journal_clocks(key, agent_id)
+        return clock
+
+    def clock_write(self, path: str, agent_id: str, strict: bool) -> VectorClock:
+        """Record a write of ``path`` by the agent.
+
+        Raises:
+            CausalViolationError: strict, and the agent never saw the latest version.
+            UnknownAgentError: never registered.
+            InvalidResourceError: bad path.
+        """
+        self._agent(agent_id)
+        key = str(Resource.parse(path))
+        result = self.clocks.write(key, agent_id, strict=strict)
+        if isinstance(result, StaleWrite):
+            self.counts["causal_violations"] += 1
+            raise self._violation(result)
+        self._journal_clocks(key, agent_id)
+        return result
+
+    def _journal_clocks(self, path: str, agent_id: str) -> None:
+        if self.journal is not None:
+            self.journal.record_clocks(
+                path,
+                self.clocks.clock_of(path),
+                agent_id,
+                self.clocks.agent_clock(agent_id),
+                self.clocks.conflict_count,
+            )
+
+    def _violation(self, stale: StaleWrite) -> CausalViolationError:
+        if self.observer is not None:
+            self.observer(
+                "write.refused",
+                agent=stale.agent_id,
+                resource=stale.path,
+                agent_clock=stale.agent_clock.as_dict(),
+                path_clock=stale.path_clock.as_dict(),
+            )
+        return CausalViolationError(
+            f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
+            f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
+            f"{stale.path_clock.as_dict()}); read it again, redo the change, then write",
+            path=stale.path,
+            agent_id=stale.agent_id,
+            agent_clock=stale.agent_clock.as_dict(),
+            path_clock=stale.path_clock.as_dict(),
+        )
+
+    # ---------------------------------------------------------------- snapshots
+
+    def lease_infos(self) -> tuple[LeaseInfo, ...]:
+        """Snapshot of the active leases."""
+        return tuple(lease.info() for lease in self.leases.values())
+
+    def agent_infos(self) -> tuple[AgentInfo, ...]:
+        """Snapshot of the registered agents."""
+        return tuple(AgentInfo(a.id, a.ts) for a in self.agents.values())
+
+    def clock_status(self) -> ClockStatus:
+        """Tracked paths and conflict count."""
+        return ClockStatus(self.clocks.tracked_paths, self.clocks.conflict_count)
+
+    def statistics(self) -> Statistics:
+        """Snapshot of the counters."""
+        counts = self.counts
+        return Statistics(
+            agents=len(self.agents),
+            leases_active=len(self.leases),
+            requests_waiting=len(self.queued),
+            grants=counts["grants"],
+            waits=counts["waits"],
+            deaths=counts["deaths"],
+            releases=counts["releases"],
+            expiries=counts["expiries"],
+            revocations=counts["revocations"],
+            causal_violations=counts["causal_violations"],
+            batches=counts["batches"],
+            messages=counts["messages"],
+        )
+
+    def waiters(self) -> tuple[WaiterInfo, ...]:
+        """The queued requests, oldest first, each with what it waits for (the wait-for graph).
+
+        A request waits for the active leases of other units that conflict with it and for
+        the older queued requests of other units that conflict with it.
+        """
+        found = []
+        for request in sorted(self.queued.values(), key=lambda r: (r.ts, r.id)):
+            waits_for = []
+            for blocker in self._blockers(request):
+                if isinstance(blocker, _Lease):
+                    waits_for.append(
+                        WaitFor("lease", blocker.id, blocker.agent_id, str(blocker.resource))
+                    )
+                else:
+                    resources = ", ".join(str(i.resource) for i in blocker.intents)
+                    waits_for.append(WaitFor("request", blocker.id, blocker.agent_id, resources))
+            found.append(
+                WaiterInfo(
+                    request_id=request.id,
+                    agent_id=request.agent_id,
+                    session_id=request.session_id,
+                    age=request.ts & _SEQ_MASK,
+                    priority=self.agents[request.agent_id].priority,
+                    intents=request.intents,
+                    waits_for=tuple(dict.fromkeys(waits_for)),
+                )
+            )
+        return tuple(found)
+
+    # ---------------------------------------------------------------- invariants
+
+    def check_invariants(self) -> None:
+        """Assert the invariants listed on the class (for tests; walks all state).
+
+        Raises:
+            AssertionError: an invariant does not hold.
+        """
+        for lease in self.leases.values():
+            assert self._slots[lease.resource.key].leases[lease.id] is lease
+            assert self.units[(lease.agent_id, lease.session_id)].leases[lease.id] is lease
+        assert sum(len(s.leases) for s in self._slots.values()) == len(self.leases)
+        assert sum(len(u.leases) for u in self.units.values()) == len(self.leases)
+        assert sum(len(u.queued) for u in self.units.values()) == len(self.queued)
+        for unit in self.units.values():
+            assert unit.leases or unit.queued, f"idle unit {unit.key}"
+        active = list(self.leases.values())
+        for i, a in enumerate(active):
+            for b in active[i + 1 :]:
+                if a.unit is b.unit:
+                    continue
+                assert not rules.intents_conflict(
+                    Intent(a.resource, a.predicate), Intent(b.resource, b.predicate)
+                ), f"conflicting active leases {a.info()} and {b.info()}"
+        queued_ids = set()
+        for key, slot in self._slots.items():
+            assert bool(slot.leases or slot.waiters) != (key in self._idle), f"slot {key}"
+            assert slot.order == sorted(slot.order)
+            assert {rid for _, rid in slot.order} == set(slot.waiters)
+            for rid, (request, _) in slot.waiters.items():
+                assert self.queued[rid] is request
+                queued_ids.add(rid)
+        assert len(self._idle) <= _IDLE_SLOTS
+        assert queued_ids == set(self.queued)
+        for request in self.queued.values():
+            unit = self.units[(request.agent_id, request.session_id)]
+            assert unit.queued[request.id] is request and request.ts == unit.age
+            blockers = self._blockers(request)
+            assert blockers, f"request {request.id} waits for nothing"
+            if unit.leases:
+                for blocker in blockers:
+                    assert request.ts < blocker.ts, "a holding unit waits for an older one"
+        expected: dict[str, set[str]] = {}
+        for key in self._slots:
+            resource = Resource.parse(key)
+            for ancestor in resource.up:
+                expected.setdefault(ancestor, set()).add(key)
+        assert expected == self._under
+        entries = set(self._expiry) | set(self._later)
+        for lease in self.leases.values():
+            assert (lease.deadline, lease.id) in entries, f"no expiry entry for {lease.id}"
+        tokens = [lease.token for lease in self.leases.values()]
+        assert len(tokens) == len(set(tokens))
+        assert all(t <= self.last_token for t in tokens)
