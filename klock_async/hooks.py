@@ -339,15 +339,35 @@ class HookCore:
         isolation = IsolationLevel.SERIALIZABLE if check_reads else IsolationLevel.READ_COMMITTED
         intents = tuple(Intent(resource, Predicate.MUTATES) for resource in missing)
         try:
-            granted = await backend.acquire(
-                session,
-                session,
-                intents,
-                ttl=options.hold,
-                wait=options.wait > 0,
-                timeout=options.wait if options.wait > 0 else None,
-                isolation=isolation,
-            )
+            try:  # the common case answers at once; only a conflict waits (and says so)
+                granted = await backend.acquire(
+                    session,
+                    session,
+                    intents,
+                    ttl=options.hold,
+                    wait=False,
+                    timeout=None,
+                    isolation=isolation,
+                )
+            except (LeaseDied, LeaseWouldWait):
+                if options.wait <= 0:
+                    raise
+                _log.info(
+                    "hook.waiting",
+                    agent=session,
+                    resources=[str(resource) for resource in missing],
+                    predicate=Predicate.MUTATES.value,
+                    wait=options.wait,
+                )
+                granted = await backend.acquire(
+                    session,
+                    session,
+                    intents,
+                    ttl=options.hold,
+                    wait=True,
+                    timeout=options.wait,
+                    isolation=isolation,
+                )
         except CausalViolationError as stale:
             return self._stale(session, stale, cwd)
         except (LeaseDied, LeaseWouldWait, AcquireTimeoutError):
