@@ -28,6 +28,7 @@ there in one round trip (:mod:`klock_async.hook_command`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -323,7 +324,7 @@ class HookCore:
         options = self.options
         await backend.register_agent(session, None)
         resources = [Resource.of(ResourceType.FILE, path) for path in paths]
-        mine = await self._mine(session, resources)
+        mine, holds = await self._mine(session, resources)
         missing = []
         for resource in resources:
             lease = mine.get(resource)
@@ -339,39 +340,13 @@ class HookCore:
         isolation = IsolationLevel.SERIALIZABLE if check_reads else IsolationLevel.READ_COMMITTED
         intents = tuple(Intent(resource, Predicate.MUTATES) for resource in missing)
         try:
-            try:  # the common case answers at once; only a conflict waits (and says so)
-                granted = await backend.acquire(
-                    session,
-                    session,
-                    intents,
-                    ttl=options.hold,
-                    wait=False,
-                    timeout=None,
-                    isolation=isolation,
-                )
-            except (LeaseDied, LeaseWouldWait):
-                if options.wait <= 0:
-                    raise
-                _log.info(
-                    "hook.waiting",
-                    agent=session,
-                    resources=[str(resource) for resource in missing],
-                    predicate=Predicate.MUTATES.value,
-                    wait=options.wait,
-                )
-                granted = await backend.acquire(
-                    session,
-                    session,
-                    intents,
-                    ttl=options.hold,
-                    wait=True,
-                    timeout=options.wait,
-                    isolation=isolation,
-                )
+            granted = await self._acquire(session, intents, isolation, empty_handed=not holds)
         except CausalViolationError as stale:
             return self._stale(session, stale, cwd)
-        except (LeaseDied, LeaseWouldWait, AcquireTimeoutError):
-            return await self._held(session, missing, cwd)
+        except AcquireTimeoutError:
+            return await self._held(session, missing, cwd, waited=True)
+        except (LeaseDied, LeaseWouldWait):
+            return await self._held(session, missing, cwd, waited=False)
         for info in granted:
             _log.info(
                 "hook.leased",
@@ -382,6 +357,64 @@ class HookCore:
             )
         return HookAnswer()
 
+    async def _acquire(
+        self,
+        session: str,
+        intents: tuple[Intent, ...],
+        isolation: IsolationLevel,
+        *,
+        empty_handed: bool,
+    ) -> tuple[LeaseInfo, ...]:
+        """Acquire now, or wait up to ``wait`` seconds in the queue.
+
+        A session that holds other files and dies (Wait-Die) is refused at once: it must not
+        wait while holding. One that holds nothing waits for the lease that blocks it to end
+        and asks again, until its time runs out (its age is kept, so it cannot starve).
+        """
+        backend = self.backend
+        options = self.options
+        try:  # the common case answers at once; only a conflict waits (and says so)
+            return await backend.acquire(
+                session,
+                session,
+                intents,
+                ttl=options.hold,
+                wait=False,
+                timeout=None,
+                isolation=isolation,
+            )
+        except (LeaseDied, LeaseWouldWait):
+            if options.wait <= 0:
+                raise
+        _log.info(
+            "hook.waiting",
+            agent=session,
+            resources=[str(intent.resource) for intent in intents],
+            predicate=Predicate.MUTATES.value,
+            wait=options.wait,
+        )
+        clock = anyio.current_time
+        deadline = clock() + options.wait
+        while True:
+            try:
+                return await backend.acquire(
+                    session,
+                    session,
+                    intents,
+                    ttl=options.hold,
+                    wait=True,
+                    timeout=max(deadline - clock(), 1e-3),
+                    isolation=isolation,
+                )
+            except LeaseDied as died:
+                if not empty_handed or died.blocker_lease_id is None:
+                    raise
+                left = deadline - clock()
+                if left <= 0:
+                    raise AcquireTimeoutError(f"waited {options.wait:g} s in vain") from None
+                with contextlib.suppress(LeaseNotFoundError):  # ended already: ask again
+                    await backend.wait_ended(died.blocker_lease_id, left)
+
     async def _wrote(self, session: str, paths: Sequence[str]) -> HookAnswer:
         """Record the writes and keep each file ``hold`` seconds from now."""
         backend = self.backend
@@ -389,7 +422,7 @@ class HookCore:
         resources = [Resource.of(ResourceType.FILE, path) for path in paths]
         for resource in resources:
             await backend.clock_write(str(resource), session, strict=False)
-        mine = await self._mine(session, resources)
+        mine, _ = await self._mine(session, resources)
         for resource in resources:
             lease = mine.get(resource)
             if lease is None:
@@ -403,16 +436,19 @@ class HookCore:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _mine(self, session: str, resources: Sequence[Resource]) -> dict[Resource, LeaseInfo]:
+    async def _mine(
+        self, session: str, resources: Sequence[Resource]
+    ) -> tuple[dict[Resource, LeaseInfo], bool]:
+        """The session's MUTATES leases on ``resources``; and whether it holds any lease."""
         wanted = set(resources)
-        return {
-            info.resource: info
-            for info in await self.backend.leases()
-            if info.agent_id == session
-            and info.session_id == session
-            and info.predicate is Predicate.MUTATES
-            and info.resource in wanted
-        }
+        mine = {}
+        holds = False
+        for info in await self.backend.leases():
+            if info.agent_id == session and info.session_id == session:
+                holds = True
+                if info.predicate is Predicate.MUTATES and info.resource in wanted:
+                    mine[info.resource] = info
+        return mine, holds
 
     def _path(
         self,
@@ -449,29 +485,35 @@ class HookCore:
     def _who(self, agent_id: str) -> str:
         return f"{self.harness.label} {agent_id[:8]}"
 
-    async def _held(self, session: str, wanted: Sequence[Resource], cwd: str | None) -> HookAnswer:
+    async def _held(
+        self, session: str, wanted: Sequence[Resource], cwd: str | None, *, waited: bool
+    ) -> HookAnswer:
         holders = [
             info
             for info in await self.backend.leases()
             if info.agent_id != session and any(overlaps(info.resource, r) for r in wanted)
         ]
-        waited = f"after waiting {self.options.wait:g} s, " if self.options.wait > 0 else ""
+        if waited:
+            advice = "work on something else and retry this change later"
+            prefix = f"after waiting {self.options.wait:g} s, "
+        elif self.options.wait > 0:
+            advice = "this session holds other files, so it may not wait: retry this change later"
+            prefix = ""
+        else:
+            advice = "work on something else and retry this change later"
+            prefix = ""
         if holders:
             holder = min(holders, key=lambda info: info.expires_at)
             until = time.strftime("%H:%M:%S", time.gmtime(holder.expires_at))
-            reason = (
-                f"klock: {waited}{self._show(holder.resource, cwd)} is still being changed by "
-                f"{self._who(holder.agent_id)}, which holds it until about {until} UTC; work "
-                "on something else and retry this change after that."
+            what = (
+                f"{self._show(holder.resource, cwd)} is still being changed by "
+                f"{self._who(holder.agent_id)}, which holds it until about {until} UTC"
             )
         else:
             names = ", ".join(self._show(r, cwd) for r in wanted)
-            reason = (
-                f"klock: {waited}{names} is still claimed by another session; work on "
-                "something else and retry this change in a minute."
-            )
+            what = f"{names} is still claimed by another session"
         _log.info("hook.denied", agent=session, resources=[str(r) for r in wanted], why="held")
-        return HookAnswer(allow=False, reason=reason)
+        return HookAnswer(allow=False, reason=f"klock: {prefix}{what}; {advice}.")
 
     def _stale(self, session: str, stale: CausalViolationError, cwd: str | None) -> HookAnswer:
         writers = sorted(
