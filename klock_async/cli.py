@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="klock", description="klock_async: a coordination kernel for multi-agent AI systems"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # prog given: argparse would otherwise build a help formatter (and import shutil) to find it
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="klock")
     # Only the chosen subcommand's module is imported: `klock serve` must not load the MCP SDK.
     chosen = next((a for a in args_list if not a.startswith("-")), None)
     for name, (module_name, extra, help_text) in _COMMANDS.items():

@@ -23,7 +23,10 @@ import json
 import os
 import socket
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: this runs per tool call
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["HARNESS_NAMES", "add_arguments", "post", "run"]
 
