@@ -10,7 +10,12 @@ Prints one table, every figure from this one run on this machine, against one ``
     nobody holds on stdin (process start, one round trip, exit), as Claude Code runs it;
 (e) HTTP hook, uncontended: ``POST /hooks/claude-code`` with the same event, from a client
     that keeps its connection open (as an HTTP hook does), one request at a time;
-(f) HTTP hook, PostToolUse of that edit (the write is recorded, the hold pushed).
+(f) HTTP hook, PostToolUse of that edit (the write is recorded, the hold pushed);
+(g) as (e) while other sessions hold 1,000 files (the hooks remember each session's leases
+    instead of reading a snapshot of all of them, so this should match (e)).
+
+In (e) to (g) the session ends (SessionEnd, not timed) every 20 edits, so it holds at most 20
+files, as a session whose edits are spread over a minute would.
 
 Each row is the median and the 95th percentile of its calls. Targets: (d) <= 100 ms,
 (e) <= 5 ms. The load average printed with the table tells how busy the machine was.
@@ -107,26 +112,52 @@ def processes(n: int, url: str, cwd: Path) -> dict[str, list[float]]:
     return rows
 
 
-def http_calls(n: int, url: str, cwd: Path) -> dict[str, list[float]]:
-    host_port = url.split("://", 1)[1]
-    connection = http.client.HTTPConnection(host_port, timeout=30)
-    rows: dict[str, list[float]] = {"e": [], "f": []}
-    session = str(uuid.uuid4())
-    headers = {"Content-Type": "application/json"}
+def _call(connection: http.client.HTTPConnection, payload: dict[str, Any]) -> float:
+    body = json.dumps(payload)
+    started = time.perf_counter()
+    connection.request("POST", "/hooks/claude-code", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    elapsed = time.perf_counter() - started
+    if response.status != 200 or answer:
+        raise RuntimeError(f"unexpected answer {response.status} {answer}")
+    return elapsed
+
+
+def _end(connection: http.client.HTTPConnection, session: str, cwd: Path) -> None:
+    payload = {"session_id": session, "cwd": str(cwd), "hook_event_name": "SessionEnd"}
+    _call(connection, payload)
+
+
+def http_calls(n: int, url: str, cwd: Path, rows: dict[str, list[float]], keys: str) -> None:
+    connection = http.client.HTTPConnection(url.split("://", 1)[1], timeout=30)
+    pre, post = keys[0], keys[1:]
     try:
+        session = str(uuid.uuid4())
         for i in range(n):
-            for key, name in (("e", "PreToolUse"), ("f", "PostToolUse")):
-                body = json.dumps(event(name, session, cwd / f"http{i}.py", cwd))
-                started = time.perf_counter()
-                connection.request("POST", "/hooks/claude-code", body, headers)
-                response = connection.getresponse()
-                answer = json.loads(response.read())
-                rows[key].append(time.perf_counter() - started)
-                if response.status != 200 or answer:
-                    raise RuntimeError(f"unexpected answer {response.status} {answer}")
+            path = cwd / f"{pre}{i}.py"
+            rows[pre].append(_call(connection, event("PreToolUse", session, path, cwd)))
+            elapsed = _call(connection, event("PostToolUse", session, path, cwd))
+            if post:
+                rows[post].append(elapsed)
+            if i % 20 == 19:
+                _end(connection, session, cwd)
+                session = str(uuid.uuid4())
+        _end(connection, session, cwd)
     finally:
         connection.close()
-    return rows
+
+
+def crowd(url: str, cwd: Path, sessions: int, files: int) -> None:
+    """Have ``sessions`` other sessions hold ``files`` files each (kept: never ended)."""
+    connection = http.client.HTTPConnection(url.split("://", 1)[1], timeout=30)
+    try:
+        for s in range(sessions):
+            session = str(uuid.uuid4())
+            for f in range(files):
+                _call(connection, event("PreToolUse", session, cwd / f"crowd{s}-{f}.py", cwd))
+    finally:
+        connection.close()
 
 
 LABELS = {
@@ -136,6 +167,7 @@ LABELS = {
     "d": "(d) command hook, PreToolUse Edit",
     "e": "(e) HTTP hook, PreToolUse Edit",
     "f": "(f) HTTP hook, PostToolUse Edit",
+    "g": "(g) as (e), 1,000 other files held",
 }
 
 
@@ -173,7 +205,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, klock_serve() as url:
         cwd = Path(tmp)
         rows = processes(n_processes, url, cwd)
-        rows.update(http_calls(n_requests, url, cwd))
+        rows.update({"e": [], "f": [], "g": []})
+        http_calls(n_requests, url, cwd, rows, "ef")
+        crowd(url, cwd, sessions=50, files=20)
+        http_calls(n_requests, url, cwd, rows, "g")
     report(rows)
 
 

@@ -32,6 +32,8 @@ import contextlib
 import math
 import os
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,7 @@ __all__ = [
     "Harness",
     "HookAnswer",
     "HookCore",
+    "HookLeases",
     "HookOptions",
     "answer_http",
 ]
@@ -118,6 +121,36 @@ class HookAnswer:
     def as_dict(self) -> dict[str, Any]:
         """The harness-neutral JSON form (what ``klock hook`` reads)."""
         return {"allow": self.allow, "reason": self.reason, "warning": self.warning}
+
+
+class HookLeases:
+    """Which lease each session holds on each file it edited: a hint, checked on every use.
+
+    The kernel's lease table stays the truth: a remembered lease is only heartbeated, and one
+    that ended (:class:`~klock_async.errors.LeaseNotFoundError`) is forgotten and acquired
+    again. The hint spares each hook call a snapshot of every active lease. It keeps the
+    ``keep`` most recently active sessions; a session it forgot costs one extra lease (the
+    old one ends by its ttl).
+    """
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.keep = keep
+        self._sessions: OrderedDict[str, dict[Resource, str]] = OrderedDict()
+
+    def of(self, session: str) -> dict[Resource, str]:
+        """The session's remembered leases (a live dict: the caller updates it)."""
+        held = self._sessions.get(session)
+        if held is None:
+            held = self._sessions[session] = {}
+            if len(self._sessions) > self.keep:
+                self._sessions.popitem(last=False)
+        else:
+            self._sessions.move_to_end(session)
+        return held
+
+    def forget(self, session: str) -> None:
+        """Drop what is remembered of the session (it ended)."""
+        self._sessions.pop(session, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +246,21 @@ class HookCore:
         backend: the scheduler (``klock serve`` passes its own).
         harness: whose events these are.
         options: wait, hold and fail-open.
+        leases: the sessions' remembered leases, shared by the calls on one backend (a fresh
+            one by default).
     """
 
-    def __init__(self, backend: Backend, harness: Harness, options: HookOptions) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        harness: Harness,
+        options: HookOptions,
+        leases: HookLeases | None = None,
+    ) -> None:
         self.backend = backend
         self.harness = harness
         self.options = options
+        self.leases = HookLeases() if leases is None else leases
 
     async def handle(self, event: Mapping[str, Any]) -> HookAnswer:
         """Answer one event.
@@ -266,6 +308,7 @@ class HookCore:
     # ------------------------------------------------------------------ events
 
     async def _end(self, session: str) -> HookAnswer:
+        self.leases.forget(session)
         try:
             released = await self.backend.release_session(session, session)
         except UnknownAgentError:
@@ -324,23 +367,24 @@ class HookCore:
         options = self.options
         await backend.register_agent(session, None)
         resources = [Resource.of(ResourceType.FILE, path) for path in paths]
-        mine, holds = await self._mine(session, resources)
+        held = self.leases.of(session)
         missing = []
         for resource in resources:
-            lease = mine.get(resource)
-            if lease is None:
+            lease_id = held.get(resource)
+            if lease_id is None:
                 missing.append(resource)
                 continue
             try:  # ours already: nobody else wrote it since, so no read check either
-                await backend.heartbeat(lease.id, session, options.hold)
+                await backend.heartbeat(lease_id, session, options.hold)
             except LeaseNotFoundError:
-                missing.append(resource)  # it expired just now
+                held.pop(resource, None)  # it ended (its hold ran out, or it was revoked)
+                missing.append(resource)
         if not missing:
             return HookAnswer()
         isolation = IsolationLevel.SERIALIZABLE if check_reads else IsolationLevel.READ_COMMITTED
         intents = tuple(Intent(resource, Predicate.MUTATES) for resource in missing)
         try:
-            granted = await self._acquire(session, intents, isolation, empty_handed=not holds)
+            granted = await self._acquire(session, intents, isolation)
         except CausalViolationError as stale:
             return self._stale(session, stale, cwd)
         except AcquireTimeoutError:
@@ -348,6 +392,7 @@ class HookCore:
         except (LeaseDied, LeaseWouldWait):
             return await self._held(session, missing, cwd, waited=False)
         for info in granted:
+            held[info.resource] = info.id
             _log.info(
                 "hook.leased",
                 agent=session,
@@ -362,8 +407,6 @@ class HookCore:
         session: str,
         intents: tuple[Intent, ...],
         isolation: IsolationLevel,
-        *,
-        empty_handed: bool,
     ) -> tuple[LeaseInfo, ...]:
         """Acquire now, or wait up to ``wait`` seconds in the queue.
 
@@ -407,7 +450,7 @@ class HookCore:
                     isolation=isolation,
                 )
             except LeaseDied as died:
-                if not empty_handed or died.blocker_lease_id is None:
+                if died.blocker_lease_id is None or await self._holds_any(session):
                     raise
                 left = deadline - clock()
                 if left <= 0:
@@ -422,33 +465,23 @@ class HookCore:
         resources = [Resource.of(ResourceType.FILE, path) for path in paths]
         for resource in resources:
             await backend.clock_write(str(resource), session, strict=False)
-        mine, _ = await self._mine(session, resources)
+        held = self.leases.of(session)
         for resource in resources:
-            lease = mine.get(resource)
-            if lease is None:
-                _log.warning("hook.write_unleased", agent=session, resource=str(resource))
-                continue
+            lease_id = held.get(resource)
             try:
-                await backend.heartbeat(lease.id, session, self.options.hold)
-            except LeaseNotFoundError:
+                if lease_id is None:
+                    raise LeaseNotFoundError(f"no lease of {session} on {resource}")
+                await backend.heartbeat(lease_id, session, self.options.hold)
+            except LeaseNotFoundError:  # e.g. it ran out while a permission prompt was open
+                held.pop(resource, None)
                 _log.warning("hook.write_unleased", agent=session, resource=str(resource))
         return HookAnswer()
 
     # ------------------------------------------------------------------ helpers
 
-    async def _mine(
-        self, session: str, resources: Sequence[Resource]
-    ) -> tuple[dict[Resource, LeaseInfo], bool]:
-        """The session's MUTATES leases on ``resources``; and whether it holds any lease."""
-        wanted = set(resources)
-        mine = {}
-        holds = False
-        for info in await self.backend.leases():
-            if info.agent_id == session and info.session_id == session:
-                holds = True
-                if info.predicate is Predicate.MUTATES and info.resource in wanted:
-                    mine[info.resource] = info
-        return mine, holds
+    async def _holds_any(self, session: str) -> bool:
+        """Whether the session holds any lease (a snapshot: only on the contended path)."""
+        return any(info.agent_id == session for info in await self.backend.leases())
 
     def _path(
         self,
@@ -570,7 +603,7 @@ async def answer_http(
         hold=_number(query, "hold", DEFAULT_HOLD),
         fail_open=_flag(query, "fail_open"),
     )
-    core = HookCore(backend, harness, options)
+    core = HookCore(backend, harness, options, _leases_of(backend))
     if query.get("mode") == "command":
         return "command", (await core.handle(event)).as_dict()
     event_name = event.get("hook_event_name")
@@ -582,6 +615,17 @@ async def answer_http(
         _log.error("hook.error", error=repr(error))
         answer = _failure(f"internal error {error!r}", options.fail_open)
     return "native", harness.render(answer, event_name if isinstance(event_name, str) else "")
+
+
+_LEASES: weakref.WeakKeyDictionary[Backend, HookLeases] = weakref.WeakKeyDictionary()
+
+
+def _leases_of(backend: Backend) -> HookLeases:
+    """The remembered leases of the hooks served by ``backend`` (one set per scheduler)."""
+    leases = _LEASES.get(backend)
+    if leases is None:
+        leases = _LEASES[backend] = HookLeases()
+    return leases
 
 
 def _failure(message: str, fail_open: bool) -> HookAnswer:

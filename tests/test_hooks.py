@@ -443,3 +443,34 @@ def test_session_holding_files_is_refused_instead_of_waiting(
     )
     assert denied.returncode == 2
     assert "this session holds other files, so it may not wait" in denied.stderr
+
+
+def test_a_lease_that_ended_is_taken_again(server: Server, tmp_path: Path) -> None:
+    """A remembered lease that ended (here revoked) is acquired anew at the next edit."""
+    session = _session()
+    target = tmp_path / "app.py"
+    assert hook(server.url, pre(session, "Edit", edit(target), tmp_path)).returncode == 0
+    (lease,) = _leases(server.url, session)
+    assert httpx.post(f"{server.url}/leases/{lease['lease_id']}/revoke").status_code == 200
+    assert hook(server.url, post(session, "Edit", edit(target), tmp_path)).returncode == 0
+    assert _leases(server.url, session) == []  # the write was recorded; nothing to push
+    assert hook(server.url, pre(session, "Edit", edit(target), tmp_path)).returncode == 0
+    (again,) = _leases(server.url, session)
+    assert again["lease_id"] != lease["lease_id"]
+    server.wait_for_log("hook.write_unleased", session)
+
+
+def test_hook_leases_keep_the_most_recent_sessions() -> None:
+    """The remembered leases are bounded: the least recently active session is forgotten."""
+    from klock_async.hooks import HookLeases
+    from klock_async.model import Resource
+
+    leases = HookLeases(keep=2)
+    leases.of("a")[Resource.parse("/x")] = "lease-a"
+    leases.of("b")
+    leases.of("a")  # a is the most recent again
+    leases.of("c")  # b goes
+    assert leases.of("a") == {Resource.parse("/x"): "lease-a"}
+    assert leases.of("b") == {}
+    leases.forget("a")
+    assert leases.of("a") == {}
