@@ -170,7 +170,10 @@ def _start_local_server(port: int) -> str:
     process.stdout.close()
     if b"listening on " in line:
         url = line.decode().rsplit("listening on ", 1)[1].strip()
-        print(f"klock: started a local klock server at {url} (log {log_path})", file=sys.stderr)
+        print(
+            f"klock: started a local klock server at {url} (pid {process.pid}, log {log_path})",
+            file=sys.stderr,
+        )
         return url
     process.wait(START_TIMEOUT)
     return f"http://127.0.0.1:{port}"  # another hook may have won the race to start it

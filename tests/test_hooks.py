@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -474,3 +475,29 @@ def test_hook_leases_keep_the_most_recent_sessions() -> None:
     assert leases.of("b") == {}
     leases.forget("a")
     assert leases.of("a") == {}
+
+
+def test_hook_starts_a_local_server_when_none_answers(tmp_path: Path) -> None:
+    """Without a URL and with nothing on the local port, the hook starts a server and uses it."""
+    port = str(_closed_port())
+    env = {k: v for k, v in os.environ.items() if k != "KLOCK_SERVER_URL"}
+    env["TMPDIR"] = str(tmp_path)  # the started server's log goes there
+    result = subprocess.run(
+        _command("claude-code", ("--local-port", port)),
+        input=json.dumps(pre(_session(), "Edit", edit(tmp_path / "a.py"), tmp_path)),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    started = result.stderr.split("(pid ", 1)
+    pid = int(started[1].split(",", 1)[0]) if len(started) == 2 else None
+    try:
+        assert result.returncode == 0, result.stderr
+        assert f"started a local klock server at http://127.0.0.1:{port}" in result.stderr
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert health["data"]["active_leases"] == 1
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
