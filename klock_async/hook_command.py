@@ -194,7 +194,13 @@ def _ask(args: argparse.Namespace, event: bytes) -> dict[str, Any]:
             raise HookFailure(
                 f"no klock server answers at {url}; start it with 'klock serve'"
             ) from None
-        status, payload = post(_start_local_server(args.local_port), path, event, token, timeout)
+        started = _start_local_server(args.local_port)
+        try:
+            status, payload = post(started, path, event, token, timeout)
+        except OSError as error:
+            raise HookFailure(
+                f"the local klock server at {started} did not answer ({error})"
+            ) from None
     except OSError as error:
         raise HookFailure(f"the klock server did not answer ({error})") from None
     try:
