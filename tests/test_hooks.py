@@ -6,6 +6,7 @@ for the module; every test uses session ids and files of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -22,6 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 READY_TIMEOUT = 30.0
 """Seconds a server or a log line may take (a bound, not a wait)."""
@@ -501,3 +504,75 @@ def test_hook_starts_a_local_server_when_none_answers(tmp_path: Path) -> None:
     finally:
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
+
+
+# ------------------------------------------------------------------ the core against a model
+
+SESSIONS = ["s1", "s2", "s3"]
+FILES = ["/w/a.py", "/w/b.py"]
+hook_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["read", "edit", "bash", "end"]),
+        st.sampled_from(SESSIONS),
+        st.sampled_from(FILES),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+async def _run_against_model(ops: list[tuple[str, str, str]]) -> None:
+    from klock_async.hooks import CLAUDE_CODE, HookCore, HookOptions
+    from klock_async.scheduler import Scheduler
+
+    scheduler = Scheduler()
+    await scheduler.start()
+    core = HookCore(scheduler, CLAUDE_CODE, HookOptions(wait=0, hold=3600))
+    cwd = Path("/w")
+    version = dict.fromkeys(FILES, 0)  # writes so far
+    seen: dict[tuple[str, str], int] = {}  # the version a session last read or wrote
+    holder: dict[str, str] = {}  # file -> the session holding it
+    try:
+        for op, session, path in ops:
+            if op == "end":
+                await core.handle(end(session, cwd))
+                holder = {f: s for f, s in holder.items() if s != session}
+                continue
+            if op == "read":
+                assert (await core.handle(pre(session, "Read", {"file_path": path}, cwd))).allow
+                seen[(session, path)] = version[path]
+                continue
+            if op == "edit":
+                tool, tool_input = "Edit", edit(Path(path))
+            else:
+                tool, tool_input = "Bash", {"command": f"echo x >> {path}"}
+            answer = await core.handle(pre(session, tool, tool_input, cwd))
+            other = holder.get(path, session) != session
+            stale = (
+                op == "edit"
+                and holder.get(path) != session
+                and seen.get((session, path), 0) != version[path]
+            )
+            assert answer.allow == (not other and not stale), (op, session, path, answer)
+            if answer.allow:
+                assert (await core.handle(post(session, tool, tool_input, cwd))).allow
+                holder[path] = session
+                version[path] += 1
+                seen[(session, path)] = version[path]
+            mutates = [
+                (info.resource.path, info.agent_id)
+                for info in await scheduler.leases()
+                if info.predicate.value == "MUTATES"
+            ]
+            assert sorted(set(mutates)) == sorted(holder.items())  # one holder per file
+    finally:
+        await scheduler.aclose()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=hook_ops)
+def test_hooks_match_the_model(ops: list[tuple[str, str, str]]) -> None:
+    """Random reads, edits, shell writes and session ends from three sessions on two files:
+    every edit is allowed exactly when no other session holds the file and this session saw
+    its latest version, and no file ever has two holders."""
+    asyncio.run(_run_against_model(ops))
