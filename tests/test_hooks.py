@@ -572,7 +572,5 @@ async def _run_against_model(ops: list[tuple[str, str, str]]) -> None:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=hook_ops)
 def test_hooks_match_the_model(ops: list[tuple[str, str, str]]) -> None:
-    """Random reads, edits, shell writes and session ends from three sessions on two files:
-    every edit is allowed exactly when no other session holds the file and this session saw
-    its latest version, and no file ever has two holders."""
+    """Edits are allowed exactly when nobody else holds the file and its latest version was seen."""
     asyncio.run(_run_against_model(ops))
