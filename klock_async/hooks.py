@@ -477,7 +477,7 @@ class HookCore:
                 _log.warning("hook.write_unleased", agent=session, resource=str(resource))
         return HookAnswer()
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ lookups and messages
 
     async def _holds_any(self, session: str) -> bool:
         """Whether the session holds any lease (a snapshot: only on the contended path)."""
