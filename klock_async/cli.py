@@ -1,4 +1,4 @@
-"""The ``klock`` command: ``demo``, ``serve`` and ``mcp``.
+"""The ``klock`` command: ``demo``, ``serve``, ``mcp``, ``hook`` and ``init``.
 
 Each subcommand lives in its own module and registers its arguments here; optional parts are
 imported only when their subcommand runs, with a clear message when their extra is missing.
@@ -18,6 +18,8 @@ _COMMANDS = {
     "demo": ("klock_async.demo", None, "show agents losing edits without klock, and not with it"),
     "serve": ("klock_async.server", "server", "run the coordination server (HTTP + journal)"),
     "mcp": ("klock_async.integrations.mcp", "mcp", "run the MCP server for coding agents"),
+    "hook": ("klock_async.hook_command", None, "answer a coding agent's hook event (stdin)"),
+    "init": ("klock_async.init_command", None, "install the hooks in a coding agent's settings"),
 }
 
 
@@ -27,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="klock", description="klock_async: a coordination kernel for multi-agent AI systems"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # prog given: argparse would otherwise build a help formatter (and import shutil) to find it
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="klock")
     # Only the chosen subcommand's module is imported: `klock serve` must not load the MCP SDK.
     chosen = next((a for a in args_list if not a.startswith("-")), None)
     for name, (module_name, extra, help_text) in _COMMANDS.items():

@@ -910,6 +910,18 @@ class _Api:
             self._withdrawn.popitem(last=False)
         return _ok({"request_id": request_id, "withdrawn": True})
 
+    async def hook(self, request: Request) -> Response:
+        from klock_async.hooks import answer_http
+
+        body = await self._body(request)
+        harness = request.url.path.rsplit("/", 1)[1]
+        backend = self.backend
+        query = request.query_params
+        form, answer = await self._long_poll(
+            request, lambda: answer_http(backend, harness, query, body)
+        )
+        return _ok(answer) if form == "command" else _JSONResponse(_dumps(answer))
+
     async def sync(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         ids = _optional(body, "requests", list, "a list of request ids") or []
@@ -1037,6 +1049,8 @@ def create_app(
         ("POST", "/clocks/write", api.clock_write),
         ("POST", "/sync", api.sync),
         ("POST", "/withdraw", api.withdraw),
+        ("POST", "/hooks/claude-code", api.hook),
+        ("POST", "/hooks/gemini-cli", api.hook),
     ]
     table = [(method, path, _endpoint(handler, api.arrivals)) for method, path, handler in table]
     app = Starlette(

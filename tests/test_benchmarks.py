@@ -26,6 +26,11 @@ ROWS = {
         "(e) acquire+release, 100 other leases",
         "acquire+release, 2,000 other leases",
     ),
+    "hooks.py": (
+        "(a) floor: python -c pass",
+        "(d) command hook, PreToolUse Edit",
+        "(e) HTTP hook, PreToolUse Edit",
+    ),
     "marc.py": (
         "1. no coordination",
         "2. leases per tool call",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import klock_async
 
 
@@ -12,6 +15,8 @@ def test_all_is_sorted() -> None:
 
 def test_all_is_complete() -> None:
     """Every public name defined in the package namespace is listed in ``__all__``."""
+    for name in klock_async.__all__:  # names load on first use: load them all
+        getattr(klock_async, name)
     public = {
         name
         for name, value in vars(klock_async).items()
@@ -26,3 +31,17 @@ def test_exported_members_have_docstrings() -> None:
         value = getattr(klock_async, name)
         if callable(value):
             assert value.__doc__, f"{name} has no docstring"
+
+
+def test_import_loads_no_submodule() -> None:
+    """``import klock_async`` loads nothing else: the hook command pays only for what it uses."""
+    code = "import sys, klock_async; print(sorted(m for m in sys.modules if 'klock' in m))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "['klock_async']"
+
+
+def test_unknown_name_is_an_attribute_error() -> None:
+    """A name the package does not export raises AttributeError, as for any module."""
+    assert not hasattr(klock_async, "NoSuchName")
