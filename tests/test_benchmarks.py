@@ -39,6 +39,7 @@ ROWS = {
         "2. leases per tool call",
         "3. SERIALIZABLE sessions",
         "4. one global lock",
+        "5. edits declared up front",
     ),
     "server.py": (
         "(a) throughput, 50 agents, embedded",
