@@ -373,6 +373,29 @@ async def test_a_stale_write_returns_a_reread_error(workspace: Path, tmp_path: P
         assert (workspace / "notes.md").read_text(encoding="utf-8") == "B\na\n"
 
 
+async def test_read_for_update_over_a_shared_server(workspace: Path, tmp_path: Path) -> None:
+    """Through klock serve, a read for update shows as the agent's MUTATES lease until its write,
+    and the other agent's write from an older read is refused."""
+    with _klock_serve(tmp_path / "serve.log") as url:
+        async with (
+            _stdio(workspace, "--server", url, "--agent", "alice") as alice,
+            _stdio(workspace, "--server", url, "--agent", "bob") as bob,
+        ):
+            old = _ok(await bob.call_tool("read_file", {"path": "notes.md"}))
+            text = _ok(await alice.call_tool("read_file", {"path": "notes.md", "for_update": True}))
+            seen = (await bob.call_tool("list_leases", {})).structured_content
+            assert seen is not None
+            assert [(x["agent_id"], x["predicate"], x["resource"]) for x in seen["leases"]] == [
+                ("alice", "MUTATES", "FILE:notes.md")
+            ]
+            _ok(await alice.call_tool("write_file", {"path": "notes.md", "content": text + "a\n"}))
+            after = (await bob.call_tool("list_leases", {})).structured_content
+            assert after == {"agent": "bob", "leases": []}
+            stale = await bob.call_tool("write_file", {"path": "notes.md", "content": old + "b\n"})
+            assert stale.is_error and STALE in _text(stale)
+    assert (workspace / "notes.md").read_text(encoding="utf-8") == "# notes\na\n"
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
