@@ -78,12 +78,22 @@ def test_demo_shows_progress_on_stderr_only() -> None:
 def test_progress_line_keeps_one_terminal_line_up_to_date() -> None:
     """On a terminal the progress is one line redrawn in place, ended when the mode is done."""
     controller, terminal = os.openpty()
-    with os.fdopen(terminal, "w") as stream, os.fdopen(controller, "rb", buffering=0) as screen:
-        progress = ProgressLine(stream, 2)
-        for done in (0, 1, 2):
-            progress(Mode.SERIALIZABLE, done)
-        progress.close()
-        shown = screen.read(4096).decode()
+    with os.fdopen(controller, "rb", buffering=0) as screen:
+        with os.fdopen(terminal, "w") as stream:
+            progress = ProgressLine(stream, 2)
+            for done in (0, 1, 2):
+                progress(Mode.SERIALIZABLE, done)
+            progress.close()
+        received = b""
+        while True:  # everything written, up to the end of the closed terminal
+            try:
+                chunk = screen.read(4096)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            received += chunk
+    shown = received.decode()
     assert "\r\x1b[2K3. SERIALIZABLE sessions: 0 of 2 edits" in shown
     assert re.search(r"3\. SERIALIZABLE sessions: done in [\d.]+ s\r?\n$", shown)
 
