@@ -7,7 +7,7 @@ the same file between the two calls, the second write silently replaces the firs
 calls "succeeded" and an edit is gone. At the end, counting the markers that survived tells how
 many intended edits were lost.
 
-The same plan (which file each edit touches, how long each agent thinks) runs in four modes:
+The same plan (which file each edit touches, how long each agent thinks) runs in five modes:
 
 1. :attr:`Mode.NO_COORDINATION`: tool calls go straight to the files.
 2. :attr:`Mode.PER_CALL_LEASES`: each tool call holds its own lease (``read_file`` under
@@ -19,6 +19,11 @@ The same plan (which file each edit touches, how long each agent thinks) runs in
    Wait-Die deaths are retried by the decorator's retry policy. Nothing is lost.
 4. :attr:`Mode.GLOBAL_LOCK`: one ``asyncio.Lock`` held around every whole edit, outside the
    kernel. Correct, but serial: the baseline the makespans are compared with.
+5. :attr:`Mode.DECLARED_UP_FRONT`: each edit declares its file before reading it: it takes
+   MUTATES on the file, reads, thinks and writes under that one lease (read for update), and
+   the read and the write are recorded on the kernel's vector clocks as a SERIALIZABLE edit's
+   are. Nobody can write the file in between, so no write is refused and no thinking is
+   redone; edits of different files run in parallel.
 
 Everything is deterministic except the interleaving itself: each agent draws its plan from
 ``random.Random`` seeded with the scenario seed and its id, so a seed always gives the same
@@ -33,21 +38,24 @@ import enum
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from klock_async.api import Klock, RetryPolicy
+from klock_async.api import Klock, RetryPolicy, Session
 from klock_async.clocks import IsolationLevel
-from klock_async.errors import CausalViolationError
+from klock_async.errors import CausalViolationError, LeaseDied, LeaseNotFoundError
 from klock_async.model import Predicate
 
 __all__ = [
+    "COLUMNS",
     "Edit",
     "Mode",
     "ModeResult",
+    "Progress",
     "Repo",
     "Scenario",
+    "explain_columns",
     "format_table",
     "plan",
     "run_all",
@@ -61,22 +69,29 @@ ReadFile = Callable[[str, str], Awaitable[list[str]]]
 WriteFile = Callable[[str, str, list[str]], Awaitable[None]]
 """``write_file(agent, path, lines)``: a tool call that replaces the whole file."""
 
+Guard = Callable[[str, str], AbstractAsyncContextManager[object]]
+"""``guard(agent, path)``: what an edit holds from its read through its write."""
+
+Progress = Callable[["Mode", int], None]
+"""``progress(mode, edits_done)``: called when a mode starts (0) and after each finished edit."""
+
 # Retries of a dying tool call wait for the blocking lease to end, so they are cheap; the
 # simulation must never give up on an edit, or a lost edit would hide behind an error.
 _RETRY = RetryPolicy(max_retries=1_000_000, base_delay=0.001, max_delay=0.05)
 
 
 class Mode(enum.Enum):
-    """The four ways the agents are coordinated, in table order."""
+    """The five ways the agents are coordinated, in table order."""
 
     NO_COORDINATION = "no coordination"
     PER_CALL_LEASES = "leases per tool call"
     SERIALIZABLE = "SERIALIZABLE sessions"
     GLOBAL_LOCK = "one global lock"
+    DECLARED_UP_FRONT = "edits declared up front"
 
     @property
     def number(self) -> int:
-        """The mode's number in the table, 1 to 4."""
+        """The mode's number in the table, 1 to 5."""
         return list(Mode).index(self) + 1
 
     @property
@@ -245,7 +260,11 @@ class ModeResult:
         intended: edits the agents made (agents x edits each).
         lost: edits whose marker is missing at the end.
         makespan: seconds from the first tool call to the last agent finishing.
-        retries: tool calls retried after a Wait-Die death plus edits redone after a stale write.
+        redone: edits redone because their write was refused after the thinking (a stale
+            write, :class:`~klock_async.errors.CausalViolationError`): each one is another
+            read and another think.
+        deaths: requests Wait-Die refused (``deaths`` of the kernel's statistics), each one
+            retried after the blocker ended; 0 for the modes without a kernel.
         causal_violations: stale writes the kernel refused.
     """
 
@@ -253,7 +272,8 @@ class ModeResult:
     intended: int
     lost: int
     makespan: float
-    retries: int
+    redone: int
+    deaths: int
     causal_violations: int
 
     @property
@@ -275,16 +295,28 @@ def _path_of(path: str, **_: object) -> str:
     return path
 
 
-async def run_mode(mode: Mode, scenario: Scenario, *, repo: Repo | None = None) -> ModeResult:
+def _unguarded(agent: str, path: str) -> AbstractAsyncContextManager[object]:
+    return contextlib.nullcontext()
+
+
+async def run_mode(
+    mode: Mode,
+    scenario: Scenario,
+    *,
+    repo: Repo | None = None,
+    progress: Progress | None = None,
+) -> ModeResult:
     """Run the scenario's plan in one mode and count the lost edits.
 
-    Modes 2 and 3 start a kernel of their own (``async with Klock()``) for the run.
+    Modes 2, 3 and 5 start a kernel of their own (``async with Klock()``) for the run.
 
     Args:
         mode: how the agents are coordinated.
         scenario: size and seed.
         repo: the repository to edit, e.g. to inspect it afterwards (default: a fresh one with
             the scenario's files). It must hold every path of the scenario.
+        progress: called with the mode and 0 when the run starts, then with the number of
+            finished edits after each edit.
 
     Returns:
         The counts and the makespan.
@@ -294,37 +326,30 @@ async def run_mode(mode: Mode, scenario: Scenario, *, repo: Repo | None = None) 
     """
     plans = plan(scenario)
     repo = Repo(scenario.paths) if repo is None else repo
+    report = _counter(mode, progress)
+    deaths = violations = 0
     if mode is Mode.NO_COORDINATION:
-        redone, makespan = await _drive(scenario, plans, repo.read_file, repo.write_file, None)
-        deaths = violations = 0
+        redone, makespan = await _drive(
+            scenario, plans, repo.read_file, repo.write_file, _unguarded, report
+        )
     elif mode is Mode.GLOBAL_LOCK:
         lock = asyncio.Lock()
-        redone, makespan = await _drive(scenario, plans, repo.read_file, repo.write_file, lock)
-        deaths = violations = 0
-    else:
-        isolation = (
-            IsolationLevel.SERIALIZABLE
-            if mode is Mode.SERIALIZABLE
-            else IsolationLevel.READ_COMMITTED
+        redone, makespan = await _drive(
+            scenario, plans, repo.read_file, repo.write_file, lambda agent, path: lock, report
         )
+    else:
         async with Klock() as klock:
-            for agent_id in scenario.agent_ids:
-                await klock.register_agent(agent_id)
-            read_file = klock.protected(
-                agent=_agent_of,
-                resource=_path_of,
-                predicate=Predicate.CONSUMES,
-                isolation=isolation,
-                retry=_RETRY,
-            )(repo.read_file)
-            write_file = klock.protected(
-                agent=_agent_of,
-                resource=_path_of,
-                predicate=Predicate.MUTATES,
-                isolation=isolation,
-                retry=_RETRY,
-            )(repo.write_file)
-            redone, makespan = await _drive(scenario, plans, read_file, write_file, None)
+            agents = [await klock.register_agent(agent_id) for agent_id in scenario.agent_ids]
+            if mode is Mode.DECLARED_UP_FRONT:
+                declared = _DeclaredEdits(klock, repo, {a.id: a.session() for a in agents})
+                redone, makespan = await _drive(
+                    scenario, plans, declared.read_file, declared.write_file, declared.hold, report
+                )
+            else:
+                read_file, write_file = _protected_tools(klock, repo, mode)
+                redone, makespan = await _drive(
+                    scenario, plans, read_file, write_file, _unguarded, report
+                )
             stats = await klock.statistics()
         deaths, violations = stats.deaths, stats.causal_violations
     return ModeResult(
@@ -332,9 +357,99 @@ async def run_mode(mode: Mode, scenario: Scenario, *, repo: Repo | None = None) 
         intended=scenario.intended,
         lost=_count_lost(plans, repo),
         makespan=makespan,
-        retries=deaths + redone,
+        redone=redone,
+        deaths=deaths,
         causal_violations=violations,
     )
+
+
+def _counter(mode: Mode, progress: Progress | None) -> Callable[[], None]:
+    """A callback for each finished edit that reports the running count to ``progress``."""
+    if progress is None:
+        return lambda: None
+    done = 0
+    progress(mode, 0)
+
+    def finished() -> None:
+        nonlocal done
+        done += 1
+        progress(mode, done)
+
+    return finished
+
+
+def _protected_tools(klock: Klock, repo: Repo, mode: Mode) -> tuple[ReadFile, WriteFile]:
+    """Modes 2 and 3: each tool call holds its own lease, in a session of its own."""
+    isolation = (
+        IsolationLevel.SERIALIZABLE if mode is Mode.SERIALIZABLE else IsolationLevel.READ_COMMITTED
+    )
+    read_file = klock.protected(
+        agent=_agent_of,
+        resource=_path_of,
+        predicate=Predicate.CONSUMES,
+        isolation=isolation,
+        retry=_RETRY,
+    )(repo.read_file)
+    write_file = klock.protected(
+        agent=_agent_of,
+        resource=_path_of,
+        predicate=Predicate.MUTATES,
+        isolation=isolation,
+        retry=_RETRY,
+    )(repo.write_file)
+    return read_file, write_file
+
+
+class _DeclaredEdits:
+    """Mode 5: each edit holds MUTATES on its file from before its read until after its write.
+
+    Every agent takes its holds in one session of its own, kept across edits and retries (the
+    unit's age is kept). The read is recorded on the clocks under the hold, and the release
+    records the write, as a SERIALIZABLE edit's leases do; the hold itself is taken
+    READ_COMMITTED, because taking it is not a write: the file is read under it.
+    """
+
+    def __init__(self, klock: Klock, repo: Repo, sessions: Mapping[str, Session]) -> None:
+        self._klock = klock
+        self._repo = repo
+        self._sessions = sessions
+
+    @contextlib.asynccontextmanager
+    async def hold(self, agent: str, path: str) -> AsyncIterator[object]:
+        """Hold MUTATES on ``path`` for one whole edit; the release records the write."""
+        session = self._sessions[agent]
+        attempt = 0
+        while True:
+            try:
+                lease = await session.acquire(path, Predicate.MUTATES)
+                break
+            except LeaseDied as died:  # the session holds nothing: wait for the blocker, retry
+                await _wait_for(self._klock, died, _RETRY.backoff(attempt))
+                attempt += 1
+        written = False
+        try:
+            yield lease
+            written = True
+        finally:
+            await lease.release(record_write=written)
+
+    async def read_file(self, agent: str, path: str) -> list[str]:
+        """Record the read on the clocks, then read (the caller holds the file)."""
+        await self._klock.read(path, agent)
+        return await self._repo.read_file(agent, path)
+
+    async def write_file(self, agent: str, path: str, lines: list[str]) -> None:
+        """Write (the caller holds the file; its release records the write)."""
+        await self._repo.write_file(agent, path, lines)
+
+
+async def _wait_for(klock: Klock, died: LeaseDied, cap: float) -> None:
+    """Wait until the lease that made a request die has ended, at most ``cap`` seconds."""
+    if died.blocker_lease_id is None:
+        await asyncio.sleep(cap)  # the blocker is a queued request: a capped backoff
+        return
+    with contextlib.suppress(LeaseNotFoundError):  # ended already: retry now
+        await klock.backend.wait_ended(died.blocker_lease_id, cap)
 
 
 async def _drive(
@@ -342,7 +457,8 @@ async def _drive(
     plans: Mapping[str, Sequence[Edit]],
     read_file: ReadFile,
     write_file: WriteFile,
-    lock: asyncio.Lock | None,
+    guard: Guard,
+    finished: Callable[[], None],
 ) -> tuple[int, float]:
     """Run every agent at once; return the edits redone and the makespan."""
     redone = 0
@@ -353,10 +469,7 @@ async def _drive(
         for edit in edits:
             think = edit.think
             while True:
-                guard: AbstractAsyncContextManager[object] = (
-                    lock if lock is not None else contextlib.nullcontext()
-                )
-                async with guard:
+                async with guard(agent_id, edit.path):
                     lines = await read_file(agent_id, edit.path)
                     await asyncio.sleep(think)  # the model thinking: simulated work
                     try:
@@ -368,6 +481,7 @@ async def _drive(
                         think = rethink.uniform(scenario.think_min, scenario.think_max)
                         continue
                 break
+            finished()
 
     started = time.perf_counter()
     async with asyncio.TaskGroup() as tg:
@@ -376,23 +490,36 @@ async def _drive(
     return redone, time.perf_counter() - started
 
 
-async def run_all(scenario: Scenario) -> list[ModeResult]:
-    """Run the four modes one after the other on the same plan.
+async def run_all(scenario: Scenario, *, progress: Progress | None = None) -> list[ModeResult]:
+    """Run the five modes one after the other on the same plan.
 
     Args:
         scenario: size and seed.
+        progress: passed on to :func:`run_mode` for each mode.
 
     Returns:
         One result per mode, in table order.
     """
-    return [await run_mode(mode, scenario) for mode in Mode]
+    return [await run_mode(mode, scenario, progress=progress) for mode in Mode]
+
+
+COLUMNS = (
+    ("intended", "edits the agents made (agents x edits each); each one 'succeeded'"),
+    ("lost", "edits whose marker is missing at the end: silently overwritten"),
+    ("makespan", "seconds from the start to the last agent finishing"),
+    ("vs mode 4", "makespan divided by the makespan of mode 4, one global lock"),
+    ("redone", "edits redone because their write was refused after the thinking"),
+    ("deaths", "requests Wait-Die refused and retried once the blocker ended"),
+    ("violations", "stale writes the kernel refused (each one redone)"),
+)
+"""The table's columns after ``mode``, each with a one-line explanation."""
 
 
 def format_table(results: Sequence[ModeResult]) -> str:
     """Format results as an aligned text table.
 
     Columns: mode, intended edits, lost edits, lost %, makespan, makespan relative to mode 4
-    (``-`` when mode 4 is not among the results), retries, causal violations.
+    (``-`` when mode 4 is not among the results), redone edits, deaths, causal violations.
 
     Args:
         results: results, usually from :func:`run_all`.
@@ -408,7 +535,8 @@ def format_table(results: Sequence[ModeResult]) -> str:
         "lost %",
         "makespan",
         "vs mode 4",
-        "retries",
+        "redone",
+        "deaths",
         "violations",
     )
     rows = [header]
@@ -422,7 +550,8 @@ def format_table(results: Sequence[ModeResult]) -> str:
                 f"{r.lost_percent:.1f} %",
                 f"{r.makespan:.3f} s",
                 relative,
-                str(r.retries),
+                str(r.redone),
+                str(r.deaths),
                 str(r.causal_violations),
             )
         )
@@ -437,15 +566,21 @@ def format_table(results: Sequence[ModeResult]) -> str:
     return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
 
 
+def explain_columns() -> str:
+    """Return what each column of :func:`format_table` means, one line per column."""
+    width = max(len(name) for name, _ in COLUMNS)
+    return "\n".join(f"  {name:<{width}}  {meaning}" for name, meaning in COLUMNS)
+
+
 def verdict(results: Sequence[ModeResult]) -> str:
     """Return a one-line summary of the results.
 
     Args:
-        results: results of the four modes, as from :func:`run_all`.
+        results: results of the modes, as from :func:`run_all`.
 
     Returns:
-        What was lost without the causal checks, what was lost with them, and how the
-        SERIALIZABLE makespan compares with the global lock's.
+        What was lost without the causal checks, what was lost and redone with them and with
+        edits declared up front, and how their makespans compare with the global lock's.
     """
     by_mode = {r.mode: r for r in results}
     parts = []
@@ -453,18 +588,33 @@ def verdict(results: Sequence[ModeResult]) -> str:
     if unprotected:
         worst = max(unprotected, key=lambda r: r.lost)
         parts.append(
-            f"without causal checks up to {worst.lost} of {worst.intended} edits "
+            "without causal checks no edit vanished"
+            if worst.lost == 0
+            else f"without causal checks up to {worst.lost} of {worst.intended} edits "
             f"({worst.lost_percent:.0f} %) vanished"
         )
-    serializable = by_mode.get(Mode.SERIALIZABLE)
-    if serializable is not None:
-        parts.append(f"with SERIALIZABLE sessions {serializable.lost} were lost")
-        serial = by_mode.get(Mode.GLOBAL_LOCK)
-        if serial is not None and serializable.makespan > 0 and serial.makespan > 0:
-            speedup = serial.makespan / serializable.makespan
-            parts.append(
-                f"{speedup:.1f}x faster than one global lock"
-                if speedup >= 1
-                else f"{1 / speedup:.1f}x slower than one global lock"
-            )
+    serial = by_mode.get(Mode.GLOBAL_LOCK)
+    for mode, name in (
+        (Mode.SERIALIZABLE, "with SERIALIZABLE sessions"),
+        (Mode.DECLARED_UP_FRONT, "with edits declared up front"),
+    ):
+        result = by_mode.get(mode)
+        if result is not None:
+            parts.append(f"{name} {_outcome(result)}{_speed(result, serial)}")
     return "; ".join(parts) + "." if parts else "no results."
+
+
+def _outcome(result: ModeResult) -> str:
+    lost = "no edit was lost" if result.lost == 0 else f"{result.lost} edits were lost"
+    if result.redone == 0:
+        return f"{lost} and none redone"
+    return f"{lost}, {result.redone} redone"
+
+
+def _speed(result: ModeResult, serial: ModeResult | None) -> str:
+    if serial is None or result.makespan <= 0 or serial.makespan <= 0:
+        return ""
+    speedup = serial.makespan / result.makespan
+    if speedup >= 1:
+        return f", {speedup:.1f}x faster than one global lock"
+    return f", {1 / speedup:.1f}x slower than one global lock"

@@ -16,6 +16,14 @@ SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
 
 # script -> the rows its table must print
 ROWS = {
+    "contention.py": (
+        "agents  implementation",
+        "     5  asyncio.Lock",
+        "     5  klock",
+        "   100  klock",
+        "rate at 100 agents / rate at 5 agents: klock",
+        "targets:",
+    ),
     "kernel.py": (
         "(a) floor: asyncio queue + future round trip",
         "Scheduler round trip doing no work",
@@ -36,6 +44,7 @@ ROWS = {
         "2. leases per tool call",
         "3. SERIALIZABLE sessions",
         "4. one global lock",
+        "5. edits declared up front",
     ),
     "server.py": (
         "(a) throughput, 50 agents, embedded",
@@ -74,3 +83,48 @@ def test_kernel_benchmark_judges_each_target() -> None:
     )
     verdicts = [line for line in result.stdout.splitlines() if line.endswith(("PASS", "MISS"))]
     assert len(verdicts) == 4, result.stdout
+
+
+def test_contention_benchmark_judges_each_target() -> None:
+    """The contention table prints PASS or MISS for each of its four targets."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "contention.py"),
+            "--agents",
+            "2,4",
+            "--calls",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    verdicts = [line for line in result.stdout.splitlines() if line.endswith(("PASS", "MISS"))]
+    assert len(verdicts) == 4, result.stdout
+    assert "rate at 4 agents / rate at 2 agents" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--agents", "10,x"], "expected agent counts", id="agents-word"),
+        pytest.param(["--agents", "0"], "must be at least 1", id="agents-zero"),
+        pytest.param(["--calls", "0"], "must be above 0", id="calls-zero"),
+        pytest.param(["--budget", "-1"], "must be above 0", id="budget-negative"),
+        pytest.param(["--agents", "10", "--calls", "5"], "must give every agent", id="few-calls"),
+    ],
+)
+def test_contention_benchmark_refuses_bad_options(args: list[str], message: str) -> None:
+    """A bad option exits with status 2 and says why; nothing runs."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "contention.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""

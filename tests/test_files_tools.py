@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import anyio
@@ -21,6 +22,7 @@ from klock_async.integrations.files import (
     EditMismatchError,
     FileToolError,
     PathOutsideWorkspaceError,
+    ReadForUpdate,
     WorkspaceFileNotFoundError,
     WorkspaceFiles,
 )
@@ -387,3 +389,65 @@ async def test_a_directory_swapped_for_a_link_after_the_check_is_refused(
         with pytest.raises(PathOutsideWorkspaceError):
             await files._write_text(target, "escaped")
     assert not (outside / "a.txt").exists()
+
+
+# --------------------------------------------------------------------------- read for update
+
+
+async def test_read_for_update_refuses_bad_options(workspace: Path) -> None:
+    """A bad ttl or a session of another agent is refused when the holder is made."""
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        other = await klock.register_agent("other")
+        for ttl in (0, -1.0, float("nan")):
+            with pytest.raises(InvalidRequestError):
+                ReadForUpdate(files, ttl=ttl)
+        with pytest.raises(InvalidRequestError, match="belongs to agent 'other'"):
+            ReadForUpdate(files, holds=other.session())
+
+
+async def test_read_for_update_holds_until_written(workspace: Path) -> None:
+    """The hold is one MUTATES lease of the agent; written() ends it, a second read reuses it."""
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        updates = ReadForUpdate(files)
+        assert await updates.read_file("src/app.py") == "print('hi')\n"
+        assert await updates.read_file("src/app.py") == "print('hi')\n"  # the same hold
+        [hold] = await klock.leases()
+        assert (hold.agent_id, hold.predicate.value) == ("coder", "MUTATES")
+        lease = await updates.lease_of("src/app.py")
+        assert lease is not None and lease.id == hold.id
+        assert await updates.session_for("README.md") is None
+        session = await updates.session_for("src")  # the directory overlaps the held file
+        assert session is updates.session and session.isolation is IsolationLevel.SERIALIZABLE
+        await files.write_file("src/app.py", "print('bye')\n", session=session)
+        await updates.written("src/app.py")
+        assert updates.held() == [] and await klock.leases() == []
+        assert await updates.lease_of("src/app.py") is None
+
+
+async def test_read_for_update_while_holding_dies_instead_of_waiting(workspace: Path) -> None:
+    """An agent that holds a file and asks for one an older agent holds gets LeaseDied at once."""
+    async with Klock() as klock:
+        older = await klock.register_agent("older")
+        updates = ReadForUpdate(WorkspaceFiles(klock, "coder", workspace))
+        await updates.read_file("README.md")
+        taken = await older.acquire(f"FILE:{workspace}/src/app.py", "MUTATES")
+        with pytest.raises(LeaseDied):
+            await updates.read_file("src/app.py")
+        assert updates.held() == ["README.md"]  # what it held is kept: the caller decides
+        await taken.release()
+        assert await updates.read_file("src/app.py") == "print('hi')\n"
+        assert await updates.release() == ["README.md", "src/app.py"]
+        assert await klock.leases() == []
+
+
+async def test_release_of_a_file_not_held_says_what_is_held(workspace: Path) -> None:
+    """release(path) of a file the agent does not hold is a FileToolError naming what it holds."""
+    async with Klock() as klock:
+        updates = ReadForUpdate(WorkspaceFiles(klock, "coder", workspace))
+        await updates.read_file("README.md")
+        not_held = re.escape("no read for update of 'src/app.py'; held: README.md")
+        with pytest.raises(FileToolError, match=not_held):
+            await updates.release("src/app.py")
+        assert await updates.release("README.md") == ["README.md"]

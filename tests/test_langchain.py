@@ -7,6 +7,7 @@ and ``invoke`` from many concurrent tasks and threads; no language model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ import pytest
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import BaseModel, Field
 
-from klock_async import InvalidRequestError, Klock, Predicate
+from klock_async import InvalidRequestError, Klock, KlockError, LeaseState, Predicate
 from klock_async.compat import KlockClient
 from klock_async.integrations.langchain import (
     KlockConflictError,
@@ -46,11 +47,19 @@ async def test_toolkit_tools_are_structured_tools_with_schemas(workspace: Path) 
     """The toolkit gives real StructuredTools with argument schemas the model can see."""
     async with Klock() as klock:
         tools = _tools(KlockFileToolkit(klock, "coder", workspace))
-        assert sorted(tools) == ["edit_file", "list_files", "read_file", "write_file"]
+        assert sorted(tools) == [
+            "edit_file",
+            "list_files",
+            "read_file",
+            "release_file",
+            "write_file",
+        ]
         assert all(isinstance(tool, StructuredTool) for tool in tools.values())
         assert set(tools["edit_file"].args) == {"path", "old_text", "new_text"}
         assert set(tools["write_file"].args) == {"path", "content"}
         assert set(tools["list_files"].args) == {"path", "recursive"}
+        assert set(tools["read_file"].args) == {"path", "for_update"}
+        assert set(tools["release_file"].args) == {"path"}
         assert "read it again" in tools["write_file"].description
 
 
@@ -506,3 +515,136 @@ async def test_sync_tool_runs_over_every_kernel(kernel_factory: Any) -> None:
         assert await asyncio.to_thread(tool.invoke, {"path": "/remote/a"}) == "/remote/a"
         assert tool.touched == ["/remote/a"]  # type: ignore[attr-defined]
         assert await klock.leases() == []
+
+
+# --------------------------------------------------------------------------- read for update
+
+
+async def test_read_for_update_keeps_other_agents_out_until_the_write(workspace: Path) -> None:
+    """read_file(for_update=True) holds MUTATES on the file; the agent's write ends the hold."""
+    async with Klock() as klock:
+        coder = _tools(KlockFileToolkit(klock, "coder", workspace))
+        other = await klock.register_agent("other")
+        text = await coder["read_file"].ainvoke({"path": "notes.md", "for_update": True})
+        assert text == "# notes\n"
+        [hold] = await klock.leases()
+        assert (hold.agent_id, hold.predicate) == ("coder", Predicate.MUTATES)
+        assert str(hold.resource) == f"FILE:{workspace}/notes.md"
+        for predicate in ("CONSUMES", "MUTATES"):
+            with pytest.raises(KlockError):  # died or would wait: the file is held
+                await other.acquire(hold.resource, predicate, wait=False)
+
+        # The agent's own calls on the held file run under its hold.
+        assert await coder["read_file"].ainvoke({"path": "notes.md"}) == "# notes\n"
+        assert await coder["list_files"].ainvoke({"path": "."}) == "notes.md"
+        done = await coder["write_file"].ainvoke({"path": "notes.md", "content": text + "a\n"})
+        assert done.startswith("overwrote notes.md")
+        assert await klock.leases() == []  # the write ended the hold
+        lease = await other.acquire(hold.resource, "CONSUMES", wait=False)
+        await lease.release()
+        assert (await klock.statistics()).causal_violations == 0
+
+
+async def test_read_for_update_makes_the_others_stale_write_refused(workspace: Path) -> None:
+    """A write built on a read older than a held edit is refused: the hold's write was recorded."""
+    async with Klock() as klock:
+        alice = _tools(KlockFileToolkit(klock, "alice", workspace))
+        bob = _tools(KlockFileToolkit(klock, "bob", workspace))
+        seen_by_bob = await bob["read_file"].ainvoke({"path": "notes.md"})
+        seen = await alice["read_file"].ainvoke({"path": "notes.md", "for_update": True})
+        await alice["edit_file"].ainvoke(
+            {"path": "notes.md", "old_text": seen, "new_text": seen + "alice\n"}
+        )
+        refused = await bob["write_file"].ainvoke({"path": "notes.md", "content": seen_by_bob})
+        assert STALE in refused
+        assert (workspace / "notes.md").read_text(encoding="utf-8") == "# notes\nalice\n"
+
+
+async def test_a_reader_waits_for_the_held_edit_and_sees_it(workspace: Path) -> None:
+    """Another agent's read of a held file returns only after the holder's write, with it."""
+    async with Klock() as klock:
+        alice = _tools(KlockFileToolkit(klock, "alice", workspace))
+        bob = _tools(KlockFileToolkit(klock, "bob", workspace))
+        seen = await alice["read_file"].ainvoke({"path": "notes.md", "for_update": True})
+        read = asyncio.create_task(bob["read_file"].ainvoke({"path": "notes.md"}))
+        await alice["write_file"].ainvoke({"path": "notes.md", "content": seen + "alice\n"})
+        assert await read == "# notes\nalice\n"
+        assert await klock.leases() == []
+
+
+async def test_release_file_gives_a_held_file_up_without_writing(workspace: Path) -> None:
+    """release_file ends a read for update; nothing is written, others may use the file."""
+    async with Klock() as klock:
+        toolkit = KlockFileToolkit(klock, "coder", workspace)
+        coder = _tools(toolkit)
+        (workspace / "b.md").write_text("b\n", encoding="utf-8")
+        for path in ("notes.md", "b.md"):
+            await coder["read_file"].ainvoke({"path": path, "for_update": True})
+        assert toolkit.updates.held() == ["b.md", "notes.md"]
+        assert await coder["release_file"].ainvoke({"path": "b.md"}) == "released b.md"
+        assert toolkit.updates.held() == ["notes.md"]
+        not_held = await coder["release_file"].ainvoke({"path": "b.md"})
+        assert "you hold no read for update of 'b.md'; held: notes.md" in not_held
+        assert await coder["release_file"].ainvoke({}) == "released notes.md"
+        assert await klock.leases() == []
+        assert await coder["release_file"].ainvoke({}) == "held nothing to release"
+        assert (await klock.statistics()).causal_violations == 0
+
+
+async def test_read_for_update_ends_when_its_ttl_passes(workspace: Path) -> None:
+    """A hold nobody touches ends at its ttl; a later write of the holder is checked as usual."""
+    async with Klock() as klock:
+        toolkit = KlockFileToolkit(klock, "alice", workspace, update_ttl=0.05)
+        alice = _tools(toolkit)
+        bob = _tools(KlockFileToolkit(klock, "bob", workspace))
+        seen = await alice["read_file"].ainvoke({"path": "notes.md", "for_update": True})
+        lease = await toolkit.updates.lease_of("notes.md")
+        assert lease is not None
+        assert await lease.wait_lost() is LeaseState.EXPIRED
+        text = await bob["read_file"].ainvoke({"path": "notes.md"})
+        await bob["write_file"].ainvoke({"path": "notes.md", "content": text + "bob\n"})
+        refused = await alice["write_file"].ainvoke({"path": "notes.md", "content": seen + "a\n"})
+        assert STALE in refused
+        assert toolkit.updates.held() == []
+        assert (workspace / "notes.md").read_text(encoding="utf-8") == "# notes\nbob\n"
+
+
+async def test_read_for_update_of_a_missing_file_holds_nothing(workspace: Path) -> None:
+    """A read for update that fails (no such file) gives its hold back at once."""
+    async with Klock() as klock:
+        toolkit = KlockFileToolkit(klock, "coder", workspace)
+        answer = await _tools(toolkit)["read_file"].ainvoke({"path": "nope.md", "for_update": True})
+        assert "does not exist" in answer
+        assert toolkit.updates.held() == []
+        assert await klock.leases() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=KlockConflictError,
+    reason="a request covered by its own session's lease dies once an older agent queues on it",
+)
+async def test_the_holder_writes_while_an_older_agent_waits(workspace: Path) -> None:
+    """An older agent queued on a held file waits; the holder's own write still goes through."""
+    async with Klock() as klock:
+        older = await klock.register_agent("older")
+        holder = _tools(KlockFileToolkit(klock, "holder", workspace, handle_tool_error=False))
+        seen = await holder["read_file"].ainvoke({"path": "notes.md", "for_update": True})
+        [hold] = await klock.leases()
+        posted = asyncio.Event()
+
+        async def wait_for_the_file() -> None:
+            posted.set()  # the acquire below posts its request before it first yields
+            lease = await older.acquire(hold.resource, "MUTATES")
+            await lease.release()
+
+        waiting = asyncio.create_task(wait_for_the_file())
+        try:
+            await posted.wait()
+            assert (await klock.statistics()).requests_waiting == 1  # FIFO mailbox: queued
+            await holder["write_file"].ainvoke({"path": "notes.md", "content": seen + "held\n"})
+            await waiting
+        finally:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting

@@ -23,7 +23,7 @@ import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 from mcp.types import CallToolResult, TextContent
 
-from klock_async import Klock
+from klock_async import Klock, KlockError
 from klock_async.integrations.mcp import EMBEDDED_ENV, AgentTools, create_server
 
 STALE = "changed since you read it"
@@ -176,6 +176,82 @@ async def test_lease_tools_in_process(workspace: Path) -> None:
             assert await klock.leases() == []
 
 
+async def test_acquire_description_states_wait_die(workspace: Path) -> None:
+    """The acquire tool tells the model who waits and who is refused, as the kernel decides."""
+    async with Klock() as klock:
+        tools = AgentTools(klock, await klock.register_agent("coder"), workspace)
+        async with Client(create_server(tools)) as client:
+            listed = {tool.name: tool for tool in (await client.list_tools()).tools}
+    text = " ".join((listed["acquire"].description or "").split())
+    assert "if you hold no lease, your request waits in the queue until its turn" in text
+    assert "and is never refused" in text
+    assert (
+        "if you already hold leases and ask for more, you wait when you are older than every "
+        "conflicting holder, and are refused at once (LeaseDied) when you are younger" in text
+    )
+    assert "With wait=false you get the lease or a refusal at once, never a wait" in text
+    assert "held by an older agent" not in text  # the opposite of Wait-Die
+
+
+async def test_read_for_update_in_process(workspace: Path) -> None:
+    """read_file with for_update holds MUTATES until the agent writes the file or releases it."""
+    async with Klock() as klock:
+        coder = await klock.register_agent("coder")
+        other = await klock.register_agent("other")
+        tools = AgentTools(klock, coder, workspace)
+        async with Client(create_server(tools)) as client:
+            listed = {tool.name: tool for tool in (await client.list_tools()).tools}
+            assert "for_update" in listed["read_file"].input_schema["properties"]
+            text = _ok(
+                await client.call_tool("read_file", {"path": "notes.md", "for_update": True})
+            )
+            assert text == "# notes\n"
+            leases = (await client.call_tool("list_leases", {})).structured_content
+            assert leases is not None
+            [hold] = leases["leases"]
+            assert (hold["resource"], hold["predicate"], hold["mine"]) == (
+                "FILE:notes.md",
+                "MUTATES",
+                True,
+            )
+            [info] = await klock.leases()
+            with pytest.raises(KlockError):  # died or would wait: the file is held
+                await other.acquire(info.resource, "CONSUMES", wait=False)
+            # The agent's own calls on the held file run under its hold; the edit ends it.
+            assert _ok(await client.call_tool("read_file", {"path": "notes.md"})) == text
+            _ok(
+                await client.call_tool(
+                    "edit_file", {"path": "notes.md", "old_text": "notes", "new_text": "N"}
+                )
+            )
+            assert await klock.leases() == []
+
+            # release by id gives a held file up without writing it; release() gives up all.
+            _ok(await client.call_tool("read_file", {"path": "notes.md", "for_update": True}))
+            [info] = await klock.leases()
+            released = await client.call_tool("release", {"lease_id": info.id})
+            assert released.structured_content == {"released": 1, "lease_id": info.id}
+            _ok(await client.call_tool("read_file", {"path": "src/app.py", "for_update": True}))
+            assert (await client.call_tool("release", {})).structured_content == {"released": 1}
+            assert await klock.leases() == []
+        assert (await klock.statistics()).causal_violations == 0
+    assert (workspace / "notes.md").read_text(encoding="utf-8") == "# N\n"
+
+
+async def test_read_for_update_makes_another_agents_stale_write_refused(workspace: Path) -> None:
+    """A write built on a read older than an edit made under a read for update is refused."""
+    async with Klock() as klock:
+        alice = AgentTools(klock, await klock.register_agent("alice"), workspace)
+        bob = AgentTools(klock, await klock.register_agent("bob"), workspace)
+        async with Client(create_server(alice)) as a, Client(create_server(bob)) as b:
+            seen_by_bob = _ok(await b.call_tool("read_file", {"path": "notes.md"}))
+            seen = _ok(await a.call_tool("read_file", {"path": "notes.md", "for_update": True}))
+            _ok(await a.call_tool("write_file", {"path": "notes.md", "content": seen + "a\n"}))
+            stale = await b.call_tool("write_file", {"path": "notes.md", "content": seen_by_bob})
+            assert stale.is_error and STALE in _text(stale)
+    assert (workspace / "notes.md").read_text(encoding="utf-8") == "# notes\na\n"
+
+
 # ------------------------------------------------------------------------- stdio, embedded
 
 
@@ -295,6 +371,29 @@ async def test_a_stale_write_returns_a_reread_error(workspace: Path, tmp_path: P
                 )
             )
         assert (workspace / "notes.md").read_text(encoding="utf-8") == "B\na\n"
+
+
+async def test_read_for_update_over_a_shared_server(workspace: Path, tmp_path: Path) -> None:
+    """Through klock serve, a read for update shows as the agent's MUTATES lease until its write,
+    and the other agent's write from an older read is refused."""
+    with _klock_serve(tmp_path / "serve.log") as url:
+        async with (
+            _stdio(workspace, "--server", url, "--agent", "alice") as alice,
+            _stdio(workspace, "--server", url, "--agent", "bob") as bob,
+        ):
+            old = _ok(await bob.call_tool("read_file", {"path": "notes.md"}))
+            text = _ok(await alice.call_tool("read_file", {"path": "notes.md", "for_update": True}))
+            seen = (await bob.call_tool("list_leases", {})).structured_content
+            assert seen is not None
+            assert [(x["agent_id"], x["predicate"], x["resource"]) for x in seen["leases"]] == [
+                ("alice", "MUTATES", "FILE:notes.md")
+            ]
+            _ok(await alice.call_tool("write_file", {"path": "notes.md", "content": text + "a\n"}))
+            after = (await bob.call_tool("list_leases", {})).structured_content
+            assert after == {"agent": "bob", "leases": []}
+            stale = await bob.call_tool("write_file", {"path": "notes.md", "content": old + "b\n"})
+            assert stale.is_error and STALE in _text(stale)
+    assert (workspace / "notes.md").read_text(encoding="utf-8") == "# notes\na\n"
 
 
 def _free_port() -> int:

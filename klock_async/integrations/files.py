@@ -17,6 +17,10 @@ Anything that resolves outside the root (``..``, another absolute path, a symlin
 out) is refused with :class:`PathOutsideWorkspaceError`. File I/O runs in worker threads through
 :mod:`anyio`, so the event loop never blocks on the disk.
 
+:class:`ReadForUpdate` adds a read that keeps MUTATES on the file until the agent writes it,
+gives it up or lets its ttl pass, so the thinking between a read and a write is never wasted
+on a stale write.
+
 Both the LangChain toolkit and the MCP server are built on :class:`WorkspaceFiles`::
 
     async with Klock() as klock:
@@ -34,6 +38,7 @@ Errors (all are :class:`~klock_async.errors.InvalidRequestError`, so nothing was
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,15 +48,25 @@ from typing import Any, TypeVar, cast
 import anyio
 import anyio.to_thread
 
-from klock_async.api import Klock, RetryPolicy, Session
+from klock_async.api import Klock, Lease, RetryPolicy, Session
 from klock_async.clocks import IsolationLevel
-from klock_async.errors import CausalViolationError, InvalidRequestError, UnknownAgentError
+from klock_async.errors import (
+    CausalViolationError,
+    InvalidRequestError,
+    KlockError,
+    LeaseDied,
+    LeaseLostError,
+    LeaseNotFoundError,
+    UnknownAgentError,
+)
 from klock_async.model import Predicate, Resource, ResourceType, validate_ttl
+from klock_async.rules import overlaps
 
 __all__ = [
     "EditMismatchError",
     "FileToolError",
     "PathOutsideWorkspaceError",
+    "ReadForUpdate",
     "WorkspaceFileNotFoundError",
     "WorkspaceFiles",
     "WorkspacePath",
@@ -449,3 +464,234 @@ def _list_directory(directory: Path, root: Path, recursive: bool, limit: int) ->
         left_out = len(entries) - limit
         return [*entries[:limit], f"... {left_out} more entries not shown; list a subdirectory"]
     return entries
+
+
+# ---------------------------------------------------------------------- read for update
+
+DEFAULT_UPDATE_TTL = 60.0
+"""Seconds a read for update keeps its file while the agent does not touch it."""
+
+
+@dataclass(slots=True)
+class _Hold:
+    target: WorkspacePath
+    lease: Lease
+
+
+class ReadForUpdate:
+    """Read for update: a read that keeps MUTATES on the file until the agent writes it.
+
+    A read-think-write edit through the plain tools can be refused at the write, after the
+    thinking, because another agent wrote the file meanwhile. :meth:`read_file` instead takes
+    MUTATES on the file *before* it reads and keeps it (a *hold*) until the same agent writes
+    that file (:meth:`written`, called by the tools after a successful write or edit), gives it
+    up (:meth:`release`), or ``ttl`` seconds pass without a tool call of the agent on the file
+    (each one renews the hold); nobody else can read or write the file meanwhile, so the write
+    that ends the hold is never stale. A write after the hold ended is checked as usual.
+
+    Holds are taken in one session of the agent (READ_COMMITTED: taking a hold is not a write,
+    the file is read under it), and the agent's tool calls on a held file run in the same
+    session with SERIALIZABLE isolation (:meth:`session_for`), so the read and the write are
+    recorded on the vector clocks as every file tool's are. While the session holds nothing, a
+    Wait-Die death is retried once the blocking lease has ended (the session, and its age, are
+    kept); once it holds something, a death is raised: the agent must give up what it holds
+    before it waits for more.
+
+    Args:
+        files: the agent's workspace tools.
+        holds: the session the holds are taken in (default: a new READ_COMMITTED session of
+            the agent); tool calls on held files run in a SERIALIZABLE session of the same id.
+        ttl: seconds a hold lasts without a tool call of the agent on its file.
+        retry: how a death is retried while the session holds nothing (default
+            ``RetryPolicy()``).
+        holds_others: tells whether the session holds leases besides these holds (e.g. the
+            explicit leases of an MCP session); default: never.
+
+    Raises:
+        InvalidRequestError: a bad ttl, or a session of another agent.
+    """
+
+    def __init__(
+        self,
+        files: WorkspaceFiles,
+        *,
+        holds: Session | None = None,
+        ttl: float = DEFAULT_UPDATE_TTL,
+        retry: RetryPolicy | None = None,
+        holds_others: Callable[[], bool] | None = None,
+    ) -> None:
+        self._ttl = validate_ttl(ttl)
+        if holds is not None and holds.agent_id != files.agent_id:
+            raise InvalidRequestError(
+                f"session {holds.id!r} belongs to agent {holds.agent_id!r}, not to "
+                f"{files.agent_id!r}"
+            )
+        self.files = files
+        self._holds_session = holds or Session(
+            files._klock, files.agent_id, IsolationLevel.READ_COMMITTED
+        )
+        self.session = Session(
+            files._klock,
+            files.agent_id,
+            IsolationLevel.SERIALIZABLE,
+            session_id=self._holds_session.id,
+        )
+        self._retry = retry or RetryPolicy()
+        self._holds_others = holds_others or (lambda: False)
+        self._held: dict[Resource, _Hold] = {}
+
+    @property
+    def ttl(self) -> float:
+        """Seconds a hold lasts without a tool call of the agent on its file."""
+        return self._ttl
+
+    def held(self) -> list[str]:
+        """The files this agent holds for update (paths relative to the root), sorted.
+
+        A hold whose ttl passed is listed until the agent next touches the file or calls
+        :meth:`release`.
+        """
+        return sorted(hold.target.relative for hold in self._held.values())
+
+    async def lease_of(self, path: str) -> Lease | None:
+        """The lease of this agent's hold on ``path``, if it holds the file for update.
+
+        Raises:
+            FileToolError: the path is not a non-empty string.
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+        """
+        hold = self._held.get((await self.files.resolve(path)).resource)
+        return hold.lease if hold is not None else None
+
+    async def read_file(self, path: str) -> str:
+        """Take MUTATES on a file (waiting for it), then return its text; keep the lease.
+
+        Reading a file already held reads it again under the same hold.
+
+        Raises:
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+            WorkspaceFileNotFoundError: no such file (nothing is held then).
+            FileToolError: a directory, not text in the workspace encoding, or unreadable.
+            LeaseDied: this agent holds other files and an older agent holds or awaits this
+                one (write or release what you hold, then read again), or the request kept
+                dying through every retry of the policy.
+        """
+        target = await self.files._file_target(path)
+        await self.files._ensure_agent()
+        fresh = not await self._alive(target.resource)
+        if fresh:
+            lease = await self._hold(target)
+            self._held[target.resource] = _Hold(target, lease)
+        try:
+            return await self.files.read_file(path, session=self.session)
+        except BaseException:
+            if fresh:
+                with anyio.CancelScope(shield=True):
+                    await self._drop(target.resource)
+            raise
+
+    async def session_for(self, path: str) -> Session | None:
+        """The session to run a tool call on ``path`` in: the holds' session when a live hold
+        overlaps the path (so the call does not collide with the agent's own hold), else None.
+        """
+        if not self._held:
+            return None
+        try:
+            target = (await self.files.resolve(path)).resource
+        except KlockError:
+            return None  # the tool itself reports the bad path
+        for resource in list(self._held):
+            if overlaps(resource, target) and await self._alive(resource):
+                return self.session
+        return None
+
+    async def written(self, path: str) -> None:
+        """The agent wrote ``path``: end its hold (the write was recorded by the tool)."""
+        if not self._held:
+            return
+        try:
+            resource = (await self.files.resolve(path)).resource
+        except KlockError:
+            return
+        await self._drop(resource)
+
+    async def release(self, path: str | None = None) -> list[str]:
+        """Give up the hold on ``path``, or every hold when ``path`` is None; nothing is written.
+
+        Returns:
+            The paths released (relative to the root), sorted; those whose ttl had passed are
+            left out.
+
+        Raises:
+            FileToolError: ``path`` is not held by this agent.
+            PathOutsideWorkspaceError: the path leads outside the workspace.
+        """
+        if path is None:
+            resources = list(self._held)
+        else:
+            resource = (await self.files.resolve(path)).resource
+            if resource not in self._held:
+                raise FileToolError(
+                    f"you hold no read for update of {path!r}; held: "
+                    f"{', '.join(self.held()) or 'none'}"
+                )
+            resources = [resource]
+        released = []
+        for resource in resources:
+            relative = self._held[resource].target.relative
+            if await self._drop(resource):
+                released.append(relative)
+        return sorted(released)
+
+    async def release_lease(self, lease_id: str) -> str | None:
+        """Give up the hold whose lease id is ``lease_id``; return its path, None if no hold has
+        that id (or its ttl had passed)."""
+        for resource, hold in list(self._held.items()):
+            if hold.lease.id == lease_id:
+                return hold.target.relative if await self._drop(resource) else None
+        return None
+
+    async def _hold(self, target: WorkspacePath) -> Lease:
+        attempt = 0
+        while True:
+            try:
+                return await self._holds_session.acquire(
+                    target.resource, Predicate.MUTATES, ttl=self._ttl
+                )
+            except LeaseDied as died:
+                if self._held or self._holds_others() or attempt >= self._retry.max_retries:
+                    raise
+                await _wait_for_blocker(self.files._klock, died, self._retry.backoff(attempt))
+                attempt += 1
+
+    async def _alive(self, resource: Resource) -> bool:
+        """Whether the hold on ``resource`` is still active (and renew it); forget it if not."""
+        hold = self._held.get(resource)
+        if hold is None:
+            return False
+        try:
+            await hold.lease.heartbeat()  # renews it: the agent is at work on the file
+        except (LeaseLostError, LeaseNotFoundError):
+            del self._held[resource]
+            return False
+        return True
+
+    async def _drop(self, resource: Resource) -> bool:
+        """Release the hold on ``resource``; return whether it was still active."""
+        hold = self._held.pop(resource, None)
+        if hold is None:
+            return False
+        try:
+            await hold.lease.release(record_write=False)
+        except (LeaseLostError, LeaseNotFoundError):
+            return False  # the ttl passed: nothing to give up
+        return True
+
+
+async def _wait_for_blocker(klock: Klock, died: LeaseDied, cap: float) -> None:
+    """Wait until the lease that made a request die has ended, at most ``cap`` seconds."""
+    if died.blocker_lease_id is None:
+        await anyio.sleep(cap)  # the blocker is a queued request: a capped backoff
+        return
+    with contextlib.suppress(LeaseNotFoundError):  # ended already: retry now
+        await klock.backend.wait_ended(died.blocker_lease_id, cap)

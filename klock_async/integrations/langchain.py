@@ -68,7 +68,7 @@ from klock_async.errors import (
     LeaseLostError,
     UnknownAgentError,
 )
-from klock_async.integrations.files import WorkspaceFiles
+from klock_async.integrations.files import DEFAULT_UPDATE_TTL, ReadForUpdate, WorkspaceFiles
 from klock_async.model import Predicate, Resource, ResourceType
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "KlockToolError",
     "ListFilesInput",
     "ReadFileInput",
+    "ReleaseFileInput",
     "WriteFileInput",
     "klock_protected",
 ]
@@ -573,6 +574,13 @@ class ReadFileInput(BaseModel):
     """Arguments of ``read_file``."""
 
     path: str = Field(description="File path relative to the workspace root.")
+    for_update: bool = Field(
+        default=False,
+        description=(
+            "True when you intend to change the file: nobody else can read or change it until "
+            "you write it, release it with release_file, or its time runs out."
+        ),
+    )
 
 
 class WriteFileInput(BaseModel):
@@ -597,10 +605,22 @@ class ListFilesInput(BaseModel):
     recursive: bool = Field(default=False, description="List subdirectories too.")
 
 
+class ReleaseFileInput(BaseModel):
+    """Arguments of ``release_file``."""
+
+    path: str | None = Field(
+        default=None,
+        description="A file you read for update; leave it out to release every such file.",
+    )
+
+
 _DESCRIPTIONS = {
     "read_file": (
         "Read a text file of the workspace. Read a file before you change it: a write or edit "
-        "of a file that changed since you last read it is refused."
+        "of a file that changed since you last read it is refused. With for_update=true the "
+        "file stays yours (other agents wait) until you write or edit it, release it with "
+        "release_file, or a while passes without you touching it, so your change cannot be "
+        "refused; use it when you mean to change the file, and only for files you will change."
     ),
     "write_file": (
         "Create or overwrite a text file of the workspace with the complete new content. If "
@@ -613,11 +633,15 @@ _DESCRIPTIONS = {
         "told to read it again."
     ),
     "list_files": "List the files and directories of a workspace directory (directories end in /).",
+    "release_file": (
+        "Give up a file you read with for_update=true without changing it (or every such file "
+        "when no path is given), so that other agents can use it."
+    ),
 }
 
 
 class KlockFileToolkit:
-    """Protected read, write, edit and list tools on a workspace, for one agent.
+    """Protected read, write, edit, list and release tools on a workspace, for one agent.
 
     The tools are LangChain ``StructuredTool`` objects with argument schemas; call them with
     ``ainvoke`` (or ``invoke`` from a thread other than the Klock's event loop). They run
@@ -626,6 +650,11 @@ class KlockFileToolkit:
     (stale write, bad path, missing file, edit mismatch) reaches the model as the tool's answer
     when ``handle_tool_error`` is true, otherwise as a :class:`KlockToolError`.
 
+    ``read_file(path, for_update=True)`` reads for update
+    (:class:`~klock_async.integrations.files.ReadForUpdate`): the agent keeps MUTATES on the
+    file until it writes or edits it, gives it up with ``release_file``, or ``update_ttl``
+    seconds pass without a call on the file; tool calls on a held file run under that hold.
+
     Args:
         klock: the kernel facade; create the toolkit inside the event loop it runs in.
         agent_id: the agent that uses the tools (registered on first use).
@@ -633,9 +662,10 @@ class KlockFileToolkit:
         ttl: lease ttl in seconds (default: the kernel's).
         retry: retry policy for Wait-Die deaths.
         handle_tool_error: give refusals back to the model as text instead of raising.
+        update_ttl: seconds a read for update keeps its file without a call on it.
 
     Raises:
-        InvalidRequestError: empty agent id or bad ttl.
+        InvalidRequestError: empty agent id, bad ttl or update_ttl.
         FileToolError: the root is not an existing directory.
     """
 
@@ -648,8 +678,10 @@ class KlockFileToolkit:
         ttl: float | None = None,
         retry: RetryPolicy | None = None,
         handle_tool_error: bool = True,
+        update_ttl: float = DEFAULT_UPDATE_TTL,
     ) -> None:
         self.files = WorkspaceFiles(klock, agent_id, root, ttl=ttl, retry=retry)
+        self.updates = ReadForUpdate(self.files, ttl=update_ttl, retry=retry)
         self._klock = klock
         self._handle_tool_error = handle_tool_error
 
@@ -659,32 +691,52 @@ class KlockFileToolkit:
         return self.files.agent_id
 
     def get_tools(self) -> list[BaseTool]:
-        """The tools: ``read_file``, ``write_file``, ``edit_file`` and ``list_files``."""
-        files = self.files
+        """The tools: ``read_file``, ``write_file``, ``edit_file``, ``list_files`` and
+        ``release_file``."""
+        files, updates = self.files, self.updates
 
-        async def read_file(path: str) -> str:
-            return await self._guarded("read_file", path, files.read_file(path))
+        async def read_file(path: str, for_update: bool = False) -> str:
+            if for_update:
+                return await self._guarded("read_file", path, updates.read_file(path))
+            session = await updates.session_for(path)
+            return await self._guarded("read_file", path, files.read_file(path, session=session))
 
         async def write_file(path: str, content: str) -> str:
-            return await self._guarded("write_file", path, files.write_file(path, content))
+            session = await updates.session_for(path)
+            done = await self._guarded(
+                "write_file", path, files.write_file(path, content, session=session)
+            )
+            await updates.written(path)
+            return done
 
         async def edit_file(path: str, old_text: str, new_text: str) -> str:
-            return await self._guarded("edit_file", path, files.edit_file(path, old_text, new_text))
+            session = await updates.session_for(path)
+            done = await self._guarded(
+                "edit_file", path, files.edit_file(path, old_text, new_text, session=session)
+            )
+            await updates.written(path)
+            return done
 
         async def list_files(path: str = ".", recursive: bool = False) -> str:
+            session = await updates.session_for(path)
             entries = await self._guarded(
-                "list_files", path, files.list_files(path, recursive=recursive)
+                "list_files", path, files.list_files(path, recursive=recursive, session=session)
             )
             return "\n".join(entries) if entries else "(empty directory)"
+
+        async def release_file(path: str | None = None) -> str:
+            released = await self._guarded("release_file", path or ".", updates.release(path))
+            return f"released {', '.join(released)}" if released else "held nothing to release"
 
         schemas: dict[str, type[BaseModel]] = {
             "read_file": ReadFileInput,
             "write_file": WriteFileInput,
             "edit_file": EditFileInput,
             "list_files": ListFilesInput,
+            "release_file": ReleaseFileInput,
         }
         tools: list[BaseTool] = []
-        for coroutine in (read_file, write_file, edit_file, list_files):
+        for coroutine in (read_file, write_file, edit_file, list_files, release_file):
             name = coroutine.__name__
             tools.append(
                 StructuredTool.from_function(

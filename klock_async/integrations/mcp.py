@@ -10,7 +10,8 @@ or an id made of the host name and process id). Its tools:
   :mod:`klock_async.integrations.files` on the workspace root given by ``--root``. An agent that
   uses them gets leases and causal checks without knowing: a write of a file another agent
   changed since this agent read it is refused with "read it again". Paths outside the root are
-  refused.
+  refused. ``read_file(path, for_update=true)`` reads for update: the agent keeps MUTATES on the
+  file until it writes or edits it, releases it, or the hold's ttl passes without a call on it.
 - ``acquire``, ``release``, ``heartbeat``, ``list_leases``: explicit leases, for work that spans
   several calls (a refactoring across files) or resources that are not files. File tools called
   while the agent holds an overlapping lease run inside that lease.
@@ -53,7 +54,7 @@ except ImportError as _missing:  # pragma: no cover - depends on the environment
 from klock_async.api import Agent, Klock, Lease, RetryPolicy, Session
 from klock_async.clocks import IsolationLevel
 from klock_async.errors import InvalidResourceError, KlockError, LeaseDied, LeaseNotFoundError
-from klock_async.integrations.files import WorkspaceFiles
+from klock_async.integrations.files import DEFAULT_UPDATE_TTL, ReadForUpdate, WorkspaceFiles
 from klock_async.model import LeaseInfo, Resource, ResourceType
 from klock_async.rules import overlaps
 
@@ -98,10 +99,11 @@ def _stderr(message: str) -> None:
 class AgentTools:
     """The tools of one MCP session: one agent, its workspace and its explicit leases.
 
-    Explicit leases live in one session of the agent; file tools that touch a resource
-    overlapping one of them run inside that session (so they do not collide with the agent's
-    own lease), the others in a session of their own with Wait-Die retries. Releasing a writing
-    lease records a write, so other agents re-read what the agent may have changed under it.
+    Explicit leases and reads for update live in one session of the agent; file tools that
+    touch a resource overlapping one of them run inside that session (so they do not collide
+    with the agent's own lease), the others in a session of their own with Wait-Die retries.
+    Releasing a writing lease records a write, so other agents re-read what the agent may have
+    changed under it; a read for update ends when the agent writes or edits its file.
 
     Args:
         klock: the kernel facade.
@@ -109,6 +111,7 @@ class AgentTools:
         root: the workspace root.
         ttl: lease ttl of file tool calls in seconds (default: the kernel's).
         retry: retry policy of file tool calls.
+        update_ttl: seconds a read for update keeps its file without a call on it.
 
     Raises:
         FileToolError: the root is not an existing directory.
@@ -122,6 +125,7 @@ class AgentTools:
         *,
         ttl: float | None = None,
         retry: RetryPolicy | None = None,
+        update_ttl: float = DEFAULT_UPDATE_TTL,
     ) -> None:
         self.klock = klock
         self.agent = agent
@@ -134,25 +138,38 @@ class AgentTools:
             isolation=IsolationLevel.SERIALIZABLE, session_id=self._leases.id
         )
         self._held: dict[str, Lease] = {}
+        self.updates = ReadForUpdate(
+            self.files,
+            holds=self._leases,
+            ttl=update_ttl,
+            retry=retry,
+            holds_others=lambda: bool(self._held),
+        )
 
     async def aclose(self) -> int:
-        """Release every explicit lease still held; return how many."""
+        """Release every explicit lease and read for update still held; return how many."""
+        holds = len(await self.updates.release())
         held, self._held = list(self._held.values()), {}
         released = 0
         for lease in held:
             with contextlib.suppress(KlockError):  # lost meanwhile: nothing to release
                 await lease.release(record_write=lease.predicate.writes)
                 released += 1
-        return released + await self.session.release_all()
+        return holds + released + await self.session.release_all()
 
     # ------------------------------------------------------------------ file tools
 
-    async def read_file(self, path: str) -> str:
+    async def read_file(self, path: str, for_update: bool = False) -> str:
         """Read a text file of the workspace (records the read for causal checks).
+
+        With ``for_update`` the agent keeps MUTATES on the file until it writes or edits it,
+        releases it, or the hold's ttl passes without a call on it.
 
         Raises:
             ToolError: a refusal, with what to do next.
         """
+        if for_update:
+            return await _answer(self.updates.read_file(path))
         session = await self._session_for(path)
         return await _answer(self.files.read_file(path, session=session))
 
@@ -163,7 +180,9 @@ class AgentTools:
             ToolError: a refusal, with what to do next.
         """
         session = await self._session_for(path)
-        return await _answer(self.files.write_file(path, content, session=session))
+        done = await _answer(self.files.write_file(path, content, session=session))
+        await self.updates.written(path)
+        return done
 
     async def edit_file(self, path: str, old_text: str, new_text: str) -> str:
         """Replace the one occurrence of old_text by new_text; refused if the file is stale.
@@ -172,7 +191,9 @@ class AgentTools:
             ToolError: a refusal, with what to do next.
         """
         session = await self._session_for(path)
-        return await _answer(self.files.edit_file(path, old_text, new_text, session=session))
+        done = await _answer(self.files.edit_file(path, old_text, new_text, session=session))
+        await self.updates.written(path)
+        return done
 
     async def list_files(self, path: str = ".", recursive: bool = False) -> str:
         """List a workspace directory, one entry a line, directories ending in ``/``.
@@ -226,6 +247,8 @@ class AgentTools:
             count = await self.aclose()
             return {"released": count}
         lease = self._held.pop(lease_id, None)
+        if lease is None and await self.updates.release_lease(lease_id) is not None:
+            return {"released": 1, "lease_id": lease_id}
         if lease is None:
             raise ToolError(
                 f"this agent holds no lease {lease_id!r}; list_leases shows the active ones"
@@ -303,9 +326,10 @@ class AgentTools:
         return parsed
 
     async def _session_for(self, path: str) -> Session | None:
-        """The explicit-lease session when one of its leases covers ``path``, else None."""
+        """The explicit-lease session when one of its leases or reads for update covers
+        ``path``, else None."""
         if not self._held:
-            return None
+            return await self.updates.session_for(path)
         try:
             target = (await self.files.resolve(path)).resource
         except KlockError:
@@ -313,7 +337,7 @@ class AgentTools:
         for lease in self._held.values():
             if overlaps(lease.resource, target):
                 return self.session
-        return None
+        return await self.updates.session_for(path)
 
 
 async def _answer(call: Awaitable[T]) -> T:
@@ -343,7 +367,10 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
         (
             tools.read_file,
             "Read a text file of the workspace (path relative to the workspace root). Read a "
-            "file before you change it.",
+            "file before you change it. With for_update=true the file stays yours (other "
+            "agents wait) until you write or edit it, release it, or a while passes without "
+            "you touching it, so your change cannot be refused as stale: use it for files you "
+            "mean to change.",
         ),
         (
             tools.write_file,
@@ -371,10 +398,19 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
             "Acquire a lease on a resource until you release it: a workspace path (or "
             "FILE:path), or SYMBOL:name, API_ENDPOINT:..., DATABASE_TABLE:..., CONFIG_KEY:... "
             "Predicates: CONSUMES to read, MUTATES to change, DELETES, RENAMES, PROVIDES, "
-            "DEPENDS_ON. Waits while a conflicting lease is held by an older agent; refused "
-            "if a younger agent would have to wait for you. Heartbeat before ttl_seconds end.",
+            "DEPENDS_ON. When another agent holds a conflicting lease: if you hold no lease, "
+            "your request waits in the queue until its turn and is never refused; if you "
+            "already hold leases and ask for more, you wait when you are older than every "
+            "conflicting holder, and are refused at once (LeaseDied) when you are younger: "
+            "then release what you hold and ask again. With wait=false you get the lease or a "
+            "refusal at once, never a wait; timeout_seconds bounds a wait. Heartbeat before "
+            "ttl_seconds end.",
         ),
-        (tools.release, "Release a lease by id, or all your leases when no id is given."),
+        (
+            tools.release,
+            "Release a lease by id (also a read for update), or all your leases and reads for "
+            "update when no id is given.",
+        ),
         (
             tools.heartbeat,
             "Extend a lease (or all your leases) so that it does not expire while you work.",
