@@ -429,7 +429,7 @@ async def test_read_for_update_holds_until_written(workspace: Path) -> None:
 async def test_read_for_update_while_holding_dies_instead_of_waiting(workspace: Path) -> None:
     """An agent that holds a file and asks for one an older agent holds gets LeaseDied at once."""
     async with Klock() as klock:
-        older = await klock.register_agent("older")
+        older = await klock.register_agent("older", priority=-1)
         updates = ReadForUpdate(WorkspaceFiles(klock, "coder", workspace))
         await updates.read_file("README.md")
         taken = await older.acquire(f"FILE:{workspace}/src/app.py", "MUTATES")

@@ -619,11 +619,6 @@ async def test_read_for_update_of_a_missing_file_holds_nothing(workspace: Path) 
         assert await klock.leases() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KlockConflictError,
-    reason="a request covered by its own session's lease dies once an older agent queues on it",
-)
 async def test_the_holder_writes_while_an_older_agent_waits(workspace: Path) -> None:
     """An older agent queued on a held file waits; the holder's own write still goes through."""
     async with Klock() as klock:

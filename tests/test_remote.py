@@ -310,7 +310,7 @@ async def test_lease_block_heartbeats_past_its_ttl(kernel_factory: Any) -> None:
 
 
 async def test_protected_call_waits_in_the_queue(kernel_factory: Any, settle: Any) -> None:
-    """A protected tool call queues behind the holder (it holds nothing: it never dies), then runs."""
+    """A protected tool call queues behind the holder (it holds nothing), then runs."""
     async with kernel_factory() as klock:
         old = await klock.register_agent("old")
         await klock.register_agent("young")
