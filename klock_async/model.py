@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from klock_async.errors import InvalidPredicateError, InvalidResourceError, InvalidTTLError
 
 __all__ = [
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "AgentInfo",
     "IdentityHashEnum",
     "Intent",
@@ -264,6 +266,12 @@ def parse_intents(
     if not intents:
         raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
     return intents
+
+
+MIN_PRIORITY = -(2**62)
+MAX_PRIORITY = 2**62
+"""Explicit agent priorities lie in [MIN_PRIORITY, MAX_PRIORITY]: the ages counted after the
+largest one stay far within the signed 64-bit integers a journal stores."""
 
 
 def validate_ttl(ttl: float) -> float:

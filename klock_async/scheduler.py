@@ -33,6 +33,7 @@ from klock_async.errors import (
     EvictedError,
     InvalidRequestError,
     InvalidResourceError,
+    JournalUnavailableError,
     KernelClosedError,
     KlockError,
     LeaseDied,
@@ -43,6 +44,8 @@ from klock_async.errors import (
 )
 from klock_async.ids import new_lease_id
 from klock_async.model import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     AgentInfo,
     Intent,
     LeaseInfo,
@@ -169,6 +172,9 @@ class Journal(Protocol):
 
     def record_counters(self, last_token: int, last_agent_ts: int) -> None:
         """Buffer the highest fencing token and agent age handed out."""
+
+    def record_retired(self, agent_id: str) -> None:
+        """Buffer the removal of a retired agent."""
 
     async def commit(self) -> None:
         """Write everything buffered in one transaction."""
@@ -482,6 +488,7 @@ class Scheduler:
         self._timer_at = _NEVER
         self._task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None  # shutdown after a journal failure
+        self.failure: KernelClosedError | None = None  # why the kernel stopped by itself
         self._deciding: _Request | None = None  # last request _decide saw; failed on a crash
         self._loop: asyncio.AbstractEventLoop | None = None
         self._now = 0.0  # loop.time() at the start of the current batch
@@ -668,27 +675,56 @@ class Scheduler:
                 else:
                     if result is not _PENDING:
                         self._reply(msg.reply, result)
-            if self._journal is not None:
+            while self._journal is not None:
                 try:
                     await self._journal.commit()
-                except Exception as exc:  # the disk failed: nothing of this batch is durable
-                    self._journal_failed(exc)
-                    return
+                    break
+                except Exception as exc:  # nothing of this batch is durable
+                    if self._journal_failed(exc):
+                        return  # the disk failed: the kernel stopped
+                    if not self._outbox:  # else: commit the grants the give-backs made
+                        break
             if self._outbox:
                 self._flush()
 
-    def _journal_failed(self, exc: Exception) -> None:
-        _log.error("journal.failed", error=repr(exc))
+    def _journal_failed(self, exc: Exception) -> bool:
+        """Fail the batch's requests; stop the kernel (return True) only if the disk failed.
+
+        A :class:`JournalUnavailableError` (the file was locked, or a value could not be
+        stored) keeps the kernel running: the journal kept the batch's records to write with
+        the next one, and the grants the failed requests would have seen are given back.
+        """
+        if isinstance(exc, JournalUnavailableError):
+            _log.warning("journal.unavailable", error=str(exc))
+            outbox, self._outbox = self._outbox, []
+            freed = []
+            for fut, value, _ in outbox:
+                if not fut.done():
+                    fut.set_exception(exc)
+                for grant in value if isinstance(value, tuple) else ():
+                    if not (isinstance(grant, tuple) and isinstance(grant[0], LeaseInfo)):
+                        continue  # not an acquire's answer
+                    lease = self._leases.get(grant[0].id)
+                    if lease is not None:
+                        self._end(lease, LeaseState.RELEASED, seen=False)
+                        freed.append(lease.resource)
+            if freed:
+                self._reevaluate(freed)
+            return False
+        _log.error("journal.failed", error=str(exc))
         error = KernelClosedError(
-            f"the journal could not be written ({exc!r}); the kernel stopped and nothing of "
-            "its last batch was granted. Fix the database and restart the server."
+            f"the journal could not be written: {exc}. The kernel stopped and nothing of its "
+            "last batch was granted; restart the server once the database is writable."
         )
+        error.__cause__ = exc
+        self.failure = error
         for fut, _, _ in self._outbox:
             if not fut.done():
                 fut.set_exception(error)
         self._outbox.clear()
         assert self._loop is not None
         self._closer = self._loop.create_task(self.aclose())
+        return True
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -977,9 +1013,14 @@ class Scheduler:
         if not isinstance(msg.agent_id, str) or not msg.agent_id.strip():
             raise InvalidRequestError("an agent id must be a non-empty string")
         if msg.priority is not None and (
-            isinstance(msg.priority, bool) or not isinstance(msg.priority, int)
+            isinstance(msg.priority, bool)
+            or not isinstance(msg.priority, int)
+            or not MIN_PRIORITY <= msg.priority <= MAX_PRIORITY
         ):
-            raise InvalidRequestError(f"priority must be an integer, got {msg.priority!r}")
+            raise InvalidRequestError(
+                f"priority must be an integer between {MIN_PRIORITY} and {MAX_PRIORITY}, got "
+                f"{msg.priority!r}"
+            )
         agent = self._agents.get(msg.agent_id)
         if agent is not None:
             if msg.priority is not None and msg.priority != agent.ts:
@@ -1634,3 +1675,40 @@ class Scheduler:
         tokens = [lease.token for lease in self._leases.values()]
         assert len(tokens) == len(set(tokens))
         assert all(t <= self._last_token for t in tokens)
+
+    # ---------------------------------------------------------------- agent retirement
+
+    async def retire_idle_agents(self, agent_ids: Iterable[str]) -> tuple[str, ...]:
+        """Forget those of ``agent_ids`` that hold no lease and have no request waiting.
+
+        The caller decides which agents were idle long enough (``klock serve --retire-after``);
+        the actor only refuses to retire one that is busy now. A retired agent is unknown
+        afterwards (registering it again gives it a new age); its vector clock is kept, so a
+        later agent of the same id still cannot overwrite a version it never read.
+
+        Returns:
+            The ids that were retired.
+        """
+        self._handlers.setdefault(_RetireAgents, self._on_retire)
+        ids = tuple(agent_ids)
+        result: tuple[str, ...] = await self._ask(lambda f: _RetireAgents(ids, f))
+        return result
+
+    def _on_retire(self, msg: _RetireAgents) -> tuple[str, ...]:
+        busy = {agent_id for agent_id, _ in self._sessions}
+        busy.update(request.agent_id for request in self._queued.values())
+        retired = []
+        for agent_id in msg.agent_ids:
+            if agent_id in self._agents and agent_id not in busy:
+                del self._agents[agent_id]
+                retired.append(agent_id)
+                if self._journal is not None:
+                    self._journal.record_retired(agent_id)
+                _log.info("agent.retired", agent=agent_id)
+        return tuple(retired)
+
+
+@dataclass(frozen=True, slots=True)
+class _RetireAgents:
+    agent_ids: tuple[str, ...]
+    reply: asyncio.Future[Any]
