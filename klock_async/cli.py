@@ -1,4 +1,4 @@
-"""The ``klock`` command: ``demo``, ``serve`` and ``mcp``.
+"""The ``klock`` command: ``demo``, ``serve``, ``mcp`` and ``backup``.
 
 Each subcommand lives in its own module and registers its arguments here; optional parts are
 imported only when their subcommand runs, with a clear message when their extra is missing.
@@ -18,6 +18,7 @@ _COMMANDS = {
     "demo": ("klock_async.demo", None, "show agents losing edits without klock, and not with it"),
     "serve": ("klock_async.server", "server", "run the coordination server (HTTP + journal)"),
     "mcp": ("klock_async.integrations.mcp", "mcp", "run the MCP server for coding agents"),
+    "backup": ("klock_async.backup", None, "copy a journal safely, also while a server uses it"),
 }
 
 

@@ -165,6 +165,9 @@ class SqliteJournal:
             must be a klock journal, unless ``init``.
         init: also make a journal of an existing file that is empty or a SQLite database
             without the journal's tables (``klock serve --init``).
+        accept_unclosed: load a file that a server never closed although its ``-wal`` file
+            is gone (``klock serve --accept-unclosed``); refused otherwise, as a copy taken
+            without its write-ahead log looks just like that.
         synchronous: ``"FULL"`` (durable across power loss, the default) or ``"NORMAL"``
             (durable across a process crash only, faster).
         timeout: seconds a commit waits for a lock held by another process on the same file
@@ -181,6 +184,7 @@ class SqliteJournal:
         synchronous: str = "FULL",
         timeout: float = 5.0,
         init: bool = False,
+        accept_unclosed: bool = False,
     ) -> None:
         mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in _SYNCHRONOUS:
@@ -189,6 +193,7 @@ class SqliteJournal:
             )
         self.path = Path(path)
         self._init = init
+        self._unclosed = accept_unclosed
         self._synchronous = mode
         self._timeout = timeout
         self._db: sqlite3.Connection | None = None
@@ -224,6 +229,7 @@ class SqliteJournal:
             sqlite3.DatabaseError: the file is not a SQLite database, or is from a newer
                 version.
         """
+        had_wal = self._wal_path().exists()  # opening the file creates one
         db = self._open()
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
@@ -237,12 +243,13 @@ class SqliteJournal:
             raise
         except (ValueError, TypeError, KeyError) as exc:
             raise JournalError(f"{self.path}: {exc}") from None
-        if meta.get("open") == 1 and not self._wal_path().exists():
+        if meta.get("open") == 1 and not had_wal and not self._unclosed:
             raise JournalError(
                 f"{self.path} was in use by a server that never closed it, and its write-ahead "
                 f"log {self._wal_path().name} is missing: this looks like a copy taken without "
                 "it, which may lack committed leases and fencing tokens. Copy the -wal file "
-                "along, or make copies with 'klock backup'"
+                "along, or make copies with 'klock backup'. If the file is the original and "
+                "complete (another program opened it after a crash), pass --accept-unclosed"
             )
         db.execute("BEGIN IMMEDIATE")
         db.execute(

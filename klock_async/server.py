@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from klock_async import validation
 from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
+    AcquireTimeoutError,
     BodyTooLargeError,
     InvalidFieldError,
     KernelClosedError,
@@ -879,6 +880,10 @@ class _Api:
         items = _field(body, "intents", list, "a non-empty list of intents")
         if not items:
             raise InvalidFieldError("field 'intents' must list at least one intent")
+        if len(items) > validation.MAX_INTENTS:
+            raise InvalidFieldError(
+                f"field 'intents' lists {len(items)} intents; the limit is {validation.MAX_INTENTS}"
+            )
         intents = tuple(_intent(item, f"intents[{i}]") for i, item in enumerate(items))
         infos = await self._acquire(request, body, agent_id, session_id, intents)
         return _ok(
@@ -918,6 +923,19 @@ class _Api:
                 isolation=isolation,
             )
 
+        if wait and timeout == 0:
+            # No time to wait: decided now, as without a journal (where the commit takes no
+            # time), and not timed out by the journal's commit.
+            try:
+                return await backend.acquire(
+                    agent_id, session_id, intents, ttl=ttl, wait=False, isolation=isolation
+                )
+            except LeaseWouldWait:
+                raise AcquireTimeoutError(
+                    f"agent {agent_id!r} waited 0s for "
+                    f"{', '.join(f'{i.predicate.value} {i.resource}' for i in intents)} and "
+                    "gave up; nothing is held. Retry later or raise the timeout."
+                ) from None
         if wait:
             return await self._long_poll(request, call)
         return await call()
@@ -1444,6 +1462,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="make a journal of an existing --db file that is empty or not a journal yet",
     )
     parser.add_argument(
+        "--accept-unclosed",
+        action="store_true",
+        help="start from a --db that a crashed server left without its -wal file (see docs)",
+    )
+    parser.add_argument(
         "--token",
         default=None,
         help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
@@ -1565,7 +1588,12 @@ def run(args: argparse.Namespace) -> int:
 
         from klock_async.journal import SqliteJournal
 
-        probe = SqliteJournal(args.db, synchronous=args.sync.upper(), init=args.init)
+        probe = SqliteJournal(
+            args.db,
+            synchronous=args.sync.upper(),
+            init=args.init,
+            accept_unclosed=args.accept_unclosed,
+        )
         try:
             probe.load()
         except (OSError, sqlite3.Error, KlockError) as exc:
