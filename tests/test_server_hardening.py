@@ -91,7 +91,7 @@ def test_one_request_cannot_stop_a_journaled_kernel(tmp_path: Path) -> None:
         ok(http.post("/leases", json=lease("after", "/x.py")))
 
 
-def test_no_priority_can_poison_the_journal(tmp_path: Path) -> None:
+def test_largest_priority_leaves_room_for_later_ages(tmp_path: Path) -> None:
     """After the largest allowed priority, automatic ages still fit, also after a restart."""
     db = tmp_path / "k.db"
     with serve_subprocess(db) as child, httpx.Client(base_url=child.url) as http:
