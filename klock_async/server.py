@@ -300,6 +300,14 @@ def _query_agent(request: Request, body: Mapping[str, Any]) -> str | None:
     return _optional_text(body, "agent_id")
 
 
+def _query_id(value: str | None, name: str) -> str | None:
+    if value is not None and not 0 < len(value) <= validation.MAX_ID_CHARS:
+        raise InvalidFieldError(
+            f"query parameter {name!r} must be 1 to {validation.MAX_ID_CHARS} characters long"
+        )
+    return value
+
+
 def _path_lease_id(request: Request, body: Mapping[str, Any]) -> str:
     """The lease id of the path; a v1 body may repeat it, and must then agree."""
     lease_id: str = request.path_params["lease_id"]
@@ -978,8 +986,8 @@ class _Api:
         query = request.query_params
         limit = validation.query_int(query.get("limit"), "limit", 1, validation.MAX_PAGE, _PAGE)
         after = validation.query_int(query.get("after"), "after", 0, 2**63 - 1, 0)
-        agent_id = query.get("agent_id")
-        session_id = query.get("session_id")
+        agent_id = _query_id(query.get("agent_id"), "agent_id")
+        session_id = _query_id(query.get("session_id"), "session_id")
         leases = sorted(
             (
                 info
@@ -996,8 +1004,8 @@ class _Api:
 
     async def release_session(self, request: Request) -> Response:
         body = await self._body(request)
-        agent_id = _name(body, "agent_id")
-        session_id = _name(body, "session_id")
+        agent_id = _text(body, "agent_id")
+        session_id = _text(body, "session_id")
         count = await self.backend.release_session(agent_id, session_id)
         self.touch(agent_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})

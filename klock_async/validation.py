@@ -541,6 +541,11 @@ def openapi(routes: Sequence[tuple[str, str]], *, version: str) -> dict[str, Any
                 },
             },
         }
+        if path == "/openapi.json":
+            operation["responses"]["200"] = {
+                "description": "this document",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
         if path == "/metrics":
             operation["responses"]["200"] = {
                 "description": "Prometheus text",

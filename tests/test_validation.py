@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serverutil import ThreadServer, serve_in_thread
@@ -370,3 +371,50 @@ def state(http: httpx.Client) -> tuple[Any, ...]:
     for counter in ("deaths", "waits", "causal_violations"):
         stats.pop(counter)
     return (stats, *rest)
+
+
+# ------------------------------------------------------------------ schemathesis
+
+
+def _served_document() -> dict[str, Any]:
+    """The document ``GET /openapi.json`` answers (test_openapi_document_matches_the_routes)."""
+    from klock_async import __version__
+    from klock_async.server import create_app
+
+    routes = create_app().state.klock.routes  # builds the app; starts nothing
+    return validation.openapi(routes, version=__version__)
+
+
+schema = schemathesis.openapi.from_dict(_served_document())
+
+
+@schema.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_api_conforms_to_its_openapi_document(server: ThreadServer, case: Any) -> None:
+    """Generated requests (valid and invalid) never get a 5xx and answer as documented."""
+    body = case.body if isinstance(case.body, dict) else None
+    if body is not None:
+        # Long-polls and barriers may wait for ever by design: keep a valid request from
+        # waiting, and leave invalid values as generated (they must be refused).
+        if body.get("wait") is True:
+            body["wait"] = False
+        timeout = body.get("timeout_ms")
+        valid = timeout is None or (
+            type(timeout) in (int, float) and 0 <= timeout <= validation.MAX_TIMEOUT_MS
+        )
+        if valid and case.path in ("/sync", "/leases/{lease_id}/wait"):
+            body["timeout_ms"] = 0
+    case.call_and_validate(
+        base_url=server.url,
+        checks=[
+            schemathesis.checks.not_a_server_error,
+            schemathesis.checks.status_code_conformance,
+            schemathesis.checks.content_type_conformance,
+            schemathesis.checks.response_schema_conformance,
+            schemathesis.checks.negative_data_rejection,
+        ],
+    )
