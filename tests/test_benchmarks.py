@@ -32,6 +32,7 @@ ROWS = {
         "3. SERIALIZABLE sessions",
         "4. one global lock",
     ),
+    "validation.py": ("POST /agents", "POST /leases", "POST /intents", "POST /clocks/write"),
     "server.py": (
         "(a) throughput, 50 agents, embedded",
         "(b) throughput, 50 agents, remote (loopback)",
