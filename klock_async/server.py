@@ -648,6 +648,7 @@ class _Api:
         _log.info(
             "server.started",
             db=self.db,
+            generation=None if journal is None else journal.generation,
             agents=stats.agents,
             leases_active=stats.leases_active,
             auth=self.token is not None,
@@ -1590,6 +1591,13 @@ def run(args: argparse.Namespace) -> int:
     allowed = list(args.allowed_host)
     if args.host not in ("0.0.0.0", "::", ""):
         allowed.append(args.host)
+    elif not allowed:
+        _log.warning(
+            "server.loopback_names_only",
+            host=args.host,
+            hint="requests naming this machine by another name or address get 421; list the "
+            "names clients use with --allowed-host",
+        )
     if args.db is not None:
         # Fail fast, with one line instead of a traceback, on a journal that cannot be used.
         import sqlite3

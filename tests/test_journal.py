@@ -275,3 +275,25 @@ async def test_resources_round_trip(tmp_path: Path, resource: str) -> None:
     await journal.commit()
     journal.close()
     assert _load(path).leases == [lease]
+
+
+async def test_retired_agents_leave_the_journal_and_busy_ones_stay(tmp_path: Path) -> None:
+    """Retiring forgets idle agents (also in the journal) and keeps holders and waiters."""
+    path = tmp_path / "k.db"
+    async with Klock(backend=Scheduler(journal=SqliteJournal(path))) as klock:
+        idle = await klock.register_agent("idle")
+        holder = await klock.register_agent("holder")
+        waiter = await klock.register_agent("waiter")  # never used: idle, but not named
+        older = await klock.register_agent("older", priority=-1)  # older: it waits
+        await holder.acquire("src/held.py", "MUTATES", ttl=30)
+        waiting = asyncio.create_task(older.acquire("src/held.py", "MUTATES", ttl=30))
+        scheduler = klock.backend
+        assert isinstance(scheduler, Scheduler)
+        # A task created after the waiting one posts after it: the request is queued by then.
+        retire = scheduler.retire_idle_agents(["idle", "holder", "older", "nobody"])
+        retired = await asyncio.create_task(retire)
+        assert retired == ("idle",)
+        assert {a.id for a in await klock.agents()} == {"holder", "waiter", "older"}
+        waiting.cancel()
+        del idle, waiter
+    assert sorted(_rows(path, "SELECT id FROM agents")) == [("holder",), ("older",), ("waiter",)]
