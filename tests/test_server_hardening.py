@@ -154,21 +154,33 @@ def test_idle_and_slow_sockets_are_closed(strict_server: ChildServer) -> None:
         ok(http.get("/health"))
 
 
-def test_connections_beyond_the_limit_are_refused(strict_server: ChildServer) -> None:
+@pytest.fixture
+def small_server() -> Iterator[ChildServer]:
+    """A server with a small connection limit (and a read timeout no test step reaches)."""
+    extra = ["--read-timeout", "60", "--max-connections", "8"]
+    with serve_subprocess(extra=extra) as child:
+        yield child
+
+
+def test_connections_beyond_the_limit_are_refused(small_server: ChildServer) -> None:
     """Past --max-connections a new connection gets 503 at once; the others are served."""
-    held = [_connect(strict_server.url) for _ in range(8)]
+    held = [_connect(small_server.url) for _ in range(8)]
     try:
-        extra = _connect(strict_server.url)
+        extra = _connect(small_server.url)
         answer = _closed_by_server(extra)
         extra.close()
         assert answer.startswith(b"HTTP/1.1 503"), answer
         assert b"too_many_connections" in answer
+        # A held connection is served too; once the server closed it, its place is free.
+        last = held.pop()
+        last.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert _closed_by_server(last).startswith(b"HTTP/1.1 200")
+        last.close()
+        with httpx.Client(base_url=small_server.url) as http:
+            ok(http.get("/health"))
     finally:
         for sock in held:
             sock.close()
-    # The idle ones time out and free their places.
-    with httpx.Client(base_url=strict_server.url) as http:
-        ok(http.get("/health"))
 
 
 # ------------------------------------------------------------------ finding 5: memory
@@ -417,3 +429,24 @@ def test_zero_timeout_on_a_free_resource_is_granted(tmp_path: Path, journaled: b
             408,
             "acquire_timeout",
         )
+
+
+def test_crashed_journal_opened_elsewhere_needs_accept_unclosed(tmp_path: Path) -> None:
+    """After a crash and another program's visit (which folds the -wal in), the start asks for
+    --accept-unclosed, and then continues with every token."""
+    db = tmp_path / "k.db"
+    with serve_subprocess(db) as child, httpx.Client(base_url=child.url) as http:
+        ok(http.post("/agents", json={"agent_id": "a"}))
+        token = ok(http.post("/leases", json=lease("a", "/crash.py")))["token"]
+        child.kill()
+    _execute(
+        db, "SELECT COUNT(*) FROM leases"
+    )  # e.g. the sqlite3 shell: its clean close deletes the -wal file
+    assert not db.with_name("k.db-wal").exists()
+    line = one_line_error(serve("--db", str(db)))
+    assert "--accept-unclosed" in line
+    with (
+        serve_subprocess(db, extra=["--accept-unclosed"]) as child,
+        httpx.Client(base_url=child.url) as http,
+    ):
+        assert [item["token"] for item in ok(http.get("/leases"))] == [token]
