@@ -40,10 +40,12 @@ from klock_async.model import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
     "BODIES",
+    "INTENT_FIELDS",
     "LOOPBACK_HOSTS",
     "MAX_ID_CHARS",
     "MAX_INTENTS",
     "MAX_JSON_DEPTH",
+    "MAX_NAME_CHARS",
     "MAX_PAGE",
     "MAX_PATH_CHARS",
     "MAX_PRIORITY",
@@ -54,8 +56,20 @@ __all__ = [
     "QUERIES",
     "Body",
     "OriginGuard",
+    "check_text",
+    "field_value",
+    "id_list",
+    "ident",
+    "limited",
+    "name_field",
     "openapi",
+    "optional",
+    "optional_ident",
     "parse_body",
+    "priority",
+    "query_int",
+    "timeout",
+    "ttl",
 ]
 
 MAX_ID_CHARS = 256
@@ -113,6 +127,7 @@ _INTENT: dict[str, Any] = {
     },
 }
 INTENT_FIELDS = frozenset(_INTENT["properties"])
+"""The fields of one intent of ``POST /intents``."""
 _ACQUIRE_COMMON: dict[str, Any] = {
     "agent_id": _ID,
     "session_id": _OPTIONAL_ID,
@@ -214,7 +229,8 @@ BODIES: dict[str, Body] = {
     ),
     "POST /withdraw": Body({"request_id": _ID}, ("request_id",)),
 }
-"""The body of every route that reads one, by ``"METHOD /path"``."""
+"""The body of every route that reads one, by ``"METHOD /path"``. A route that reads a body
+must be declared here: its fields are what the server accepts and what the OpenAPI lists."""
 
 _LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
 _CURSOR: dict[str, Any] = {"type": "string", "maxLength": MAX_ID_CHARS * 2}
