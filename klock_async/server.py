@@ -264,6 +264,7 @@ def _isolation(body: Mapping[str, Any]) -> IsolationLevel:
     name = _optional(body, "isolation", str, "an isolation level name")
     if name is None:
         return IsolationLevel.READ_COMMITTED
+    validation.limited(name, "isolation", validation.MAX_NAME_CHARS)
     try:
         return IsolationLevel.parse(name)
     except ValueError as exc:
@@ -273,7 +274,7 @@ def _isolation(body: Mapping[str, Any]) -> IsolationLevel:
 def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
     """One intent; ``alone`` when ``item`` is an intent object (not a whole lease request)."""
     if not isinstance(item, Mapping):
-        raise InvalidFieldError(f"{where} must be an object, got {item!r}")
+        raise InvalidFieldError(f"{where} must be an object, got {validation.shorten(item)}")
     unknown = item.keys() - validation.INTENT_FIELDS if alone else ()
     if unknown:
         raise InvalidFieldError(
@@ -1448,11 +1449,13 @@ def server_config(
     )
 
 
-def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
+def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)
-        if not 0 < value < math.inf:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not (value >= 0 if zero else value > 0) or not value < math.inf:
+            raise argparse.ArgumentTypeError(
+                f"must be {'0 or more' if zero else 'positive'}, got {text}"
+            )
         return value
 
     return parse
@@ -1520,10 +1523,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retire-after",
-        type=_positive(float),
+        type=_positive(float, zero=True),
         default=RETIRE_AFTER,
         help="seconds after which an idle agent (no lease, no request) is forgotten "
-        f"(default {RETIRE_AFTER:g})",
+        f"(default {RETIRE_AFTER:g}; 0: never)",
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
@@ -1622,7 +1625,7 @@ def run(args: argparse.Namespace) -> int:
         synchronous=args.sync.upper(),
         max_body_bytes=args.max_body,
         allowed_hosts=allowed,
-        retire_after=args.retire_after,
+        retire_after=args.retire_after or None,
         init=args.init,
     )
     _raise_file_limit(args.max_connections + _SPARE_FILES)

@@ -68,6 +68,7 @@ __all__ = [
     "parse_body",
     "priority",
     "query_int",
+    "shorten",
     "timeout",
     "ttl",
 ]
@@ -311,7 +312,7 @@ def _check_tree(root: dict[str, Any]) -> None:
         elif kind is int:
             if not -_INT64 <= value < _INT64:
                 raise InvalidFieldError(
-                    f"{where} is outside the signed 64-bit integers: {_short(value)}"
+                    f"{where} is outside the signed 64-bit integers: {shorten(value)}"
                 )
         elif kind is dict or kind is list:
             if depth > MAX_JSON_DEPTH:
@@ -343,7 +344,8 @@ def check_text(value: str, where: str) -> None:
         ) from None
 
 
-def _short(value: object) -> str:
+def shorten(value: object) -> str:
+    """``repr(value)``, cut to about 60 characters for an error message."""
     shown = repr(value)
     return shown if len(shown) <= 60 else shown[:40] + f"... ({len(shown)} characters)"
 
@@ -363,7 +365,7 @@ def field_value(body: Mapping[str, Any], name: str, kind: type[T], what: str) ->
         raise MissingFieldError(f"field {name!r} is required ({what})")
     value = body[name]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidFieldError(f"field {name!r} must be {what}, got {_short(value)}")
+        raise InvalidFieldError(f"field {name!r} must be {what}, got {shorten(value)}")
     return value
 
 
@@ -452,7 +454,7 @@ def ttl(body: Mapping[str, Any], default_ms: float | None) -> float | None:
         raise InvalidTTLError(f"ttl must be a positive number of milliseconds, got {value!r}")
     if value > MAX_TTL_MS:
         raise InvalidTTLError(
-            f"ttl must be at most {MAX_TTL_MS} ms (one day), got {_short(value)}; heartbeat "
+            f"ttl must be at most {MAX_TTL_MS} ms (one day), got {shorten(value)}; heartbeat "
             "the lease to hold it longer"
         )
     return float(value) / 1000.0
@@ -468,7 +470,7 @@ def timeout(body: Mapping[str, Any]) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidFieldError(f"field 'timeout_ms' must be a number, got {_short(value)}")
+        raise InvalidFieldError(f"field 'timeout_ms' must be a number, got {shorten(value)}")
     if not 0 <= value <= MAX_TIMEOUT_MS:
         raise InvalidFieldError(
             f"field 'timeout_ms' must lie between 0 and {MAX_TIMEOUT_MS} ms, got {value!r}; "
@@ -506,7 +508,7 @@ def query_int(value: str | None, name: str, low: int, high: int, default: int) -
         number = int(value)
     except ValueError:
         raise InvalidFieldError(
-            f"query parameter {name!r} must be an integer, got {_short(value)}"
+            f"query parameter {name!r} must be an integer, got {shorten(value)}"
         ) from None
     if not low <= number <= high:
         raise InvalidFieldError(
@@ -639,14 +641,14 @@ class OriginGuard:
                 origin = value.decode("latin-1")
         if host is not None and not self.any_host and _host_name(host) not in self.hosts:
             return HostNotAllowedError(
-                f"this server does not serve the host {_short(host)}; connect through one of "
+                f"this server does not serve the host {shorten(host)}; connect through one of "
                 f"{', '.join(sorted(self.hosts))}, or start it with --allowed-host NAME"
             )
         if origin is not None:
             _, sep, netloc = origin.partition("://")
             if not sep or host is None or netloc.lower() != host.lower():
                 return OriginNotAllowedError(
-                    f"requests from web pages of another origin ({_short(origin)}) are refused; "
+                    f"requests from web pages of another origin ({shorten(origin)}) are refused; "
                     "call the API from a program, not from a browser page"
                 )
         return None
