@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import structlog
 from serverutil import READY_TIMEOUT, ChildServer, serve_in_thread, serve_subprocess
 
 from klock_async.journal import SqliteJournal, backup
@@ -237,6 +239,29 @@ def test_idle_agents_are_retired() -> None:
         assert retired == ("idle",)
         assert [a["agent_id"] for a in ok(http.get("/agents"))] == ["holder"]
         refused(http.post("/leases", json=lease("idle", "/x.py")), 404, "unknown_agent")
+
+
+def test_the_retirement_timer_fires_by_itself() -> None:
+    """With retire_after set, an idle agent is retired when its time comes, unasked."""
+    retired = threading.Event()
+
+    def spy(logger: object, name: str, event: dict[str, object]) -> dict[str, object]:
+        if event["event"] == "agent.retired" and event.get("agent") == "idle":
+            retired.set()
+        raise structlog.DropEvent
+
+    saved = structlog.get_config()
+    structlog.configure(processors=[spy])
+    try:
+        with (
+            serve_in_thread(retire_after=0.05) as running,
+            httpx.Client(base_url=running.url) as http,
+        ):
+            ok(http.post("/agents", json={"agent_id": "idle"}))
+            assert retired.wait(READY_TIMEOUT)
+            assert ok(http.get("/agents")) == []
+    finally:
+        structlog.configure(**saved)
 
 
 async def _loop_time() -> float:
