@@ -1646,6 +1646,10 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C
         return 130
+    except SystemExit as exc:  # uvicorn could not start (its one-line error is logged)
+        if exc.code in (0, None):
+            return 0
+        return 2
     if server.failure is not None:
         _fail(f"the kernel stopped: {server.failure}")
         return 3

@@ -475,3 +475,20 @@ def test_crashed_journal_opened_elsewhere_needs_accept_unclosed(tmp_path: Path) 
         httpx.Client(base_url=child.url) as http,
     ):
         assert [item["token"] for item in ok(http.get("/leases"))] == [token]
+
+
+def test_a_port_in_use_is_one_line_and_exit_2() -> None:
+    """A startup failure of the socket ends with uvicorn's one line and status 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "klock_async", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "address already in use" in result.stderr and "Traceback" not in result.stderr
