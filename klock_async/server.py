@@ -934,21 +934,45 @@ class _Api:
             )
 
         if wait and timeout == 0:
-            # No time to wait: decided now, as without a journal (where the commit takes no
-            # time), and not timed out by the journal's commit.
-            try:
-                return await backend.acquire(
-                    agent_id, session_id, intents, ttl=ttl, wait=False, isolation=isolation
-                )
-            except LeaseWouldWait:
+            # Decided now, not timed out by the journal's commit: waits for no timer.
+            timeout = None
+            return await self._decided_now(call, agent_id, intents)
+        if wait:
+            return await self._long_poll(request, call)
+        return await call()
+
+    async def _decided_now(
+        self,
+        call: Callable[[], Awaitable[tuple[LeaseInfo, ...]]],
+        agent_id: str,
+        intents: tuple[Intent, ...],
+    ) -> tuple[LeaseInfo, ...]:
+        """A waiting acquire with no time to wait: granted or refused now, else withdrawn.
+
+        The acquire is posted, then a query behind it; the scheduler answers in order, so once
+        the query is answered the acquire was decided, and if it is still pending it was
+        queued. Without this, the journal's commit alone would use up a zero timeout.
+
+        Raises:
+            AcquireTimeoutError: the request would have had to wait.
+        """
+
+        async def acquire() -> tuple[LeaseInfo, ...]:
+            return await call()
+
+        loop = asyncio.get_running_loop()
+        work: asyncio.Task[tuple[LeaseInfo, ...]] = loop.create_task(acquire())
+        await loop.create_task(self.backend.statistics())  # posted after the acquire
+        if not work.done():
+            work.cancel()  # withdraws it (and gives back a grant made meanwhile)
+            await asyncio.wait((work,))
+            if work.cancelled():
                 raise AcquireTimeoutError(
                     f"agent {agent_id!r} waited 0s for "
                     f"{', '.join(f'{i.predicate.value} {i.resource}' for i in intents)} and "
                     "gave up; nothing is held. Retry later or raise the timeout."
-                ) from None
-        if wait:
-            return await self._long_poll(request, call)
-        return await call()
+                )
+        return work.result()
 
     async def release(self, request: Request) -> Response:
         body = await self._body(request, required=False)

@@ -446,14 +446,19 @@ def test_zero_timeout_on_a_free_resource_is_granted(tmp_path: Path, journaled: b
     """``"wait": true, "timeout_ms": 0`` answers the same with and without a journal."""
     options: dict[str, Any] = {"db": str(tmp_path / "k.db")} if journaled else {}
     with serve_in_thread(**options) as running, httpx.Client(base_url=running.url) as http:
-        for agent_id in ("old", "young"):
+        for agent_id in ("old", "young", "younger"):
             ok(http.post("/agents", json={"agent_id": agent_id}))
-        ok(http.post("/leases", json=lease("young", "/free.py", wait=True, timeout_ms=0)))
-        refused(
-            http.post("/leases", json=lease("old", "/free.py", wait=True, timeout_ms=0)),
-            408,
-            "acquire_timeout",
-        )
+        held = ok(http.post("/leases", json=lease("young", "/free.py", wait=True, timeout_ms=0)))
+        for agent_id, status, code in (
+            ("old", 408, "acquire_timeout"),  # older than the holder: it would wait
+            ("younger", 409, "lease_died"),  # younger: Wait-Die refuses it at once
+        ):
+            response = http.post(
+                "/leases", json=lease(agent_id, "/free.py", wait=True, timeout_ms=0)
+            )
+            refused(response, status, code)
+        assert [item["lease_id"] for item in ok(http.get("/leases"))] == [held["lease_id"]]
+        assert ok(http.get("/statistics"))["requests_waiting"] == 0
 
 
 def test_crashed_journal_opened_elsewhere_needs_accept_unclosed(tmp_path: Path) -> None:
