@@ -1,4 +1,4 @@
-"""The ``klock`` command: ``demo``, ``serve``, ``mcp``, ``hook`` and ``init``.
+"""The ``klock`` command: ``demo``, ``serve``, ``mcp``, ``backup``, ``hook`` and ``init``.
 
 Each subcommand lives in its own module and registers its arguments here; optional parts are
 imported only when their subcommand runs, with a clear message when their extra is missing.
@@ -20,6 +20,7 @@ _COMMANDS = {
     "mcp": ("klock_async.integrations.mcp", "mcp", "run the MCP server for coding agents"),
     "hook": ("klock_async.hook_command", None, "answer a coding agent's hook event (stdin)"),
     "init": ("klock_async.init_command", None, "install the hooks in a coding agent's settings"),
+    "backup": ("klock_async.backup", None, "copy a journal safely, also while a server uses it"),
 }
 
 

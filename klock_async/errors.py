@@ -10,7 +10,10 @@ Our exception hierarchy::
     │   ├── MalformedJSONError         (HTTP) the body is not a JSON object
     │   ├── MissingFieldError          (HTTP) a required field is absent
     │   ├── InvalidFieldError          (HTTP) a field has the wrong type or value
-    │   └── BodyTooLargeError          (HTTP) the body exceeds the server's limit
+    │   ├── BodyTooLargeError          (HTTP) the body exceeds the server's limit
+    │   ├── UnsupportedMediaTypeError  (HTTP) a body that is not ``application/json``
+    │   ├── HostNotAllowedError        (HTTP) a ``Host`` the server does not serve
+    │   └── OriginNotAllowedError      (HTTP) a request from a foreign web page (``Origin``)
     ├── UnknownAgentError              the agent id was never registered
     ├── AgentExistsError               registering an id again with another priority
     ├── LeaseError
@@ -24,6 +27,8 @@ Our exception hierarchy::
     ├── CausalViolationError           a write would overwrite a version never read
     ├── EvictedError                   the agent was evicted while its request waited
     ├── KernelClosedError              the kernel shut down before answering
+    ├── JournalUnavailableError        the journal could not record a request (busy)
+    ├── JournalError                   a journal file that cannot be used as it is
     └── TransportError                 the coordination server could not be reached
         └── UnauthorizedError          (HTTP) no valid bearer token
 
@@ -42,11 +47,14 @@ __all__ = [
     "BodyTooLargeError",
     "CausalViolationError",
     "EvictedError",
+    "HostNotAllowedError",
     "InvalidFieldError",
     "InvalidPredicateError",
     "InvalidRequestError",
     "InvalidResourceError",
     "InvalidTTLError",
+    "JournalError",
+    "JournalUnavailableError",
     "KernelClosedError",
     "KlockError",
     "LeaseDied",
@@ -57,10 +65,12 @@ __all__ = [
     "MalformedJSONError",
     "MissingFieldError",
     "NotLeaseOwnerError",
+    "OriginNotAllowedError",
     "RetriesExhaustedError",
     "TransportError",
     "UnauthorizedError",
     "UnknownAgentError",
+    "UnsupportedMediaTypeError",
     "error_from_payload",
 ]
 
@@ -286,6 +296,26 @@ class KernelClosedError(KlockError):
     status = 503
 
 
+class JournalError(KlockError):
+    """A journal file that cannot be used as it is (empty, foreign, damaged, a partial copy).
+
+    Nothing was read from it or written to it; the message names the file and the row.
+    """
+
+    code = "journal_error"
+    status = 500
+
+
+class JournalUnavailableError(KlockError):
+    """The journal could not record a batch (its file was locked); nothing of it was granted.
+
+    The kernel keeps running: retry the request.
+    """
+
+    code = "journal_unavailable"
+    status = 503
+
+
 class TransportError(KlockError):
     """The coordination server could not be reached or answered nonsense."""
 
@@ -323,6 +353,27 @@ class BodyTooLargeError(InvalidRequestError):
 
     code = "body_too_large"
     status = 413
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The body is not declared as ``Content-Type: application/json``."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class HostNotAllowedError(InvalidRequestError):
+    """The ``Host`` header names a host the server does not serve (DNS rebinding guard)."""
+
+    code = "host_not_allowed"
+    status = 421
+
+
+class OriginNotAllowedError(InvalidRequestError):
+    """The request comes from a web page of another origin (``Origin`` header)."""
+
+    code = "origin_not_allowed"
+    status = 403
 
 
 _BY_CODE: dict[str, type[KlockError]] = {}

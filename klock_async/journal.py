@@ -27,17 +27,29 @@ commits on a power loss, and is faster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import sqlite3
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from klock_async.clocks import VectorClock
+from klock_async.errors import (
+    InvalidRequestError,
+    JournalError,
+    JournalUnavailableError,
+    KlockError,
+)
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
 from klock_async.scheduler import RecoveredState
 
-__all__ = ["SqliteJournal"]
+__all__ = ["SqliteJournal", "backup"]
+
+_TABLES = ("meta", "agents", "leases", "path_clocks", "agent_clocks")
+_INT64 = 2**63
 
 _SCHEMA_VERSION = 1
 
@@ -82,11 +94,62 @@ class _Batch:
     path_clocks: dict[str, VectorClock] = field(default_factory=dict)
     agent_clocks: dict[str, VectorClock] = field(default_factory=dict)
     meta: dict[str, int] = field(default_factory=dict)
+    retired: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(
-            self.agents or self.leases or self.path_clocks or self.agent_clocks or self.meta
+            self.agents
+            or self.leases
+            or self.path_clocks
+            or self.agent_clocks
+            or self.meta
+            or self.retired
         )
+
+    def under(self, newer: _Batch) -> _Batch:
+        """This batch with ``newer`` recorded after it (a failed batch kept for the next)."""
+        return _Batch(
+            {**self.agents, **newer.agents},
+            {**self.leases, **newer.leases},
+            {**self.path_clocks, **newer.path_clocks},
+            {**self.agent_clocks, **newer.agent_clocks},
+            {**self.meta, **newer.meta},
+            (self.retired - newer.agents.keys()) | newer.retired,
+        )
+
+    def storable(self) -> _Batch:
+        """The records SQLite can store: text that is valid UTF-8, integers within 64 bits."""
+        return _Batch(
+            {k: a for k, a in self.agents.items() if _fits(a.id, a.ts)},
+            {
+                k: x
+                for k, x in self.leases.items()
+                if _fits(x.id, x.agent_id, x.session_id, str(x.resource), x.token)
+            },
+            {k: c for k, c in self.path_clocks.items() if _fits(k, *_flat(c))},
+            {k: c for k, c in self.agent_clocks.items() if _fits(k, *_flat(c))},
+            {k: v for k, v in self.meta.items() if _fits(v)},
+            {k for k in self.retired if _fits(k)},
+        )
+
+
+def _flat(clock: VectorClock) -> list[str | int]:
+    items: list[str | int] = []
+    for agent_id, count in clock.as_dict().items():
+        items += (agent_id, count)
+    return items
+
+
+def _fits(*values: str | int) -> bool:
+    for value in values:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif not -_INT64 <= value < _INT64:
+            return False
+    return True
 
 
 class SqliteJournal:
@@ -98,7 +161,13 @@ class SqliteJournal:
     shutdown. The ``record_*`` calls only buffer; they never touch the file.
 
     Args:
-        path: the database file; created (with its schema) when missing.
+        path: the database file; created (with its schema) when missing. An existing file
+            must be a klock journal, unless ``init``.
+        init: also make a journal of an existing file that is empty or a SQLite database
+            without the journal's tables (``klock serve --init``).
+        accept_unclosed: load a file that a server never closed although its ``-wal`` file
+            is gone (``klock serve --accept-unclosed``); refused otherwise, as a copy taken
+            without its write-ahead log looks just like that.
         synchronous: ``"FULL"`` (durable across power loss, the default) or ``"NORMAL"``
             (durable across a process crash only, faster).
         timeout: seconds a commit waits for a lock held by another process on the same file
@@ -109,7 +178,13 @@ class SqliteJournal:
     """
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "FULL", timeout: float = 5.0
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        timeout: float = 5.0,
+        init: bool = False,
+        accept_unclosed: bool = False,
     ) -> None:
         mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in _SYNCHRONOUS:
@@ -117,6 +192,8 @@ class SqliteJournal:
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             )
         self.path = Path(path)
+        self._init = init
+        self._unclosed = accept_unclosed
         self._synchronous = mode
         self._timeout = timeout
         self._db: sqlite3.Connection | None = None
@@ -125,6 +202,8 @@ class SqliteJournal:
         self._writer: ThreadPoolExecutor | None = None
         self._batch = _Batch()
         self._commits = 0
+        self.generation = 0
+        """How many times the file was loaded, this load included (0 before :meth:`load`)."""
 
     def __repr__(self) -> str:
         return f"<SqliteJournal {str(self.path)!r} synchronous={self._synchronous}>"
@@ -139,9 +218,18 @@ class SqliteJournal:
     def load(self) -> RecoveredState:
         """Open (or create) the database and read the state left by the previous run.
 
+        Every row must parse: a row that does not stops the load with an error naming it,
+        never a silent drop. The journal's generation (one per load) is bumped and the file
+        marked open until :meth:`close`.
+
         Raises:
-            sqlite3.DatabaseError: the file is not a klock journal, or is from a newer version.
+            JournalError: the file is empty or not a journal (without ``init``), lacks a
+                table, has a row that does not parse, or is a copy of a running journal
+                taken without its ``-wal`` file.
+            sqlite3.DatabaseError: the file is not a SQLite database, or is from a newer
+                version.
         """
+        had_wal = self._wal_path().exists()  # opening the file creates one
         db = self._open()
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
@@ -149,33 +237,62 @@ class SqliteJournal:
                 f"{self.path} was written by a newer klock_async (journal schema {version}, "
                 f"this one reads up to {_SCHEMA_VERSION}); upgrade klock_async"
             )
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        agents = [AgentInfo(row[0], row[1]) for row in db.execute("SELECT id, ts FROM agents")]
-        leases = [
-            LeaseInfo(
-                id=row[0],
-                agent_id=row[1],
-                session_id=row[2],
-                resource=Resource.parse(row[3]),
-                predicate=Predicate.parse(row[4]),
-                token=row[5],
-                ttl=row[6],
-                expires_at=row[7],
+        try:
+            state, meta = self._read(db)
+        except KlockError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JournalError(f"{self.path}: {exc}") from None
+        if meta.get("open") == 1 and not had_wal and not self._unclosed:
+            raise JournalError(
+                f"{self.path} was in use by a server that never closed it, and its write-ahead "
+                f"log {self._wal_path().name} is missing: this looks like a copy taken without "
+                "it, which may lack committed leases and fencing tokens. Copy the -wal file "
+                "along, or make copies with 'klock backup'. If the file is the original and "
+                "complete (another program opened it after a crash), pass --accept-unclosed"
             )
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('generation', 1) ON CONFLICT (key) "
+            "DO UPDATE SET value = value + 1"
+        )
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', 1)")
+        db.execute("COMMIT")
+        # The main file itself says "open" from now on, so a copy of it alone is recognised.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.generation = meta.get("generation", 0) + 1
+        return state
+
+    def _wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def _read(self, db: sqlite3.Connection) -> tuple[RecoveredState, dict[str, int]]:
+        meta: dict[str, int] = {}
+        for key, value in db.execute("SELECT key, value FROM meta"):
+            meta[key] = _integer(value, f"meta row {key!r}")
+        agents = []
+        ages: dict[str, int] = {}
+        for agent_id, ts in db.execute("SELECT id, ts FROM agents"):
+            where = f"agents row {agent_id!r}"
+            ages[_string(agent_id, where)] = _integer(ts, where)
+            agents.append(AgentInfo(agent_id, ts))
+        leases = [
+            self._lease(row, ages)
             for row in db.execute(
                 "SELECT id, agent_id, session_id, resource, predicate, token, ttl, expires_at "
                 "FROM leases ORDER BY token"
             )
         ]
         path_clocks = {
-            row[0]: json.loads(row[1]) for row in db.execute("SELECT path, clock FROM path_clocks")
+            _string(path, "path_clocks row"): _clock(clock, f"path_clocks row {path!r}")
+            for path, clock in db.execute("SELECT path, clock FROM path_clocks")
         }
         agent_clocks = {
-            row[0]: json.loads(row[1])
-            for row in db.execute("SELECT agent_id, clock FROM agent_clocks")
+            _string(agent_id, "agent_clocks row"): _clock(clock, f"agent_clocks row {agent_id!r}")
+            for agent_id, clock in db.execute("SELECT agent_id, clock FROM agent_clocks")
         }
         highest_lease_token = max((lease.token for lease in leases), default=0)
-        return RecoveredState(
+        state = RecoveredState(
             agents=agents,
             leases=leases,
             last_token=max(meta.get("last_token", 0), highest_lease_token),
@@ -184,10 +301,42 @@ class SqliteJournal:
             agent_clocks=agent_clocks,
             conflict_count=meta.get("conflict_count", 0),
         )
+        return state, meta
+
+    def _lease(self, row: tuple[object, ...], ages: dict[str, int]) -> LeaseInfo:
+        lease_id, agent_id, session_id, resource, predicate, token, ttl, expires_at = row
+        where = f"leases row {lease_id!r}"
+        try:
+            info = LeaseInfo(
+                id=_string(lease_id, where),
+                agent_id=_string(agent_id, where),
+                session_id=_string(session_id, where),
+                resource=Resource.parse(_string(resource, where)),
+                predicate=Predicate.parse(_string(predicate, where)),
+                token=_integer(token, where),
+                ttl=_real(ttl, where),
+                expires_at=_real(expires_at, where),
+            )
+        except InvalidRequestError as exc:
+            raise JournalError(f"{self.path}: {where}: {exc.message}") from None
+        if info.agent_id not in ages:
+            raise JournalError(
+                f"{self.path}: {where} belongs to agent {info.agent_id!r}, which has no row in "
+                "'agents'; the journal is damaged: restore it from a backup"
+            )
+        if info.token <= 0 or info.ttl <= 0:
+            raise JournalError(f"{self.path}: {where} has a token or ttl that is not positive")
+        return info
 
     def record_agent(self, agent: AgentInfo) -> None:
         """Buffer a registered agent."""
         self._batch.agents[agent.id] = agent
+        self._batch.retired.discard(agent.id)
+
+    def record_retired(self, agent_id: str) -> None:
+        """Buffer the removal of a retired agent (it holds no lease)."""
+        self._batch.agents.pop(agent_id, None)
+        self._batch.retired.add(agent_id)
 
     def record_lease(self, lease: LeaseInfo) -> None:
         """Buffer a granted, extended or ended lease (an ended one is deleted on commit)."""
@@ -231,15 +380,43 @@ class SqliteJournal:
         if self._writer is None:
             raise RuntimeError(f"{self!r} is not open; call load() first")
         loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(self._writer, self._write, batch))
+        try:
+            await asyncio.shield(loop.run_in_executor(self._writer, self._write, batch))
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise sqlite3.OperationalError(self._explain(exc)) from exc
+            self._batch = batch.under(self._batch)  # written with the next batch
+            raise JournalUnavailableError(
+                f"the journal {self.path} is locked by another process ({exc}); nothing of "
+                "this request was granted: retry it, and let no other program write the file"
+            ) from exc
+        except (UnicodeEncodeError, OverflowError, ValueError, sqlite3.InterfaceError) as exc:
+            self._batch = batch.storable().under(self._batch)
+            raise JournalUnavailableError(
+                f"a value of this request cannot be stored in the journal ({exc}); nothing of "
+                "it was granted"
+            ) from exc
+
+    def _explain(self, exc: sqlite3.Error) -> str:
+        """The real cause of a failed write, for people."""
+        text = str(exc)
+        if "full" in text:
+            return f"the disk holding {self.path} is full ({text}); free some space"
+        if "readonly" in text or "read-only" in text:
+            return f"{self.path} has become read-only ({text})"
+        if "I/O" in text:
+            return f"the disk holding {self.path} failed to write ({text})"
+        return f"{self.path}: {text}"
 
     def close(self) -> None:
-        """Wait for a transaction in flight, then close the database. Idempotent."""
+        """Wait for a transaction in flight, mark the file closed, close it. Idempotent."""
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.shutdown(wait=True)
         db, self._db = self._db, None
         if db is not None:
+            with contextlib.suppress(sqlite3.Error):  # e.g. a full disk: stays marked open
+                db.execute("UPDATE meta SET value = 0 WHERE key = 'open'")
             db.close()
 
     # ---------------------------------------------------------------- internals
@@ -248,6 +425,12 @@ class SqliteJournal:
         if self._db is not None:
             return self._db
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        if not fresh and not self._init and self.path.stat().st_size == 0:
+            raise JournalError(
+                f"{self.path} is an empty file, not a journal; starting from it would hand out "
+                "fencing tokens from 1 again. Pass --init to make it a new journal"
+            )
         # Used by the loop thread (load, close) and the writer thread (commit), never by both
         # at once: the actor awaits each commit before it records or commits again.
         db = sqlite3.connect(
@@ -257,11 +440,28 @@ class SqliteJournal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.execute("BEGIN IMMEDIATE")
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if tables and "meta" not in tables and not self._init:
+                raise JournalError(
+                    f"{self.path} is a SQLite database but not a klock journal (no 'meta' "
+                    "table); pass --init to add the journal's tables to it"
+                )
+            missing = [t for t in _TABLES if t not in tables]
+            if "meta" in tables and missing:
+                raise JournalError(
+                    f"{self.path} is a damaged journal: table {missing[0]!r} is missing, and "
+                    "with it leases or tokens; restore the file from a backup"
+                )
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
             if db.execute("PRAGMA user_version").fetchone()[0] == 0:
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            if not tables or "meta" not in tables:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('journal_id', ?)",
+                    (uuid.uuid4().int >> 65,),
+                )
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -294,6 +494,8 @@ class SqliteJournal:
                 ended.append((lease.id,))
         db.execute("BEGIN IMMEDIATE")
         try:
+            if batch.retired:
+                db.executemany("DELETE FROM agents WHERE id = ?", [(a,) for a in batch.retired])
             if batch.agents:
                 db.executemany(
                     "INSERT OR REPLACE INTO agents (id, ts) VALUES (?, ?)",
@@ -326,10 +528,76 @@ class SqliteJournal:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on a full disk
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
         self._commits += 1
 
 
 def _dump(clock: VectorClock) -> str:
     return json.dumps(clock.as_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise JournalError(f"{where}: expected text, found {value!r}")
+    return value
+
+
+def _integer(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JournalError(f"{where}: expected an integer, found {value!r}")
+    return value
+
+
+def _real(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise JournalError(f"{where}: expected a number, found {value!r}")
+    return float(value)
+
+
+def _clock(text: object, where: str) -> dict[str, int]:
+    try:
+        value = json.loads(_string(text, where))
+    except ValueError:
+        raise JournalError(f"{where}: the clock is not JSON: {text!r}") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in value.items()
+    ):
+        raise JournalError(f"{where}: the clock is not an object of counts: {text!r}")
+    return value
+
+
+def backup(source: str | Path, target: str | Path) -> None:
+    """Copy a journal, live or not, with SQLite's online backup API (``klock backup``).
+
+    The copy holds every committed transaction, whatever is still in the source's write-ahead
+    log, and is marked closed, so a server starts from it as from a cleanly stopped journal.
+    Copying the ``.db`` file alone is not a backup: committed leases and tokens may still be in
+    its ``-wal`` file.
+
+    Raises:
+        JournalError: the source is missing or not a journal, or the target exists.
+        sqlite3.Error: the copy failed.
+    """
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise JournalError(f"{source} does not exist")
+    if target.exists():
+        raise JournalError(f"{target} exists already; choose a new file for the copy")
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        tables = {row[0] for row in src.execute("SELECT name FROM sqlite_master")}
+        if "meta" not in tables:
+            raise JournalError(f"{source} is not a klock journal")
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+            dst.execute("UPDATE meta SET value = 0 WHERE key = 'open'")
+            dst.commit()
+        finally:
+            dst.close()
+    finally:
+        src.close()

@@ -51,6 +51,8 @@ from klock_async.errors import (
 )
 from klock_async.ids import new_lease_id
 from klock_async.model import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     AgentInfo,
     Intent,
     LeaseInfo,
@@ -64,8 +66,8 @@ from klock_async.model import (
 
 __all__ = ["PRIORITY_MAX", "PRIORITY_MIN", "Journal", "LockTable", "RecoveredState", "Request"]
 
-PRIORITY_MIN = -(2**63)
-PRIORITY_MAX = 2**63 - 1
+PRIORITY_MIN = MIN_PRIORITY
+PRIORITY_MAX = MAX_PRIORITY
 _RANK_AUTO = 2**64  # agents without an explicit priority rank after every explicit one
 _SEQ_BITS = 64
 _SEQ_MASK = 2**_SEQ_BITS - 1
@@ -134,6 +136,9 @@ class Journal(Protocol):
 
     def record_counters(self, last_token: int, last_agent_ts: int) -> None:
         """Buffer the highest fencing token and agent age handed out."""
+
+    def record_retired(self, agent_id: str) -> None:
+        """Buffer the removal of a retired agent."""
 
     async def commit(self) -> None:
         """Write everything buffered in one transaction."""
@@ -434,11 +439,6 @@ class LockTable:
                 )
             return AgentInfo(agent.id, agent.ts)
         if priority is None:
-            if self.last_agent_ts >= PRIORITY_MAX:
-                raise InvalidRequestError(
-                    "no automatic agent age is left above the explicit priorities in use "
-                    f"(the highest is {self.last_agent_ts}); register with an explicit priority"
-                )
             self.last_agent_ts += 1
             ts = self.last_agent_ts
         else:
@@ -1167,6 +1167,35 @@ class LockTable:
         for reply in watchers or ():
             self.answers.append((reply, info))
         return info
+
+    def retire(self, agent_ids: Iterable[str]) -> tuple[str, ...]:
+        """Forget those of ``agent_ids`` that hold no lease and have no request waiting.
+
+        A retired agent is unknown afterwards (registering it again gives it a new age); its
+        vector clock is kept, so a later agent of the same id still cannot overwrite a version
+        it never read.
+        """
+        busy = {agent_id for agent_id, _ in self.units}
+        retired = []
+        for agent_id in agent_ids:
+            if agent_id in self.agents and agent_id not in busy:
+                del self.agents[agent_id]
+                retired.append(agent_id)
+                if self.journal is not None:
+                    self.journal.record_retired(agent_id)
+                if self.observer is not None:
+                    self.observer("agent.retired", agent=agent_id)
+        return tuple(retired)
+
+    def give_back(self, lease_ids: Iterable[str], now: float) -> None:
+        """End, as never seen by their holders, leases whose grant could not be made durable."""
+        freed = []
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is not None:
+                self._end(lease, LeaseState.RELEASED, seen=False)
+                freed.append(lease.resource)
+        self._reevaluate(freed, now)
 
     # ---------------------------------------------------------------- clocks
 

@@ -21,6 +21,8 @@ from klock_async.errors import (
 )
 
 __all__ = [
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "AgentInfo",
     "IdentityHashEnum",
     "Intent",
@@ -272,6 +274,12 @@ def parse_intents(
     if not intents:
         raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
     return intents
+
+
+MIN_PRIORITY = -(2**62)
+MAX_PRIORITY = 2**62
+"""Explicit agent priorities lie in [MIN_PRIORITY, MAX_PRIORITY]: the ages counted after the
+largest one stay far within the signed 64-bit integers a journal stores."""
 
 
 def validate_ttl(ttl: float) -> float:

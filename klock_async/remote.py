@@ -50,6 +50,7 @@ __all__ = ["RemoteBackend"]
 
 _REQUEST_ID = "x-klock-request-id"
 _ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
+_PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most)
 
 
 # Enum members by value: a dict lookup costs a fraction of calling the enum class.
@@ -658,7 +659,14 @@ class RemoteBackend:
         Raises:
             TransportError: the server cannot be reached.
         """
-        return tuple(_lease(data) for data in await self._call("GET", "/leases"))
+        leases: list[LeaseInfo] = []
+        params = {"limit": str(_PAGE)}
+        while True:  # pages of _PAGE; more than one page is not one atomic snapshot
+            page = await self._call("GET", "/leases", params=params)
+            leases.extend(_lease(data) for data in page)
+            if len(page) < _PAGE:
+                return tuple(leases)
+            params["after"] = str(page[-1]["token"])
 
     async def agents(self) -> tuple[AgentInfo, ...]:
         """Snapshot of the registered agents.
@@ -666,7 +674,14 @@ class RemoteBackend:
         Raises:
             TransportError: the server cannot be reached.
         """
-        return tuple(AgentInfo(d["agent_id"], d["ts"]) for d in await self._call("GET", "/agents"))
+        agents: list[AgentInfo] = []
+        params = {"limit": str(_PAGE)}
+        while True:  # pages of _PAGE; more than one page is not one atomic snapshot
+            page = await self._call("GET", "/agents", params=params)
+            agents.extend(AgentInfo(d["agent_id"], d["ts"]) for d in page)
+            if len(page) < _PAGE:
+                return tuple(agents)
+            params["after"] = f"{page[-1]['ts']}:{page[-1]['agent_id']}"
 
     async def statistics(self) -> Statistics:
         """Snapshot of the counters.

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
     AcquireTimeoutError,
     InvalidResourceError,
+    JournalUnavailableError,
     KernelClosedError,
     KlockError,
 )
@@ -201,6 +202,12 @@ class _Query:
 
 
 @dataclass(frozen=True, slots=True)
+class _RetireAgents:
+    agent_ids: tuple[str, ...]
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _ClockRead:
     path: str
     agent_id: str
@@ -252,6 +259,7 @@ class Scheduler:
         self._timer_at = _NEVER
         self._task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None  # shutdown after a journal failure
+        self.failure: KernelClosedError | None = None  # why the kernel stopped by itself
         self._deciding: Request | None = None  # the request being decided; failed on a crash
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -269,6 +277,7 @@ class Scheduler:
             _WatchLease: self._on_watch,
             _Unwatch: self._on_unwatch,
             _Query: self._on_query,
+            _RetireAgents: lambda m, now: table.retire(m.agent_ids),
             _ClockRead: lambda m, now: table.clock_read(m.path, m.agent_id),
             _ClockWrite: lambda m, now: table.clock_write(m.path, m.agent_id, m.strict),
         }
@@ -415,12 +424,15 @@ class Scheduler:
                 table.next_deadline()
             if table.armed != self._timer_at:
                 self._arm(table.armed, now)
-            if self._journal is not None:
+            while self._journal is not None:
                 try:
                     await self._journal.commit()
-                except Exception as exc:  # the disk failed: nothing of this batch is durable
-                    self._journal_failed(exc)
-                    return
+                    break
+                except Exception as exc:  # nothing of this batch is durable
+                    if self._journal_failed(exc, now):
+                        return  # the disk failed: the kernel stopped
+                    if not self._outbox:  # else: commit the grants the give-backs made
+                        break
             if self._outbox:
                 self._flush()
 
@@ -442,18 +454,41 @@ class Scheduler:
             assert self._loop is not None
             self._timer = self._loop.call_later(max(0.0, at - now), self._wake)
 
-    def _journal_failed(self, exc: Exception) -> None:
-        _log.error("journal.failed", error=repr(exc))
+    def _journal_failed(self, exc: Exception, now: float) -> bool:
+        """Fail the batch's requests; stop the kernel (return True) only if the disk failed.
+
+        A :class:`JournalUnavailableError` (the file was locked, or a value could not be
+        stored) keeps the kernel running: the journal kept the batch's records to write with
+        the next one, and the grants the failed requests would have seen are given back.
+        """
+        if isinstance(exc, JournalUnavailableError):
+            _log.warning("journal.unavailable", error=str(exc))
+            outbox, self._outbox = self._outbox, []
+            granted = []
+            for fut, value, _ in outbox:
+                if not fut.done():
+                    fut.set_exception(exc)
+                for grant in value if isinstance(value, tuple) else ():
+                    if isinstance(grant, tuple) and isinstance(grant[0], LeaseInfo):
+                        granted.append(grant[0].id)  # an acquire's answer
+            self._table.give_back(granted, now)
+            if self._table.answers:
+                self._answer(self._table.answers)
+            return False
+        _log.error("journal.failed", error=str(exc))
         error = KernelClosedError(
-            f"the journal could not be written ({exc!r}); the kernel stopped and nothing of "
-            "its last batch was granted. Fix the database and restart the server."
+            f"the journal could not be written: {exc}. The kernel stopped and nothing of its "
+            "last batch was granted; restart the server once the database is writable."
         )
+        error.__cause__ = exc
+        self.failure = error
         for fut, _, _ in self._outbox:
             if not fut.done():
                 fut.set_exception(error)
         self._outbox.clear()
         assert self._loop is not None
         self._closer = self._loop.create_task(self.aclose())
+        return True
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -747,6 +782,21 @@ class Scheduler:
         if msg.what == "waiters":
             return table.waiters()
         return table.statistics()
+
+    # ---------------------------------------------------------------- agent retirement
+
+    async def retire_idle_agents(self, agent_ids: Iterable[str]) -> tuple[str, ...]:
+        """Forget those of ``agent_ids`` that hold no lease and have no request waiting.
+
+        The caller decides which agents were idle long enough (``klock serve --retire-after``);
+        the actor only refuses to retire one that is busy now (see ``LockTable.retire``).
+
+        Returns:
+            The ids that were retired.
+        """
+        ids = tuple(agent_ids)
+        result: tuple[str, ...] = await self._ask(lambda f: _RetireAgents(ids, f))
+        return result
 
     # ---------------------------------------------------------------- introspection for tests
 

@@ -38,17 +38,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from klock_async import validation
 from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
+    AcquireTimeoutError,
     BodyTooLargeError,
     InvalidFieldError,
-    InvalidTTLError,
     KernelClosedError,
     KlockError,
     LeaseDied,
     LeaseWouldWait,
     MalformedJSONError,
-    MissingFieldError,
     UnauthorizedError,
 )
 from klock_async.model import (
@@ -178,6 +178,35 @@ def _ok(data: Any, status: int = 200) -> Response:
     return _JSONResponse(_dumps({"success": True, "data": data, "error": None}), status)
 
 
+_PAGE = validation.MAX_PAGE
+
+
+def _paged(items: list[Any], cursor: str | None) -> Response:
+    """A page of a list: ``data`` is the list (as v1 clients read it), ``next`` the cursor of
+    the following page (``?after=``), null on the last page."""
+    return _JSONResponse(_dumps({"success": True, "data": items, "error": None, "next": cursor}))
+
+
+def _agent_key(info: AgentInfo) -> tuple[int, str]:
+    return (info.ts, info.id)
+
+
+def _agent_cursor(value: str | None) -> tuple[int, str] | None:
+    if value is None:
+        return None
+    ts, sep, agent_id = value.partition(":")
+    try:
+        return (int(ts), agent_id) if sep else _bad_cursor(value)
+    except ValueError:
+        return _bad_cursor(value)
+
+
+def _bad_cursor(value: str) -> tuple[int, str]:
+    raise InvalidFieldError(
+        f"query parameter 'after' must be the 'next' cursor of a previous page, got {value!r}"
+    )
+
+
 def _error_response(error: KlockError, status: int | None = None) -> Response:
     payload = error.to_payload()
     code = payload.pop("code")
@@ -211,37 +240,11 @@ def _error_response(error: KlockError, status: int | None = None) -> Response:
 # Request parsing: every check raises a typed InvalidRequestError before the scheduler is asked.
 
 
-def _field(body: Mapping[str, Any], name: str, kind: type[T], what: str) -> T:
-    if name not in body or body[name] is None:
-        raise MissingFieldError(f"field {name!r} is required ({what})")
-    value = body[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidFieldError(f"field {name!r} must be {what}, got {value!r}")
-    return value
-
-
-def _optional(body: Mapping[str, Any], name: str, kind: type[T], what: str) -> T | None:
-    if body.get(name) is None:
-        return None
-    return _field(body, name, kind, what)
-
-
-def _text(body: Mapping[str, Any], name: str) -> str:
-    value = _field(body, name, str, "a non-empty string")
-    if not value.strip():
-        raise InvalidFieldError(f"field {name!r} must be a non-empty string")
-    return value
-
-
-def _optional_text(body: Mapping[str, Any], name: str) -> str | None:
-    if body.get(name) is None:
-        return None
-    return _text(body, name)
-
-
-def _name(body: Mapping[str, Any], name: str) -> str:
-    """A required string the scheduler validates itself (so errors match the embedded kernel)."""
-    return _field(body, name, str, "a string")
+_field = validation.field_value
+_optional = validation.optional
+_text = validation.ident
+_optional_text = validation.optional_ident
+_name = validation.name_field
 
 
 def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -249,50 +252,41 @@ def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
     return default if value is None else value
 
 
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidFieldError(f"field {name!r} must be a number, got {value!r}")
-    return float(value)
-
-
 def _ttl(body: Mapping[str, Any], default_ms: float | None = DEFAULT_TTL_MS) -> float | None:
-    """The ttl in seconds from a millisecond field."""
-    if body.get("ttl") is None:
-        return None if default_ms is None else default_ms / 1000.0
-    value = body["ttl"]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise InvalidTTLError(f"ttl must be a positive number of milliseconds, got {value!r}")
-    return float(value) / 1000.0
+    """The ttl in seconds from a millisecond field, at most one day."""
+    return validation.ttl(body, default_ms)
 
 
-def _timeout(body: Mapping[str, Any]) -> float | None:
-    if body.get("timeout_ms") is None:
-        return None
-    value = _number(body["timeout_ms"], "timeout_ms")
-    if value < 0:
-        raise InvalidFieldError(f"field 'timeout_ms' must be >= 0, got {value!r}")
-    return value / 1000.0
+_timeout = validation.timeout
 
 
 def _isolation(body: Mapping[str, Any]) -> IsolationLevel:
     name = _optional(body, "isolation", str, "an isolation level name")
     if name is None:
         return IsolationLevel.READ_COMMITTED
+    validation.limited(name, "isolation", validation.MAX_NAME_CHARS)
     try:
         return IsolationLevel.parse(name)
     except ValueError as exc:
         raise InvalidFieldError(str(exc)) from None
 
 
-def _intent(item: Any, where: str) -> Intent:
+def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
+    """One intent; ``alone`` when ``item`` is an intent object (not a whole lease request)."""
     if not isinstance(item, Mapping):
-        raise InvalidFieldError(f"{where} must be an object, got {item!r}")
-    predicate = _field(item, "predicate", str, "a predicate name such as MUTATES")
+        raise InvalidFieldError(f"{where} must be an object, got {validation.shorten(item)}")
+    unknown = item.keys() - validation.INTENT_FIELDS if alone else ()
+    if unknown:
+        raise InvalidFieldError(
+            f"{where} has unknown field(s) {', '.join(map(repr, sorted(unknown)))}; an intent "
+            f"takes: {', '.join(sorted(validation.INTENT_FIELDS))}"
+        )
+    predicate = _name(item, "predicate", validation.MAX_NAME_CHARS)
     if item.get("resource") is not None:
-        resource = Resource.parse(_field(item, "resource", str, "a 'TYPE:path' string"))
+        resource = Resource.parse(_name(item, "resource", validation.MAX_PATH_CHARS))
     else:
-        rtype = _field(item, "resource_type", str, "a resource type such as FILE")
-        path = _field(item, "resource_path", str, "a resource path")
+        rtype = _name(item, "resource_type", validation.MAX_NAME_CHARS)
+        path = _name(item, "resource_path", validation.MAX_PATH_CHARS)
         resource = Resource.of(ResourceType.parse(rtype), path)
     return Intent(resource, Predicate.parse(predicate))
 
@@ -303,8 +297,28 @@ def _query_agent(request: Request, body: Mapping[str, Any]) -> str | None:
     if value is not None:
         if not value.strip():
             raise InvalidFieldError("query parameter 'agent_id' must be a non-empty string")
-        return value
+        return validation.limited(value, "agent_id", validation.MAX_ID_CHARS)
     return _optional_text(body, "agent_id")
+
+
+def _query_id(value: str | None, name: str) -> str | None:
+    if value is not None and not 0 < len(value) <= validation.MAX_ID_CHARS:
+        raise InvalidFieldError(
+            f"query parameter {name!r} must be 1 to {validation.MAX_ID_CHARS} characters long"
+        )
+    return value
+
+
+def _path_lease_id(request: Request, body: Mapping[str, Any]) -> str:
+    """The lease id of the path; a v1 body may repeat it, and must then agree."""
+    lease_id: str = request.path_params["lease_id"]
+    validation.limited(lease_id, "lease_id", validation.MAX_ID_CHARS)
+    repeated = _optional_text(body, "lease_id")
+    if repeated is not None and repeated != lease_id:
+        raise InvalidFieldError(
+            f"field 'lease_id' ({repeated!r}) names another lease than the path ({lease_id!r})"
+        )
+    return lease_id
 
 
 def _query_flag(request: Request, name: str, body: Mapping[str, Any]) -> bool:
@@ -463,6 +477,7 @@ class _FrontDoor:
                 if route is not None:
                     scope["path_params"] = {"lease_id": lease_id}
         label = "unmatched" if route is None else route[0]
+        scope["klock.route"] = f"{method} {label}"
         try:
             refusal = self._refuse(scope)
             if refusal is not None:
@@ -487,6 +502,9 @@ class _FrontDoor:
         await response(scope, receive, send)
 
     def _refuse(self, scope: Scope) -> Response | None:
+        refusal = self.api.origin_guard.check(scope["headers"])
+        if refusal is not None:
+            return _error_response(refusal)
         expected = self.expected
         if expected is not None and scope["path"] != "/health":
             given = b""
@@ -509,7 +527,13 @@ class _FrontDoor:
                     return _error_response(MalformedJSONError("bad Content-Length header"))
                 if size > self.api.max_body_bytes:
                     return _error_response(self.api.too_large())
-                break
+            elif name == b"x-klock-request-id" and len(value) > validation.MAX_ID_CHARS:
+                return _error_response(
+                    InvalidFieldError(
+                        f"header 'x-klock-request-id' is {len(value)} bytes long; the limit is "
+                        f"{validation.MAX_ID_CHARS}"
+                    )
+                )
         return None
 
 
@@ -524,7 +548,7 @@ class _Arrivals:
     (granted, queued or refused) before it asks for a snapshot: a barrier without polling.
     """
 
-    KEEP = 65_536
+    KEEP = 16_384  # ids are at most validation.MAX_ID_CHARS long: a few MB at most
 
     def __init__(self) -> None:
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -575,8 +599,20 @@ class _Api:
         token: str | None,
         synchronous: str,
         max_body_bytes: int,
+        allowed_hosts: Sequence[str] = (),
+        retire_after: float | None = None,
+        init: bool = False,
     ) -> None:
         self.db = db
+        self.origin_guard = validation.OriginGuard(allowed_hosts)
+        self.retire_after = retire_after
+        self.init = init
+        self.dead: str | None = None  # why the kernel stopped by itself
+        self.on_dead: Callable[[str], None] | None = None
+        self.routes: list[tuple[str, str]] = []
+        # agent id -> loop time of the last request that named it, least recent first
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._retire_timer: asyncio.TimerHandle | None = None
         self.token = token
         self.synchronous = synchronous
         self.max_body_bytes = max_body_bytes
@@ -585,6 +621,7 @@ class _Api:
         # Pending long-polls by client request id, and ids withdrawn before they arrived.
         self._polls: dict[str, asyncio.Task[Any]] = {}
         self._withdrawn: OrderedDict[str, None] = OrderedDict()
+        self._withdrawn_bytes = 0
         self._scheduler: Scheduler | None = None
         self._closing: asyncio.Future[None] | None = None
 
@@ -596,15 +633,23 @@ class _Api:
         if self.db is not None:
             from klock_async.journal import SqliteJournal
 
-            journal = SqliteJournal(self.db, synchronous=self.synchronous)
+            journal = SqliteJournal(self.db, synchronous=self.synchronous, init=self.init)
         scheduler = Scheduler(journal=journal)
         await scheduler.start()
         self._scheduler = scheduler
-        self._closing = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._closing = loop.create_future()
+        watcher = loop.create_task(self._watch_kernel(scheduler))
         stats = await scheduler.statistics()
+        if self.retire_after is not None:
+            now = loop.time()
+            for agent in await scheduler.agents():
+                self._seen[agent.id] = now
+            self._arm_retirement()
         _log.info(
             "server.started",
             db=self.db,
+            generation=None if journal is None else journal.generation,
             agents=stats.agents,
             leases_active=stats.leases_active,
             auth=self.token is not None,
@@ -613,8 +658,71 @@ class _Api:
             yield
         finally:
             self.begin_shutdown()
+            if self._retire_timer is not None:
+                self._retire_timer.cancel()
+            watcher.cancel()
             await scheduler.aclose()
             _log.info("server.stopped")
+
+    async def _watch_kernel(self, scheduler: Scheduler) -> None:
+        """Report a kernel that stopped by itself (a failed disk, a bug): the process must end."""
+        actor = scheduler._task  # the actor task of the scheduler this API started
+        assert actor is not None
+        await asyncio.wait((actor,))
+        closing = self._closing
+        if closing is not None and closing.done():
+            return  # a shutdown we asked for
+        reason = str(scheduler.failure or "the scheduler stopped on an unexpected error")
+        self.dead = reason
+        _log.error("server.kernel_died", reason=reason)
+        if self.on_dead is not None:
+            self.on_dead(reason)
+
+    # ------------------------------------------------------------ agent retirement
+
+    def touch(self, agent_id: str) -> None:
+        """Note a request naming ``agent_id`` (it is not idle)."""
+        if self.retire_after is not None:
+            seen = self._seen
+            seen[agent_id] = asyncio.get_running_loop().time()
+            seen.move_to_end(agent_id)
+            self._arm_retirement()
+
+    def _arm_retirement(self) -> None:
+        if self._retire_timer is not None or not self._seen or self.retire_after is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = next(iter(self._seen.values())) + self.retire_after
+        self._retire_timer = loop.call_at(due, lambda: loop.create_task(self._retire_due()))
+
+    async def _retire_due(self) -> None:
+        self._retire_timer = None
+        with contextlib.suppress(KlockError):
+            await self.retire_idle(asyncio.get_running_loop().time())
+        self._arm_retirement()
+
+    async def retire_idle(self, now: float) -> tuple[str, ...]:
+        """Retire the agents no request named for ``retire_after`` seconds before ``now``.
+
+        The kernel keeps those that hold a lease or wait; they count as seen ``now``.
+        """
+        assert self.retire_after is not None
+        cutoff = now - self.retire_after
+        due = []
+        for agent_id, seen in self._seen.items():
+            if seen > cutoff:
+                break
+            due.append(agent_id)
+        if not due:
+            return ()
+        retired = await self.backend.retire_idle_agents(due)
+        for agent_id in retired:
+            self._seen.pop(agent_id, None)
+        for agent_id in set(due) - set(retired):
+            if agent_id in self._seen:  # busy: idle again from now on at the earliest
+                self._seen[agent_id] = now
+                self._seen.move_to_end(agent_id)
+        return retired
 
     def begin_shutdown(self) -> None:
         """End pending long-polls (they answer 503 ``kernel_closed``); new ones are refused."""
@@ -624,6 +732,8 @@ class _Api:
 
     @property
     def backend(self) -> Scheduler:
+        if self.dead is not None:
+            raise KernelClosedError(f"the kernel stopped: {self.dead}; the server is exiting")
         scheduler = self._scheduler
         if scheduler is None:
             raise KernelClosedError("the server is not running yet (or any more)")
@@ -637,6 +747,10 @@ class _Api:
     # ------------------------------------------------------------ plumbing
 
     async def _body(self, request: Request, *, required: bool = True) -> dict[str, Any]:
+        """Read the body and check it against its route's declaration (validation.BODIES).
+
+        ``required`` is the route's own declaration; it stays for readability at call sites.
+        """
         chunks = []
         size = 0
         receive = request.receive
@@ -652,17 +766,9 @@ class _Api:
             if not message.get("more_body", False):
                 break
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if not raw.strip():
-            if required:
-                raise MalformedJSONError("the request needs a JSON object body")
-            return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MalformedJSONError(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise MalformedJSONError(f"the body must be a JSON object, got {type(body).__name__}")
-        return body
+        declared = validation.BODIES[request.scope["klock.route"]]
+        assert declared.optional is not required, request.scope["klock.route"]
+        return validation.parse_body(raw, request.headers.get("content-type"), declared)
 
     async def _long_poll(self, request: Request, call: Callable[[], Awaitable[T]]) -> T:
         """Run a call that may wait long; withdraw it when the client leaves or we shut down.
@@ -744,22 +850,36 @@ class _Api:
     async def statistics(self, request: Request) -> Response:
         return _ok(_statistics_json(await self.backend.statistics()))
 
+    async def openapi(self, request: Request) -> Response:
+        from klock_async import __version__
+
+        return _JSONResponse(_dumps(validation.openapi(self.routes, version=__version__)))
+
     async def register_agent(self, request: Request) -> Response:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
-        priority = _optional(body, "priority", int, "an integer (lower is older)")
+        priority = validation.priority(body)
         info = await self.backend.register_agent(agent_id, priority)
+        self.touch(agent_id)
         return _ok(_agent_json(info))
 
     async def list_agents(self, request: Request) -> Response:
-        agents = await self.backend.agents()
-        return _ok([_agent_json(info) for info in sorted(agents, key=lambda a: a.ts)])
+        """One page of the agents, oldest first; ``next`` is the cursor of the following page."""
+        query = request.query_params
+        limit = validation.query_int(query.get("limit"), "limit", 1, validation.MAX_PAGE, _PAGE)
+        after = _agent_cursor(query.get("after"))
+        agents = sorted((await self.backend.agents()), key=lambda a: (a.ts, a.id))
+        start = 0 if after is None else bisect.bisect_right(agents, after, key=_agent_key)
+        page = agents[start : start + limit]
+        more = start + limit < len(agents)
+        cursor = f"{page[-1].ts}:{page[-1].id}" if more else None
+        return _paged([_agent_json(info) for info in page], cursor)
 
     async def acquire(self, request: Request) -> Response:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
-        intent = _intent(body, "the request")
+        intent = _intent(body, "the request", alone=False)
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
         return _ok(_lease_json(infos[0]))
 
@@ -770,6 +890,10 @@ class _Api:
         items = _field(body, "intents", list, "a non-empty list of intents")
         if not items:
             raise InvalidFieldError("field 'intents' must list at least one intent")
+        if len(items) > validation.MAX_INTENTS:
+            raise InvalidFieldError(
+                f"field 'intents' lists {len(items)} intents; the limit is {validation.MAX_INTENTS}"
+            )
         intents = tuple(_intent(item, f"intents[{i}]") for i, item in enumerate(items))
         infos = await self._acquire(request, body, agent_id, session_id, intents)
         return _ok(
@@ -796,6 +920,7 @@ class _Api:
         timeout = _timeout(body)
         isolation = _isolation(body)
         backend = self.backend
+        self.touch(agent_id)
 
         def call() -> Awaitable[tuple[LeaseInfo, ...]]:
             return backend.acquire(
@@ -808,30 +933,69 @@ class _Api:
                 isolation=isolation,
             )
 
+        if wait and timeout == 0:
+            # Decided now, not timed out by the journal's commit: waits for no timer.
+            timeout = None
+            return await self._decided_now(call, agent_id, intents)
         if wait:
             return await self._long_poll(request, call)
         return await call()
+
+    async def _decided_now(
+        self,
+        call: Callable[[], Awaitable[tuple[LeaseInfo, ...]]],
+        agent_id: str,
+        intents: tuple[Intent, ...],
+    ) -> tuple[LeaseInfo, ...]:
+        """A waiting acquire with no time to wait: granted or refused now, else withdrawn.
+
+        The acquire is posted, then a query behind it; the scheduler answers in order, so once
+        the query is answered the acquire was decided, and if it is still pending it was
+        queued. Without this, the journal's commit alone would use up a zero timeout.
+
+        Raises:
+            AcquireTimeoutError: the request would have had to wait.
+        """
+
+        async def acquire() -> tuple[LeaseInfo, ...]:
+            return await call()
+
+        loop = asyncio.get_running_loop()
+        work: asyncio.Task[tuple[LeaseInfo, ...]] = loop.create_task(acquire())
+        await loop.create_task(self.backend.statistics())  # posted after the acquire
+        if not work.done():
+            work.cancel()  # withdraws it (and gives back a grant made meanwhile)
+            await asyncio.wait((work,))
+            if work.cancelled():
+                raise AcquireTimeoutError(
+                    f"agent {agent_id!r} waited 0s for "
+                    f"{', '.join(f'{i.predicate.value} {i.resource}' for i in intents)} and "
+                    "gave up; nothing is held. Retry later or raise the timeout."
+                )
+        return work.result()
 
     async def release(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         agent_id = _query_agent(request, body)
         record_write = _query_flag(request, "record_write", body)
         info = await self.backend.release(
-            request.path_params["lease_id"], agent_id, record_write=record_write
+            _path_lease_id(request, body), agent_id, record_write=record_write
         )
+        self.touch(info.agent_id)
         return _ok({"released": True, **_lease_json(info)})
 
     async def heartbeat(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         agent_id = _query_agent(request, body)
         ttl = _ttl(body, default_ms=None)
-        info = await self.backend.heartbeat(request.path_params["lease_id"], agent_id, ttl)
+        info = await self.backend.heartbeat(_path_lease_id(request, body), agent_id, ttl)
+        self.touch(info.agent_id)
         return _ok(_lease_json(info))
 
     async def wait_ended(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         timeout = _timeout(body)
-        lease_id = request.path_params["lease_id"]
+        lease_id = _path_lease_id(request, body)
         backend = self.backend
         ended = await self._long_poll(request, lambda: backend.wait_ended(lease_id, timeout))
         return _ok(
@@ -839,27 +1003,37 @@ class _Api:
         )
 
     async def revoke(self, request: Request) -> Response:
-        info = await self.backend.revoke(request.path_params["lease_id"])
+        body = await self._body(request, required=False)
+        info = await self.backend.revoke(_path_lease_id(request, body))
         return _ok(_lease_json(info))
 
     async def list_leases(self, request: Request) -> Response:
-        leases = await self.backend.leases()
-        agent_id = request.query_params.get("agent_id")
-        session_id = request.query_params.get("session_id")
-        return _ok(
-            [
-                _lease_json(info)
-                for info in sorted(leases, key=lambda lease: lease.token)
-                if (agent_id is None or info.agent_id == agent_id)
+        """One page of the active leases, oldest token first; ``next`` is the next cursor."""
+        query = request.query_params
+        limit = validation.query_int(query.get("limit"), "limit", 1, validation.MAX_PAGE, _PAGE)
+        after = validation.query_int(query.get("after"), "after", 0, 2**63 - 1, 0)
+        agent_id = _query_id(query.get("agent_id"), "agent_id")
+        session_id = _query_id(query.get("session_id"), "session_id")
+        leases = sorted(
+            (
+                info
+                for info in await self.backend.leases()
+                if info.token > after
+                and (agent_id is None or info.agent_id == agent_id)
                 and (session_id is None or info.session_id == session_id)
-            ]
+            ),
+            key=lambda lease: lease.token,
         )
+        page = leases[:limit]
+        cursor = str(page[-1].token) if len(leases) > limit else None
+        return _paged([_lease_json(info) for info in page], cursor)
 
     async def release_session(self, request: Request) -> Response:
         body = await self._body(request)
-        agent_id = _name(body, "agent_id")
-        session_id = _name(body, "session_id")
+        agent_id = _text(body, "agent_id")
+        session_id = _text(body, "session_id")
         count = await self.backend.release_session(agent_id, session_id)
+        self.touch(agent_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
 
     async def evict(self, request: Request) -> Response:
@@ -873,18 +1047,20 @@ class _Api:
 
     async def clock_read(self, request: Request) -> Response:
         body = await self._body(request)
-        path = _name(body, "path")
+        path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
         clock = await self.backend.clock_read(path, agent_id)
+        self.touch(agent_id)
         # Answer the tracked name (TYPE:normalised/path); the scheduler accepted the path.
         return _ok(_clock_json(str(Resource.parse(path)), clock))
 
     async def clock_write(self, request: Request) -> Response:
         body = await self._body(request)
-        path = _name(body, "path")
+        path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
         strict = _flag(body, "strict", True)
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
+        self.touch(agent_id)
         return _ok(_clock_json(str(Resource.parse(path)), clock))
 
     async def clock_status(self, request: Request) -> Response:
@@ -905,9 +1081,7 @@ class _Api:
             return _ok({"request_id": request_id, "withdrawn": work.cancelled()})
         if request_id in self.arrivals:
             return _ok({"request_id": request_id, "withdrawn": False})  # answered already
-        self._withdrawn[request_id] = None
-        if len(self._withdrawn) > _Arrivals.KEEP:
-            self._withdrawn.popitem(last=False)
+        self._remember_withdrawn(request_id)
         return _ok({"request_id": request_id, "withdrawn": True})
 
     async def hook(self, request: Request) -> Response:
@@ -922,11 +1096,24 @@ class _Api:
         )
         return _ok(answer) if form == "command" else _JSONResponse(_dumps(answer))
 
+    WITHDRAWN_KEEP: ClassVar[int] = 4096
+    """Most ids withdrawn before they arrived that the server remembers (oldest forgotten)."""
+    WITHDRAWN_BYTES: ClassVar[int] = 1 << 20
+    """Most characters of such ids it remembers, all together."""
+
+    def _remember_withdrawn(self, request_id: str) -> None:
+        withdrawn = self._withdrawn
+        if request_id in withdrawn:
+            return
+        withdrawn[request_id] = None
+        self._withdrawn_bytes += len(request_id)
+        while len(withdrawn) > self.WITHDRAWN_KEEP or self._withdrawn_bytes > self.WITHDRAWN_BYTES:
+            oldest, _ = withdrawn.popitem(last=False)
+            self._withdrawn_bytes -= len(oldest)
+
     async def sync(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        ids = _optional(body, "requests", list, "a list of request ids") or []
-        if not all(isinstance(rid, str) for rid in ids):
-            raise InvalidFieldError("field 'requests' must list request id strings")
+        ids = validation.id_list(body, "requests", validation.MAX_SYNC_REQUESTS)
         timeout = _timeout(body)
         try:
             async with asyncio.timeout(30.0 if timeout is None else timeout):
@@ -1010,6 +1197,9 @@ def create_app(
     token: str | None = None,
     synchronous: str = "FULL",
     max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: Sequence[str] = (),
+    retire_after: float | None = None,
+    init: bool = False,
 ) -> Starlette:
     """Build the ASGI app: one scheduler, started and stopped with the app's lifespan.
 
@@ -1020,6 +1210,12 @@ def create_app(
         synchronous: journal durability, ``"FULL"`` or ``"NORMAL"`` (see
             :class:`~klock_async.journal.SqliteJournal`).
         max_body_bytes: larger request bodies are refused with 413.
+        allowed_hosts: host names served on top of the loopback ones (``Host`` header);
+            ``"*"`` serves any.
+        retire_after: seconds after which an agent with no lease, no waiting request and no
+            request naming it is forgotten; None keeps agents for ever.
+        init: make a journal of an existing ``db`` file that is empty or has no journal
+            tables (otherwise refused).
 
     Raises:
         ValueError: ``max_body_bytes`` is not positive, or ``token`` is empty.
@@ -1028,7 +1224,17 @@ def create_app(
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
     if token is not None and not token:
         raise ValueError("an empty token would let anyone in; pass None for no auth")
-    api = _Api(db=db, token=token, synchronous=synchronous, max_body_bytes=max_body_bytes)
+    if retire_after is not None and not 0 < retire_after < math.inf:
+        raise ValueError(f"retire_after must be a positive number of seconds, got {retire_after!r}")
+    api = _Api(
+        db=db,
+        token=token,
+        synchronous=synchronous,
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=allowed_hosts,
+        retire_after=retire_after,
+        init=init,
+    )
     table: list[tuple[str, str, Endpoint]] = [
         ("GET", "/health", api.health),
         ("GET", "/metrics", api.metrics),
@@ -1051,7 +1257,9 @@ def create_app(
         ("POST", "/withdraw", api.withdraw),
         ("POST", "/hooks/claude-code", api.hook),
         ("POST", "/hooks/gemini-cli", api.hook),
+        ("GET", "/openapi.json", api.openapi),
     ]
+    api.routes = [(method, path) for method, path, _ in table]
     table = [(method, path, _endpoint(handler, api.arrivals)) for method, path, handler in table]
     app = Starlette(
         routes=[Route(path, endpoint, methods=[method]) for method, path, endpoint in table],
@@ -1081,18 +1289,27 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self._on_ready = on_ready
         self.url: str | None = None
+        self.failure: str | None = None
+        """Why the kernel stopped by itself; the process then exits with status 3."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start the app and listen; then announce the URL."""
         await super().startup(sockets=sockets)
         if self.should_exit:
             return
+        api = getattr(getattr(self.config.app, "state", None), "klock", None)
+        if isinstance(api, _Api):
+            api.on_dead = self._kernel_died
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         _log.info("server.ready", url=self.url)
         if self._on_ready is not None:
             self._on_ready(self.url)
+
+    def _kernel_died(self, reason: str) -> None:
+        self.failure = reason
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """End pending long-polls first, so a graceful shutdown does not wait for them."""
@@ -1141,40 +1358,145 @@ class _CorkedTransport:
         return getattr(self._transport, name)
 
 
-def _http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol over a corked transport; uvicorn's choice without it."""
+READ_TIMEOUT = 10.0
+"""Seconds a client has to send a whole request (headers and body) once it connects or
+starts one; then the connection is closed."""
+KEEP_ALIVE = 5.0
+"""Seconds an idle keep-alive connection stays open between requests."""
+MAX_CONNECTIONS = 1000
+"""Most connections open at once; more are answered 503 and closed at once."""
+
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def _full_response(limit: int) -> bytes:
+    body = _dumps(
+        {
+            "success": False,
+            "data": None,
+            "error": f"the server has {limit} connections open, its limit; retry shortly",
+            "code": "too_many_connections",
+            "details": {},
+        }
+    )
+    return _FULL % (len(body), body)
+
+
+def _http_protocol(
+    read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS
+) -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with a read timeout, a connection limit, and a corked
+    transport; uvicorn's own choice (no timeout, no limit) without httptools."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools is not installed
+        _log.warning(
+            "server.no_httptools",
+            hint="install httptools (the server extra) for read timeouts and connection limits",
+        )
         return "auto"
+    full = _full_response(max_connections)
 
-    class CorkedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        """Closes connections that do not send a whole request in time, or one too many.
+
+        uvicorn times out only idle keep-alive connections, and restarts that timer on any
+        byte: a client that never finishes its headers (or sends a byte now and then) would
+        hold its socket for ever.
+        """
+
+        _read_timer: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: Any) -> None:
             corked = _CorkedTransport(transport, self.loop)
             super().connection_made(corked)  # type: ignore[arg-type]
+            if len(self.connections) > max_connections:
+                transport.write(full)
+                transport.close()
+                return
+            self._arm_read_timer()
 
-    return CorkedHttpToolsProtocol
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._read_timer is None:
+                self._arm_read_timer()
+
+        def on_message_complete(self) -> None:
+            self._disarm_read_timer()
+            super().on_message_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_read_timer()
+            super().connection_lost(exc)
+
+        def _arm_read_timer(self) -> None:
+            self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _disarm_read_timer(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedHttpToolsProtocol
 
 
 def server_config(
-    app: ASGIApp, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    read_timeout: float = READ_TIMEOUT,
+    keep_alive: float = KEEP_ALIVE,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> uvicorn.Config:
     """The uvicorn configuration ``klock serve`` runs ``app`` with.
 
     No access log (the kernel logs lease events), no proxy headers, long-polls ended within
-    5 s of a shutdown, and responses written in one piece when httptools is installed.
+    5 s of a shutdown, a request read within ``read_timeout`` seconds, idle keep-alive
+    connections closed after ``keep_alive`` seconds, at most ``max_connections`` at once, and
+    responses written in one piece when httptools is installed.
+
+    Raises:
+        ValueError: a timeout or the connection limit is not positive.
     """
+    if not (0 < read_timeout < math.inf and 0 < keep_alive < math.inf and max_connections > 0):
+        raise ValueError(
+            "read_timeout, keep_alive and max_connections must be positive, got "
+            f"{read_timeout!r}, {keep_alive!r}, {max_connections!r}"
+        )
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=_http_protocol(),
+        http=_http_protocol(read_timeout, max_connections),
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=max(1, round(keep_alive)),
         proxy_headers=False,
+        server_header=False,
     )
+
+
+def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not (value >= 0 if zero else value > 0) or not value < math.inf:
+            raise argparse.ArgumentTypeError(
+                f"must be {'0 or more' if zero else 'positive'}, got {text}"
+            )
+        return value
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1185,9 +1507,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--db", default=None, help="SQLite journal; without it state is lost")
     parser.add_argument(
+        "--init",
+        action="store_true",
+        help="make a journal of an existing --db file that is empty or not a journal yet",
+    )
+    parser.add_argument(
+        "--accept-unclosed",
+        action="store_true",
+        help="start from a --db that a crashed server left without its -wal file (see docs)",
+    )
+    parser.add_argument(
         "--token",
         default=None,
         help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients use to reach this server, on top of the loopback names "
+        "(repeatable; '*' for any)",
     )
     parser.add_argument(
         "--sync",
@@ -1196,43 +1536,145 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="journal durability: full survives power loss, normal only a process crash",
     )
     parser.add_argument(
-        "--max-body", type=int, default=MAX_BODY_BYTES, help="largest request body in bytes"
+        "--max-body",
+        type=_positive(int),
+        default=MAX_BODY_BYTES,
+        help="largest request body in bytes",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=MAX_CONNECTIONS,
+        help=f"most connections at once (default {MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=_positive(float),
+        default=READ_TIMEOUT,
+        help=f"seconds to send a whole request (default {READ_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=_positive(float),
+        default=KEEP_ALIVE,
+        help=f"seconds an idle connection stays open (default {KEEP_ALIVE:g})",
+    )
+    parser.add_argument(
+        "--retire-after",
+        type=_positive(float, zero=True),
+        default=RETIRE_AFTER,
+        help="seconds after which an idle agent (no lease, no request) is forgotten "
+        f"(default {RETIRE_AFTER:g}; 0: never)",
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
 
 
+RETIRE_AFTER = 86_400.0
+"""Default of ``--retire-after``: an agent no request named for a day is forgotten."""
+
+
+def _fail(message: str) -> int:
+    import sys
+
+    print(f"klock serve: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _raise_file_limit(needed: int) -> None:
+    """Let the process open ``needed`` descriptors if the hard limit allows it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft < needed:
+            _log.warning(
+                "server.file_limit",
+                limit=soft,
+                max_connections=needed - _SPARE_FILES,
+                hint="lower --max-connections or raise the limit (ulimit -n)",
+            )
+
+
+_SPARE_FILES = 64  # descriptors besides connections: the journal, logs, pipes
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``klock serve`` until interrupted; return the exit status."""
+    """Run ``klock serve`` until interrupted; return the exit status.
+
+    0 after a requested shutdown, 2 when it cannot start (bad option, unusable journal), 3
+    when the kernel stopped by itself (a failed disk): a supervisor should restart it.
+    """
     from klock_async.logging import configure
 
     configure(args.log_level, json=args.log_json)
-    token = args.token if args.token is not None else os.environ.get("KLOCK_TOKEN") or None
+    if args.token is not None:
+        token: str | None = args.token
+    else:
+        token = os.environ.get("KLOCK_TOKEN")
+    if token is not None and not token.strip():
+        return _fail(
+            "an empty token would let anyone in; give a real one (--token or KLOCK_TOKEN), "
+            "or unset KLOCK_TOKEN to run without authentication"
+        )
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         _log.warning(
             "server.unauthenticated",
             host=args.host,
             hint="anyone who reaches this address can take and release leases; set --token",
         )
+    allowed = list(args.allowed_host)
+    if args.host not in ("0.0.0.0", "::", ""):
+        allowed.append(args.host)
+    elif not allowed:
+        _log.warning(
+            "server.loopback_names_only",
+            host=args.host,
+            hint="requests naming this machine by another name or address get 421; list the "
+            "names clients use with --allowed-host",
+        )
     if args.db is not None:
         # Fail fast, with one line instead of a traceback, on a journal that cannot be used.
         import sqlite3
-        import sys
 
         from klock_async.journal import SqliteJournal
 
-        probe = SqliteJournal(args.db, synchronous=args.sync.upper())
+        probe = SqliteJournal(
+            args.db,
+            synchronous=args.sync.upper(),
+            init=args.init,
+            accept_unclosed=args.accept_unclosed,
+        )
         try:
             probe.load()
-        except (OSError, sqlite3.Error) as exc:
-            print(f"klock serve: cannot use --db {args.db}: {exc}", file=sys.stderr)
-            return 2
+        except (OSError, sqlite3.Error, KlockError) as exc:
+            return _fail(f"cannot use --db {args.db}: {exc}")
         finally:
             probe.close()
     app = create_app(
-        db=args.db, token=token, synchronous=args.sync.upper(), max_body_bytes=args.max_body
+        db=args.db,
+        token=token,
+        synchronous=args.sync.upper(),
+        max_body_bytes=args.max_body,
+        allowed_hosts=allowed,
+        retire_after=args.retire_after or None,
+        init=args.init,
     )
-    config = server_config(app, host=args.host, port=args.port)
+    _raise_file_limit(args.max_connections + _SPARE_FILES)
+    config = server_config(
+        app,
+        host=args.host,
+        port=args.port,
+        read_timeout=args.read_timeout,
+        keep_alive=args.keep_alive,
+        max_connections=args.max_connections,
+    )
 
     def announce(url: str) -> None:
         print(f"klock serve: listening on {url}", flush=True)
@@ -1242,4 +1684,11 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C
         return 130
+    except SystemExit as exc:  # uvicorn could not start (its one-line error is logged)
+        if exc.code in (0, None):
+            return 0
+        return 2
+    if server.failure is not None:
+        _fail(f"the kernel stopped: {server.failure}")
+        return 3
     return 0 if server.started else 1

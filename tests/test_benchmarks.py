@@ -46,6 +46,7 @@ ROWS = {
         "4. one global lock",
         "5. edits declared up front",
     ),
+    "validation.py": ("POST /agents", "POST /leases", "POST /intents", "POST /clocks/write"),
     "server.py": (
         "(a) throughput, 50 agents, embedded",
         "(b) throughput, 50 agents, remote (loopback)",

@@ -451,3 +451,70 @@ async def test_release_of_a_file_not_held_says_what_is_held(workspace: Path) -> 
         with pytest.raises(FileToolError, match=not_held):
             await updates.release("src/app.py")
         assert await updates.release("README.md") == ["README.md"]
+
+
+async def test_a_hard_link_is_not_written_through(workspace: Path, tmp_path: Path) -> None:
+    """A file with another name (maybe outside the workspace) is refused for writes, saying why."""
+    outside = tmp_path / "secret.txt"
+    outside.write_text("outside\n", encoding="utf-8")
+    os.link(outside, workspace / "linked.txt")
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        await files.read_file("linked.txt")
+        with pytest.raises(FileToolError, match="hard links"):
+            await files.write_file("linked.txt", "overwritten\n")
+        with pytest.raises(FileToolError, match="hard links"):
+            await files.edit_file("linked.txt", "outside", "changed")
+    assert outside.read_text(encoding="utf-8") == "outside\n"
+
+
+async def test_no_directory_is_made_outside_when_a_component_becomes_a_link(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """A path component swapped for a symlink while the tool waits: no mkdir runs outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (workspace / "sub").mkdir()
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        target = await files.resolve("sub/deeper/deepest/a.txt")
+        (workspace / "sub").rmdir()
+        (workspace / "sub").symlink_to(outside, target_is_directory=True)
+        with pytest.raises(PathOutsideWorkspaceError):
+            await files._write_text(target, "escaped")
+    assert list(outside.iterdir()) == []
+
+
+async def test_new_directories_are_made_one_level_at_a_time(workspace: Path) -> None:
+    """Missing directories above a new file are created, inside the workspace only."""
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        await files.write_file("a/b/c/new.txt", "x")
+        with pytest.raises(FileToolError, match="is a file"):
+            await files.write_file("README.md/under/file.txt", "x")
+    assert (workspace / "a" / "b" / "c" / "new.txt").read_text(encoding="utf-8") == "x"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param("loop", id="symlink-loop"),
+        pytest.param("long", id="name-too-long"),
+    ],
+)
+async def test_os_errors_of_a_path_are_file_tool_errors(workspace: Path, make: str) -> None:
+    """A symlink loop or a 5,000-character name is a FileToolError, not a RuntimeError/OSError."""
+    if make == "loop":
+        (workspace / "loop").symlink_to(workspace / "loop")
+        path = "loop/file.txt"
+    else:
+        path = "x" * 5000
+    async with Klock() as klock:
+        files = WorkspaceFiles(klock, "coder", workspace)
+        for call in (
+            files.read_file(path),
+            files.write_file(path, "x"),
+            files.list_files(path),
+        ):
+            with pytest.raises(FileToolError):
+                await call

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from klock_async import KernelClosedError, Klock
+from klock_async import JournalUnavailableError, Klock
 from klock_async.clocks import VectorClock
 from klock_async.journal import SqliteJournal
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
@@ -86,6 +86,7 @@ async def test_ended_leases_are_trimmed(tmp_path: Path) -> None:
     journal = SqliteJournal(path)
     journal.load()
     for token, lease_id in enumerate(("r", "e", "v", "kept"), start=1):
+        journal.record_agent(AgentInfo("a", 1))
         journal.record_lease(_lease(lease_id, token))
     journal.record_counters(4, 0)
     await journal.commit()
@@ -212,8 +213,8 @@ async def test_one_transaction_per_batch(tmp_path: Path) -> None:
         assert stats.grants == 50
 
 
-async def test_journal_failure_stops_the_kernel(tmp_path: Path) -> None:
-    """When a commit fails, the batch's callers get KernelClosedError, never a grant."""
+async def test_locked_journal_fails_the_batch_and_keeps_the_kernel(tmp_path: Path) -> None:
+    """A commit that finds the file locked fails its batch's callers; later batches go on."""
     path = tmp_path / "k.db"
     journal = SqliteJournal(path, timeout=0)
     async with Klock(backend=Scheduler(journal=journal)) as klock:
@@ -221,14 +222,27 @@ async def test_journal_failure_stops_the_kernel(tmp_path: Path) -> None:
         blocker = sqlite3.connect(path, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:
-            with pytest.raises(KernelClosedError, match="journal"):
+            with pytest.raises(JournalUnavailableError, match="locked"):
                 await agent.acquire("src/x.py", "MUTATES", ttl=30)
-            with pytest.raises(KernelClosedError):
-                await agent.acquire("src/y.py", "MUTATES", ttl=30)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
-    assert _rows(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+        assert list(await klock.leases()) == []  # the grant nobody saw was given back
+        lease = await agent.acquire("src/x.py", "MUTATES", ttl=30)
+        assert lease.token == 2
+    assert _rows(path, "SELECT id, token FROM leases") == [(lease.id, 2)]
+    assert _rows(path, "SELECT id FROM agents") == [("a",)]
+
+
+async def test_unstorable_value_fails_the_batch_and_keeps_the_kernel(tmp_path: Path) -> None:
+    """A value SQLite cannot store (a lone surrogate) fails its batch; the kernel goes on."""
+    path = tmp_path / "k.db"
+    async with Klock(backend=Scheduler(journal=SqliteJournal(path))) as klock:
+        with pytest.raises(JournalUnavailableError, match="cannot be stored"):
+            await klock.register_agent("bad-\ud800")
+        agent = await klock.register_agent("good")
+        await agent.acquire("src/x.py", "MUTATES", ttl=30)
+    assert _rows(path, "SELECT id FROM agents") == [("good",)]
 
 
 @pytest.mark.parametrize(
@@ -256,7 +270,30 @@ async def test_resources_round_trip(tmp_path: Path, resource: str) -> None:
     )
     journal = SqliteJournal(path)
     journal.load()
+    journal.record_agent(AgentInfo("a", 1))
     journal.record_lease(lease)
     await journal.commit()
     journal.close()
     assert _load(path).leases == [lease]
+
+
+async def test_retired_agents_leave_the_journal_and_busy_ones_stay(tmp_path: Path) -> None:
+    """Retiring forgets idle agents (also in the journal) and keeps holders and waiters."""
+    path = tmp_path / "k.db"
+    async with Klock(backend=Scheduler(journal=SqliteJournal(path))) as klock:
+        idle = await klock.register_agent("idle")
+        holder = await klock.register_agent("holder")
+        waiter = await klock.register_agent("waiter")  # never used: idle, but not named
+        older = await klock.register_agent("older", priority=-1)  # older: it waits
+        await holder.acquire("src/held.py", "MUTATES", ttl=30)
+        waiting = asyncio.create_task(older.acquire("src/held.py", "MUTATES", ttl=30))
+        scheduler = klock.backend
+        assert isinstance(scheduler, Scheduler)
+        # A task created after the waiting one posts after it: the request is queued by then.
+        retire = scheduler.retire_idle_agents(["idle", "holder", "older", "nobody"])
+        retired = await asyncio.create_task(retire)
+        assert retired == ("idle",)
+        assert {a.id for a in await klock.agents()} == {"holder", "waiter", "older"}
+        waiting.cancel()
+        del idle, waiter
+    assert sorted(_rows(path, "SELECT id FROM agents")) == [("holder",), ("older",), ("waiter",)]

@@ -329,14 +329,6 @@ def test_priority_out_of_range_is_refused(priority: Any) -> None:
     assert not d.table.agents
 
 
-def test_no_automatic_age_after_the_largest_priority() -> None:
-    """Registering without a priority after one at the int64 maximum is refused clearly."""
-    d = Driver()
-    d.table.register("max", PRIORITY_MAX)
-    with pytest.raises(InvalidRequestError, match="explicit priority"):
-        d.table.register("auto", None)
-
-
 # --- expiry, withdrawal, waiters ---------------------------------------------------------------
 
 

@@ -257,7 +257,7 @@ async def test_token_auth() -> None:
 
 async def test_through_an_httpx_transport() -> None:
     """RemoteBackend(transport=httpx.ASGITransport(app)) talks to an app in this process."""
-    app = create_app()
+    app = create_app(allowed_hosts=["klock"])
     async with app.router.lifespan_context(app):
         backend = RemoteBackend("http://klock", transport=httpx.ASGITransport(app=app))
         async with Klock(backend=backend) as klock:

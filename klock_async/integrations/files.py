@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,7 @@ class WorkspaceFiles:
             )
         given = Path(path.strip())
         candidate = given if given.is_absolute() else self.root / given
-        resolved = Path(await anyio.Path(candidate).resolve())
+        resolved = await _resolved(candidate, path)
         if resolved != self.root and not resolved.is_relative_to(self.root):
             raise PathOutsideWorkspaceError(
                 f"{path!r} is outside the workspace; use a path relative to the workspace root "
@@ -265,7 +266,10 @@ class WorkspaceFiles:
         target = await self._file_target(path)
 
         async def write() -> str:
-            existed = await anyio.Path(target.absolute).exists()
+            try:
+                existed = await anyio.Path(target.absolute).exists()
+            except OSError as exc:
+                raise FileToolError(f"cannot write {target.relative}: {exc.strerror}") from None
             await self._write_text(target, content)
             verb = "overwrote" if existed else "created"
             size = len(content)
@@ -411,7 +415,7 @@ class WorkspaceFiles:
         Raises:
             PathOutsideWorkspaceError: the path now resolves elsewhere.
         """
-        if Path(await anyio.Path(target.absolute).resolve()) != target.absolute:
+        if await _resolved(target.absolute, target.relative) != target.absolute:
             raise PathOutsideWorkspaceError(
                 f"{target.relative} changed into a link while the call waited; nothing was done"
             )
@@ -437,13 +441,72 @@ class WorkspaceFiles:
     async def _write_text(self, target: WorkspacePath, content: str) -> None:
         file = anyio.Path(target.absolute)
         try:
-            await file.parent.mkdir(parents=True, exist_ok=True)
+            # Checked first, then created one level at a time, each level checked as it is
+            # made: a component swapped for a symlink cannot lead a mkdir out of the workspace.
             await self._still_inside(target)
+            await anyio.to_thread.run_sync(_make_parents, self.root, target)
+            await self._still_inside(target)
+            await anyio.to_thread.run_sync(_refuse_hard_link, target)
             await file.write_text(content, encoding=self.encoding)
         except IsADirectoryError:
             raise FileToolError(f"{target.relative} is a directory; name a file") from None
         except OSError as exc:
             raise FileToolError(f"cannot write {target.relative}: {exc.strerror}") from None
+
+
+async def _resolved(path: Path, shown: str) -> Path:
+    """``path`` with every symlink followed; any OS error as a :class:`FileToolError`."""
+    try:
+        return Path(await anyio.Path(path).resolve())
+    except RuntimeError:  # a symlink loop (Python < 3.13)
+        raise FileToolError(f"{shown!r} leads into a loop of symbolic links") from None
+    except OSError as exc:
+        raise FileToolError(f"cannot use the path {shown!r}: {exc.strerror or exc}") from None
+
+
+def _make_parents(root: Path, target: WorkspacePath) -> None:
+    """Create the missing directories above ``target``, one level at a time (worker thread).
+
+    Raises:
+        PathOutsideWorkspaceError: a level is a symbolic link (it could lead out).
+        FileToolError: a level is a file, or cannot be created.
+    """
+    current = root
+    for part in target.absolute.parent.relative_to(root).parts:
+        current = current / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(current)
+        info = os.lstat(current)
+        if stat.S_ISLNK(info.st_mode):
+            raise PathOutsideWorkspaceError(
+                f"{current.relative_to(root).as_posix()} became a symbolic link while the call "
+                "waited; nothing was written"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise FileToolError(
+                f"{current.relative_to(root).as_posix()} is a file, so {target.relative} cannot "
+                "be created under it"
+            )
+
+
+def _refuse_hard_link(target: WorkspacePath) -> None:
+    """Refuse to write a file that has other names (worker thread).
+
+    A hard link in the workspace may be another name of a file outside it: writing through it
+    would change that file.
+
+    Raises:
+        FileToolError: the file has more than one hard link.
+    """
+    try:
+        info = os.lstat(target.absolute)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise FileToolError(
+            f"{target.relative} has {info.st_nlink} hard links: it may be the same file as one "
+            "outside the workspace, so it is not written. Copy it to a file of its own first."
+        )
 
 
 def _list_directory(directory: Path, root: Path, recursive: bool, limit: int) -> list[str]:
