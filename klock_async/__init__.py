@@ -38,6 +38,7 @@ from klock_async.errors import (
     UnauthorizedError,
     UnknownAgentError,
 )
+from klock_async.events import Event, EventStream
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -58,6 +59,8 @@ __all__ = [
     "AgentInfo",
     "BodyTooLargeError",
     "CausalViolationError",
+    "Event",
+    "EventStream",
     "EvictedError",
     "Intent",
     "InvalidFieldError",

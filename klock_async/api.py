@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
-import structlog
 
 from klock_async.backend import Backend
 from klock_async.clocks import IsolationLevel, VectorClock
@@ -30,7 +29,9 @@ from klock_async.errors import (
     LeaseNotFoundError,
     RetriesExhaustedError,
 )
+from klock_async.events import EventStream
 from klock_async.ids import new_session_id
+from klock_async.logging import get_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -46,7 +47,6 @@ from klock_async.model import (
 
 __all__ = ["Agent", "Klock", "Lease", "LeaseBlock", "RetryPolicy", "Session"]
 
-_log = structlog.get_logger("klock_async")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -213,7 +213,7 @@ class Lease:
         if self._state is LeaseState.ACTIVE:
             self._state = state
             if state is not LeaseState.RELEASED:
-                _log.warning(
+                get_logger().warning(
                     "lease.lost",
                     agent=self.agent_id,
                     session=self.session_id,
@@ -758,6 +758,20 @@ class Klock:
     async def statistics(self) -> Statistics:
         """Snapshot of the scheduler's counters."""
         return await self.backend.statistics()
+
+    def events(self, after: int | None = None) -> EventStream:
+        """The kernel's events from now on, as an async iterator of :class:`Event` values.
+
+        ``async with klock.events() as events: async for event in events: ...`` reads every
+        state change (``lease.granted``, ``request.queued``, ...) until the kernel closes. A
+        reader more than the buffer's capacity (4096 events) behind skips ahead and counts
+        the skipped events in ``events.dropped``. ``after`` resumes after the event with that
+        id, from what is still buffered. Events are recorded only while a stream is open.
+
+        Raises:
+            KernelClosedError: the kernel is not started.
+        """
+        return self.backend.events(after)
 
     async def revoke(self, lease_id: str) -> LeaseInfo:
         """Revoke a lease by force; its holder learns it was lost.

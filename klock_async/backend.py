@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.events import EventStream
 from klock_async.model import AgentInfo, Intent, LeaseInfo, Statistics
 
 __all__ = ["Backend", "ClockStatus"]
@@ -115,3 +116,6 @@ class Backend(Protocol):
 
     async def clock_status(self) -> ClockStatus:
         """Tracked paths and the count of non-strict conflicting writes."""
+
+    def events(self, after: int | None = None) -> EventStream:
+        """A stream of the kernel's events from now on, or after the event with id ``after``."""

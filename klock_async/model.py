@@ -26,6 +26,7 @@ __all__ = [
     "ResourceType",
     "Statistics",
     "parse_intents",
+    "to_ms",
     "validate_ttl",
 ]
 
@@ -289,6 +290,11 @@ class LeaseState(IdentityHashEnum):
     RELEASED = "RELEASED"
     EXPIRED = "EXPIRED"
     REVOKED = "REVOKED"
+
+
+def to_ms(seconds: float) -> int:
+    """A duration or an instant in seconds as whole milliseconds: the unit of the wire."""
+    return round(seconds * 1000.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import secrets
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from klock_async.backend import ClockStatus
@@ -34,6 +34,7 @@ from klock_async.errors import (
     TransportError,
     error_from_payload,
 )
+from klock_async.events import Event, EventStream
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -700,6 +701,15 @@ class RemoteBackend:
         )
         return VectorClock(data["clock"])
 
+    def events(self, after: int | None = None) -> EventStream:
+        """The server's events (``GET /events``) from now on, or after the event ``after``.
+
+        The connection opens on the first read; it ends (the iteration stops) when the
+        server shuts down or the connection breaks.
+        """
+        self._check_open()
+        return _RemoteEvents(self, after)
+
     async def clock_status(self) -> ClockStatus:
         """Tracked paths and conflict count.
 
@@ -708,6 +718,80 @@ class RemoteBackend:
         """
         data = await self._call("GET", "/clocks")
         return ClockStatus(tuple(data["tracked_paths"]), int(data["conflict_count"]))
+
+
+class _RemoteEvents(EventStream):
+    """``GET /events`` read as Server-Sent Events, one :class:`Event` per message."""
+
+    def __init__(self, backend: RemoteBackend, after: int | None) -> None:
+        self._backend = backend
+        self._after = after
+        self._client: Any = None
+        self._response: Any = None
+        self._lines: AsyncIterator[str] | None = None
+        self._open = True
+        self.dropped = 0
+
+    async def _connect(self) -> AsyncIterator[str]:
+        import httpx
+
+        backend = self._backend
+        headers = {"Accept": "text/event-stream"}
+        if backend._token:
+            headers["Authorization"] = f"Bearer {backend._token}"
+        if self._after is not None:
+            headers["Last-Event-ID"] = str(self._after)
+        self._client = httpx.AsyncClient(
+            transport=backend._transport,
+            timeout=httpx.Timeout(None, connect=backend._timeout),
+        )
+        try:
+            request = self._client.build_request("GET", backend.url + "/events", headers=headers)
+            self._response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await self.aclose()
+            raise TransportError(f"cannot read events from {backend.url}: {exc}") from exc
+        if self._response.status_code != 200:
+            content = await self._response.aread()
+            await self.aclose()
+            backend._unwrap(self._response.status_code, content, "GET", "/events")
+        self._lines = self._response.aiter_lines()
+        return self._lines
+
+    async def __anext__(self) -> Event:
+        lines = self._lines
+        if lines is None:
+            if not self._open:
+                raise StopAsyncIteration
+            lines = await self._connect()
+        data: list[str] = []
+        try:
+            while True:
+                line = await anext(lines)
+                if line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                elif not line and data:
+                    event = Event.from_dict(json.loads("\n".join(data)))
+                    if self._after is not None and event.id > self._after + 1:
+                        self.dropped += event.id - self._after - 1
+                    self._after = event.id
+                    return event
+        except (StopAsyncIteration, Exception) as exc:
+            await self.aclose()
+            if isinstance(exc, StopAsyncIteration | KlockError):
+                raise StopAsyncIteration from None
+            raise StopAsyncIteration from exc
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        self._open = False
+        self._lines = None
+        response, self._response = self._response, None
+        if response is not None:
+            await response.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
 
 def _segment(lease_id: str) -> str:

@@ -14,15 +14,13 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
-import structlog
-
+from klock_async import events as ev
 from klock_async import rules
 from klock_async.backend import ClockStatus
 from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock, VectorClockManager
@@ -41,7 +39,9 @@ from klock_async.errors import (
     NotLeaseOwnerError,
     UnknownAgentError,
 )
+from klock_async.events import EventBuffer, EventStream
 from klock_async.ids import new_lease_id
+from klock_async.logging import get_logger, info_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -50,12 +50,11 @@ from klock_async.model import (
     Predicate,
     Resource,
     Statistics,
+    to_ms,
     validate_ttl,
 )
 
 __all__ = ["Journal", "RecoveredState", "Scheduler"]
-
-_log = structlog.get_logger("klock_async")
 
 _Future = asyncio.Future
 # A lease's end mark: empty while the lease is active; the actor appends the final state when
@@ -71,46 +70,77 @@ _RELEASED = LeaseState.RELEASED
 _GRANTED = rules.Decision.GRANT
 
 
-def _info_enabled(logger: Any) -> bool:
-    """Whether ``logger`` (a bound structlog logger) keeps INFO events.
+# Events. Every state change goes through _emit (directly or through _lease_event and
+# _request_event): to the log when the application's logging keeps INFO events, to the
+# kernel's event buffer when someone reads it. Callers check Scheduler._observed first, so a
+# kernel nobody watches builds no event at all.
 
-    The actor asks once per batch and skips building the fields of the per-lease events
-    (``lease.granted``, ``lease.released``, ...) that a filtering logger would drop: with
-    logging at WARNING, building them was a fifth of the cost of an acquire+release.
-    """
-    is_enabled_for = getattr(logger, "is_enabled_for", None)
-    return is_enabled_for is None or bool(is_enabled_for(logging.INFO))
+# Event attribute -> the field name the log line uses (agent, session, lease, ...).
+_LOG_KEYS = {
+    "session_id": "session",
+    "lease_id": "lease",
+    "request_id": "request",
+    "blocker_agent_id": "blocker",
+    "blocker_lease_id": "blocker_lease",
+}
 
 
-def _log_lease(event: str, lease: _Lease) -> None:
+def _emit(logger: Any | None, events: EventBuffer, name: str, agent_id: str, **fields: Any) -> None:
+    """Publish one event: to ``logger`` (None: not logged) and to ``events`` when recording."""
+    if logger is not None:
+        logger.info(name, agent=agent_id, **{_LOG_KEYS.get(k, k): v for k, v in fields.items()})
+    if events.recording:
+        events.publish(name, agent_id, **fields)
+
+
+def _lease_event(
+    logger: Any | None, events: EventBuffer, name: str, lease: _Lease, **fields: Any
+) -> None:
     """One per-lease event with the fields every lease event carries."""
-    _log.info(
-        event,
-        agent=lease.agent_id,
-        session=lease.session_id,
+    if lease.request_id:
+        fields["request_id"] = lease.request_id
+    _emit(
+        logger,
+        events,
+        name,
+        lease.agent_id,
+        session_id=lease.session_id,
         resource=str(lease.resource),
         predicate=lease.predicate.value,
         token=lease.token,
-        lease=lease.id,
+        lease_id=lease.id,
+        **fields,
     )
 
 
-def _log_request(event: str, request: _Request, **fields: Any) -> None:
-    """One per-request event: its first intent as resource/predicate, all its resources."""
+def _request_event(
+    logger: Any | None, events: EventBuffer, name: str, request: _Request, **fields: Any
+) -> None:
+    """One per-request event: its first intent as resource/predicate, all of them as intents."""
     first = request.intents[0]
-    _log.info(
-        event,
-        agent=request.agent_id,
-        session=request.session_id,
+    _emit(
+        logger,
+        events,
+        name,
+        request.agent_id,
+        session_id=request.session_id,
         resource=str(first.resource),
         predicate=first.predicate.value,
-        resources=[str(i.resource) for i in request.intents],
+        request_id=request.id,
+        intents=[
+            {"resource": str(i.resource), "predicate": i.predicate.value} for i in request.intents
+        ],
         **fields,
     )
 
 
 # What rules.wait_die answers when nothing blocks (the common case, decided without a call).
 _GRANT: rules.Verdict[Any] = rules.Verdict(rules.Decision.GRANT)
+_ENDED_EVENT = {
+    LeaseState.RELEASED: ev.LEASE_RELEASED,
+    LeaseState.EXPIRED: ev.LEASE_EXPIRED,
+    LeaseState.REVOKED: ev.LEASE_REVOKED,
+}
 _ENDED_COUNTER = {
     LeaseState.RELEASED: "releases",
     LeaseState.EXPIRED: "expiries",
@@ -455,8 +485,11 @@ class Scheduler:
         self._last_token = 0
         self._last_agent_ts = 0
         self._request_ids = itertools.count(1)
-        self._log_leases = True  # _info_enabled(), refreshed at the start of each batch
-        self._logger: Any = None  # the bound logger _log_leases was computed for
+        # The logger that keeps INFO events (None: none does) and whether anything observes
+        # events (that logger, or a reader of _events); both refreshed at each batch's start.
+        self._logger: Any = None
+        self._observed = False
+        self._events = EventBuffer()
         self._counts = dict.fromkeys(
             (
                 "grants",
@@ -550,8 +583,20 @@ class Scheduler:
             if not fut.done():
                 fut.set_exception(error)
         self._outbox.clear()
+        self._events.close()
         if self._journal is not None:
             self._journal.close()
+
+    # ---------------------------------------------------------------- events
+
+    @property
+    def event_buffer(self) -> EventBuffer:
+        """The buffer this kernel publishes its events to (see :mod:`klock_async.events`)."""
+        return self._events
+
+    def events(self, after: int | None = None) -> EventStream:
+        """A stream of this kernel's events from now on, or after the event with id ``after``."""
+        return self._events.stream(after)
 
     def _recover(self, state: RecoveredState) -> None:
         assert self._loop is not None
@@ -613,7 +658,7 @@ class Scheduler:
     def _crashed(self, exc: Exception) -> None:
         # The log output itself may be what failed (e.g. a closed pipe).
         with contextlib.suppress(Exception):
-            _log.error("scheduler.crashed", error=repr(exc))
+            get_logger().error("scheduler.crashed", error=repr(exc))
         error = KernelClosedError(
             f"the klock scheduler stopped on an unexpected error ({exc!r}); the request it "
             "was deciding was not granted, and no lease of this kernel holds any longer. "
@@ -642,9 +687,8 @@ class Scheduler:
                 self._wakeup = _Future(loop=loop)
                 await self._wakeup
                 self._wakeup = None
-            logger = _log.bind()  # the same object each time once structlog caches it
-            if logger is not self._logger:
-                self._logger, self._log_leases = logger, _info_enabled(logger)
+            logger = self._logger = info_logger()
+            self._observed = logger is not None or self._events.recording
             now = self._now = loop.time()  # the batch's time: grants in it count from here
             # The timer fired, or is due and has not run yet (then the leases end before
             # this batch, not after it).
@@ -678,7 +722,7 @@ class Scheduler:
                 self._flush()
 
     def _journal_failed(self, exc: Exception) -> None:
-        _log.error("journal.failed", error=repr(exc))
+        get_logger().error("journal.failed", error=repr(exc))
         error = KernelClosedError(
             f"the journal could not be written ({exc!r}); the kernel stopped and nothing of "
             "its last batch was granted. Fix the database and restart the server."
@@ -1001,7 +1045,8 @@ class Scheduler:
         if self._journal is not None:
             self._journal.record_agent(info)
             self._journal.record_counters(self._last_token, self._last_agent_ts)
-        _log.info("agent.registered", agent=agent.id, ts=agent.ts)
+        if self._observed:
+            _emit(self._logger, self._events, ev.AGENT_REGISTERED, agent.id, ts=agent.ts)
         return info
 
     def _on_acquire(self, msg: _Acquire) -> object:
@@ -1015,8 +1060,8 @@ class Scheduler:
         request = self._queued.get(msg.request_id)
         if request is not None:
             self._unqueue(request)
-            if self._log_leases:
-                _log_request("lease.withdrawn", request)
+            if self._observed:
+                _request_event(self._logger, self._events, ev.REQUEST_WITHDRAWN, request)
             self._reevaluate([i.resource for i in request.intents])
             return _PENDING
         # Granted, but the caller stopped waiting before it saw the answer: give it back.
@@ -1037,6 +1082,7 @@ class Scheduler:
             result = self._clocks.write(str(lease.resource), lease.agent_id, strict=False)
             self._journal_clocks(str(lease.resource), lease.agent_id)
             assert not isinstance(result, StaleWrite)
+            self._written(str(lease.resource), lease.agent_id, result, lease.session_id)
         info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
         self._reevaluate((lease.resource,))
         return info
@@ -1060,6 +1106,8 @@ class Scheduler:
         info = lease.info()
         if self._journal is not None:
             self._journal.record_lease(info)
+        if self._observed:
+            _lease_event(self._logger, self._events, ev.LEASE_HEARTBEATED, lease, ttl_ms=to_ms(ttl))
         return info
 
     def _on_release_session(self, msg: _ReleaseSession) -> int:
@@ -1148,6 +1196,7 @@ class Scheduler:
             self._counts["causal_violations"] += 1
             raise self._violation(result)
         self._journal_clocks(key, msg.agent_id)
+        self._written(key, msg.agent_id, result)
         return result
 
     def _journal_clocks(self, path: str, agent_id: str) -> None:
@@ -1160,14 +1209,37 @@ class Scheduler:
                 self._clocks.conflict_count,
             )
 
+    def _written(
+        self, path: str, agent_id: str, clock: VectorClock, session_id: str | None = None
+    ) -> None:
+        if self._observed:
+            _emit(
+                self._logger,
+                self._events,
+                ev.WRITE_RECORDED,
+                agent_id,
+                session_id=session_id,
+                resource=path,
+                clock=clock.as_dict(),
+            )
+
     def _violation(self, stale: StaleWrite) -> CausalViolationError:
-        _log.warning(
-            "clock.violation",
+        # A refused write is a warning in the log whatever the level of the lease events.
+        get_logger().warning(
+            ev.WRITE_REFUSED,
             agent=stale.agent_id,
             resource=stale.path,
             agent_clock=stale.agent_clock.as_dict(),
             path_clock=stale.path_clock.as_dict(),
         )
+        if self._events.recording:
+            self._events.publish(
+                ev.WRITE_REFUSED,
+                stale.agent_id,
+                resource=stale.path,
+                agent_clock=stale.agent_clock.as_dict(),
+                path_clock=stale.path_clock.as_dict(),
+            )
         return CausalViolationError(
             f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
             f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
@@ -1270,12 +1342,13 @@ class Scheduler:
                 return False
             self._enqueue(request)
             self._counts["waits"] += 1
-            if self._log_leases:
-                _log_request(
-                    "lease.waiting",
+            if self._observed:
+                _request_event(
+                    self._logger,
+                    self._events,
+                    ev.REQUEST_QUEUED,
                     request,
-                    predicates=[i.predicate.value for i in request.intents],
-                    blocker=blocker.agent_id,
+                    blocker_agent_id=blocker.agent_id,
                 )
             # A new older waiter: younger conflicting waiters must now die.
             self._reevaluate([i.resource for i in request.intents])
@@ -1331,8 +1404,8 @@ class Scheduler:
                 reads[lease.id] = self._clocks.clock_of(str(intent.resource))
             if self._journal is not None:
                 self._journal.record_lease(info)
-            if self._log_leases:
-                _log_lease("lease.granted", lease)
+            if self._observed:
+                _lease_event(self._logger, self._events, ev.LEASE_GRANTED, lease, ttl_ms=to_ms(ttl))
         if request.id in self._queued:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
@@ -1352,15 +1425,14 @@ class Scheduler:
             if isinstance(blocker, _Lease) and self._loop is not None
             else 0.05
         )
-        if self._log_leases:
-            _log.info(
-                "lease.died",
-                agent=request.agent_id,
-                session=request.session_id,
-                resource=str(intent.resource),
-                predicate=intent.predicate.value,
-                blocker=blocker.agent_id,
-                blocker_lease=blocker_lease,
+        if self._observed:
+            _request_event(
+                self._logger,
+                self._events,
+                ev.REQUEST_DIED,
+                request,
+                blocker_agent_id=blocker.agent_id,
+                blocker_lease_id=blocker_lease,
             )
         self._fail(
             request.reply,
@@ -1551,8 +1623,8 @@ class Scheduler:
                     del lost[next(iter(lost))]
         lease.ended.append(state)
         self._counts[_ENDED_COUNTER[state]] += 1
-        if self._log_leases:
-            _log_lease(f"lease.{state.value.lower()}", lease)
+        if self._observed:
+            _lease_event(self._logger, self._events, _ENDED_EVENT[state], lease)
         for fut in watchers or ():
             self._reply(fut, info)
         return info

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,6 +50,7 @@ from klock_async.errors import (
     MissingFieldError,
     UnauthorizedError,
 )
+from klock_async.logging import get_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -61,6 +61,7 @@ from klock_async.model import (
     Statistics,
 )
 from klock_async.scheduler import Scheduler
+from klock_async.web import Metrics, events_response, page_response
 
 __all__ = [
     "Server",
@@ -70,7 +71,6 @@ __all__ = [
     "server_config",
 ]
 
-_log = structlog.get_logger("klock_async")
 
 DEFAULT_PORT = 3100
 DEFAULT_TTL_MS = 30_000
@@ -356,66 +356,14 @@ class _HttpMetrics:
         histogram.observe(seconds)
 
 
-def _prometheus(stats: Statistics, conflicts: int, http: _HttpMetrics) -> str:
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, value: float) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name} {value}")
-
-    metric("klock_agents", "gauge", "Registered agents.", stats.agents)
-    metric("klock_leases_active", "gauge", "Active leases.", stats.leases_active)
-    metric("klock_requests_waiting", "gauge", "Requests queued (WAIT).", stats.requests_waiting)
-    metric("klock_long_polls", "gauge", "HTTP long-polls pending.", http.long_polls)
-    metric("klock_grants_total", "counter", "Requests granted.", stats.grants)
-    metric("klock_waits_total", "counter", "Requests that had to wait.", stats.waits)
-    metric("klock_deaths_total", "counter", "Requests refused by Wait-Die.", stats.deaths)
-    metric("klock_releases_total", "counter", "Leases released.", stats.releases)
-    metric("klock_expiries_total", "counter", "Leases expired.", stats.expiries)
-    metric("klock_revocations_total", "counter", "Leases revoked.", stats.revocations)
-    metric(
-        "klock_causal_violations_total",
-        "counter",
-        "Writes refused as stale (strict).",
-        stats.causal_violations,
-    )
-    metric(
-        "klock_clock_conflicts_total",
-        "counter",
-        "Stale writes let through (non-strict).",
-        conflicts,
-    )
-    metric("klock_batches_total", "counter", "Mailbox batches handled.", stats.batches)
-    metric("klock_messages_total", "counter", "Messages handled.", stats.messages)
-    lines.append("# HELP klock_http_requests_total HTTP requests answered.")
-    lines.append("# TYPE klock_http_requests_total counter")
-    for (method, route, status), count in sorted(http.requests.items()):
-        lines.append(
-            f'klock_http_requests_total{{method="{method}",route="{route}",status="{status}"}} '
-            f"{count}"
-        )
-    lines.append("# HELP klock_http_request_duration_seconds Time to answer an HTTP request.")
-    lines.append("# TYPE klock_http_request_duration_seconds histogram")
-    for (method, route), hist in sorted(http.latency.items()):
-        labels = f'method="{method}",route="{route}"'
-        cumulative = 0
-        for bound, count in zip((*_BUCKETS, math.inf), hist.counts, strict=True):
-            cumulative += count
-            le = "+Inf" if bound == math.inf else repr(bound)
-            lines.append(
-                f'klock_http_request_duration_seconds_bucket{{{labels},le="{le}"}} {cumulative}'
-            )
-        lines.append(f"klock_http_request_duration_seconds_sum{{{labels}}} {hist.total}")
-        lines.append(f"klock_http_request_duration_seconds_count{{{labels}}} {hist.count}")
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------------------------
 # The guard: authentication, body size, metrics. A plain ASGI middleware (no per-request task).
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# Answered without a token: the health check, and the page, which holds no data and asks for
+# the token itself.
+_OPEN_PATHS = frozenset(("/health", "/"))
 
 
 class _FrontDoor:
@@ -478,7 +426,7 @@ class _FrontDoor:
         try:
             response = await endpoint(Request(scope, receive, send))
         except Exception as exc:  # a bug: answer 500, keep serving
-            _log.error("server.error", path=scope["path"], error=repr(exc))
+            get_logger().error("server.error", path=scope["path"], error=repr(exc))
             response = _error_response(
                 _RouteError(
                     "internal server error; see the server log", code="internal", status=500
@@ -488,7 +436,7 @@ class _FrontDoor:
 
     def _refuse(self, scope: Scope) -> Response | None:
         expected = self.expected
-        if expected is not None and scope["path"] != "/health":
+        if expected is not None and scope["path"] not in _OPEN_PATHS:
             given = b""
             for name, value in scope["headers"]:
                 if name == b"authorization":
@@ -581,6 +529,7 @@ class _Api:
         self.synchronous = synchronous
         self.max_body_bytes = max_body_bytes
         self.http = _HttpMetrics()
+        self.prometheus = Metrics(self.http, _BUCKETS)
         self.arrivals = _Arrivals()
         # Pending long-polls by client request id, and ids withdrawn before they arrived.
         self._polls: dict[str, asyncio.Task[Any]] = {}
@@ -598,11 +547,12 @@ class _Api:
 
             journal = SqliteJournal(self.db, synchronous=self.synchronous)
         scheduler = Scheduler(journal=journal)
+        scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
         self._scheduler = scheduler
         self._closing = asyncio.get_running_loop().create_future()
         stats = await scheduler.statistics()
-        _log.info(
+        get_logger().info(
             "server.started",
             db=self.db,
             agents=stats.agents,
@@ -614,13 +564,15 @@ class _Api:
         finally:
             self.begin_shutdown()
             await scheduler.aclose()
-            _log.info("server.stopped")
+            get_logger().info("server.stopped")
 
     def begin_shutdown(self) -> None:
         """End pending long-polls (they answer 503 ``kernel_closed``); new ones are refused."""
         closing = self._closing
         if closing is not None and not closing.done():
             closing.set_result(None)
+        if self._scheduler is not None:
+            self._scheduler.event_buffer.close()  # ends the /events streams
 
     @property
     def backend(self) -> Scheduler:
@@ -738,8 +690,13 @@ class _Api:
     async def metrics(self, request: Request) -> Response:
         stats = await self.backend.statistics()
         clocks = await self.backend.clock_status()
-        text = _prometheus(stats, clocks.conflict_count, self.http)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return self.prometheus.response(stats, clocks.conflict_count, self.backend.event_buffer)
+
+    async def events(self, request: Request) -> Response:
+        return events_response(request, self.backend.event_buffer)
+
+    async def page(self, request: Request) -> Response:
+        return page_response()
 
     async def statistics(self, request: Request) -> Response:
         return _ok(_statistics_json(await self.backend.statistics()))
@@ -986,7 +943,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    _log.error("server.error", path=request.url.path, error=repr(exc))
+    get_logger().error("server.error", path=request.url.path, error=repr(exc))
     return _error_response(
         _RouteError("internal server error; see the server log", code="internal", status=500)
     )
@@ -1018,7 +975,9 @@ def create_app(
         raise ValueError("an empty token would let anyone in; pass None for no auth")
     api = _Api(db=db, token=token, synchronous=synchronous, max_body_bytes=max_body_bytes)
     table: list[tuple[str, str, Endpoint]] = [
+        ("GET", "/", api.page),
         ("GET", "/health", api.health),
+        ("GET", "/events", api.events),
         ("GET", "/metrics", api.metrics),
         ("GET", "/statistics", api.statistics),
         ("POST", "/agents", api.register_agent),
@@ -1076,7 +1035,7 @@ class Server(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        _log.info("server.ready", url=self.url)
+        get_logger().info("server.ready", url=self.url)
         if self._on_ready is not None:
             self._on_ready(self.url)
 
@@ -1195,7 +1154,7 @@ def run(args: argparse.Namespace) -> int:
     configure(args.log_level, json=args.log_json)
     token = args.token if args.token is not None else os.environ.get("KLOCK_TOKEN") or None
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        _log.warning(
+        get_logger().warning(
             "server.unauthenticated",
             host=args.host,
             hint="anyone who reaches this address can take and release leases; set --token",

@@ -411,7 +411,7 @@ async def test_protected_retries_and_keeps_the_age() -> None:
             await blocker.release()
             await call
         assert runs == ["young"]
-        died = [e for e in logs if e["event"] == "lease.died"]
+        died = [e for e in logs if e["event"] == "request.died"]
         granted = [e for e in logs if e["event"] == "lease.granted"]
         assert died and all(e["agent"] == "young" and e["blocker"] == "old" for e in died)
         assert [e["agent"] for e in granted] == ["young"]

@@ -45,7 +45,7 @@ def test_demo_log_level_shows_refused_stale_writes() -> None:
     """With --log-level warning, each stale write refused in mode 3 is logged on stderr."""
     result = demo(*SMALL, "--log-level", "warning")
     assert result.returncode == 0, result.stderr
-    assert "clock.violation" in result.stderr
+    assert "write.refused" in result.stderr
     assert "lease.granted" not in result.stderr
 
 

@@ -150,7 +150,7 @@ async def test_violation_that_cannot_be_logged_fails_callers_instead_of_hanging(
     """If the kernel cannot write its log (a closed pipe), callers get KernelClosedError."""
 
     def broken_pipe(logger: object, name: str, event: dict[str, object]) -> dict[str, object]:
-        if event["event"] == "clock.violation":
+        if event["event"] == "write.refused":
             raise BrokenPipeError(32, "Broken pipe")
         raise structlog.DropEvent
 

@@ -863,19 +863,19 @@ async def test_every_state_change_is_logged(klock: Klock) -> None:
     assert by_event["lease.released"][0]["session"] == held.session_id
     assert by_event["lease.revoked"][0]["lease"] == granted.id
     assert by_event["lease.expired"][0]["lease"] == short.id
-    first_wait, second_wait = by_event["lease.waiting"]
+    first_wait, second_wait = by_event["request.queued"]
     assert (first_wait["agent"], first_wait["resource"]) == ("old", "FILE:/f")
     assert (first_wait["predicate"], first_wait["blocker"]) == ("MUTATES", "young")
     assert first_wait["session"] == granted.session_id
     assert (second_wait["resource"], second_wait["predicate"]) == ("FILE:/h", "CONSUMES")
-    (withdrawn,) = by_event["lease.withdrawn"]
+    (withdrawn,) = by_event["request.withdrawn"]
     assert (withdrawn["agent"], withdrawn["resource"], withdrawn["predicate"]) == (
         "old",
         "FILE:/h",
         "CONSUMES",
     )
     assert withdrawn["session"] == second_wait["session"]
-    (died,) = by_event["lease.died"]
+    (died,) = by_event["request.died"]
     assert died["agent"] == "newest"
     assert died["resource"] == "FILE:/f"
     assert died["predicate"] == "CONSUMES"

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serverutil import ThreadServer, serve_in_thread
 
 _names = itertools.count(1)
@@ -298,18 +299,19 @@ def test_clocks(http: httpx.Client) -> None:
 
 
 def test_metrics_in_prometheus_text(http: httpx.Client) -> None:
-    """GET /metrics is Prometheus text with kernel counters and request latency."""
+    """GET /metrics parses with prometheus_client: kernel, HTTP and process metrics."""
     agent_id = register(http)
     lease = ok(http.post("/leases", json=lease_body(agent_id, "/metrics/a")))
     ok(http.delete(f"/leases/{lease['id']}"))
     response = http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    text = response.text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
     values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#") and "{" not in line
+        sample.name: sample.value
+        for family in families.values()
+        for sample in family.samples
+        if not sample.labels
     }
     for name in (
         "klock_leases_active",
@@ -319,15 +321,21 @@ def test_metrics_in_prometheus_text(http: httpx.Client) -> None:
         "klock_deaths_total",
         "klock_expiries_total",
         "klock_causal_violations_total",
+        "klock_events_dropped_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
     ):
-        assert name in values
+        assert name in values, name
     assert values["klock_grants_total"] >= 1
-    assert "# TYPE klock_http_request_duration_seconds histogram" in text
-    assert 'route="/leases/{lease_id}"' in text
-    assert (
-        'klock_http_request_duration_seconds_bucket{method="POST",route="/leases",le="+Inf"}'
-        in text
-    )
+    assert families["klock_http_request_duration_seconds"].type == "histogram"
+    assert "python_gc_collections" in families
+    buckets = {
+        (s.labels["method"], s.labels["route"], s.labels["le"]): s.value
+        for s in families["klock_http_request_duration_seconds"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert buckets[("POST", "/leases", "+Inf")] >= 1
+    assert ("DELETE", "/leases/{lease_id}", "+Inf") in buckets
 
 
 # ------------------------------------------------------------------ bad input changes nothing
