@@ -1124,13 +1124,19 @@ def server_config(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``klock serve``."""
+    from klock_async.cli import log_level, nonempty, port, positive_int
+
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
+        "--port",
+        type=port,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0: any free)",
     )
     parser.add_argument("--db", default=None, help="SQLite journal; without it state is lost")
     parser.add_argument(
         "--token",
+        type=nonempty,
         default=None,
         help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
     )
@@ -1141,9 +1147,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="journal durability: full survives power loss, normal only a process crash",
     )
     parser.add_argument(
-        "--max-body", type=int, default=MAX_BODY_BYTES, help="largest request body in bytes"
+        "--max-body",
+        type=positive_int,
+        default=MAX_BODY_BYTES,
+        help="largest request body in bytes",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-level", type=log_level, default="info", help="debug, info, warning or error"
+    )
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
 
 

@@ -3,7 +3,8 @@
 - ``GET /events``: the kernel's events as Server-Sent Events (``event:`` is the event name,
   ``id:`` its sequence number, ``data:`` its JSON form). A client resumes with
   ``Last-Event-ID`` (or ``?after=ID``) from what the server still buffers; without either the
-  stream starts with the next event. ``?after=0`` replays the whole buffer first.
+  stream starts with the next event. ``?after=0`` replays the whole buffer first; the comment
+  line ``: live`` marks the end of the replayed events.
 - ``GET /``: the live page (one self-contained HTML file shipped in the package: no CDN, no
   build step). It needs no token to load; with ``--token`` it asks for it once and sends it
   in an ``Authorization`` header, never in a URL.
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Metrics", "events_response", "page_response"]
 
+# A comment line after the replayed backlog: what follows happens live (klock status stops here).
+_CAUGHT_UP = b": live\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -73,14 +76,22 @@ def events_response(request: Request, buffer: EventBuffer) -> Response:
     Raises:
         InvalidFieldError: ``Last-Event-ID`` or ``after`` is not a whole number.
     """
-    stream = buffer.stream(_resume_point(request))
+    after = _resume_point(request)
+    backlog = buffer.last_id  # events up to this one were buffered before the request
+    stream = buffer.stream(after)
 
     async def body() -> AsyncIterator[bytes]:
         try:
             # The comment sends the headers at once; retry: how soon a browser reconnects.
             yield b": klock events\nretry: 1000\n\n"
+            caught_up = after is None or after >= backlog
+            if caught_up:
+                yield _CAUGHT_UP
             async for event in stream:
                 yield _sse(event)
+                if not caught_up and event.id >= backlog:
+                    caught_up = True
+                    yield _CAUGHT_UP
         finally:
             await stream.aclose()
 

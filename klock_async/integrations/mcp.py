@@ -50,6 +50,7 @@ try:
 except ImportError as _missing:  # pragma: no cover - depends on the environment
     raise ImportError("klock mcp needs the mcp extra: pip install 'klock-async[mcp]'") from _missing
 
+from klock_async import __version__
 from klock_async.api import Agent, Klock, Lease, RetryPolicy, Session
 from klock_async.clocks import IsolationLevel
 from klock_async.errors import InvalidResourceError, KlockError, LeaseDied, LeaseNotFoundError
@@ -337,7 +338,11 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
     Use it in-process (``mcp.Client(server)``) or over stdio (:func:`serve_stdio`).
     """
     server: MCPServer[Any] = MCPServer(
-        name, instructions=_INSTRUCTIONS, log_level="WARNING", warn_on_duplicate_tools=True
+        name,
+        version=__version__,
+        instructions=_INSTRUCTIONS,
+        log_level="WARNING",
+        warn_on_duplicate_tools=True,
     )
     text_tools: list[tuple[Callable[..., Awaitable[Any]], str]] = [
         (
@@ -515,6 +520,8 @@ async def serve_stdio(args: argparse.Namespace) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``klock mcp``."""
+    from klock_async.cli import log_level, nonempty, port
+
     parser.add_argument(
         "--root", default=".", help="workspace root the file tools work in (default: .)"
     )
@@ -530,11 +537,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="URL of a running 'klock serve' (default: $KLOCK_SERVER_URL, else the local one)",
     )
     parser.add_argument(
-        "--token", default=None, help="bearer token of the server (default: $KLOCK_TOKEN)"
+        "--token",
+        type=nonempty,
+        default=None,
+        help="bearer token of the server (default: $KLOCK_TOKEN)",
     )
     parser.add_argument(
         "--local-port",
-        type=int,
+        type=port,
         default=DEFAULT_LOCAL_PORT,
         help=f"port of the local server found or started without --server (default "
         f"{DEFAULT_LOCAL_PORT})",
@@ -542,7 +552,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ttl", type=float, default=None, help="lease ttl of file tool calls, in seconds"
     )
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-level", type=log_level, default="warning", help="debug, info, warning or error"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,49 @@
+"""Tests for klock_async.status: klock status against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+
+from serverutil import serve_in_thread
+
+from klock_async import Klock
+from klock_async.remote import RemoteBackend
+
+
+async def test_status_shows_holders_waiters_and_the_wait_for_edge() -> None:
+    """klock status prints the holder, the queued waiter and who waits for whom, then exits."""
+    stack = contextlib.ExitStack()
+    running = await asyncio.to_thread(stack.enter_context, serve_in_thread(token="s3cret"))
+    try:
+        async with Klock(backend=RemoteBackend(running.url, token="s3cret")) as klock:
+            old = await klock.register_agent("planner")
+            young = await klock.register_agent("coder")
+            held = await young.acquire("src/auth.py", "MUTATES")
+            waiter = asyncio.create_task(old.acquire("src/auth.py", "MUTATES"))
+            await klock.backend.barrier()  # type: ignore[attr-defined]  # the waiter is queued
+            command = [sys.executable, "-m", "klock_async", "status", "--server", running.url]
+            result = await asyncio.to_thread(
+                subprocess.run,
+                command,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={"KLOCK_TOKEN": "s3cret", "COLUMNS": "200", "PATH": ""},
+            )
+            await held.release()
+            await (await waiter).release()
+    finally:
+        await asyncio.to_thread(stack.close)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "coder MUTATES #1" in out
+    assert "planner MUTATES" in out
+    assert "wait-for graph" in out
+    graph = out[out.index("wait-for graph (derived from events)") :].splitlines()
+    (edge,) = [line for line in graph if line.strip("│ ").startswith("planner")]
+    assert "coder" in edge and "MUTATES FILE:/src/auth.py" in edge
+    assert "grants 1" in out and "waiting 1" in out
