@@ -542,7 +542,7 @@ class Agent(_Acquirer):
     """
 
     def __init__(self, klock: Klock, info: AgentInfo) -> None:
-        super().__init__(klock, info.id)
+        super().__init__(klock, info.agent_id)
         self._info = info
 
     def __repr__(self) -> str:
@@ -551,7 +551,7 @@ class Agent(_Acquirer):
     @property
     def id(self) -> str:
         """The agent id."""
-        return self._info.id
+        return self._info.agent_id
 
     @property
     def ts(self) -> int:
@@ -740,7 +740,7 @@ class Klock:
         from klock_async.errors import UnknownAgentError
 
         for info in await self.backend.agents():
-            if info.id == agent_id:
+            if info.agent_id == agent_id:
                 agent = self._agents[agent_id] = Agent(self, info)
                 return agent
         raise UnknownAgentError(

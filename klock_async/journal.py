@@ -187,7 +187,7 @@ class SqliteJournal:
 
     def record_agent(self, agent: AgentInfo) -> None:
         """Buffer a registered agent."""
-        self._batch.agents[agent.id] = agent
+        self._batch.agents[agent.agent_id] = agent
 
     def record_lease(self, lease: LeaseInfo) -> None:
         """Buffer a granted, extended or ended lease (an ended one is deleted on commit)."""
@@ -297,7 +297,7 @@ class SqliteJournal:
             if batch.agents:
                 db.executemany(
                     "INSERT OR REPLACE INTO agents (id, ts) VALUES (?, ?)",
-                    [(a.id, a.ts) for a in batch.agents.values()],
+                    [(a.agent_id, a.ts) for a in batch.agents.values()],
                 )
             if active:
                 db.executemany(

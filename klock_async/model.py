@@ -319,10 +319,18 @@ class LeaseInfo:
 
 @dataclass(frozen=True, slots=True)
 class AgentInfo:
-    """A registered agent. ``ts`` is its age: lower is older, and it never changes."""
+    """A registered agent. ``ts`` is its age: lower is older, and it never changes.
 
-    id: str
+    ``agent_id`` is the name :class:`LeaseInfo` and the wire use too.
+    """
+
+    agent_id: str
     ts: int
+
+    @property
+    def id(self) -> str:
+        """Deprecated alias of :attr:`agent_id` (its name before 0.2)."""
+        return self.agent_id
 
 
 @dataclass(frozen=True, slots=True)

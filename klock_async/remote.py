@@ -67,8 +67,8 @@ def _lease(data: Mapping[str, Any]) -> LeaseInfo:
         resource=Resource(_TYPES[data["resource_type"]], data["resource_path"]),
         predicate=_PREDICATES[data["predicate"]],
         token=data["token"],
-        ttl=data["ttl"] / 1000.0,
-        expires_at=data.get("expires_at_s") or data["expires_at"] / 1000.0,
+        ttl=data["ttl_ms"] / 1000.0,
+        expires_at=data["expires_at_ms"] / 1000.0,
         state=_STATES[data["state"]],
     )
 
@@ -552,7 +552,7 @@ class RemoteBackend:
                 {"resource": str(intent.resource), "predicate": intent.predicate.value}
                 for intent in intents
             ],
-            "ttl": ttl * 1000.0,
+            "ttl_ms": ttl * 1000.0,
             "wait": wait,
             "timeout_ms": None if timeout is None else timeout * 1000.0,
             "isolation": isolation.value,
@@ -602,7 +602,7 @@ class RemoteBackend:
         if agent_id is not None:
             body["agent_id"] = agent_id
         if ttl is not None:
-            body["ttl"] = validate_ttl(ttl) * 1000.0
+            body["ttl_ms"] = validate_ttl(ttl) * 1000.0
         data = await self._call("POST", f"/leases/{_segment(lease_id)}/heartbeat", body)
         return _lease(data)
 

@@ -118,8 +118,9 @@ def _ms(seconds: float) -> int | float:
 def _lease_json(info: LeaseInfo) -> dict[str, Any]:
     """The JSON form of a lease.
 
-    ``ttl`` and ``expires_at`` are in milliseconds, v1 style (``expires_at`` an integer);
-    ``expires_at_s`` is the same instant in seconds at full precision.
+    Durations and instants are whole milliseconds, named so (``ttl_ms``,
+    ``expires_at_ms``); ``ttl`` and ``expires_at`` are the same values under their Klock v1
+    names (deprecated: kept for v1 clients).
     """
     return {
         "lease_id": info.id,
@@ -131,15 +132,16 @@ def _lease_json(info: LeaseInfo) -> dict[str, Any]:
         "resource_path": info.resource.path,
         "predicate": info.predicate.value,
         "token": info.token,
+        "ttl_ms": _ms(info.ttl),
+        "expires_at_ms": round(info.expires_at * 1000.0),
         "ttl": _ms(info.ttl),
         "expires_at": round(info.expires_at * 1000.0),
-        "expires_at_s": info.expires_at,
         "state": info.state.value,
     }
 
 
 def _agent_json(info: AgentInfo) -> dict[str, Any]:
-    return {"agent_id": info.id, "priority": info.ts, "ts": info.ts}
+    return {"agent_id": info.agent_id, "priority": info.ts, "ts": info.ts}
 
 
 def _statistics_json(stats: Statistics) -> dict[str, Any]:
@@ -190,12 +192,13 @@ def _error_response(error: KlockError, status: int | None = None) -> Response:
         "details": payload,
     }
     # The fields Klock v1 clients read on a refused lease.
+    # (wait_time is in milliseconds, the same value as details.retry_after_ms or wait_time_ms.)
     if isinstance(error, LeaseDied):
         body["reason"] = "DIE"
-        body["wait_time"] = _ms(error.retry_after)
+        body["wait_time"] = payload["retry_after_ms"]
     elif isinstance(error, LeaseWouldWait):
         body["reason"] = "WAIT"
-        body["wait_time"] = _ms(error.wait_time)
+        body["wait_time"] = payload["wait_time_ms"]
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else None
     if isinstance(error, _RouteError):
         status = error._status
@@ -256,12 +259,15 @@ def _number(value: Any, name: str) -> float:
 
 
 def _ttl(body: Mapping[str, Any], default_ms: float | None = DEFAULT_TTL_MS) -> float | None:
-    """The ttl in seconds from a millisecond field."""
-    if body.get("ttl") is None:
+    """The ttl in seconds from ``ttl_ms`` (or ``ttl``, its Klock v1 name; both in ms)."""
+    name = "ttl_ms" if body.get("ttl_ms") is not None else "ttl"
+    if body.get(name) is None:
         return None if default_ms is None else default_ms / 1000.0
-    value = body["ttl"]
+    value = body[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise InvalidTTLError(f"ttl must be a positive number of milliseconds, got {value!r}")
+        raise InvalidTTLError(f"{name} must be a positive number of milliseconds, got {value!r}")
+    if name == "ttl_ms" and body.get("ttl") not in (None, value):
+        raise InvalidTTLError(f"ttl_ms {value!r} and ttl {body['ttl']!r} disagree; send ttl_ms")
     return float(value) / 1000.0
 
 

@@ -418,7 +418,7 @@ async def test_protected_retries_and_keeps_the_age() -> None:
         # Each attempt ran in a fresh session of the same agent, whose age never changed.
         sessions = {e["session"] for e in died} | {granted[0]["session"]}
         assert len(sessions) == len(died) + 1
-        assert [(a.id, a.ts) for a in await klock.agents()] == [
+        assert [(a.agent_id, a.ts) for a in await klock.agents()] == [
             ("old", old.ts),
             ("young", young.ts),
         ]

@@ -251,7 +251,7 @@ async def test_two_clients_editing_one_file_lose_nothing(workspace: Path, tmp_pa
             f"{n} {r}" for n in ("alice", "bob") for r in range(rounds)
         )
         async with Klock.connect(url) as klock:
-            assert {a.id for a in await klock.agents()} == {"alice", "bob"}
+            assert {a.agent_id for a in await klock.agents()} == {"alice", "bob"}
             assert await klock.leases() == []
             assert (await klock.statistics()).causal_violations == sum(results.values())
 
@@ -405,3 +405,29 @@ def test_a_started_local_server_can_be_listed_and_stopped(tmp_path: Path) -> Non
     finally:
         if _is_klock_serve(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_refusal_names_the_file_as_the_grant_does(workspace: Path) -> None:
+    """A lease shows FILE:src/app.py; the Wait-Die refusal on it says FILE:src/app.py too."""
+    async with Klock() as klock:
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        old_tools, young_tools = (
+            AgentTools(klock, old, workspace),
+            AgentTools(klock, young, workspace),
+        )
+        async with Client(create_server(old_tools)) as a, Client(create_server(young_tools)) as b:
+            granted = await a.call_tool(
+                "acquire", {"resource": "src/app.py", "predicate": "MUTATES"}
+            )
+            assert granted.structured_content is not None
+            assert granted.structured_content["resource"] == "FILE:src/app.py"
+            await b.call_tool("acquire", {"resource": "notes.md", "predicate": "MUTATES"})
+            refused = await b.call_tool(
+                "acquire", {"resource": "src/app.py", "predicate": "MUTATES", "wait": False}
+            )
+            assert refused.is_error
+            assert "FILE:src/app.py" in _text(refused)
+            assert str(workspace) not in _text(refused)
+            await a.call_tool("release", {})
+            await b.call_tool("release", {})

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -371,8 +372,9 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
             "directories end in /.",
         ),
     ]
+    root = tools.files.root.as_posix()
     for fn, description in text_tools:
-        server.add_tool(fn, description=description, structured_output=False)
+        server.add_tool(_as_named(fn, root), description=description, structured_output=False)
     lease_tools: list[tuple[Callable[..., Awaitable[Any]], str]] = [
         (
             tools.acquire,
@@ -390,8 +392,25 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
         (tools.list_leases, "List every active lease of every agent; 'mine' marks yours."),
     ]
     for fn, description in lease_tools:
-        server.add_tool(fn, description=description, structured_output=True)
+        server.add_tool(_as_named(fn, root), description=description, structured_output=True)
     return server
+
+
+def _as_named(fn: Callable[..., Awaitable[T]], root: str) -> Callable[..., Awaitable[T]]:
+    """``fn`` with its refusals naming workspace files as its answers do (``FILE:src/a.py``).
+
+    The kernel names a file by its absolute path; the tools answer with the path the agent
+    gave, relative to the workspace root, and so must the refusals.
+    """
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except ToolError as error:
+            raise ToolError(str(error).replace(f"FILE:{root}/", "FILE:")) from None
+
+    return call
 
 
 # --------------------------------------------------------------------------- kernels
