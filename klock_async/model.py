@@ -329,7 +329,7 @@ class AgentInfo:
 
     @property
     def id(self) -> str:
-        """Deprecated alias of :attr:`agent_id` (its name before 0.2)."""
+        """Deprecated alias of :attr:`agent_id` (its earlier name)."""
         return self.agent_id
 
 

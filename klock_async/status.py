@@ -224,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
 def _top(client: _Client, view: View, events: Iterator[dict[str, Any] | None]) -> int:
     refreshed = 0.0
     with Live(view.render(client.url), auto_refresh=False, screen=False) as live:
+        live.refresh()
         for event in events:
             if event is not None:
                 view.apply(event)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ from serverutil import serve_in_thread
 
 from klock_async import Klock
 from klock_async.remote import RemoteBackend
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # the terminal control sequences of a live view
 
 
 async def test_status_shows_holders_waiters_and_the_wait_for_edge() -> None:
@@ -47,3 +50,48 @@ async def test_status_shows_holders_waiters_and_the_wait_for_edge() -> None:
     (edge,) = [line for line in graph if line.strip("│ ").startswith("planner")]
     assert "coder" in edge and "MUTATES FILE:/src/auth.py" in edge
     assert "grants 1" in out and "waiting 1" in out
+
+
+async def test_top_follows_the_events_live() -> None:
+    """klock top shows a waiter that queues after it started, then the hand-over to it."""
+    stack = contextlib.ExitStack()
+    running = await asyncio.to_thread(stack.enter_context, serve_in_thread())
+    top = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "klock_async", "top", "--server", running.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "200", "PATH": ""},
+    )
+    assert top.stdout is not None
+
+    def read_until(*needles: str) -> str:
+        seen = ""
+        assert top.stdout is not None
+        for line in top.stdout:
+            seen += _ANSI.sub("", line)
+            if all(needle in seen for needle in needles):
+                return seen
+        raise AssertionError(f"klock top ended before showing {needles}: {seen}")
+
+    try:
+        await asyncio.to_thread(read_until, "wait-for graph")
+        async with Klock(backend=RemoteBackend(running.url)) as klock:
+            old = await klock.register_agent("planner")
+            young = await klock.register_agent("coder")
+            held = await young.acquire("src/top.py", "MUTATES")
+            waiter = asyncio.create_task(old.acquire("src/top.py", "MUTATES"))
+            shown = await asyncio.to_thread(read_until, "coder MUTATES #1", "planner MUTATES")
+            assert "waiting 1" in shown
+            await held.release()
+            granted = await waiter
+            await asyncio.to_thread(read_until, "planner MUTATES #2")
+            await granted.release()
+    finally:
+        top.terminate()
+        await asyncio.to_thread(top.wait, 30)
+        top.stdout.close()
+        assert top.stderr is not None
+        top.stderr.close()
+        await asyncio.to_thread(stack.close)
