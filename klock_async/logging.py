@@ -45,6 +45,9 @@ class _Silent:
 
 _SILENT = _Silent()
 _STRUCTLOG: Any = structlog.get_logger("klock_async")
+# The structlog logger info_logger() last looked at, and its answer for it: a filtering
+# logger's level is fixed, so the answer holds as long as structlog hands out that object.
+_LAST_INFO: list[Any] = [None, None]
 
 
 def get_logger() -> Any:
@@ -63,8 +66,12 @@ def info_logger() -> Any | None:
     """
     if structlog.is_configured():
         logger = _STRUCTLOG.bind()  # the same object each time once structlog caches it
-        is_enabled_for = getattr(logger, "is_enabled_for", None)
-        return logger if is_enabled_for is None or is_enabled_for(logging.INFO) else None
+        last = _LAST_INFO
+        if logger is not last[0]:
+            is_enabled_for = getattr(logger, "is_enabled_for", None)
+            keeps = is_enabled_for is None or is_enabled_for(logging.INFO)
+            last[:] = [logger, logger if keeps else None]
+        return last[1]
     if _STDLIB.isEnabledFor(logging.INFO) and _STDLIB.hasHandlers():
         return _TO_STDLIB
     return None

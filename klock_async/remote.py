@@ -764,23 +764,23 @@ class _RemoteEvents(EventStream):
             if not self._open:
                 raise StopAsyncIteration
             lines = await self._connect()
+        import httpx
+
         data: list[str] = []
-        try:
-            while True:
+        while True:
+            try:
                 line = await anext(lines)
-                if line.startswith("data:"):
-                    data.append(line[5:].removeprefix(" "))
-                elif not line and data:
-                    event = Event.from_dict(json.loads("\n".join(data)))
-                    if self._after is not None and event.id > self._after + 1:
-                        self.dropped += event.id - self._after - 1
-                    self._after = event.id
-                    return event
-        except (StopAsyncIteration, Exception) as exc:
-            await self.aclose()
-            if isinstance(exc, StopAsyncIteration | KlockError):
+            except (StopAsyncIteration, httpx.HTTPError):  # the server stopped, or the network
+                await self.aclose()
                 raise StopAsyncIteration from None
-            raise StopAsyncIteration from exc
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif not line and data:
+                event = Event.from_dict(json.loads("\n".join(data)))
+                if self._after is not None and event.id > self._after + 1:
+                    self.dropped += event.id - self._after - 1
+                self._after = event.id
+                return event
 
     async def aclose(self) -> None:
         """Close the connection."""
