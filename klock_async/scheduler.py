@@ -1061,7 +1061,9 @@ class Scheduler:
         if request is not None:
             self._unqueue(request)
             if self._observed:
-                _request_event(self._logger, self._events, ev.REQUEST_WITHDRAWN, request)
+                _request_event(
+                    self._logger, self._events, ev.REQUEST_WITHDRAWN, request, reason="caller"
+                )
             self._reevaluate([i.resource for i in request.intents])
             return _PENDING
         # Granted, but the caller stopped waiting before it saw the answer: give it back.
@@ -1133,6 +1135,10 @@ class Scheduler:
             # An evicted agent's queued requests go too: granted later, nobody would use them.
             for request in [r for r in self._queued.values() if r.agent_id == msg.agent_id]:
                 self._unqueue(request)
+                if self._observed:
+                    _request_event(
+                        self._logger, self._events, ev.REQUEST_WITHDRAWN, request, reason="evicted"
+                    )
                 self._fail(
                     request.reply,
                     EvictedError(
@@ -1369,6 +1375,14 @@ class Scheduler:
                     if stale is not None:
                         if request.id in self._queued:
                             self._unqueue(request)
+                            if self._observed:
+                                _request_event(
+                                    self._logger,
+                                    self._events,
+                                    ev.REQUEST_WITHDRAWN,
+                                    request,
+                                    reason="stale_write",
+                                )
                         self._counts["causal_violations"] += 1
                         self._fail(request.reply, self._violation(stale))
                         return False

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from klock_async import CausalViolationError, Event, Klock, LeaseDied, LeaseLostError
+from klock_async import CausalViolationError, Event, Klock, KlockError, LeaseDied, LeaseLostError
 from klock_async.events import EVENT_NAMES, EventBuffer
 from klock_async.scheduler import Scheduler
 
@@ -157,3 +157,26 @@ def test_readers_see_every_event_in_order_or_count_it_dropped(
         assert len(seen) + stream.dropped == published
 
     asyncio.run(scenario())
+
+
+async def test_every_waiter_that_leaves_the_queue_says_why() -> None:
+    """A queued request that is withdrawn or evicted ends in request.withdrawn with a reason."""
+    async with Klock() as klock:
+        events = klock.events()
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        held = await young.acquire("/f", "MUTATES")
+        with pytest.raises(TimeoutError):
+            await old.acquire("/f", "MUTATES", timeout=0.01)
+        waiter = asyncio.create_task(old.acquire("/f", "MUTATES"))
+        await asyncio.create_task(klock.statistics())  # queued
+        await klock.evict("old")
+        with pytest.raises(KlockError):
+            await waiter
+        await held.release()
+        await asyncio.create_task(klock.statistics())
+        await klock.aclose()
+        found = [e async for e in events if e.name.startswith("request.")]
+    queued = [e.request_id for e in found if e.name == "request.queued"]
+    left = {e.request_id: e.data["reason"] for e in found if e.name == "request.withdrawn"}
+    assert left == {queued[0]: "caller", queued[1]: "evicted"}
