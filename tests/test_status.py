@@ -95,3 +95,36 @@ async def test_top_follows_the_events_live() -> None:
         assert top.stderr is not None
         top.stderr.close()
         await asyncio.to_thread(stack.close)
+
+
+def test_the_view_takes_the_servers_wait_for_graph_when_it_has_one() -> None:
+    """With GET /waiters the view shows its edges, not the ones it would derive from events."""
+    from klock_async.status import View
+
+    view = View(agents={"a": 1, "b": 2, "c": 3})
+    view.apply(
+        {
+            "name": "request.queued",
+            "agent_id": "a",
+            "request_id": 9,
+            "intents": [{"resource": "FILE:/x", "predicate": "MUTATES"}],
+            "blocker_agent_id": "c",
+        }
+    )
+    assert [(w["agent_id"], w["waits_for"]) for w in view.waiters()] == [("a", ["c"])]
+    view.served = [
+        {
+            "request_id": 17,
+            "agent_id": "a",
+            "session_id": "s",
+            "age": 42,
+            "intents": [{"resource": "FILE:/src/a.py", "predicate": "MUTATES"}],
+            "waits_for": [
+                {"kind": "lease", "id": "L", "agent_id": "b", "resource": "FILE:/src/a.py"},
+                {"kind": "request", "id": 12, "agent_id": "c"},
+            ],
+        }
+    ]
+    assert [(w["agent_id"], w["waits_for"]) for w in view.waiters()] == [("a", ["b", "c"])]
+    text = str(view.render("http://127.0.0.1:3100").renderables[3].title)
+    assert text == "wait-for graph (GET /waiters)"
