@@ -134,6 +134,18 @@ def _request_event(
     )
 
 
+def _write_refused(events: EventBuffer, stale: StaleWrite) -> None:
+    """The ``write.refused`` event: a warning in the log whatever the level of lease events."""
+    fields = {
+        "resource": stale.path,
+        "agent_clock": stale.agent_clock.as_dict(),
+        "path_clock": stale.path_clock.as_dict(),
+    }
+    get_logger().warning(ev.WRITE_REFUSED, agent=stale.agent_id, **fields)
+    if events.recording:
+        events.publish(ev.WRITE_REFUSED, stale.agent_id, **fields)
+
+
 # What rules.wait_die answers when nothing blocks (the common case, decided without a call).
 _GRANT: rules.Verdict[Any] = rules.Verdict(rules.Decision.GRANT)
 _ENDED_EVENT = {
@@ -1230,22 +1242,7 @@ class Scheduler:
             )
 
     def _violation(self, stale: StaleWrite) -> CausalViolationError:
-        # A refused write is a warning in the log whatever the level of the lease events.
-        get_logger().warning(
-            ev.WRITE_REFUSED,
-            agent=stale.agent_id,
-            resource=stale.path,
-            agent_clock=stale.agent_clock.as_dict(),
-            path_clock=stale.path_clock.as_dict(),
-        )
-        if self._events.recording:
-            self._events.publish(
-                ev.WRITE_REFUSED,
-                stale.agent_id,
-                resource=stale.path,
-                agent_clock=stale.agent_clock.as_dict(),
-                path_clock=stale.path_clock.as_dict(),
-            )
+        _write_refused(self._events, stale)
         return CausalViolationError(
             f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
             f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
