@@ -101,7 +101,7 @@ class View:
             f"leases {len(self.leases)}   waiting {len(waiters)}",
             style="bold",
         )
-        agents = Table(title="agents (lower age is older)", title_justify="left")
+        agents = _table("agents (lower age is older)")
         for column in ("agent", "age", "leases"):
             agents.add_column(column)
         held: dict[str, int] = {}
@@ -109,7 +109,7 @@ class View:
             held[lease["agent_id"]] = held.get(lease["agent_id"], 0) + 1
         for agent_id, ts in sorted(self.agents.items(), key=lambda item: item[1]):
             agents.add_row(agent_id, str(ts), str(held.get(agent_id, 0)))
-        resources = Table(title="resources", title_justify="left")
+        resources = _table("resources")
         for column in ("resource", "held by", "queue (oldest first)"):
             resources.add_column(column)
         slots: dict[str, tuple[list[str], list[str]]] = {}
@@ -124,7 +124,7 @@ class View:
                 )
         for resource, (holders, queue) in sorted(slots.items()):
             resources.add_row(resource, ", ".join(holders), ", ".join(queue))
-        graph = Table(title=f"wait-for graph ({source})", title_justify="left")
+        graph = _table(f"wait-for graph ({source})")
         for column in ("waiter", "waits for", "wants"):
             graph.add_column(column)
         for w in waiters:
@@ -133,8 +133,13 @@ class View:
         return Group(counters, agents, resources, graph)
 
 
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", min_width=len(title))
+
+
 class _Client:
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, prog: str) -> None:
+        self.prog = prog
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
@@ -146,7 +151,7 @@ class _Client:
         body = response.json()
         if response.status_code != 200:
             raise SystemExit(
-                f"klock: {self.url}{path} answered {response.status_code}: "
+                f"{self.prog}: {self.url}{path} answered {response.status_code}: "
                 f"{body.get('error', body)}"
             )
         return body.get("data", body) if isinstance(body, dict) and "success" in body else body
@@ -199,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    client = _Client(args.server, token)
+    client = _Client(args.server, token, f"klock {args.command}")
     view = View()
     try:
         client.load(view)
