@@ -79,7 +79,7 @@ async def run(root: Path, tools_for: dict[str, dict[str, BaseTool]]) -> tuple[in
 
 
 async def main() -> None:
-    configure("error")  # "warning" also logs each refused stale write (clock.violation)
+    configure("error")  # "warning" also logs each refused stale write (write.refused)
     expected = len(AGENTS) * ROUNDS
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
