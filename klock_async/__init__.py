@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         UnknownAgentError,
         UnsupportedMediaTypeError,
     )
+    from klock_async.events import Event, EventStream
     from klock_async.model import (
         AgentInfo,
         Intent,
@@ -86,6 +87,8 @@ __all__ = [
     "AgentInfo",
     "BodyTooLargeError",
     "CausalViolationError",
+    "Event",
+    "EventStream",
     "EvictedError",
     "HostNotAllowedError",
     "Intent",
@@ -144,6 +147,8 @@ _EXPORTS: dict[str, str] = {
     "AgentExistsError": "klock_async.errors",
     "BodyTooLargeError": "klock_async.errors",
     "CausalViolationError": "klock_async.errors",
+    "Event": "klock_async.events",
+    "EventStream": "klock_async.events",
     "EvictedError": "klock_async.errors",
     "HostNotAllowedError": "klock_async.errors",
     "InvalidFieldError": "klock_async.errors",

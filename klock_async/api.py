@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
-import structlog
 
 from klock_async.backend import Backend
 from klock_async.clocks import IsolationLevel, VectorClock
@@ -30,7 +29,9 @@ from klock_async.errors import (
     LeaseNotFoundError,
     RetriesExhaustedError,
 )
+from klock_async.events import EventStream
 from klock_async.ids import new_session_id
+from klock_async.logging import get_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -39,6 +40,7 @@ from klock_async.model import (
     Predicate,
     Resource,
     Statistics,
+    WaiterInfo,
     _intent_of,
     parse_intents,
     validate_ttl,
@@ -46,7 +48,6 @@ from klock_async.model import (
 
 __all__ = ["Agent", "Klock", "Lease", "LeaseBlock", "RetryPolicy", "Session"]
 
-_log = structlog.get_logger("klock_async")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -213,7 +214,7 @@ class Lease:
         if self._state is LeaseState.ACTIVE:
             self._state = state
             if state is not LeaseState.RELEASED:
-                _log.warning(
+                get_logger().warning(
                     "lease.lost",
                     agent=self.agent_id,
                     session=self.session_id,
@@ -310,9 +311,10 @@ async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
 class LeaseBlock:
     """``async with agent.lease(...) as lease``: acquire, keep alive, release.
 
-    While inside, a keeper task heartbeats every ttl/3 and watches for loss. On exit the lease
-    is released (recording a causal write under SERIALIZABLE when the block raised nothing).
-    If the lease was lost while inside and the block raised nothing, exit raises
+    While inside, the lease is heartbeated every ttl/3 (by a keeper task started after the
+    first ttl/3, so a short block costs no task) and watched for loss. On exit the lease is
+    released (recording a causal write under SERIALIZABLE when the block raised nothing). If
+    the lease was lost while inside and the block raised nothing, exit raises
     :class:`LeaseLostError`: the work was not protected.
     """
 
@@ -333,6 +335,7 @@ class LeaseBlock:
         self._heartbeat = heartbeat
         self._leases: list[Lease] = []
         self._keepers: list[asyncio.Task[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> Lease:
         self._leases = await self._owner.acquire_many(
@@ -340,8 +343,12 @@ class LeaseBlock:
         )
         if self._heartbeat:
             loop = asyncio.get_running_loop()
-            self._keepers = [loop.create_task(self._keep(lease)) for lease in self._leases]
+            self._timer = loop.call_later(self._ttl / 3, self._start_keepers, loop)
         return self._leases[0]
+
+    def _start_keepers(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._keepers = [loop.create_task(self._keep(lease)) for lease in self._leases]
 
     @property
     def leases(self) -> list[Lease]:
@@ -353,15 +360,15 @@ class LeaseBlock:
         backend = lease._backend
         while True:
             try:
+                await lease.heartbeat()
+            except LeaseLostError:
+                return
+            try:
                 ended = await backend.wait_ended(lease.id, interval)
             except LeaseNotFoundError:
                 return  # ended between two checks; release() on exit will tell
             if ended is not None:
                 lease._mark(ended.state)
-                return
-            try:
-                await lease.heartbeat()
-            except LeaseLostError:
                 return
 
     async def __aexit__(
@@ -370,6 +377,11 @@ class LeaseBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._keepers and self._release_one_way(clean=exc is None):
+            return  # the common case: a short block, nothing to record, no await
         for keeper in self._keepers:
             keeper.cancel()
         # Shielded: a caller leaving a cancelled anyio scope (move_on_after, fail_after, a task
@@ -378,6 +390,23 @@ class LeaseBlock:
         lost = await _to_completion(self._release(clean=exc is None))
         if lost is not None and exc is None:
             raise lost
+
+    def _release_one_way(self, *, clean: bool) -> bool:
+        """Release every lease without waiting, where the backend can; True when all went.
+
+        A lease that needs an answer (a causal write to record, a lease the backend saw end,
+        a remote backend) is left to :meth:`_release`, which skips those released here.
+        """
+        for lease in self._leases:
+            if lease._state is not _ACTIVE:
+                return False
+            if clean and lease._isolation is _SERIALIZABLE:
+                return False
+            info = lease._info
+            if not lease._backend.release_nowait(info.id, info.agent_id):
+                return False
+            lease._state = _RELEASED
+        return True
 
     async def _release(self, *, clean: bool) -> LeaseLostError | None:
         if self._keepers:
@@ -553,7 +582,7 @@ class Agent(_Acquirer):
     """
 
     def __init__(self, klock: Klock, info: AgentInfo) -> None:
-        super().__init__(klock, info.id)
+        super().__init__(klock, info.agent_id)
         self._info = info
 
     def __repr__(self) -> str:
@@ -562,7 +591,7 @@ class Agent(_Acquirer):
     @property
     def id(self) -> str:
         """The agent id."""
-        return self._info.id
+        return self._info.agent_id
 
     @property
     def ts(self) -> int:
@@ -751,7 +780,7 @@ class Klock:
         from klock_async.errors import UnknownAgentError
 
         for info in await self.backend.agents():
-            if info.id == agent_id:
+            if info.agent_id == agent_id:
                 agent = self._agents[agent_id] = Agent(self, info)
                 return agent
         raise UnknownAgentError(
@@ -769,6 +798,28 @@ class Klock:
     async def statistics(self) -> Statistics:
         """Snapshot of the scheduler's counters."""
         return await self.backend.statistics()
+
+    async def waiters(self) -> list[WaiterInfo]:
+        """The queued requests, oldest first, each with what it waits for.
+
+        Together they are the wait-for graph: a :class:`~klock_async.model.WaitFor` edge
+        points at an active lease or at an older queued request.
+        """
+        return list(await self.backend.waiters())
+
+    def events(self, after: int | None = None) -> EventStream:
+        """The kernel's events from now on, as an async iterator of :class:`Event` values.
+
+        ``async with klock.events() as events: async for event in events: ...`` reads every
+        state change (``lease.granted``, ``request.queued``, ...) until the kernel closes. A
+        reader more than the buffer's capacity (4096 events) behind skips ahead and counts
+        the skipped events in ``events.dropped``. ``after`` resumes after the event with that
+        id, from what is still buffered. Events are recorded only while a stream is open.
+
+        Raises:
+            KernelClosedError: the kernel is not started.
+        """
+        return self.backend.events(after)
 
     async def revoke(self, lease_id: str) -> LeaseInfo:
         """Revoke a lease by force; its holder learns it was lost.

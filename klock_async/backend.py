@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from klock_async.clocks import IsolationLevel, VectorClock
-from klock_async.model import AgentInfo, Intent, LeaseInfo, Statistics
+from klock_async.events import EventStream
+from klock_async.model import AgentInfo, Intent, LeaseInfo, Statistics, WaiterInfo
 
 __all__ = ["Backend", "ClockStatus"]
 
@@ -107,6 +108,9 @@ class Backend(Protocol):
     async def statistics(self) -> Statistics:
         """Snapshot of the counters."""
 
+    async def waiters(self) -> tuple[WaiterInfo, ...]:
+        """Snapshot of the queued requests, oldest first, with what each waits for."""
+
     async def clock_read(self, path: str, agent_id: str) -> VectorClock:
         """Return the path's clock and merge it into the agent's clock."""
 
@@ -115,3 +119,6 @@ class Backend(Protocol):
 
     async def clock_status(self) -> ClockStatus:
         """Tracked paths and the count of non-strict conflicting writes."""
+
+    def events(self, after: int | None = None) -> EventStream:
+        """A stream of the kernel's events from now on, or after the event with id ``after``."""

@@ -208,7 +208,7 @@ class LeaseDied(KlockError):
             "predicate": self.predicate,
             "blocker_agent_id": self.blocker_agent_id,
             "blocker_lease_id": self.blocker_lease_id,
-            "retry_after": self.retry_after,
+            "retry_after_ms": round(self.retry_after * 1000),
         }
 
 
@@ -238,7 +238,7 @@ class LeaseWouldWait(KlockError):
             "agent_id": self.agent_id,
             "resource": self.resource,
             "blocker_agent_id": self.blocker_agent_id,
-            "wait_time": self.wait_time,
+            "wait_time_ms": round(self.wait_time * 1000),
         }
 
 
@@ -397,6 +397,9 @@ def error_from_payload(payload: Mapping[str, Any]) -> KlockError:
     message = str(payload.get("message", "unknown error"))
     cls = _BY_CODE.get(code, KlockError)
     fields = {k: v for k, v in payload.items() if k not in ("code", "message")}
+    # Durations travel as whole milliseconds (``retry_after_ms``); the errors take seconds.
+    for key in [k for k, v in fields.items() if k.endswith("_ms") and isinstance(v, int | float)]:
+        fields[key.removesuffix("_ms")] = fields.pop(key) / 1000.0
     try:
         return cls(message, **fields)
     except TypeError:

@@ -330,8 +330,8 @@ class SqliteJournal:
 
     def record_agent(self, agent: AgentInfo) -> None:
         """Buffer a registered agent."""
-        self._batch.agents[agent.id] = agent
-        self._batch.retired.discard(agent.id)
+        self._batch.agents[agent.agent_id] = agent
+        self._batch.retired.discard(agent.agent_id)
 
     def record_retired(self, agent_id: str) -> None:
         """Buffer the removal of a retired agent (it holds no lease)."""
@@ -499,7 +499,7 @@ class SqliteJournal:
             if batch.agents:
                 db.executemany(
                     "INSERT OR REPLACE INTO agents (id, ts) VALUES (?, ?)",
-                    [(a.id, a.ts) for a in batch.agents.values()],
+                    [(a.agent_id, a.ts) for a in batch.agents.values()],
                 )
             if active:
                 db.executemany(

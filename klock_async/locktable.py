@@ -281,9 +281,10 @@ _new_object = object.__new__
 class _Slot:
     """Everything attached to one resource: its active leases and its queue, oldest first."""
 
-    __slots__ = ("leases", "order", "waiters")
+    __slots__ = ("holding", "leases", "order", "waiters")
 
     def __init__(self) -> None:
+        self.holding = 0  # queued requests of holding units (none: nobody here can die)
         self.leases: dict[str, _Lease] = {}
         # The queue: (age, request id) sorted, and request id -> (request, the predicates it
         # may share this resource with: the intersection over its intents on the resource).
@@ -336,6 +337,8 @@ class LockTable:
     def __init__(self, *, journal: Journal | None = None, observer: Observer | None = None) -> None:
         self.journal = journal
         self.observer = observer
+        # Told of every refused stale write, observed or not (a warning for people).
+        self.on_refused: Callable[[StaleWrite], None] | None = None
         self.answers: list[tuple[Any, Any]] = []
         self.agents: dict[str, _Agent] = {}
         self.units: dict[tuple[str, str], _Unit] = {}
@@ -385,7 +388,7 @@ class LockTable:
     def recover(self, state: RecoveredState, now: float) -> None:
         """Load the state a journal recovered (before any other call)."""
         for agent in state.agents:
-            self.agents[agent.id] = _Agent(agent.id, agent.ts, None)
+            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, None)
         self.last_agent_ts = state.last_agent_ts
         self.last_token = state.last_token
         # Units come back in grant order: their ages are fresh, and older grants stay older.
@@ -557,8 +560,12 @@ class LockTable:
             found.extend([slots[key] for key in below])
         return found
 
-    def _blockers(self, request: Request) -> list[_Lease | Request]:
-        """Conflicting leases of other units, and conflicting older waiters of other units."""
+    def _blockers(self, request: Request, *, every: bool = False) -> list[_Lease | Request]:
+        """Conflicting leases of other units, and conflicting older waiters of other units.
+
+        Decisions need only the oldest blocker: per queue the oldest conflicting waiter is the
+        first one found, and the scan stops there. ``every`` lists them all (the wait-for graph).
+        """
         found: list[_Lease | Request] = []
         agent_id, session_id, ts = request.agent_id, request.session_id, request.ts
         slots, under = self._slots, self._under
@@ -589,6 +596,8 @@ class LockTable:
                     if other.agent_id == agent_id and other.session_id == session_id:
                         continue
                     found.append(other)
+                    if not every:
+                        break  # the queue is sorted: this is its oldest blocker
         return found
 
     def _passed(self, request: Request) -> None:
@@ -600,8 +609,8 @@ class LockTable:
         for intent in request.intents:
             for slot in self._overlapping(intent.resource):
                 order = slot.order
-                if not order or order[-1][0] <= ts:
-                    continue  # nobody younger waits here (the common case)
+                if not slot.holding or order[-1][0] <= ts:
+                    continue  # no holding unit waits here, or none younger (the common cases)
                 waiters = slot.waiters
                 for _, rid in order[bisect.bisect_right(order, (ts, request.id)) :]:
                     other, other_allowed = waiters[rid]
@@ -676,7 +685,7 @@ class LockTable:
         for other in list(unit.queued.values()):
             if other.holding or other.id not in self.queued:
                 continue
-            other.holding = True
+            self._set_holding(other, True)
             verdict = rules.wait_die(other.ts, self._blockers(other))
             if verdict.decision is rules.Decision.DIE:
                 assert verdict.blocker is not None
@@ -691,6 +700,10 @@ class LockTable:
                 if stale is not None:
                     if request.id in self.queued:
                         self._unqueue(request)
+                        if self.observer is not None:
+                            self.observer(
+                                "request.withdrawn", request=request, reason="stale_write"
+                            )
                     self.counts["causal_violations"] += 1
                     self.answers.append((request.reply, self._violation(stale)))
                     return False
@@ -753,7 +766,7 @@ class LockTable:
     def _enqueue(self, request: Request, unit: _Unit) -> None:
         self.queued[request.id] = request
         unit.queued[request.id] = request
-        request.holding = bool(unit.leases)
+        request.holding = holding = bool(unit.leases)
         by_resource: dict[str, list[Predicate]] = {}
         for intent in request.intents:
             by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
@@ -763,6 +776,7 @@ class LockTable:
             if request.id in slot.waiters:
                 continue  # a resource named twice: one entry, the predicates combined
             slot.waiters[request.id] = (request, _allowed(by_resource[intent.resource.key]))
+            slot.holding += holding
             order = slot.order
             if not order or order[-1] < entry:
                 order.append(entry)  # the youngest so far (the common case)
@@ -777,12 +791,21 @@ class LockTable:
         for intent in request.intents:
             slot = self._slots.get(intent.resource.key)
             if slot is not None and slot.waiters.pop(request.id, None) is not None:
+                slot.holding -= request.holding
                 order = slot.order
                 if order[0] == entry:
                     del order[0]  # the oldest leaves (the common case)
                 else:
                     del order[bisect.bisect_left(order, entry)]
                 self._drop_slot_if_empty(intent.resource)
+
+    def _set_holding(self, request: Request, holding: bool) -> None:
+        """Reclassify a queued request (its unit came to hold leases, or let go of all)."""
+        if request.holding is holding:
+            return
+        request.holding = holding
+        for key in {intent.resource.key for intent in request.intents}:
+            self._slots[key].holding += 1 if holding else -1
 
     def _reevaluate(self, resources: Iterable[Resource], now: float) -> None:
         """Re-decide the queues that overlap ``resources``, oldest first, until nothing changes.
@@ -812,15 +835,20 @@ class LockTable:
                     dirty.update((i.resource.key, i.resource) for i in request.intents)
 
     def _redecide(self, request: Request, now: float) -> bool:
-        """Re-decide a queued request; True when it left the queue (granted, died, refused)."""
+        """Re-decide a queued request; True when it left the queue in a way that may free
+        others (it died, or a causal check refused it).
+
+        A grant frees nobody: every waiter its queued entry blocked, its new leases block
+        alike (the same intents on the same resources).
+        """
         blockers = self._blockers(request)
         unit = self.units[(request.agent_id, request.session_id)]
         if not blockers:
-            self._grant(request, unit, now)
-            if self.queued:
+            granted = self._grant(request, unit, now)
+            if granted and self.queued:
                 self._passed(request)
             self._unit_idle(unit)
-            return True
+            return not granted
         if request.holding:
             verdict = rules.wait_die(request.ts, blockers)
             if verdict.decision is rules.Decision.DIE:
@@ -838,7 +866,7 @@ class LockTable:
             self._unqueue(request)
             self._unit_idle(unit)
             if self.observer is not None:
-                self.observer("request.withdrawn", request=request)
+                self.observer("request.withdrawn", request=request, reason="caller")
             self._reevaluate([i.resource for i in request.intents], now)
             return
         # Granted, but the caller stopped waiting before it saw the answer: give it back.
@@ -888,6 +916,7 @@ class LockTable:
             result = self.clocks.write(str(lease.resource), lease.agent_id, strict=False)
             self._journal_clocks(str(lease.resource), lease.agent_id)
             assert not isinstance(result, StaleWrite)
+            self._written(str(lease.resource), lease.agent_id, result, lease.session_id)
         info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
         self._reevaluate((lease.resource,), now)
         return info
@@ -955,6 +984,8 @@ class LockTable:
         leases = [lease for lease in self.leases.values() if lease.agent_id == agent_id]
         for request in [r for r in self.queued.values() if r.agent_id == agent_id]:
             self._unqueue(request)
+            if self.observer is not None:
+                self.observer("request.withdrawn", request=request, reason="evicted")
             self.answers.append(
                 (
                     request.reply,
@@ -1146,7 +1177,7 @@ class LockTable:
                 del self.units[unit.key]
             else:  # its queued requests are empty-handed again: they never die
                 for request in unit.queued.values():
-                    request.holding = False
+                    self._set_holding(request, False)
         watchers = self._watchers.pop(lease_id, None)
         info = None
         if watchers is not None or self.journal is not None or state is not _RELEASED or remember:
@@ -1227,7 +1258,20 @@ class LockTable:
             self.counts["causal_violations"] += 1
             raise self._violation(result)
         self._journal_clocks(key, agent_id)
+        self._written(key, agent_id, result)
         return result
+
+    def _written(
+        self, path: str, agent_id: str, clock: VectorClock, session_id: str | None = None
+    ) -> None:
+        if self.observer is not None:
+            self.observer(
+                "write.recorded",
+                agent=agent_id,
+                session_id=session_id,
+                resource=path,
+                clock=clock.as_dict(),
+            )
 
     def _journal_clocks(self, path: str, agent_id: str) -> None:
         if self.journal is not None:
@@ -1240,14 +1284,8 @@ class LockTable:
             )
 
     def _violation(self, stale: StaleWrite) -> CausalViolationError:
-        if self.observer is not None:
-            self.observer(
-                "write.refused",
-                agent=stale.agent_id,
-                resource=stale.path,
-                agent_clock=stale.agent_clock.as_dict(),
-                path_clock=stale.path_clock.as_dict(),
-            )
+        if self.on_refused is not None:
+            self.on_refused(stale)
         return CausalViolationError(
             f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
             f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
@@ -1299,7 +1337,7 @@ class LockTable:
         found = []
         for request in sorted(self.queued.values(), key=lambda r: (r.ts, r.id)):
             waits_for = []
-            for blocker in self._blockers(request):
+            for blocker in self._blockers(request, every=True):
                 if isinstance(blocker, _Lease):
                     waits_for.append(
                         WaitFor("lease", blocker.id, blocker.agent_id, str(blocker.resource))
@@ -1349,6 +1387,7 @@ class LockTable:
             assert bool(slot.leases or slot.waiters) != (key in self._idle), f"slot {key}"
             assert slot.order == sorted(slot.order)
             assert {rid for _, rid in slot.order} == set(slot.waiters)
+            assert slot.holding == sum(r.holding for r, _ in slot.waiters.values())
             for rid, (request, _) in slot.waiters.items():
                 assert self.queued[rid] is request
                 queued_ids.add(rid)
@@ -1357,7 +1396,7 @@ class LockTable:
         for request in self.queued.values():
             unit = self.units[(request.agent_id, request.session_id)]
             assert unit.queued[request.id] is request and request.ts == unit.age
-            blockers = self._blockers(request)
+            blockers = self._blockers(request, every=True)
             assert blockers, f"request {request.id} waits for nothing"
             if unit.leases:
                 for blocker in blockers:

@@ -35,6 +35,7 @@ __all__ = [
     "WaitFor",
     "WaiterInfo",
     "parse_intents",
+    "to_ms",
     "validate_timeout",
     "validate_ttl",
 ]
@@ -330,6 +331,11 @@ class LeaseState(IdentityHashEnum):
     REVOKED = "REVOKED"
 
 
+def to_ms(seconds: float) -> int:
+    """A duration or an instant in seconds as whole milliseconds: the unit of the wire."""
+    return round(seconds * 1000.0)
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
     """A snapshot of one lease, as the scheduler saw it when it answered.
@@ -352,10 +358,18 @@ class LeaseInfo:
 
 @dataclass(frozen=True, slots=True)
 class AgentInfo:
-    """A registered agent. ``ts`` is its age: lower is older, and it never changes."""
+    """A registered agent. ``ts`` is its age: lower is older, and it never changes.
 
-    id: str
+    ``agent_id`` is the name :class:`LeaseInfo` and the wire use too.
+    """
+
+    agent_id: str
     ts: int
+
+    @property
+    def id(self) -> str:
+        """Deprecated alias of :attr:`agent_id` (its earlier name)."""
+        return self.agent_id
 
 
 @dataclass(frozen=True, slots=True)

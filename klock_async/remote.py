@@ -22,7 +22,7 @@ import secrets
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from klock_async.backend import ClockStatus
@@ -34,6 +34,7 @@ from klock_async.errors import (
     TransportError,
     error_from_payload,
 )
+from klock_async.events import Event, EventStream
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -43,6 +44,9 @@ from klock_async.model import (
     Resource,
     ResourceType,
     Statistics,
+    WaiterInfo,
+    WaitFor,
+    validate_timeout,
     validate_ttl,
 )
 
@@ -67,8 +71,8 @@ def _lease(data: Mapping[str, Any]) -> LeaseInfo:
         resource=Resource(_TYPES[data["resource_type"]], data["resource_path"]),
         predicate=_PREDICATES[data["predicate"]],
         token=data["token"],
-        ttl=data["ttl"] / 1000.0,
-        expires_at=data.get("expires_at_s") or data["expires_at"] / 1000.0,
+        ttl=data["ttl_ms"] / 1000.0,
+        expires_at=data["expires_at_ms"] / 1000.0,
         state=_STATES[data["state"]],
     )
 
@@ -79,6 +83,21 @@ def _dumps(body: Mapping[str, Any]) -> bytes:
 
 def _statistics(data: Mapping[str, Any]) -> Statistics:
     return Statistics(**{name: data[name] for name in Statistics.__dataclass_fields__})
+
+
+def _waiter(data: Mapping[str, Any]) -> WaiterInfo:
+    return WaiterInfo(
+        request_id=int(data["request_id"]),
+        agent_id=str(data["agent_id"]),
+        session_id=str(data["session_id"]),
+        age=int(data["age"]),
+        priority=data["priority"],
+        intents=tuple(Intent.of(i["resource"], i["predicate"]) for i in data["intents"]),
+        waits_for=tuple(
+            WaitFor(str(e["kind"]), e["id"], str(e["agent_id"]), str(e["resource"]))
+            for e in data["waits_for"]
+        ),
+    )
 
 
 class _Http1:
@@ -542,8 +561,7 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         ttl = validate_ttl(ttl)
-        if timeout is not None and not timeout >= 0:
-            raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        timeout = validate_timeout(timeout)
         self._check_open()
         body = {
             "agent_id": agent_id,
@@ -552,7 +570,7 @@ class RemoteBackend:
                 {"resource": str(intent.resource), "predicate": intent.predicate.value}
                 for intent in intents
             ],
-            "ttl": ttl * 1000.0,
+            "ttl_ms": ttl * 1000.0,
             "wait": wait,
             "timeout_ms": None if timeout is None else timeout * 1000.0,
             "isolation": isolation.value,
@@ -602,7 +620,7 @@ class RemoteBackend:
         if agent_id is not None:
             body["agent_id"] = agent_id
         if ttl is not None:
-            body["ttl"] = validate_ttl(ttl) * 1000.0
+            body["ttl_ms"] = validate_ttl(ttl) * 1000.0
         data = await self._call("POST", f"/leases/{_segment(lease_id)}/heartbeat", body)
         return _lease(data)
 
@@ -691,6 +709,15 @@ class RemoteBackend:
         """
         return _statistics(await self._call("GET", "/statistics"))
 
+    async def waiters(self) -> tuple[WaiterInfo, ...]:
+        """Snapshot of the queued requests and what each waits for.
+
+        Raises:
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call("GET", "/waiters")
+        return tuple(_waiter(item) for item in data["waiters"])
+
     async def clock_read(self, path: str, agent_id: str) -> VectorClock:
         """Read a path's clock as an agent; see :class:`~klock_async.backend.Backend`.
 
@@ -715,6 +742,15 @@ class RemoteBackend:
         )
         return VectorClock(data["clock"])
 
+    def events(self, after: int | None = None) -> EventStream:
+        """The server's events (``GET /events``) from now on, or after the event ``after``.
+
+        The connection opens on the first read; it ends (the iteration stops) when the
+        server shuts down or the connection breaks.
+        """
+        self._check_open()
+        return _RemoteEvents(self, after)
+
     async def clock_status(self) -> ClockStatus:
         """Tracked paths and conflict count.
 
@@ -723,6 +759,80 @@ class RemoteBackend:
         """
         data = await self._call("GET", "/clocks")
         return ClockStatus(tuple(data["tracked_paths"]), int(data["conflict_count"]))
+
+
+class _RemoteEvents(EventStream):
+    """``GET /events`` read as Server-Sent Events, one :class:`Event` per message."""
+
+    def __init__(self, backend: RemoteBackend, after: int | None) -> None:
+        self._backend = backend
+        self._after = after
+        self._client: Any = None
+        self._response: Any = None
+        self._lines: AsyncIterator[str] | None = None
+        self._open = True
+        self.dropped = 0
+
+    async def _connect(self) -> AsyncIterator[str]:
+        import httpx
+
+        backend = self._backend
+        headers = {"Accept": "text/event-stream"}
+        if backend._token:
+            headers["Authorization"] = f"Bearer {backend._token}"
+        if self._after is not None:
+            headers["Last-Event-ID"] = str(self._after)
+        self._client = httpx.AsyncClient(
+            transport=backend._transport,
+            timeout=httpx.Timeout(None, connect=backend._timeout),
+        )
+        try:
+            request = self._client.build_request("GET", backend.url + "/events", headers=headers)
+            self._response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await self.aclose()
+            raise TransportError(f"cannot read events from {backend.url}: {exc}") from exc
+        if self._response.status_code != 200:
+            content = await self._response.aread()
+            await self.aclose()
+            backend._unwrap(self._response.status_code, content, "GET", "/events")
+        self._lines = self._response.aiter_lines()
+        return self._lines
+
+    async def __anext__(self) -> Event:
+        lines = self._lines
+        if lines is None:
+            if not self._open:
+                raise StopAsyncIteration
+            lines = await self._connect()
+        import httpx
+
+        data: list[str] = []
+        while True:
+            try:
+                line = await anext(lines)
+            except (StopAsyncIteration, httpx.HTTPError):  # the server stopped, or the network
+                await self.aclose()
+                raise StopAsyncIteration from None
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif not line and data:
+                event = Event.from_dict(json.loads("\n".join(data)))
+                if self._after is not None and event.id > self._after + 1:
+                    self.dropped += event.id - self._after - 1
+                self._after = event.id
+                return event
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        self._open = False
+        self._lines = None
+        response, self._response = self._response, None
+        if response is not None:
+            await response.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
 
 def _segment(lease_id: str) -> str:

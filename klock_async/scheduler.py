@@ -14,17 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import structlog
-
+from klock_async import events as ev
 from klock_async.backend import ClockStatus
-from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock
 from klock_async.errors import (
     AcquireTimeoutError,
     InvalidResourceError,
@@ -32,6 +30,7 @@ from klock_async.errors import (
     KernelClosedError,
     KlockError,
 )
+from klock_async.events import EventBuffer, EventStream
 from klock_async.locktable import (
     _IDLE_SLOTS,
     _LATER_SWEEP,
@@ -39,7 +38,9 @@ from klock_async.locktable import (
     LockTable,
     RecoveredState,
     Request,
+    _Lease,
 )
+from klock_async.logging import get_logger, info_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -47,6 +48,7 @@ from klock_async.model import (
     LeaseState,
     Statistics,
     WaiterInfo,
+    to_ms,
     validate_timeout,
     validate_ttl,
 )
@@ -54,7 +56,6 @@ from klock_async.model import (
 __all__ = ["Journal", "RecoveredState", "Scheduler"]
 __all__ += []  # _IDLE_SLOTS and _LATER_SWEEP are re-exported for the tests
 
-_log = structlog.get_logger("klock_async")
 
 _Future = asyncio.Future
 # A lease's end mark: empty while the lease is active; the table appends the final state when
@@ -69,63 +70,112 @@ _IDLE_SLOTS = _IDLE_SLOTS
 _LATER_SWEEP = _LATER_SWEEP
 
 
-def _info_enabled(logger: Any) -> bool:
-    """Whether ``logger`` (a bound structlog logger) keeps INFO events.
+# Events. Every state change goes through _emit (directly or through _lease_event and
+# _request_event): to the log when the application's logging keeps INFO events, to the
+# kernel's event buffer when someone reads it. Callers check Scheduler._observed first, so a
+# kernel nobody watches builds no event at all.
 
-    The actor asks once per batch and gives the table no observer when the events would be
-    dropped: with logging at WARNING, building their fields was a fifth of the cost of an
-    acquire+release.
-    """
-    is_enabled_for = getattr(logger, "is_enabled_for", None)
-    return is_enabled_for is None or bool(is_enabled_for(logging.INFO))
+# Event attribute -> the field name the log line uses (agent, session, lease, ...).
+_LOG_KEYS = {
+    "session_id": "session",
+    "lease_id": "lease",
+    "request_id": "request",
+    "blocker_agent_id": "blocker",
+    "blocker_lease_id": "blocker_lease",
+}
 
 
-def _log_lease(event: str, lease: Any) -> None:
+def _emit(logger: Any | None, events: EventBuffer, name: str, agent_id: str, **fields: Any) -> None:
+    """Publish one event: to ``logger`` (None: not logged) and to ``events`` when recording."""
+    if logger is not None:
+        logger.info(name, agent=agent_id, **{_LOG_KEYS.get(k, k): v for k, v in fields.items()})
+    if events.recording:
+        events.publish(name, agent_id, **fields)
+
+
+def _lease_event(
+    logger: Any | None, events: EventBuffer, name: str, lease: _Lease, **fields: Any
+) -> None:
     """One per-lease event with the fields every lease event carries."""
-    _log.info(
-        event,
-        agent=lease.agent_id,
-        session=lease.session_id,
+    if lease.request_id:
+        fields["request_id"] = lease.request_id
+    _emit(
+        logger,
+        events,
+        name,
+        lease.agent_id,
+        session_id=lease.session_id,
         resource=str(lease.resource),
         predicate=lease.predicate.value,
         token=lease.token,
-        lease=lease.id,
-    )
-
-
-def _log_request(event: str, request: Request, **fields: Any) -> None:
-    """One per-request event: its first intent as resource/predicate, all its resources."""
-    first = request.intents[0]
-    _log.info(
-        event,
-        agent=request.agent_id,
-        session=request.session_id,
-        resource=str(first.resource),
-        predicate=first.predicate.value,
-        resources=[str(i.resource) for i in request.intents],
-        predicates=[i.predicate.value for i in request.intents],
+        lease_id=lease.id,
         **fields,
     )
 
 
-def _observe(
-    event: str, *, lease: Any = None, request: Request | None = None, **fields: Any
+def _request_event(
+    logger: Any | None, events: EventBuffer, name: str, request: Request, **fields: Any
 ) -> None:
-    """The table's observer: every state change as a structlog event."""
-    if lease is not None:
-        _log_lease(event, lease)
-    elif request is not None:
-        _log_request(event, request, **fields)
-    elif event == "write.refused":
-        _log.warning(event, **fields)
-    else:
-        _log.info(event, **fields)
+    """One per-request event: its first intent as resource/predicate, all of them as intents."""
+    first = request.intents[0]
+    _emit(
+        logger,
+        events,
+        name,
+        request.agent_id,
+        session_id=request.session_id,
+        resource=str(first.resource),
+        predicate=first.predicate.value,
+        request_id=request.id,
+        intents=[
+            {"resource": str(i.resource), "predicate": i.predicate.value} for i in request.intents
+        ],
+        **fields,
+    )
 
 
-def _warn_only(event: str, **fields: Any) -> None:
-    """The observer while INFO is filtered out: only refused stale writes are told."""
-    if event == "write.refused":
-        _log.warning(event, **fields)
+def _write_refused(events: EventBuffer, stale: StaleWrite) -> None:
+    """The ``write.refused`` event: a warning in the log whatever the level of lease events."""
+    fields = {
+        "resource": stale.path,
+        "agent_clock": stale.agent_clock.as_dict(),
+        "path_clock": stale.path_clock.as_dict(),
+    }
+    get_logger().warning(ev.WRITE_REFUSED, agent=stale.agent_id, **fields)
+    if events.recording:
+        events.publish(ev.WRITE_REFUSED, stale.agent_id, **fields)
+
+
+_WITH_TTL = frozenset({ev.LEASE_GRANTED, ev.LEASE_HEARTBEATED})
+
+
+class _Publisher:
+    """The lock table's observer while anything observes: its changes as events.
+
+    The table names its changes (``lease.granted``, ``request.queued``, ...) and passes the
+    lease or request concerned; this turns them into the events of :mod:`klock_async.events`,
+    to the log and to the event buffer.
+    """
+
+    __slots__ = ("events", "logger")
+
+    def __init__(self, events: EventBuffer) -> None:
+        self.events = events
+        self.logger: Any = None
+
+    def __call__(self, name: str, *, lease: Any = None, request: Any = None, **fields: Any) -> None:
+        if lease is not None:
+            if name in _WITH_TTL:
+                fields["ttl_ms"] = to_ms(lease.ttl)
+            _lease_event(self.logger, self.events, name, lease, **fields)
+        elif request is not None:
+            if "blocker" in fields:
+                fields["blocker_agent_id"] = fields.pop("blocker")
+            if "blocker_lease" in fields:
+                fields["blocker_lease_id"] = fields.pop("blocker_lease")
+            _request_event(self.logger, self.events, name, request, **fields)
+        else:
+            _emit(self.logger, self.events, name, fields.pop("agent"), **fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +297,9 @@ class Scheduler:
         self._journal = journal
         self._clock = clock
         self._table = LockTable(journal=journal)
-        self._logger: Any = None  # the bound logger the observer was chosen for
+        self._events = EventBuffer()
+        self._publisher = _Publisher(self._events)
+        self._table.on_refused = lambda stale: _write_refused(self._events, stale)
         # Client side: what the actor granted through this object and has not yet been told
         # released, each with its end mark (see release_nowait). Only client code touches it.
         self._held: dict[str, _Grant] = {}
@@ -324,8 +376,20 @@ class Scheduler:
                 fut.set_exception(error)
         self._mailbox.clear()
         self._outbox.clear()
+        self._events.close()
         if self._journal is not None:
             self._journal.close()
+
+    # ---------------------------------------------------------------- events
+
+    @property
+    def event_buffer(self) -> EventBuffer:
+        """The buffer this kernel publishes its events to (see :mod:`klock_async.events`)."""
+        return self._events
+
+    def events(self, after: int | None = None) -> EventStream:
+        """A stream of this kernel's events from now on, or after the event with id ``after``."""
+        return self._events.stream(after)
 
     # ---------------------------------------------------------------- the actor loop
 
@@ -355,7 +419,7 @@ class Scheduler:
     def _crashed(self, exc: Exception) -> None:
         # The log output itself may be what failed (e.g. a closed pipe).
         with contextlib.suppress(Exception):
-            _log.error("scheduler.crashed", error=repr(exc))
+            get_logger().error("scheduler.crashed", error=repr(exc))
         error = KernelClosedError(
             f"the klock scheduler stopped on an unexpected error ({exc!r}); the request it "
             "was deciding was not granted, and no lease of this kernel holds any longer. "
@@ -390,10 +454,12 @@ class Scheduler:
                 self._wakeup = _Future(loop=loop)
                 await self._wakeup
                 self._wakeup = None
-            logger = _log.bind()  # the same object each time once structlog caches it
-            if logger is not self._logger:
-                self._logger = logger
-                table.observer = _observe if _info_enabled(logger) else _warn_only
+            # Events are built only while something observes them: a logger that keeps INFO
+            # events, or a reader of the event buffer (both looked up once per batch).
+            logger = self._publisher.logger = info_logger()
+            table.observer = (
+                self._publisher if logger is not None or self._events.recording else None
+            )
             now = self._clock()  # the batch's time: grants in it count from here
             if now >= table.armed:
                 table.expire(now)
@@ -462,7 +528,7 @@ class Scheduler:
         the next one, and the grants the failed requests would have seen are given back.
         """
         if isinstance(exc, JournalUnavailableError):
-            _log.warning("journal.unavailable", error=str(exc))
+            get_logger().warning("journal.unavailable", error=str(exc))
             outbox, self._outbox = self._outbox, []
             granted = []
             for fut, value, _ in outbox:
@@ -475,7 +541,7 @@ class Scheduler:
             if self._table.answers:
                 self._answer(self._table.answers)
             return False
-        _log.error("journal.failed", error=str(exc))
+        get_logger().error("journal.failed", error=str(exc))
         error = KernelClosedError(
             f"the journal could not be written: {exc}. The kernel stopped and nothing of its "
             "last batch was granted; restart the server once the database is writable."

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,6 +50,7 @@ from klock_async.errors import (
     MalformedJSONError,
     UnauthorizedError,
 )
+from klock_async.logging import get_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -59,8 +59,10 @@ from klock_async.model import (
     Resource,
     ResourceType,
     Statistics,
+    WaiterInfo,
 )
 from klock_async.scheduler import Scheduler
+from klock_async.web import Metrics, events_response, page_response
 
 __all__ = [
     "Server",
@@ -70,7 +72,6 @@ __all__ = [
     "server_config",
 ]
 
-_log = structlog.get_logger("klock_async")
 
 DEFAULT_PORT = 3100
 DEFAULT_TTL_MS = 30_000
@@ -118,8 +119,9 @@ def _ms(seconds: float) -> int | float:
 def _lease_json(info: LeaseInfo) -> dict[str, Any]:
     """The JSON form of a lease.
 
-    ``ttl`` and ``expires_at`` are in milliseconds, v1 style (``expires_at`` an integer);
-    ``expires_at_s`` is the same instant in seconds at full precision.
+    Durations and instants are whole milliseconds, named so (``ttl_ms``,
+    ``expires_at_ms``); ``ttl`` and ``expires_at`` are the same values under their Klock v1
+    names (deprecated: kept for v1 clients).
     """
     return {
         "lease_id": info.id,
@@ -131,15 +133,33 @@ def _lease_json(info: LeaseInfo) -> dict[str, Any]:
         "resource_path": info.resource.path,
         "predicate": info.predicate.value,
         "token": info.token,
+        "ttl_ms": _ms(info.ttl),
+        "expires_at_ms": round(info.expires_at * 1000.0),
         "ttl": _ms(info.ttl),
         "expires_at": round(info.expires_at * 1000.0),
-        "expires_at_s": info.expires_at,
         "state": info.state.value,
     }
 
 
 def _agent_json(info: AgentInfo) -> dict[str, Any]:
-    return {"agent_id": info.id, "priority": info.ts, "ts": info.ts}
+    return {"agent_id": info.agent_id, "priority": info.ts, "ts": info.ts}
+
+
+def _waiter_json(info: WaiterInfo) -> dict[str, Any]:
+    return {
+        "request_id": info.request_id,
+        "agent_id": info.agent_id,
+        "session_id": info.session_id,
+        "age": info.age,
+        "priority": info.priority,
+        "intents": [
+            {"resource": str(i.resource), "predicate": i.predicate.value} for i in info.intents
+        ],
+        "waits_for": [
+            {"kind": e.kind, "id": e.id, "agent_id": e.agent_id, "resource": e.resource}
+            for e in info.waits_for
+        ],
+    }
 
 
 def _statistics_json(stats: Statistics) -> dict[str, Any]:
@@ -188,7 +208,7 @@ def _paged(items: list[Any], cursor: str | None) -> Response:
 
 
 def _agent_key(info: AgentInfo) -> tuple[int, str]:
-    return (info.ts, info.id)
+    return (info.ts, info.agent_id)
 
 
 def _agent_cursor(value: str | None) -> tuple[int, str] | None:
@@ -219,12 +239,13 @@ def _error_response(error: KlockError, status: int | None = None) -> Response:
         "details": payload,
     }
     # The fields Klock v1 clients read on a refused lease.
+    # (wait_time is in milliseconds, the same value as details.retry_after_ms or wait_time_ms.)
     if isinstance(error, LeaseDied):
         body["reason"] = "DIE"
-        body["wait_time"] = _ms(error.retry_after)
+        body["wait_time"] = payload["retry_after_ms"]
     elif isinstance(error, LeaseWouldWait):
         body["reason"] = "WAIT"
-        body["wait_time"] = _ms(error.wait_time)
+        body["wait_time"] = payload["wait_time_ms"]
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else None
     if isinstance(error, _RouteError):
         status = error._status
@@ -370,66 +391,14 @@ class _HttpMetrics:
         histogram.observe(seconds)
 
 
-def _prometheus(stats: Statistics, conflicts: int, http: _HttpMetrics) -> str:
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, value: float) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name} {value}")
-
-    metric("klock_agents", "gauge", "Registered agents.", stats.agents)
-    metric("klock_leases_active", "gauge", "Active leases.", stats.leases_active)
-    metric("klock_requests_waiting", "gauge", "Requests queued (WAIT).", stats.requests_waiting)
-    metric("klock_long_polls", "gauge", "HTTP long-polls pending.", http.long_polls)
-    metric("klock_grants_total", "counter", "Requests granted.", stats.grants)
-    metric("klock_waits_total", "counter", "Requests that had to wait.", stats.waits)
-    metric("klock_deaths_total", "counter", "Requests refused by Wait-Die.", stats.deaths)
-    metric("klock_releases_total", "counter", "Leases released.", stats.releases)
-    metric("klock_expiries_total", "counter", "Leases expired.", stats.expiries)
-    metric("klock_revocations_total", "counter", "Leases revoked.", stats.revocations)
-    metric(
-        "klock_causal_violations_total",
-        "counter",
-        "Writes refused as stale (strict).",
-        stats.causal_violations,
-    )
-    metric(
-        "klock_clock_conflicts_total",
-        "counter",
-        "Stale writes let through (non-strict).",
-        conflicts,
-    )
-    metric("klock_batches_total", "counter", "Mailbox batches handled.", stats.batches)
-    metric("klock_messages_total", "counter", "Messages handled.", stats.messages)
-    lines.append("# HELP klock_http_requests_total HTTP requests answered.")
-    lines.append("# TYPE klock_http_requests_total counter")
-    for (method, route, status), count in sorted(http.requests.items()):
-        lines.append(
-            f'klock_http_requests_total{{method="{method}",route="{route}",status="{status}"}} '
-            f"{count}"
-        )
-    lines.append("# HELP klock_http_request_duration_seconds Time to answer an HTTP request.")
-    lines.append("# TYPE klock_http_request_duration_seconds histogram")
-    for (method, route), hist in sorted(http.latency.items()):
-        labels = f'method="{method}",route="{route}"'
-        cumulative = 0
-        for bound, count in zip((*_BUCKETS, math.inf), hist.counts, strict=True):
-            cumulative += count
-            le = "+Inf" if bound == math.inf else repr(bound)
-            lines.append(
-                f'klock_http_request_duration_seconds_bucket{{{labels},le="{le}"}} {cumulative}'
-            )
-        lines.append(f"klock_http_request_duration_seconds_sum{{{labels}}} {hist.total}")
-        lines.append(f"klock_http_request_duration_seconds_count{{{labels}}} {hist.count}")
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------------------------
 # The guard: authentication, body size, metrics. A plain ASGI middleware (no per-request task).
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# Answered without a token: the health check, and the page, which holds no data and asks for
+# the token itself.
+_OPEN_PATHS = frozenset(("/health", "/"))
 
 
 class _FrontDoor:
@@ -493,7 +462,7 @@ class _FrontDoor:
         try:
             response = await endpoint(Request(scope, receive, send))
         except Exception as exc:  # a bug: answer 500, keep serving
-            _log.error("server.error", path=scope["path"], error=repr(exc))
+            get_logger().error("server.error", path=scope["path"], error=repr(exc))
             response = _error_response(
                 _RouteError(
                     "internal server error; see the server log", code="internal", status=500
@@ -506,7 +475,7 @@ class _FrontDoor:
         if refusal is not None:
             return _error_response(refusal)
         expected = self.expected
-        if expected is not None and scope["path"] != "/health":
+        if expected is not None and scope["path"] not in _OPEN_PATHS:
             given = b""
             for name, value in scope["headers"]:
                 if name == b"authorization":
@@ -617,6 +586,7 @@ class _Api:
         self.synchronous = synchronous
         self.max_body_bytes = max_body_bytes
         self.http = _HttpMetrics()
+        self.prometheus = Metrics(self.http, _BUCKETS)
         self.arrivals = _Arrivals()
         # Pending long-polls by client request id, and ids withdrawn before they arrived.
         self._polls: dict[str, asyncio.Task[Any]] = {}
@@ -635,6 +605,7 @@ class _Api:
 
             journal = SqliteJournal(self.db, synchronous=self.synchronous, init=self.init)
         scheduler = Scheduler(journal=journal)
+        scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
         self._scheduler = scheduler
         loop = asyncio.get_running_loop()
@@ -644,9 +615,9 @@ class _Api:
         if self.retire_after is not None:
             now = loop.time()
             for agent in await scheduler.agents():
-                self._seen[agent.id] = now
+                self._seen[agent.agent_id] = now
             self._arm_retirement()
-        _log.info(
+        get_logger().info(
             "server.started",
             db=self.db,
             generation=None if journal is None else journal.generation,
@@ -662,7 +633,7 @@ class _Api:
                 self._retire_timer.cancel()
             watcher.cancel()
             await scheduler.aclose()
-            _log.info("server.stopped")
+            get_logger().info("server.stopped")
 
     async def _watch_kernel(self, scheduler: Scheduler) -> None:
         """Report a kernel that stopped by itself (a failed disk, a bug): the process must end."""
@@ -674,7 +645,7 @@ class _Api:
             return  # a shutdown we asked for
         reason = str(scheduler.failure or "the scheduler stopped on an unexpected error")
         self.dead = reason
-        _log.error("server.kernel_died", reason=reason)
+        get_logger().error("server.kernel_died", reason=reason)
         if self.on_dead is not None:
             self.on_dead(reason)
 
@@ -729,6 +700,8 @@ class _Api:
         closing = self._closing
         if closing is not None and not closing.done():
             closing.set_result(None)
+        if self._scheduler is not None:
+            self._scheduler.event_buffer.close()  # ends the /events streams
 
     @property
     def backend(self) -> Scheduler:
@@ -844,11 +817,19 @@ class _Api:
     async def metrics(self, request: Request) -> Response:
         stats = await self.backend.statistics()
         clocks = await self.backend.clock_status()
-        text = _prometheus(stats, clocks.conflict_count, self.http)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return self.prometheus.response(stats, clocks.conflict_count, self.backend.event_buffer)
+
+    async def events(self, request: Request) -> Response:
+        return events_response(request, self.backend.event_buffer)
+
+    async def page(self, request: Request) -> Response:
+        return page_response()
 
     async def statistics(self, request: Request) -> Response:
         return _ok(_statistics_json(await self.backend.statistics()))
+
+    async def waiters(self, request: Request) -> Response:
+        return _ok({"waiters": [_waiter_json(w) for w in await self.backend.waiters()]})
 
     async def openapi(self, request: Request) -> Response:
         from klock_async import __version__
@@ -1185,7 +1166,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    _log.error("server.error", path=request.url.path, error=repr(exc))
+    get_logger().error("server.error", path=request.url.path, error=repr(exc))
     return _error_response(
         _RouteError("internal server error; see the server log", code="internal", status=500)
     )
@@ -1236,9 +1217,12 @@ def create_app(
         init=init,
     )
     table: list[tuple[str, str, Endpoint]] = [
+        ("GET", "/", api.page),
         ("GET", "/health", api.health),
+        ("GET", "/events", api.events),
         ("GET", "/metrics", api.metrics),
         ("GET", "/statistics", api.statistics),
+        ("GET", "/waiters", api.waiters),
         ("POST", "/agents", api.register_agent),
         ("GET", "/agents", api.list_agents),
         ("POST", "/leases", api.acquire),
@@ -1303,7 +1287,7 @@ class Server(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        _log.info("server.ready", url=self.url)
+        get_logger().info("server.ready", url=self.url)
         if self._on_ready is not None:
             self._on_ready(self.url)
 
@@ -1393,7 +1377,7 @@ def _http_protocol(
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools is not installed
-        _log.warning(
+        get_logger().warning(
             "server.no_httptools",
             hint="install httptools (the server extra) for read timeouts and connection limits",
         )
@@ -1501,9 +1485,14 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``klock serve``."""
+    from klock_async.cli import log_level, nonempty, port
+
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)"
+        "--port",
+        type=port,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0: any free)",
     )
     parser.add_argument("--db", default=None, help="SQLite journal; without it state is lost")
     parser.add_argument(
@@ -1518,6 +1507,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token",
+        type=nonempty,
         default=None,
         help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
     )
@@ -1566,7 +1556,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds after which an idle agent (no lease, no request) is forgotten "
         f"(default {RETIRE_AFTER:g}; 0: never)",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-level", type=log_level, default="info", help="debug, info, warning or error"
+    )
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
 
 
@@ -1594,7 +1586,7 @@ def _raise_file_limit(needed: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft < needed:
-            _log.warning(
+            get_logger().warning(
                 "server.file_limit",
                 limit=soft,
                 max_connections=needed - _SPARE_FILES,
@@ -1624,7 +1616,7 @@ def run(args: argparse.Namespace) -> int:
             "or unset KLOCK_TOKEN to run without authentication"
         )
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        _log.warning(
+        get_logger().warning(
             "server.unauthenticated",
             host=args.host,
             hint="anyone who reaches this address can take and release leases; set --token",
@@ -1633,7 +1625,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("0.0.0.0", "::", ""):
         allowed.append(args.host)
     elif not allowed:
-        _log.warning(
+        get_logger().warning(
             "server.loopback_names_only",
             host=args.host,
             hint="requests naming this machine by another name or address get 421; list the "

@@ -132,7 +132,8 @@ INTENT_FIELDS = frozenset(_INTENT["properties"])
 _ACQUIRE_COMMON: dict[str, Any] = {
     "agent_id": _ID,
     "session_id": _OPTIONAL_ID,
-    "ttl": _TTL,
+    "ttl_ms": _TTL,
+    "ttl": {**_TTL, "description": "milliseconds (the Klock v1 name of ttl_ms)"},
     "wait": _FLAG,
     "timeout_ms": _TIMEOUT,
     "isolation": {**_NAME, "type": ["string", "null"]},
@@ -203,7 +204,8 @@ BODIES: dict[str, Body] = {
     "POST /leases/{lease_id}/heartbeat": Body(
         {
             "agent_id": _OPTIONAL_ID,
-            "ttl": _TTL,
+            "ttl_ms": _TTL,
+            "ttl": {**_TTL, "description": "milliseconds (the Klock v1 name of ttl_ms)"},
             "lease_id": {**_OPTIONAL_ID, "description": "v1 clients repeat the path's id"},
         },
         optional=True,
@@ -451,21 +453,26 @@ def priority(body: Mapping[str, Any]) -> int | None:
 
 
 def ttl(body: Mapping[str, Any], default_ms: float | None) -> float | None:
-    """The ttl in seconds from the millisecond field ``ttl`` (``default_ms`` when absent).
+    """The ttl in seconds from ``ttl_ms`` (or ``ttl``, its Klock v1 name; both in ms).
+
+    ``default_ms`` when neither is given.
 
     Raises:
-        InvalidTTLError: not a number in (0, MAX_TTL_MS].
+        InvalidTTLError: not a number in (0, MAX_TTL_MS], or ``ttl_ms`` and ``ttl`` disagree.
     """
-    if body.get("ttl") is None:
+    name = "ttl_ms" if body.get("ttl_ms") is not None else "ttl"
+    if body.get(name) is None:
         return None if default_ms is None else default_ms / 1000.0
-    value = body["ttl"]
+    value = body[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise InvalidTTLError(f"ttl must be a positive number of milliseconds, got {value!r}")
+        raise InvalidTTLError(f"{name} must be a positive number of milliseconds, got {value!r}")
     if value > MAX_TTL_MS:
         raise InvalidTTLError(
-            f"ttl must be at most {MAX_TTL_MS} ms (one day), got {shorten(value)}; heartbeat "
+            f"{name} must be at most {MAX_TTL_MS} ms (one day), got {shorten(value)}; heartbeat "
             "the lease to hold it longer"
         )
+    if name == "ttl_ms" and body.get("ttl") not in (None, value):
+        raise InvalidTTLError(f"ttl_ms {value!r} and ttl {body['ttl']!r} disagree; send ttl_ms")
     return float(value) / 1000.0
 
 

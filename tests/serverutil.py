@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,16 @@ class ThreadServer:
 
 
 @contextlib.contextmanager
-def serve_in_thread(**app_options: Any) -> Iterator[ThreadServer]:
-    """Run ``create_app(**app_options)`` under uvicorn on 127.0.0.1, port chosen by the OS."""
+def serve_in_thread(
+    wrap: Callable[[Any], Any] | None = None, **app_options: Any
+) -> Iterator[ThreadServer]:
+    """Run ``create_app(**app_options)`` under uvicorn on 127.0.0.1, port chosen by the OS.
+
+    ``wrap``, when given, is applied to the app (an ASGI middleware of the test's own).
+    """
     app = create_app(**app_options)
+    if wrap is not None:
+        app = wrap(app)
     config = server_config(app, port=0)
     ready: queue.Queue[str] = queue.Queue()
     server = Server(config, on_ready=ready.put)

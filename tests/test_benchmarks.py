@@ -33,6 +33,8 @@ ROWS = {
         "(d) hand-off: release -> waiter running",
         "(e) acquire+release, 100 other leases",
         "acquire+release, 2,000 other leases",
+        "(f) acquire+release, logging unconfigured",
+        "acquire+release, an events() reader",
     ),
     "hooks.py": (
         "(a) floor: python -c pass",
@@ -74,7 +76,7 @@ def test_benchmark_prints_its_table(script: Path, tmp_path: Path) -> None:
 
 
 def test_kernel_benchmark_judges_each_target() -> None:
-    """The kernel table prints PASS or MISS for each of its four targets."""
+    """The kernel table prints PASS or MISS for each of its five targets."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel.py"), "--quick", "--reps", "1"],
         capture_output=True,
@@ -83,7 +85,7 @@ def test_kernel_benchmark_judges_each_target() -> None:
         check=True,
     )
     verdicts = [line for line in result.stdout.splitlines() if line.endswith(("PASS", "MISS"))]
-    assert len(verdicts) == 4, result.stdout
+    assert len(verdicts) == 5, result.stdout
 
 
 def test_contention_benchmark_judges_each_target() -> None:

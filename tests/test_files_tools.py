@@ -57,7 +57,7 @@ async def test_read_write_edit_list_round_trip(workspace: Path) -> None:
             "src/new/mod.py",
         ]
         assert await klock.leases() == []
-        assert [a.id for a in await klock.agents()] == ["coder"]
+        assert [a.agent_id for a in await klock.agents()] == ["coder"]
 
 
 async def test_stale_write_is_refused_with_a_reread_message(workspace: Path) -> None:

@@ -73,7 +73,7 @@ async def test_committed_batch_is_read_back(tmp_path: Path) -> None:
     again = SqliteJournal(path)
     state = again.load()
     again.close()
-    assert sorted(state.agents, key=lambda a: a.id) == [AgentInfo("a", 1), AgentInfo("b", 7)]
+    assert sorted(state.agents, key=lambda a: a.agent_id) == [AgentInfo("a", 1), AgentInfo("b", 7)]
     assert state.leases == [_lease("x", 1), _lease("y", 2)]
     assert (state.last_token, state.last_agent_ts, state.conflict_count) == (2, 1, 3)
     assert state.path_clocks == {"FILE:/p": {"a": 1}, "FILE:/q": {"b": 2}}

@@ -242,7 +242,7 @@ async def test_decorated_async_tools_serialise_concurrent_calls() -> None:
         await asyncio.gather(*(agent(tool) for tool in tools))
         assert counter.value == 60
         assert await klock.leases() == []
-        assert {a.id for a in await klock.agents()} == {f"agent-{n}" for n in range(6)}
+        assert {a.agent_id for a in await klock.agents()} == {f"agent-{n}" for n in range(6)}
 
 
 def _make_sync_tool(klock: Any, agent: str, path: Path, **options: Any) -> BaseTool:

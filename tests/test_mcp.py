@@ -8,6 +8,7 @@ a real ``klock serve`` child process on a free loopback port.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -326,7 +327,7 @@ async def test_two_clients_editing_one_file_lose_nothing(workspace: Path, tmp_pa
             f"{n} {r}" for n in ("alice", "bob") for r in range(rounds)
         )
         async with Klock.connect(url) as klock:
-            assert {a.id for a in await klock.agents()} == {"alice", "bob"}
+            assert {a.agent_id for a in await klock.agents()} == {"alice", "bob"}
             assert await klock.leases() == []
             assert (await klock.statistics()).causal_violations == sum(results.values())
 
@@ -444,3 +445,88 @@ def test_a_missing_mcp_sdk_is_a_clear_error() -> None:
     )
     assert result.returncode == 2
     assert "pip install 'klock-async[mcp]'" in result.stderr
+
+
+async def test_the_server_reports_the_package_version() -> None:
+    """The MCP initialize answer names the server klock and its version the package's."""
+    from klock_async import __version__
+
+    async with Klock() as klock:
+        agent = await klock.register_agent("coder")
+        tools = AgentTools(klock, agent, Path("."))
+        async with Client(create_server(tools)) as client:
+            assert (client.server_info.name, client.server_info.version) == ("klock", __version__)
+
+
+def _mcp_manage(flag: str, tmp_path: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "klock_async", "mcp", flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.stderr == ""
+    return result.stdout
+
+
+def test_a_started_local_server_can_be_listed_and_stopped(tmp_path: Path) -> None:
+    """klock mcp --status lists the server klock mcp started; --stop ends it."""
+    from klock_async.integrations.mcp import _is_klock_serve
+
+    port = _free_port()
+    start = (
+        "import anyio\n"
+        "from klock_async.integrations.mcp import ensure_local_server\n"
+        f"print(anyio.run(ensure_local_server, {port}))"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", start],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    url = started.stdout.strip()
+    (record,) = tmp_path.glob("klock-*/serve-*.json")
+    pid = json.loads(record.read_text(encoding="utf-8"))["pid"]
+    try:
+        listed = _mcp_manage("--status", tmp_path)
+        assert f"{url}: running, pid {pid}" in listed
+        stopped = _mcp_manage("--stop", tmp_path)
+        assert f"{url}: stopped (pid {pid})" in stopped
+        assert not _is_klock_serve(pid)
+        assert not record.exists()
+        after = _mcp_manage("--status", tmp_path)
+        assert after.startswith("no local klock server started by klock mcp")
+    finally:
+        if _is_klock_serve(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_refusal_names_the_file_as_the_grant_does(workspace: Path) -> None:
+    """A lease shows FILE:src/app.py; the Wait-Die refusal on it says FILE:src/app.py too."""
+    async with Klock() as klock:
+        old = await klock.register_agent("old")
+        young = await klock.register_agent("young")
+        old_tools, young_tools = (
+            AgentTools(klock, old, workspace),
+            AgentTools(klock, young, workspace),
+        )
+        async with Client(create_server(old_tools)) as a, Client(create_server(young_tools)) as b:
+            granted = await a.call_tool(
+                "acquire", {"resource": "src/app.py", "predicate": "MUTATES"}
+            )
+            assert granted.structured_content is not None
+            assert granted.structured_content["resource"] == "FILE:src/app.py"
+            await b.call_tool("acquire", {"resource": "notes.md", "predicate": "MUTATES"})
+            refused = await b.call_tool(
+                "acquire", {"resource": "src/app.py", "predicate": "MUTATES", "wait": False}
+            )
+            assert refused.is_error
+            assert "FILE:src/app.py" in _text(refused)
+            assert str(workspace) not in _text(refused)
+            await a.call_tool("release", {})
+            await b.call_tool("release", {})

@@ -319,3 +319,13 @@ def test_values_are_frozen() -> None:
         info.token = 2  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Resource.parse("/x").path = "/y"  # type: ignore[misc]
+
+
+def test_agent_info_names_the_agent_as_lease_info_does() -> None:
+    """AgentInfo.agent_id is the name LeaseInfo uses; id stays as a deprecated alias."""
+    from klock_async import AgentInfo, LeaseInfo
+
+    info = AgentInfo("coder", 3)
+    assert (info.agent_id, info.id) == ("coder", "coder")
+    assert "agent_id" in {f.name for f in dataclasses.fields(AgentInfo)}
+    assert "agent_id" in {f.name for f in dataclasses.fields(LeaseInfo)}

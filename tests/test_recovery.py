@@ -320,6 +320,6 @@ async def test_sigkill_under_load_loses_no_grant(tmp_path: Path) -> None:
                 recovered = await backend.clock_read(path, agents[0])
                 for clock in clocks:
                     assert clock <= recovered
-            assert {agent.id for agent in await backend.agents()} == set(agents)
+            assert {agent.agent_id for agent in await backend.agents()} == set(agents)
         finally:
             await backend.aclose()

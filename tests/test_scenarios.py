@@ -218,3 +218,34 @@ async def test_eviction_fails_waiting_requests(
             await waiter
         await held.release()
         assert await klock.leases() == []
+
+
+async def test_waiters_show_the_wait_for_graph(
+    kernel_factory: KernelFactory, settle: Settle
+) -> None:
+    """klock.waiters() lists each queued request with the lease or request it waits for."""
+    async with kernel_factory() as klock:
+        holder = await klock.register_agent("holder")
+        first = await klock.register_agent("first")
+        second = await klock.register_agent("second")
+        held = await holder.acquire("/w/f", "MUTATES")
+        a = asyncio.create_task(first.acquire("/w/f", "MUTATES"))
+        await settle(klock)
+        b = asyncio.create_task(second.acquire_many([("/w/f", "CONSUMES"), ("/w/g", "MUTATES")]))
+        assert (await settle(klock)).requests_waiting == 2
+        older, younger = await klock.waiters()
+        assert (older.agent_id, younger.agent_id) == ("first", "second")
+        assert older.age < younger.age
+        assert [(e.kind, e.id, e.agent_id) for e in older.waits_for] == [
+            ("lease", held.id, "holder")
+        ]
+        assert [(e.kind, e.agent_id) for e in younger.waits_for] == [
+            ("lease", "holder"),
+            ("request", "first"),
+        ]
+        assert younger.waits_for[1].id == older.request_id
+        assert [str(i.resource) for i in younger.intents] == ["FILE:/w/f", "FILE:/w/g"]
+        await held.release()
+        await (await a).release()
+        assert len(await b) == 2
+        assert await klock.waiters() == []

@@ -788,7 +788,7 @@ async def test_register_agent(klock: Klock) -> None:
     assert vip.ts == -10
     c = await klock.register_agent("c")
     assert c.ts == b.ts + 1
-    assert {(i.id, i.ts) for i in await klock.agents()} == {
+    assert {(i.agent_id, i.ts) for i in await klock.agents()} == {
         ("a", a.ts),
         ("b", b.ts),
         ("vip", -10),

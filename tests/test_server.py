@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serverutil import ThreadServer, serve_in_thread
 
 _names = itertools.count(1)
@@ -157,6 +158,48 @@ def test_older_agent_gets_wait_and_nothing_is_queued(http: httpx.Client) -> None
     assert ok(http.get("/statistics"))["requests_waiting"] == 0
 
 
+def _durations(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (field path, value) of a JSON value whose name says it is a time or a duration."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if key in ("ttl", "expires_at", "wait_time", "retry_after") or key.endswith(
+                ("_ms", "_s")
+            ):
+                yield where, item
+            yield from _durations(item, where)
+
+
+def test_every_duration_on_the_wire_is_whole_milliseconds_named_so(
+    http: httpx.Client,
+) -> None:
+    """Grants and both refusals carry durations as integer *_ms fields, none in seconds."""
+    old, young, newest = register(http), register(http), register(http)
+    held = ok(http.post("/leases", json=lease_body(young, "src/units.py", ttl=None, ttl_ms=1234)))
+    died = refused(http.post("/leases", json=lease_body(newest, "src/units.py")), 409, "lease_died")
+    waits = refused(
+        http.post("/leases", json=lease_body(old, "src/units.py")), 409, "lease_would_wait"
+    )
+    assert (held["ttl_ms"], held["ttl"]) == (1234, 1234)
+    assert held["expires_at_ms"] == held["expires_at"]
+    assert died["wait_time"] == died["details"]["retry_after_ms"]
+    assert waits["wait_time"] == waits["details"]["wait_time_ms"]
+    for body in (held, died, waits):
+        for where, value in _durations(body):
+            assert where.endswith("_ms") or where in ("ttl", "expires_at", "wait_time"), where
+            assert isinstance(value, int) and not isinstance(value, bool), (where, value)
+
+
+def test_ttl_ms_and_its_v1_name_must_agree(http: httpx.Client) -> None:
+    """A request naming ttl_ms and a different ttl is refused, not resolved by a guess."""
+    agent_id = register(http)
+    refused(
+        http.post("/leases", json=lease_body(agent_id, "src/ttl.py", ttl=5000, ttl_ms=6000)),
+        400,
+        "invalid_ttl",
+    )
+
+
 def test_release_by_id_is_a_capability(http: httpx.Client) -> None:
     """DELETE /leases/{id} without agent_id releases (v1); a second release is 404."""
     agent_id = register(http)
@@ -298,18 +341,19 @@ def test_clocks(http: httpx.Client) -> None:
 
 
 def test_metrics_in_prometheus_text(http: httpx.Client) -> None:
-    """GET /metrics is Prometheus text with kernel counters and request latency."""
+    """GET /metrics parses with prometheus_client: kernel, HTTP and process metrics."""
     agent_id = register(http)
     lease = ok(http.post("/leases", json=lease_body(agent_id, "/metrics/a")))
     ok(http.delete(f"/leases/{lease['id']}"))
     response = http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    text = response.text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
     values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#") and "{" not in line
+        sample.name: sample.value
+        for family in families.values()
+        for sample in family.samples
+        if not sample.labels
     }
     for name in (
         "klock_leases_active",
@@ -319,15 +363,21 @@ def test_metrics_in_prometheus_text(http: httpx.Client) -> None:
         "klock_deaths_total",
         "klock_expiries_total",
         "klock_causal_violations_total",
+        "klock_events_dropped_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
     ):
-        assert name in values
+        assert name in values, name
     assert values["klock_grants_total"] >= 1
-    assert "# TYPE klock_http_request_duration_seconds histogram" in text
-    assert 'route="/leases/{lease_id}"' in text
-    assert (
-        'klock_http_request_duration_seconds_bucket{method="POST",route="/leases",le="+Inf"}'
-        in text
-    )
+    assert families["klock_http_request_duration_seconds"].type == "histogram"
+    assert "python_gc_collections" in families
+    buckets = {
+        (s.labels["method"], s.labels["route"], s.labels["le"]): s.value
+        for s in families["klock_http_request_duration_seconds"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert buckets[("POST", "/leases", "+Inf")] >= 1
+    assert ("DELETE", "/leases/{lease_id}", "+Inf") in buckets
 
 
 # ------------------------------------------------------------------ bad input changes nothing

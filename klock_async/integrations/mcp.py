@@ -22,7 +22,8 @@ Several coding agents coordinate only if their servers share one kernel:
   ``KLOCK_TOKEN``);
 - without ``--server`` it finds the local server on ``127.0.0.1:--local-port`` (default 3100),
   or starts one there (a detached ``klock serve``, shared by every agent on the machine) and
-  logs its URL and pid on stderr;
+  logs its URL and pid on stderr; ``klock mcp --status`` lists the servers it started and
+  ``klock mcp --stop`` stops them;
 - ``KLOCK_MCP_EMBEDDED=1`` runs a kernel inside the process instead, for a single client.
 
 stdout carries the protocol: every log line goes to stderr.
@@ -32,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +55,7 @@ try:
 except ImportError as _missing:  # pragma: no cover - depends on the environment
     raise ImportError("klock mcp needs the mcp extra: pip install 'klock-async[mcp]'") from _missing
 
+from klock_async import __version__
 from klock_async.api import Agent, Klock, Lease, RetryPolicy, Session
 from klock_async.clocks import IsolationLevel
 from klock_async.errors import InvalidResourceError, KlockError, LeaseDied, LeaseNotFoundError
@@ -361,7 +366,11 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
     Use it in-process (``mcp.Client(server)``) or over stdio (:func:`serve_stdio`).
     """
     server: MCPServer[Any] = MCPServer(
-        name, instructions=_INSTRUCTIONS, log_level="WARNING", warn_on_duplicate_tools=True
+        name,
+        version=__version__,
+        instructions=_INSTRUCTIONS,
+        log_level="WARNING",
+        warn_on_duplicate_tools=True,
     )
     text_tools: list[tuple[Callable[..., Awaitable[Any]], str]] = [
         (
@@ -390,8 +399,9 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
             "directories end in /.",
         ),
     ]
+    root = tools.files.root.as_posix()
     for fn, description in text_tools:
-        server.add_tool(fn, description=description, structured_output=False)
+        server.add_tool(_as_named(fn, root), description=description, structured_output=False)
     lease_tools: list[tuple[Callable[..., Awaitable[Any]], str]] = [
         (
             tools.acquire,
@@ -418,8 +428,25 @@ def create_server(tools: AgentTools, *, name: str = "klock") -> MCPServer[Any]:
         (tools.list_leases, "List every active lease of every agent; 'mine' marks yours."),
     ]
     for fn, description in lease_tools:
-        server.add_tool(fn, description=description, structured_output=True)
+        server.add_tool(_as_named(fn, root), description=description, structured_output=True)
     return server
+
+
+def _as_named(fn: Callable[..., Awaitable[T]], root: str) -> Callable[..., Awaitable[T]]:
+    """``fn`` with its refusals naming workspace files as its answers do (``FILE:src/a.py``).
+
+    The kernel names a file by its absolute path; the tools answer with the path the agent
+    gave, relative to the workspace root, and so must the refusals.
+    """
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except ToolError as error:
+            raise ToolError(str(error).replace(f"FILE:{root}/", "FILE:")) from None
+
+    return call
 
 
 # --------------------------------------------------------------------------- kernels
@@ -445,10 +472,15 @@ async def _answers_health(url: str, token: str | None) -> bool:
     return isinstance(body, dict) and body.get("success") is True
 
 
+def _state_dir() -> Path:
+    """Where started local servers leave their log and their record (``serve-PORT.*``)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"klock-{uid}"
+
+
 def _spawn_local_server(port: int) -> tuple[subprocess.Popen[bytes], Path]:
     """Start a detached ``klock serve`` on loopback; its stderr goes to a log file."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    log_dir = Path(tempfile.gettempdir()) / f"klock-{uid}"
+    log_dir = _state_dir()
     log_dir.mkdir(mode=0o700, exist_ok=True)
     log_path = log_dir / f"serve-{port}.log"
     command = [
@@ -503,6 +535,8 @@ async def ensure_local_server(port: int = DEFAULT_LOCAL_PORT, *, token: str | No
     if b"listening on " in line:
         url = line.decode().rsplit("listening on ", 1)[1].strip()
         _stderr(f"started a local klock server at {url} (pid {process.pid}, log {log_path})")
+        record = {"url": url, "pid": process.pid, "log": str(log_path)}
+        log_path.with_suffix(".json").write_text(json.dumps(record), encoding="utf-8")
         return url
     await anyio.to_thread.run_sync(process.wait)
     if await _answers_health(url, token):  # another agent started it first
@@ -530,6 +564,81 @@ async def _kernel(args: argparse.Namespace) -> AsyncIterator[Klock]:
         yield klock
 
 
+# --------------------------------------------------------------------------------------------
+# klock mcp --status / --stop: the local servers klock mcp started.
+
+
+def _started_servers() -> list[tuple[Path, dict[str, Any], bool]]:
+    """Each record of a started local server: its file, its fields, whether it still runs."""
+    found = []
+    for path in sorted(_state_dir().glob("serve-*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((path, record, _is_klock_serve(pid)))
+    return found
+
+
+def _is_klock_serve(pid: int) -> bool:
+    """Whether ``pid`` is alive and is a ``klock serve`` (not a recycled pid)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.exists():  # not Linux: trust the record
+        return True
+    try:
+        words = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"klock_async" in words and b"serve" in words
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait (without polling: a pidfd on Linux) until ``pid`` exits; False on timeout."""
+    if not hasattr(os, "pidfd_open"):  # pragma: no cover - not Linux
+        return not _is_klock_serve(pid)
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+def local_servers(stop: bool) -> int:
+    """``klock mcp --status`` (list) or ``--stop`` (SIGTERM and wait); return the exit status."""
+    records = _started_servers()
+    if not records:
+        print(f"no local klock server started by klock mcp (records in {_state_dir()})")
+        return 0
+    status = 0
+    for path, record, running in records:
+        pid, url = int(record["pid"]), record.get("url", "?")
+        if not running:
+            print(f"{url}: pid {pid} is not running any more; record removed")
+            path.unlink(missing_ok=True)
+        elif not stop:
+            print(f"{url}: running, pid {pid}, log {record.get('log', '?')}")
+        else:
+            os.kill(pid, signal.SIGTERM)
+            if _wait_gone(pid, SERVER_START_TIMEOUT):
+                print(f"{url}: stopped (pid {pid})")
+                path.unlink(missing_ok=True)
+            else:
+                print(f"{url}: pid {pid} did not stop within {SERVER_START_TIMEOUT:g} s")
+                status = 1
+    return status
+
+
 def _default_agent_id() -> str:
     return f"mcp-{socket.gethostname()}-{os.getpid()}"
 
@@ -551,6 +660,8 @@ async def serve_stdio(args: argparse.Namespace) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``klock mcp``."""
+    from klock_async.cli import log_level, nonempty, port
+
     parser.add_argument(
         "--root", default=".", help="workspace root the file tools work in (default: .)"
     )
@@ -566,11 +677,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="URL of a running 'klock serve' (default: $KLOCK_SERVER_URL, else the local one)",
     )
     parser.add_argument(
-        "--token", default=None, help="bearer token of the server (default: $KLOCK_TOKEN)"
+        "--token",
+        type=nonempty,
+        default=None,
+        help="bearer token of the server (default: $KLOCK_TOKEN)",
     )
     parser.add_argument(
         "--local-port",
-        type=int,
+        type=port,
         default=DEFAULT_LOCAL_PORT,
         help=f"port of the local server found or started without --server (default "
         f"{DEFAULT_LOCAL_PORT})",
@@ -578,12 +692,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ttl", type=float, default=None, help="lease ttl of file tool calls, in seconds"
     )
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-level", type=log_level, default="warning", help="debug, info, warning or error"
+    )
+    manage = parser.add_mutually_exclusive_group()
+    manage.add_argument(
+        "--status",
+        action="store_true",
+        help="list the local klock servers that klock mcp started, then exit",
+    )
+    manage.add_argument(
+        "--stop", action="store_true", help="stop the local klock servers it started, then exit"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``klock mcp`` until the client disconnects; return the exit status."""
     from klock_async.logging import configure
+
+    if args.status or args.stop:
+        return local_servers(stop=args.stop)
 
     configure(args.log_level)  # stderr: stdout carries the protocol
     if not Path(args.root).is_dir():
