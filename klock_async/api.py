@@ -913,17 +913,34 @@ class Klock:
                     f"protected() wraps coroutine functions; {fn!r} is not one"
                 )
             signature = inspect.signature(fn)
+            params = list(signature.parameters.values())
+            names = [p.name for p in params]
+            # The call's arguments by name, without Signature.bind when every parameter is a
+            # plain positional-or-keyword one and the call gives them all (the common case).
+            plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+            needs_names = callable(agent) or callable(resource)
+            fixed = None if callable(resource) else parse_intents([(resource, pred)])
+
+            def arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+                if plain and len(args) + len(kwargs) == len(names):
+                    named = dict(zip(names, args, strict=False))
+                    named.update(kwargs)
+                    return named
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                return dict(bound.arguments)
 
             @functools.wraps(fn)
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                named = dict(bound.arguments)
+                named = arguments(args, kwargs) if needs_names else {}
                 agent_id = agent(**named) if callable(agent) else agent
-                target = resource(**named) if callable(resource) else resource
-                targets = [target] if isinstance(target, str | Resource) else list(target)
-                intents = parse_intents([(t, pred) for t in targets])
-                handle = await self.agent(agent_id)
+                if fixed is not None:
+                    intents = fixed
+                else:
+                    target = resource(**named)  # type: ignore[operator]
+                    targets = [target] if isinstance(target, str | Resource) else list(target)
+                    intents = parse_intents([(t, pred) for t in targets])
+                handle = self._agents.get(agent_id) or await self.agent(agent_id)
                 return await self._run_protected(
                     handle, intents, ttl, level, policy, lambda: fn(*args, **kwargs)
                 )

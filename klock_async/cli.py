@@ -12,7 +12,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the hook command)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __all__ = ["log_level", "main", "nonempty", "port", "positive_int"]
 

@@ -1485,7 +1485,7 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``klock serve``."""
-    from klock_async.cli import log_level, nonempty, port
+    from klock_async.cli import log_level, nonempty, port, positive_int
 
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     parser.add_argument(
@@ -1527,7 +1527,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-body",
-        type=_positive(int),
+        type=positive_int,
         default=MAX_BODY_BYTES,
         help="largest request body in bytes",
     )

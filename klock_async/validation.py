@@ -234,12 +234,8 @@ BODIES: dict[str, Body] = {
     "POST /withdraw": Body({"request_id": _ID}, ("request_id",)),
     # A coding agent's hook event, in the harness's own schema (docs/coding-agents.md); the
     # hook core checks the fields it uses.
-    "POST /hooks/claude-code": Body(
-        {"hook_event_name": _NAME, "session_id": _ID}, ("hook_event_name",), open=True
-    ),
-    "POST /hooks/gemini-cli": Body(
-        {"hook_event_name": _NAME, "session_id": _ID}, ("hook_event_name",), open=True
-    ),
+    "POST /hooks/claude-code": Body({}, open=True),
+    "POST /hooks/gemini-cli": Body({}, open=True),
 }
 """The body of every route that reads one, by ``"METHOD /path"``. A route that reads a body
 must be declared here: its fields are what the server accepts and what the OpenAPI lists."""
@@ -584,6 +580,21 @@ def openapi(routes: Sequence[tuple[str, str]], *, version: str) -> dict[str, Any
             operation["responses"]["200"] = {
                 "description": "Prometheus text",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        if path == "/":
+            operation["responses"]["200"] = {
+                "description": "the live page",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }
+        if path == "/events":
+            operation["responses"]["200"] = {
+                "description": "Server-Sent Events, named as the events (lease.granted, ...)",
+                "content": {"text/event-stream": {"schema": {}}},
+            }
+        if path.startswith("/hooks/"):
+            operation["responses"]["200"] = {
+                "description": "the hook's answer, in the harness's own schema",
+                "content": {"application/json": {"schema": {"type": "object"}}},
             }
         parameters = []
         if "{lease_id}" in path:

@@ -23,15 +23,15 @@ async def _collect(klock: Klock, work: object) -> list[Event]:
 
 
 async def _every_change(klock: Klock) -> None:
-    old = await klock.register_agent("old")
-    young = await klock.register_agent("young")
-    newest = await klock.register_agent("newest")
+    old = await klock.register_agent("old", priority=1)
+    young = await klock.register_agent("young", priority=2)
+    newest = await klock.register_agent("newest", priority=3)
     held = await young.acquire("/f", "MUTATES")
     await held.heartbeat()
     waiter = asyncio.create_task(old.acquire("/f", "MUTATES"))
     await asyncio.create_task(klock.statistics())  # the waiter is queued
     with pytest.raises(LeaseDied):
-        await newest.acquire("/f", "CONSUMES")
+        await newest.acquire("/f", "CONSUMES", wait=False)
     await held.release()
     granted = await waiter
     await klock.revoke(granted.id)

@@ -22,7 +22,7 @@ _PROGRAM = textwrap.dedent(
                 await (await young.acquire("/f", "MUTATES")).release()
             held = await old.acquire("/g", "MUTATES")
             try:
-                await young.acquire("/g", "MUTATES")
+                await young.acquire("/g", "MUTATES", wait=False)
             except LeaseDied:
                 pass
             await held.release()

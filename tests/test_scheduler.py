@@ -908,3 +908,21 @@ async def test_statistics_count_events(klock: Klock) -> None:
     assert (later.grants, later.releases, later.requests_waiting) == (2, 1, 0)
     assert stats.grants == 1  # the earlier snapshot did not change
     assert later.batches >= 1 and later.messages >= later.batches
+
+
+async def test_expires_at_is_the_deadline_the_kernel_enforces() -> None:
+    """A lease ends exactly at its advertised expires_at: not a microsecond before, and at it."""
+    now = [1_000.0]
+    async with Klock(backend=Scheduler(clock=lambda: now[0])) as klock:
+        holder, other = await agents(klock, "holder", "other")
+        lease = await holder.acquire("/f", "MUTATES", ttl=5)
+        assert lease.expires_at == 1_005.0
+        waiter = asyncio.create_task(other.acquire("/f", "MUTATES"))
+        now[0] = lease.expires_at - 1e-6
+        stats = await settle(klock)  # any message runs the kernel at the clock's time
+        assert (stats.leases_active, stats.expiries) == (1, 0) and not waiter.done()
+        now[0] = lease.expires_at
+        assert (await settle(klock)).expiries == 1
+        taken = await waiter
+        assert taken.token > lease.token
+        assert taken.expires_at == lease.expires_at + taken.info.ttl  # granted at the deadline

@@ -174,7 +174,7 @@ def test_every_duration_on_the_wire_is_whole_milliseconds_named_so(
     http: httpx.Client,
 ) -> None:
     """Grants and both refusals carry durations as integer *_ms fields, none in seconds."""
-    old, young, newest = register(http), register(http), register(http)
+    old, young, newest = register(http, priority=-10), register(http), register(http)
     held = ok(http.post("/leases", json=lease_body(young, "src/units.py", ttl=None, ttl_ms=1234)))
     died = refused(http.post("/leases", json=lease_body(newest, "src/units.py")), 409, "lease_died")
     waits = refused(

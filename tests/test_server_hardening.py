@@ -438,7 +438,7 @@ def test_empty_token_is_refused_with_one_line(
 ) -> None:
     """An empty token is an error (one line, exit 2) whether given as flag or environment."""
     line = one_line_error(serve(*args, env=env))
-    assert "empty token" in line
+    assert "empty" in line and "token" in line
 
 
 @pytest.mark.parametrize("journaled", [False, True], ids=["memory", "db"])
@@ -450,8 +450,8 @@ def test_zero_timeout_on_a_free_resource_is_granted(tmp_path: Path, journaled: b
             ok(http.post("/agents", json={"agent_id": agent_id}))
         held = ok(http.post("/leases", json=lease("young", "/free.py", wait=True, timeout_ms=0)))
         for agent_id, status, code in (
-            ("old", 408, "acquire_timeout"),  # older than the holder: it would wait
-            ("younger", 409, "lease_died"),  # younger: Wait-Die refuses it at once
+            ("old", 408, "acquire_timeout"),  # it holds nothing: it would queue
+            ("younger", 408, "acquire_timeout"),
         ):
             response = http.post(
                 "/leases", json=lease(agent_id, "/free.py", wait=True, timeout_ms=0)

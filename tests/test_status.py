@@ -46,7 +46,7 @@ async def test_status_shows_holders_waiters_and_the_wait_for_edge() -> None:
     assert "coder MUTATES #1" in out
     assert "planner MUTATES" in out
     assert "wait-for graph" in out
-    graph = out[out.index("wait-for graph (derived from events)") :].splitlines()
+    graph = out[out.index("wait-for graph (GET /waiters)") :].splitlines()
     (edge,) = [line for line in graph if line.strip("│ ").startswith("planner")]
     assert "coder" in edge and "MUTATES FILE:/src/auth.py" in edge
     assert "grants 1" in out and "waiting 1" in out

@@ -210,6 +210,7 @@ async def test_the_page_shows_a_holder_and_its_waiter_live(
     browser: Any, waiters: str, tmp_path: Path
 ) -> None:
     """A lease and a queued waiter appear on the page within a second, with the wait edge."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -245,18 +246,32 @@ async def test_the_page_shows_a_holder_and_its_waiter_live(
 
             def both_shown() -> None:
                 # The page follows the event stream: both appear within a second.
-                WebDriverWait(browser, 1.0, poll_frequency=0.02).until(
-                    lambda d: (
+                expected_source = "(from /waiters)" if served else "(derived from events)"
+
+                def shown(d: Any) -> bool:
+                    if not (
                         d.find_elements(By.CSS_SELECTOR, '[data-holder="coder"]')
                         and d.find_elements(By.CSS_SELECTOR, '[data-waiter="planner"]')
                         and d.find_elements(By.CSS_SELECTOR, '[data-node="planner"]')
                         and d.find_elements(By.CSS_SELECTOR, '[data-node="coder"]')
+                    ):
+                        return False
+                    row = d.find_element(By.CSS_SELECTOR, '[data-resource$="src/auth.py"]').text
+                    source = d.find_element(By.ID, "graph-source").text
+                    return (
+                        "coder MUTATES" in row
+                        and "planner MUTATES" in row
+                        and source == expected_source
                     )
-                )
-                row = browser.find_element(By.CSS_SELECTOR, '[data-resource$="src/auth.py"]')
-                assert "coder MUTATES" in row.text and "planner MUTATES" in row.text
-                source = browser.find_element(By.ID, "graph-source").text
-                assert source == ("(from /waiters)" if served else "(derived from events)")
+
+                # The page re-renders as events arrive: an element read between two renders
+                # is stale, and is read again.
+                WebDriverWait(
+                    browser,
+                    1.0,
+                    poll_frequency=0.02,
+                    ignored_exceptions=(StaleElementReferenceException,),
+                ).until(shown)
                 browser.save_screenshot(str(tmp_path / f"live-view-{waiters}.png"))
                 if waiters == "hidden" and os.environ.get("KLOCK_UPDATE_SCREENSHOT") == "1":
                     browser.save_screenshot(str(DOCS_SCREENSHOT))  # the one in docs/server.md
