@@ -1,4 +1,4 @@
-"""Quick start: two agents, one file, leases, Wait-Die and the tool decorator.
+"""Quick start: three agents, leases, Wait-Die, a queue and the tool decorator.
 
 Run: python examples/quickstart.py
 """
@@ -17,20 +17,31 @@ async def main() -> None:
     files: dict[str, str] = {"/src/auth.js": ""}
 
     async with Klock() as klock:  # starts the scheduler actor
-        older = await klock.register_agent("planner")  # age = registration order
-        younger = await klock.register_agent("coder")
+        planner = await klock.register_agent("planner")
+        coder = await klock.register_agent("coder")
+        reviewer = await klock.register_agent("reviewer")
 
-        async with younger.lease("FILE:/src/auth.js", "MUTATES", ttl=30) as lease:
-            print(f"coder holds {lease.resource} with fencing token {lease.token}")
-            newest = await klock.register_agent("reviewer")
+        async with planner.lease("FILE:/src/auth.js", "MUTATES", ttl=30) as lease:
+            print(f"planner holds {lease.resource} with fencing token {lease.token}")
             try:
-                await newest.acquire("src/auth.js", "CONSUMES")
+                async with coder.session() as edit:  # a unit of work, younger than the lease
+                    await edit.acquire("src/app.js", "MUTATES")
+                    await edit.acquire("src/auth.js", "MUTATES")  # holds a file: dies
             except LeaseDied as died:
-                print(f"reviewer died: blocked by {died.blocker_agent_id!r}")
+                print(f"coder died: blocked by {died.blocker_agent_id!r}; app.js released")
+            async with anyio.create_task_group() as tg:
 
-        lease = await older.acquire("src/auth.js", "MUTATES")  # bare path = FILE, normalised
-        print(f"planner got {lease.resource} with token {lease.token}")
-        await lease.release()
+                async def review() -> None:
+                    # Holds nothing: queues instead of dying, granted by the planner's release.
+                    got = await reviewer.acquire("src/auth.js", "CONSUMES")  # bare path = FILE
+                    print(f"reviewer got {got.resource} with token {got.token}")
+                    await got.release()
+
+                tg.start_soon(review)
+                await anyio.lowlevel.checkpoint()  # one loop turn: the reviewer's request queues
+                waiting = (await klock.statistics()).requests_waiting
+                print(f"{waiting} request waiting")
+                await lease.release()  # hands the file to the reviewer in the same step
 
         @klock.protected(agent="coder", resource=lambda path, **_: path, predicate="MUTATES")
         async def append_line(path: str, line: str) -> None:
