@@ -349,6 +349,7 @@ class LockTable:
         self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
         self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
         self.queued: dict[int, Request] = {}
+        self._freed: list[Resource] = []  # resources of requests that died while queued
         # Expiry: a heap of (deadline, lease id), and the deadlines noted at or after the
         # deadline the driver armed its timer for (they join the heap when it fires). A grant
         # appends to a list instead of pushing onto a heap that its release would leave a stale
@@ -509,6 +510,8 @@ class LockTable:
             if self._grant(request, unit, now):
                 if self.queued:
                     self._passed(request)
+                if self._freed:
+                    self._reevaluate((), now)
             else:
                 self._unit_idle(unit)
             return
@@ -531,6 +534,8 @@ class LockTable:
         if self.observer is not None:
             self.observer("request.queued", request=request, blocker=blocker.agent_id)
         self._passed(request)
+        if self._freed:
+            self._reevaluate((), now)
 
     def _covered(self, request: Request, unit: _Unit) -> bool:
         """Whether the unit's own leases already cover every intent of ``request``."""
@@ -631,9 +636,10 @@ class LockTable:
                 self._kill(other, blocker, None)
 
     def _kill(self, request: Request, blocker: _Lease | Request, now: float | None) -> None:
-        """A queued request of a holding unit dies."""
+        """A queued request of a holding unit dies; what it waited for is re-decided."""
         self._unqueue(request)
         self._die(request, blocker, now)
+        self._freed.extend(intent.resource for intent in request.intents)
 
     # ---------------------------------------------------------------- grant and refuse
 
@@ -815,9 +821,12 @@ class LockTable:
         conflicts with it, and none of them may pass it).
         """
         if not self.queued:  # nothing waits: the common case after a release
+            self._freed.clear()
             return
         dirty = {resource.key: resource for resource in resources}
-        while dirty and self.queued:
+        while (dirty or self._freed) and self.queued:
+            dirty.update((r.key, r) for r in self._freed)
+            self._freed.clear()
             candidates: dict[int, Request] = {}
             for resource in dirty.values():
                 for slot in self._overlapping(resource):
@@ -848,7 +857,7 @@ class LockTable:
             if granted and self.queued:
                 self._passed(request)
             self._unit_idle(unit)
-            return not granted
+            return True
         if request.holding:
             verdict = rules.wait_die(request.ts, blockers)
             if verdict.decision is rules.Decision.DIE:

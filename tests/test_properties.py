@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import random
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -120,7 +119,8 @@ class _Driver:
         self.loop = _VirtualTimeLoop()
         self.logs_cm = structlog.testing.capture_logs()
         self.logs = self.logs_cm.__enter__()
-        self.klock = Klock()
+        # The kernel's clock is the virtual loop's: time passes only when a rule says so.
+        self.klock = Klock(backend=Scheduler(clock=self.loop.time))
         self.run(self.klock.__aenter__())
         backend = self.klock.backend
         assert isinstance(backend, Scheduler)
@@ -217,7 +217,7 @@ class _Driver:
         # The refusal changed nothing; a short lease may have reached its deadline meanwhile.
         assert all(info in before for info in after)
         gone = [info for info in before if info not in after]
-        assert all(info.expires_at <= time.time() for info in gone), gone
+        assert all(info.expires_at <= self.loop.time() for info in gone), gone
 
     def time_passes(self, seconds: float) -> None:
         self.loop.now += seconds  # short leases expire and hand their resources on
