@@ -1,11 +1,17 @@
-"""The durable journal: the scheduler's state in a SQLite file, one transaction per batch.
+"""The durable journal: the scheduler's state in a database, one transaction per batch.
 
-:class:`SqliteJournal` implements :class:`~klock_async.scheduler.Journal`. The scheduler actor
-buffers every change of a mailbox batch with the ``record_*`` calls, then awaits
-:meth:`SqliteJournal.commit`, which writes the whole buffer in one transaction on a worker
-thread (the event loop keeps serving requests meanwhile) and returns once it is on disk. Only
-then does the actor resolve the batch's replies (group commit): a client never sees a grant
-that a crash could take back.
+:class:`BufferedJournal` implements :class:`~klock_async.scheduler.Journal` once for every
+database: the scheduler actor buffers every change of a mailbox batch with the ``record_*``
+calls, then awaits ``commit``, which writes the whole buffer in one transaction and returns once
+it is durable. Only then does the actor resolve the batch's replies (group commit): a client
+never sees a grant that a crash could take back. :class:`SqliteJournal` writes a SQLite file on
+a worker thread (the event loop keeps serving requests meanwhile);
+:class:`~klock_async.postgres.PostgresJournal` writes PostgreSQL, fenced by the leader's term.
+
+Both store the same tables (:data:`TABLES`, rows built by :meth:`_Batch.changes` and read back
+by :func:`recover`), so a new kind of record is added once: a ``_Batch`` field, a ``record_*``
+method, an entry in :data:`TABLES` with its rows and its parsing in :func:`recover`, and one
+``CREATE TABLE`` line per database.
 
 What is stored, and why that is enough to continue where the previous run stopped:
 
@@ -32,6 +38,7 @@ import json
 import math
 import sqlite3
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +53,7 @@ from klock_async.errors import (
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
 from klock_async.scheduler import RecoveredState
 
-__all__ = ["SqliteJournal", "backup"]
+__all__ = ["TABLES", "BufferedJournal", "Change", "SqliteJournal", "backup", "recover"]
 
 _TABLES = ("meta", "agents", "leases", "path_clocks", "agent_clocks")
 _INT64 = 2**63
@@ -84,6 +91,32 @@ CREATE TABLE IF NOT EXISTS agent_clocks (
 
 _SYNCHRONOUS = ("FULL", "NORMAL")
 
+TABLES: dict[str, tuple[str, ...]] = {
+    "agents": ("id", "ts"),
+    "leases": (
+        "id",
+        "agent_id",
+        "session_id",
+        "resource",
+        "predicate",
+        "token",
+        "ttl",
+        "expires_at",
+    ),
+    "path_clocks": ("path", "clock"),
+    "agent_clocks": ("agent_id", "clock"),
+}
+"""The journal's record tables and their columns, the key first (``meta`` is apart: counters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one commit does to one table: rows to insert or replace, keys to delete."""
+
+    table: str
+    upserts: list[tuple[object, ...]]
+    deletes: list[str]
+
 
 @dataclass(slots=True)
 class _Batch:
@@ -118,7 +151,7 @@ class _Batch:
         )
 
     def storable(self) -> _Batch:
-        """The records SQLite can store: text that is valid UTF-8, integers within 64 bits."""
+        """The records a database can store: text that is valid UTF-8, integers within 64 bits."""
         return _Batch(
             {k: a for k, a in self.agents.items() if _fits(a.id, a.ts)},
             {
@@ -131,6 +164,35 @@ class _Batch:
             {k: v for k, v in self.meta.items() if _fits(v)},
             {k for k in self.retired if _fits(k)},
         )
+
+    def changes(self) -> list[Change]:
+        """The batch as rows of :data:`TABLES` (keys within one table are distinct)."""
+        active: list[tuple[object, ...]] = []
+        ended = []
+        for lease in self.leases.values():
+            if lease.state is LeaseState.ACTIVE:
+                active.append(
+                    (
+                        lease.id,
+                        lease.agent_id,
+                        lease.session_id,
+                        str(lease.resource),
+                        lease.predicate.value,
+                        lease.token,
+                        lease.ttl,
+                        lease.expires_at,
+                    )
+                )
+            else:
+                ended.append(lease.id)
+        return [
+            Change(
+                "agents", [(a.agent_id, a.ts) for a in self.agents.values()], list(self.retired)
+            ),
+            Change("leases", active, ended),
+            Change("path_clocks", [(p, _dump(c)) for p, c in self.path_clocks.items()], []),
+            Change("agent_clocks", [(a, _dump(c)) for a, c in self.agent_clocks.items()], []),
+        ]
 
 
 def _flat(clock: VectorClock) -> list[str | int]:
@@ -147,12 +209,146 @@ def _fits(*values: str | int) -> bool:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 return False
+            if "\x00" in value:  # neither PostgreSQL text nor a C string holds it
+                return False
         elif not -_INT64 <= value < _INT64:
             return False
     return True
 
 
-class SqliteJournal:
+class BufferedJournal:
+    """The ``record_*`` half of a journal: buffers a batch that a subclass commits.
+
+    Subclasses implement ``load``, ``commit`` (taking the batch with :meth:`_take`) and
+    ``close``. The ``record_*`` calls never touch the database.
+    """
+
+    def __init__(self) -> None:
+        self._batch = _Batch()
+        self._commits = 0
+        self.generation = 0
+        """How many times the journal was loaded, this load included (0 before ``load``)."""
+
+    @property
+    def commits(self) -> int:
+        """How many transactions were written (empty batches write none)."""
+        return self._commits
+
+    def record_agent(self, agent: AgentInfo) -> None:
+        """Buffer a registered agent."""
+        self._batch.agents[agent.agent_id] = agent
+        self._batch.retired.discard(agent.agent_id)
+
+    def record_retired(self, agent_id: str) -> None:
+        """Buffer the removal of a retired agent (it holds no lease)."""
+        self._batch.agents.pop(agent_id, None)
+        self._batch.retired.add(agent_id)
+
+    def record_lease(self, lease: LeaseInfo) -> None:
+        """Buffer a granted, extended or ended lease (an ended one is deleted on commit)."""
+        self._batch.leases[lease.id] = lease
+
+    def record_clocks(
+        self,
+        path: str,
+        path_clock: VectorClock,
+        agent_id: str,
+        agent_clock: VectorClock,
+        conflict_count: int,
+    ) -> None:
+        """Buffer the clocks a clock operation changed, and the conflict count."""
+        batch = self._batch
+        if path_clock:
+            batch.path_clocks[path] = path_clock
+        if agent_clock:
+            batch.agent_clocks[agent_id] = agent_clock
+        batch.meta["conflict_count"] = conflict_count
+
+    def record_counters(self, last_token: int, last_agent_ts: int) -> None:
+        """Buffer the highest fencing token and agent age handed out."""
+        meta = self._batch.meta
+        meta["last_token"] = last_token
+        meta["last_agent_ts"] = last_agent_ts
+
+    def _take(self) -> _Batch:
+        """The buffered batch, leaving an empty buffer behind."""
+        batch, self._batch = self._batch, _Batch()
+        return batch
+
+    def _keep(self, batch: _Batch) -> None:
+        """Put back a batch that failed to commit, to be written with the next one."""
+        self._batch = batch.under(self._batch)
+
+
+def recover(
+    source: object, meta: dict[str, int], rows: Mapping[str, Iterable[Sequence[object]]]
+) -> RecoveredState:
+    """Rebuild the scheduler's state from a journal's rows (columns as in :data:`TABLES`).
+
+    Every row must parse: one that does not stops the load with an error naming ``source`` and
+    the row, never a silent drop.
+
+    Raises:
+        JournalError: a row does not parse, or a lease belongs to no agent.
+    """
+    agents = []
+    ages: dict[str, int] = {}
+    for agent_id, ts in rows["agents"]:
+        where = f"agents row {agent_id!r}"
+        ages[_string(agent_id, where)] = _integer(ts, where)
+        agents.append(AgentInfo(agent_id, ts))  # type: ignore[arg-type]  # checked just above
+    leases = sorted((_lease(source, row, ages) for row in rows["leases"]), key=_by_token)
+    path_clocks = {
+        _string(path, "path_clocks row"): _clock(clock, f"path_clocks row {path!r}")
+        for path, clock in rows["path_clocks"]
+    }
+    agent_clocks = {
+        _string(agent_id, "agent_clocks row"): _clock(clock, f"agent_clocks row {agent_id!r}")
+        for agent_id, clock in rows["agent_clocks"]
+    }
+    highest_lease_token = max((lease.token for lease in leases), default=0)
+    return RecoveredState(
+        agents=agents,
+        leases=leases,
+        last_token=max(meta.get("last_token", 0), highest_lease_token),
+        last_agent_ts=meta.get("last_agent_ts", 0),
+        path_clocks=path_clocks,
+        agent_clocks=agent_clocks,
+        conflict_count=meta.get("conflict_count", 0),
+    )
+
+
+def _by_token(lease: LeaseInfo) -> int:
+    return lease.token
+
+
+def _lease(source: object, row: Sequence[object], ages: dict[str, int]) -> LeaseInfo:
+    lease_id, agent_id, session_id, resource, predicate, token, ttl, expires_at = row
+    where = f"leases row {lease_id!r}"
+    try:
+        info = LeaseInfo(
+            id=_string(lease_id, where),
+            agent_id=_string(agent_id, where),
+            session_id=_string(session_id, where),
+            resource=Resource.parse(_string(resource, where)),
+            predicate=Predicate.parse(_string(predicate, where)),
+            token=_integer(token, where),
+            ttl=_real(ttl, where),
+            expires_at=_real(expires_at, where),
+        )
+    except InvalidRequestError as exc:
+        raise JournalError(f"{source}: {where}: {exc.message}") from None
+    if info.agent_id not in ages:
+        raise JournalError(
+            f"{source}: {where} belongs to agent {info.agent_id!r}, which has no row in "
+            "'agents'; the journal is damaged: restore it from a backup"
+        )
+    if info.token <= 0 or info.ttl <= 0:
+        raise JournalError(f"{source}: {where} has a token or ttl that is not positive")
+    return info
+
+
+class SqliteJournal(BufferedJournal):
     """A durable journal in one SQLite file (WAL mode), written by the scheduler actor only.
 
     Pass it to :class:`~klock_async.scheduler.Scheduler` (``Scheduler(journal=...)``) or run
@@ -200,18 +396,10 @@ class SqliteJournal:
         # One worker thread writes, so at most one transaction is ever in flight and close()
         # can wait for it.
         self._writer: ThreadPoolExecutor | None = None
-        self._batch = _Batch()
-        self._commits = 0
-        self.generation = 0
-        """How many times the file was loaded, this load included (0 before :meth:`load`)."""
+        super().__init__()
 
     def __repr__(self) -> str:
         return f"<SqliteJournal {str(self.path)!r} synchronous={self._synchronous}>"
-
-    @property
-    def commits(self) -> int:
-        """How many transactions were written (empty batches write none)."""
-        return self._commits
 
     # ---------------------------------------------------------------- Journal protocol
 
@@ -270,99 +458,11 @@ class SqliteJournal:
         meta: dict[str, int] = {}
         for key, value in db.execute("SELECT key, value FROM meta"):
             meta[key] = _integer(value, f"meta row {key!r}")
-        agents = []
-        ages: dict[str, int] = {}
-        for agent_id, ts in db.execute("SELECT id, ts FROM agents"):
-            where = f"agents row {agent_id!r}"
-            ages[_string(agent_id, where)] = _integer(ts, where)
-            agents.append(AgentInfo(agent_id, ts))
-        leases = [
-            self._lease(row, ages)
-            for row in db.execute(
-                "SELECT id, agent_id, session_id, resource, predicate, token, ttl, expires_at "
-                "FROM leases ORDER BY token"
-            )
-        ]
-        path_clocks = {
-            _string(path, "path_clocks row"): _clock(clock, f"path_clocks row {path!r}")
-            for path, clock in db.execute("SELECT path, clock FROM path_clocks")
+        rows = {
+            table: db.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
+            for table, columns in TABLES.items()
         }
-        agent_clocks = {
-            _string(agent_id, "agent_clocks row"): _clock(clock, f"agent_clocks row {agent_id!r}")
-            for agent_id, clock in db.execute("SELECT agent_id, clock FROM agent_clocks")
-        }
-        highest_lease_token = max((lease.token for lease in leases), default=0)
-        state = RecoveredState(
-            agents=agents,
-            leases=leases,
-            last_token=max(meta.get("last_token", 0), highest_lease_token),
-            last_agent_ts=meta.get("last_agent_ts", 0),
-            path_clocks=path_clocks,
-            agent_clocks=agent_clocks,
-            conflict_count=meta.get("conflict_count", 0),
-        )
-        return state, meta
-
-    def _lease(self, row: tuple[object, ...], ages: dict[str, int]) -> LeaseInfo:
-        lease_id, agent_id, session_id, resource, predicate, token, ttl, expires_at = row
-        where = f"leases row {lease_id!r}"
-        try:
-            info = LeaseInfo(
-                id=_string(lease_id, where),
-                agent_id=_string(agent_id, where),
-                session_id=_string(session_id, where),
-                resource=Resource.parse(_string(resource, where)),
-                predicate=Predicate.parse(_string(predicate, where)),
-                token=_integer(token, where),
-                ttl=_real(ttl, where),
-                expires_at=_real(expires_at, where),
-            )
-        except InvalidRequestError as exc:
-            raise JournalError(f"{self.path}: {where}: {exc.message}") from None
-        if info.agent_id not in ages:
-            raise JournalError(
-                f"{self.path}: {where} belongs to agent {info.agent_id!r}, which has no row in "
-                "'agents'; the journal is damaged: restore it from a backup"
-            )
-        if info.token <= 0 or info.ttl <= 0:
-            raise JournalError(f"{self.path}: {where} has a token or ttl that is not positive")
-        return info
-
-    def record_agent(self, agent: AgentInfo) -> None:
-        """Buffer a registered agent."""
-        self._batch.agents[agent.agent_id] = agent
-        self._batch.retired.discard(agent.agent_id)
-
-    def record_retired(self, agent_id: str) -> None:
-        """Buffer the removal of a retired agent (it holds no lease)."""
-        self._batch.agents.pop(agent_id, None)
-        self._batch.retired.add(agent_id)
-
-    def record_lease(self, lease: LeaseInfo) -> None:
-        """Buffer a granted, extended or ended lease (an ended one is deleted on commit)."""
-        self._batch.leases[lease.id] = lease
-
-    def record_clocks(
-        self,
-        path: str,
-        path_clock: VectorClock,
-        agent_id: str,
-        agent_clock: VectorClock,
-        conflict_count: int,
-    ) -> None:
-        """Buffer the clocks a clock operation changed, and the conflict count."""
-        batch = self._batch
-        if path_clock:
-            batch.path_clocks[path] = path_clock
-        if agent_clock:
-            batch.agent_clocks[agent_id] = agent_clock
-        batch.meta["conflict_count"] = conflict_count
-
-    def record_counters(self, last_token: int, last_agent_ts: int) -> None:
-        """Buffer the highest fencing token and agent age handed out."""
-        meta = self._batch.meta
-        meta["last_token"] = last_token
-        meta["last_agent_ts"] = last_agent_ts
+        return recover(self.path, meta, rows), meta
 
     async def commit(self) -> None:
         """Write everything buffered since the last commit in one transaction.
@@ -376,7 +476,7 @@ class SqliteJournal:
         """
         if not self._batch:
             return
-        batch, self._batch = self._batch, _Batch()
+        batch = self._take()
         if self._writer is None:
             raise RuntimeError(f"{self!r} is not open; call load() first")
         loop = asyncio.get_running_loop()
@@ -385,13 +485,13 @@ class SqliteJournal:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise sqlite3.OperationalError(self._explain(exc)) from exc
-            self._batch = batch.under(self._batch)  # written with the next batch
+            self._keep(batch)  # written with the next batch
             raise JournalUnavailableError(
                 f"the journal {self.path} is locked by another process ({exc}); nothing of "
                 "this request was granted: retry it, and let no other program write the file"
             ) from exc
         except (UnicodeEncodeError, OverflowError, ValueError, sqlite3.InterfaceError) as exc:
-            self._batch = batch.storable().under(self._batch)
+            self._keep(batch.storable())
             raise JournalUnavailableError(
                 f"a value of this request cannot be stored in the journal ({exc}); nothing of "
                 "it was granted"
@@ -474,51 +574,21 @@ class SqliteJournal:
         db = self._db
         if db is None:
             raise RuntimeError(f"{self!r} was closed before a commit could be written")
-        ended = []
-        active = []
-        for lease in batch.leases.values():
-            if lease.state is LeaseState.ACTIVE:
-                active.append(
-                    (
-                        lease.id,
-                        lease.agent_id,
-                        lease.session_id,
-                        str(lease.resource),
-                        lease.predicate.value,
-                        lease.token,
-                        lease.ttl,
-                        lease.expires_at,
-                    )
-                )
-            else:
-                ended.append((lease.id,))
         db.execute("BEGIN IMMEDIATE")
         try:
-            if batch.retired:
-                db.executemany("DELETE FROM agents WHERE id = ?", [(a,) for a in batch.retired])
-            if batch.agents:
-                db.executemany(
-                    "INSERT OR REPLACE INTO agents (id, ts) VALUES (?, ?)",
-                    [(a.agent_id, a.ts) for a in batch.agents.values()],
-                )
-            if active:
-                db.executemany(
-                    "INSERT OR REPLACE INTO leases (id, agent_id, session_id, resource, "
-                    "predicate, token, ttl, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    active,
-                )
-            if ended:
-                db.executemany("DELETE FROM leases WHERE id = ?", ended)
-            if batch.path_clocks:
-                db.executemany(
-                    "INSERT OR REPLACE INTO path_clocks (path, clock) VALUES (?, ?)",
-                    [(p, _dump(c)) for p, c in batch.path_clocks.items()],
-                )
-            if batch.agent_clocks:
-                db.executemany(
-                    "INSERT OR REPLACE INTO agent_clocks (agent_id, clock) VALUES (?, ?)",
-                    [(a, _dump(c)) for a, c in batch.agent_clocks.items()],
-                )
+            for change in batch.changes():
+                columns = TABLES[change.table]
+                if change.deletes:
+                    db.executemany(
+                        f"DELETE FROM {change.table} WHERE {columns[0]} = ?",
+                        [(key,) for key in change.deletes],
+                    )
+                if change.upserts:
+                    db.executemany(
+                        f"INSERT OR REPLACE INTO {change.table} ({', '.join(columns)}) "
+                        f"VALUES ({', '.join('?' * len(columns))})",
+                        change.upserts,
+                    )
             if batch.meta:
                 # Counters only grow; MAX keeps that true even if an older batch were replayed.
                 db.executemany(
