@@ -29,8 +29,10 @@ Our exception hierarchy::
     ├── KernelClosedError              the kernel shut down before answering
     ├── JournalUnavailableError        the journal could not record a request (busy)
     ├── JournalError                   a journal file that cannot be used as it is
+    │   └── LeadershipLostError        another replica took over; this one commits nothing
     └── TransportError                 the coordination server could not be reached
-        └── UnauthorizedError          (HTTP) no valid bearer token
+        ├── UnauthorizedError          (HTTP) no valid bearer token
+        └── NotLeaderError             (HTTP) this replica does not lead; names the leader
 
 Every error has a stable ``code`` (used in the HTTP API) and a message that says what happened
 and what to do next.
@@ -57,6 +59,7 @@ __all__ = [
     "JournalUnavailableError",
     "KernelClosedError",
     "KlockError",
+    "LeadershipLostError",
     "LeaseDied",
     "LeaseError",
     "LeaseLostError",
@@ -64,6 +67,7 @@ __all__ = [
     "LeaseWouldWait",
     "MalformedJSONError",
     "MissingFieldError",
+    "NotLeaderError",
     "NotLeaseOwnerError",
     "OriginNotAllowedError",
     "RetriesExhaustedError",
@@ -306,6 +310,16 @@ class JournalError(KlockError):
     status = 500
 
 
+class LeadershipLostError(JournalError):
+    """Another replica raised the leader term: this one must not commit, answer or grant.
+
+    Its last batch was not written and nothing of it was granted; the replica steps down.
+    """
+
+    code = "leadership_lost"
+    status = 503
+
+
 class JournalUnavailableError(KlockError):
     """The journal could not record a batch (its file was locked); nothing of it was granted.
 
@@ -328,6 +342,25 @@ class UnauthorizedError(TransportError):
 
     code = "unauthorized"
     status = 401
+
+
+class NotLeaderError(TransportError):
+    """This replica does not lead; ``leader`` is the URL of the one that does, if known.
+
+    Nothing of the request was done: send it to the leader (clients given several server
+    URLs do that by themselves).
+    """
+
+    code = "not_leader"
+    status = 503
+
+    def __init__(self, message: str, *, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.leader = leader
+
+    def details(self) -> dict[str, Any]:
+        """The leader's URL (None while no replica leads)."""
+        return {"leader": self.leader}
 
 
 class MalformedJSONError(InvalidRequestError):

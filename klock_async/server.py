@@ -48,8 +48,10 @@ from klock_async.errors import (
     LeaseDied,
     LeaseWouldWait,
     MalformedJSONError,
+    NotLeaderError,
     UnauthorizedError,
 )
+from klock_async.leader import LEADER_TTL, LeaderLease
 from klock_async.logging import get_logger
 from klock_async.model import (
     AgentInfo,
@@ -61,7 +63,8 @@ from klock_async.model import (
     Statistics,
     WaiterInfo,
 )
-from klock_async.scheduler import Scheduler
+from klock_async.postgres import PostgresJournal, is_postgres_url, prepare_schema, redact
+from klock_async.scheduler import Journal, Scheduler
 from klock_async.web import Metrics, events_response, page_response
 
 __all__ = [
@@ -448,7 +451,7 @@ class _FrontDoor:
         label = "unmatched" if route is None else route[0]
         scope["klock.route"] = f"{method} {label}"
         try:
-            refusal = self._refuse(scope)
+            refusal = self._refuse(scope) or self.api.not_leading(scope)
             if refusal is not None:
                 await refusal(scope, receive, send_status)
             elif route is None:
@@ -571,8 +574,16 @@ class _Api:
         allowed_hosts: Sequence[str] = (),
         retire_after: float | None = None,
         init: bool = False,
+        leader_ttl: float = LEADER_TTL,
+        advertise_url: str | None = None,
     ) -> None:
         self.db = db
+        self.leader_ttl = leader_ttl
+        self._advertise = advertise_url
+        self._listening: asyncio.Future[None] | None = None  # done once the socket listens
+        self.lease: LeaderLease | None = None
+        self._pg_journal: PostgresJournal | None = None
+        self._watchers: list[asyncio.Task[None]] = []
         self.origin_guard = validation.OriginGuard(allowed_hosts)
         self.retire_after = retire_after
         self.init = init
@@ -599,17 +610,34 @@ class _Api:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        self._closing = loop.create_future()
+        self._listening = loop.create_future()
+        if self._advertise is not None:
+            self._listening.set_result(None)
+        if is_postgres_url(self.db):
+            async with self._replica():
+                yield
+            return
         journal = None
         if self.db is not None:
             from klock_async.journal import SqliteJournal
 
             journal = SqliteJournal(self.db, synchronous=self.synchronous, init=self.init)
+        watcher = await self._start_kernel(journal)
+        try:
+            yield
+        finally:
+            self.begin_shutdown()
+            await self._stop_kernel(watcher)
+
+    async def _start_kernel(self, journal: Journal | None) -> asyncio.Task[None]:
+        """Start the scheduler on ``journal``; return the task that watches it."""
         scheduler = Scheduler(journal=journal)
         scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
         self._scheduler = scheduler
         loop = asyncio.get_running_loop()
-        self._closing = loop.create_future()
         watcher = loop.create_task(self._watch_kernel(scheduler))
         stats = await scheduler.statistics()
         if self.retire_after is not None:
@@ -619,21 +647,118 @@ class _Api:
             self._arm_retirement()
         get_logger().info(
             "server.started",
-            db=self.db,
-            generation=None if journal is None else journal.generation,
+            db=None if self.db is None else redact(self.db),
+            generation=getattr(journal, "generation", None),
             agents=stats.agents,
             leases_active=stats.leases_active,
             auth=self.token is not None,
         )
+        return watcher
+
+    async def _stop_kernel(self, watcher: asyncio.Task[None] | None) -> None:
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        if self._scheduler is not None:
+            await self._scheduler.aclose()
+        get_logger().info("server.stopped")
+
+    # ------------------------------------------------------------ replicas (PostgreSQL)
+
+    def listening(self, url: str) -> None:
+        """The server accepts connections at ``url`` (the replica advertises it to clients)."""
+        if self._advertise is None:
+            self._advertise = url
+        if self._listening is not None and not self._listening.done():
+            self._listening.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def _replica(self) -> AsyncIterator[None]:
+        """Serve as one of several replicas: redirect to the leader until this one leads."""
+        assert self.db is not None
+        await prepare_schema(self.db, init=self.init)
+        loop = asyncio.get_running_loop()
+        leading = loop.create_task(self._lead(self.db), name="klock-leader")
+        watcher: list[asyncio.Task[None]] = []
+        self._watchers = watcher
         try:
             yield
         finally:
             self.begin_shutdown()
-            if self._retire_timer is not None:
-                self._retire_timer.cancel()
-            watcher.cancel()
-            await scheduler.aclose()
-            get_logger().info("server.stopped")
+            leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leading
+            await self._stop_kernel(watcher[0] if watcher else None)
+            journal, lease = self._pg_journal, self.lease
+            if journal is not None:
+                await journal.aclose()
+            if lease is not None and self.dead is None:
+                await lease.resign()  # a follower takes over at once
+            elif lease is not None:
+                await lease.aclose()
+
+    async def _lead(self, db: str) -> None:
+        """Campaign for the leader lease, serve while it holds, stop when deposed."""
+        try:
+            assert self._listening is not None
+            await self._listening
+            assert self._advertise is not None
+            lease = self.lease = LeaderLease(db, advertise=self._advertise, ttl=self.leader_ttl)
+            term = await lease.campaign()
+            journal = self._pg_journal = PostgresJournal(db, on_wait=_journal_waits)
+            await journal.prepare(term)
+            self._watchers.append(await self._start_kernel(journal))
+            scheduler = self._scheduler
+            assert scheduler is not None and scheduler._task is not None
+            keeper = asyncio.get_running_loop().create_task(lease.keep())
+            try:
+                await asyncio.wait((keeper, scheduler._task), return_when="FIRST_COMPLETED")
+            finally:
+                keeper.cancel()
+            if keeper.done() and not keeper.cancelled() and self.dead is None:
+                journal.close()  # commits nothing from now on
+                self._died(
+                    f"another replica took over the leadership (this one led in term {term}); "
+                    "it committed nothing since and stops: restart it to serve as a follower"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._died(f"the replica could not lead: {exc}")
+
+    def _died(self, reason: str) -> None:
+        if self.dead is not None:
+            return
+        self.dead = reason
+        get_logger().error("server.kernel_died", reason=reason)
+        if self.on_dead is not None:
+            self.on_dead(reason)
+
+    def not_leading(self, scope: Scope) -> Response | None:
+        """A follower's answer: a redirect to the leader, or 503 while none leads."""
+        if not is_postgres_url(self.db) or (self._scheduler is not None and self.dead is None):
+            return None
+        lease = self.lease
+        leader = None if lease is None else lease.leader
+        if leader == self._advertise:
+            leader = None  # this replica itself, deposed or not yet serving
+        if leader is None:
+            error = NotLeaderError(
+                "no replica leads at the moment (an election is under way); retry shortly",
+                leader=None,
+            )
+            return _error_response(error)
+        error = NotLeaderError(
+            f"this replica does not lead; send the request to the leader at {leader}",
+            leader=leader,
+        )
+        if scope["path"] == "/health":
+            return _error_response(error)  # load balancers: only the leader is healthy
+        response = _error_response(error, 307)
+        query = scope.get("query_string", b"").decode("latin-1")
+        response.headers["location"] = leader + scope["path"] + (f"?{query}" if query else "")
+        return response
 
     async def _watch_kernel(self, scheduler: Scheduler) -> None:
         """Report a kernel that stopped by itself (a failed disk, a bug): the process must end."""
@@ -643,11 +768,7 @@ class _Api:
         closing = self._closing
         if closing is not None and closing.done():
             return  # a shutdown we asked for
-        reason = str(scheduler.failure or "the scheduler stopped on an unexpected error")
-        self.dead = reason
-        get_logger().error("server.kernel_died", reason=reason)
-        if self.on_dead is not None:
-            self.on_dead(reason)
+        self._died(str(scheduler.failure or "the scheduler stopped on an unexpected error"))
 
     # ------------------------------------------------------------ agent retirement
 
@@ -1107,6 +1228,14 @@ class _Api:
         return _ok(_statistics_json(await self.backend.statistics()))
 
 
+def _journal_waits(exc: BaseException) -> None:
+    get_logger().warning(
+        "journal.waiting",
+        error=str(exc) or type(exc).__name__,
+        hint="the database cannot be reached; requests wait until it is back",
+    )
+
+
 def _clock_json(path: str, clock: VectorClock) -> dict[str, Any]:
     return {"path": path, "clock": clock.as_dict()}
 
@@ -1181,11 +1310,14 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
     retire_after: float | None = None,
     init: bool = False,
+    leader_ttl: float = LEADER_TTL,
+    advertise_url: str | None = None,
 ) -> Starlette:
     """Build the ASGI app: one scheduler, started and stopped with the app's lifespan.
 
     Args:
-        db: SQLite journal path; None keeps state in memory only (lost on restart).
+        db: SQLite journal path, or a ``postgresql://`` URL shared by replicas of which one
+            leads (see :mod:`klock_async.leader`); None keeps state in memory only.
         token: when set, every request except ``GET /health`` needs
             ``Authorization: Bearer <token>``.
         synchronous: journal durability, ``"FULL"`` or ``"NORMAL"`` (see
@@ -1197,6 +1329,9 @@ def create_app(
             request naming it is forgotten; None keeps agents for ever.
         init: make a journal of an existing ``db`` file that is empty or has no journal
             tables (otherwise refused).
+        leader_ttl: with a PostgreSQL ``db``: seconds the leader lease lasts unrenewed.
+        advertise_url: with a PostgreSQL ``db``: the URL clients reach this replica at
+            (default: the address it listens on).
 
     Raises:
         ValueError: ``max_body_bytes`` is not positive, or ``token`` is empty.
@@ -1215,6 +1350,8 @@ def create_app(
         allowed_hosts=allowed_hosts,
         retire_after=retire_after,
         init=init,
+        leader_ttl=leader_ttl,
+        advertise_url=advertise_url,
     )
     table: list[tuple[str, str, Endpoint]] = [
         ("GET", "/", api.page),
@@ -1287,6 +1424,8 @@ class Server(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
+        if isinstance(api, _Api):
+            api.listening(self.url)
         get_logger().info("server.ready", url=self.url)
         if self._on_ready is not None:
             self._on_ready(self.url)
@@ -1494,7 +1633,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PORT,
         help=f"port (default {DEFAULT_PORT}; 0: any free)",
     )
-    parser.add_argument("--db", default=None, help="SQLite journal; without it state is lost")
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="SQLite journal file, or a postgresql:// URL shared by replicas (one leads); "
+        "without it state is lost",
+    )
+    parser.add_argument(
+        "--leader-ttl",
+        type=_positive(float),
+        default=LEADER_TTL,
+        help="with a postgresql:// --db: seconds the leader lease lasts unrenewed "
+        f"(default {LEADER_TTL:g})",
+    )
+    parser.add_argument(
+        "--advertise-url",
+        default=None,
+        metavar="URL",
+        help="with a postgresql:// --db: the URL clients reach this replica at, given to them "
+        "by the other replicas (default: the address it listens on)",
+    )
     parser.add_argument(
         "--init",
         action="store_true",
@@ -1597,6 +1755,19 @@ def _raise_file_limit(needed: int) -> None:
 _SPARE_FILES = 64  # descriptors besides connections: the journal, logs, pipes
 
 
+def _check_postgres(url: str, init: bool) -> str | None:
+    """Why the PostgreSQL ``--db`` cannot be used, in one line (None: it can)."""
+    try:
+        asyncio.run(prepare_schema(url, init=init))
+    except ImportError as exc:
+        return str(exc)
+    except KlockError as exc:
+        return f"cannot use --db: {exc}"
+    except Exception as exc:  # asyncpg's own errors: refused, unknown database, bad password
+        return f"cannot use --db {redact(url)}: {type(exc).__name__}: {exc}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``klock serve`` until interrupted; return the exit status.
 
@@ -1631,7 +1802,11 @@ def run(args: argparse.Namespace) -> int:
             hint="requests naming this machine by another name or address get 421; list the "
             "names clients use with --allowed-host",
         )
-    if args.db is not None:
+    if is_postgres_url(args.db):
+        failure = _check_postgres(args.db, args.init)
+        if failure is not None:
+            return _fail(failure)
+    elif args.db is not None:
         # Fail fast, with one line instead of a traceback, on a journal that cannot be used.
         import sqlite3
 
@@ -1657,6 +1832,8 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed,
         retire_after=args.retire_after or None,
         init=args.init,
+        leader_ttl=args.leader_ttl,
+        advertise_url=args.advertise_url,
     )
     _raise_file_limit(args.max_connections + _SPARE_FILES)
     config = server_config(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -57,3 +57,23 @@ def settle() -> Callable[[Klock], Awaitable[Statistics]]:
         return result
 
     return settle
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    """One throw-away PostgreSQL cluster for the whole run (see tests/pgutil.py)."""
+    from pgutil import REQUIRED, cluster
+
+    with cluster() as server:
+        if server is None:
+            if REQUIRED:
+                pytest.fail("KLOCK_REQUIRE_POSTGRES=1 but no PostgreSQL binaries (pg_ctl) found")
+            pytest.skip("no PostgreSQL binaries (pg_ctl); install Debian's postgresql")
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_cluster: Any) -> str:
+    """The URL of a new, empty database in the test cluster."""
+    url: str = postgres_cluster.create_database()
+    return url

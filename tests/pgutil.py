@@ -1,0 +1,153 @@
+"""A throw-away PostgreSQL cluster for tests: initdb in a temporary directory, a free port.
+
+The binaries are Debian's (``/usr/lib/postgresql/<version>/bin``) or the first ``pg_ctl`` on
+``PATH``. PostgreSQL refuses to run as root, so under root the cluster belongs to the
+``postgres`` user (created by Debian's package). ``pg_ctl -w`` returns once the server accepts
+connections, so nothing polls for readiness.
+
+Without binaries the tests that need the cluster skip, unless ``KLOCK_REQUIRE_POSTGRES=1``
+(CI sets it), where they fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REQUIRED = os.environ.get("KLOCK_REQUIRE_POSTGRES") == "1"
+
+
+def binaries() -> Path | None:
+    """The directory holding ``initdb`` and ``pg_ctl``, or None."""
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=_version)
+    if versions:
+        return Path(versions[-1]).parent
+    found = shutil.which("initdb")
+    return None if found is None else Path(found).parent
+
+
+def _version(path: str) -> int:
+    part = Path(path).parent.parent.name
+    return int(part) if part.isdigit() else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Cluster:
+    """One PostgreSQL server in a temporary directory; a fresh database per test."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="klock-pg-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            self.user = "postgres"
+            owner = pwd.getpwnam(self.user)
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+
+    def _run(self, *command: str) -> None:
+        prefix: Sequence[str] = ("runuser", "-u", self.user, "--") if self.user else ()
+        subprocess.run(
+            [*prefix, *command], check=True, capture_output=True, text=True, cwd=self.root
+        )
+
+    def start(self) -> None:
+        """initdb (the first time) and start; returns once it accepts connections."""
+        if not self.data.exists():
+            self._run(
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            )
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=300 -c fsync=off -c full_page_writes=off"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        """Stop the server (fast: sessions are cut, everything committed is kept)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        """A ``postgresql://`` URL of a database of this cluster."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; its URL."""
+        name = "t" + uuid.uuid4().hex[:12]
+        self._run(
+            str(self.bin / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-qc",
+            f"CREATE DATABASE {name}",
+        )
+        return self.url(name)
+
+    def sql(self, url: str, statement: str) -> str:
+        """Run one statement with psql; its unaligned output."""
+        prefix: Sequence[str] = ("runuser", "-u", self.user, "--") if self.user else ()
+        done = subprocess.run(
+            [*prefix, str(self.bin / "psql"), url, "-XAtqc", statement],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+        )
+        return done.stdout.strip()
+
+    def destroy(self) -> None:
+        """Stop the server if it runs and remove its directory."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[Cluster | None]:
+    """A started cluster, or None when there are no binaries (and they are not required)."""
+    bin_dir = binaries()
+    if bin_dir is None:
+        yield None
+        return
+    server = Cluster(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
