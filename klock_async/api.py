@@ -696,8 +696,13 @@ class Klock:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def connect(cls, url: str, *, token: str | None = None, timeout: float = 30.0) -> Klock:
+    def connect(
+        cls, url: str | Sequence[str], *, token: str | None = None, timeout: float = 30.0
+    ) -> Klock:
         """A facade over a ``klock serve`` server at ``url`` (needs the ``server`` extra).
+
+        ``url`` may name several replicas of one server (a list, or URLs separated by commas):
+        requests go to the leader and follow it when it changes.
 
         Raises:
             ImportError: ``httpx`` is missing (``pip install 'klock-async[server]'``).

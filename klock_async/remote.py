@@ -31,10 +31,12 @@ from klock_async.errors import (
     InvalidRequestError,
     KernelClosedError,
     KlockError,
+    NotLeaderError,
     TransportError,
     error_from_payload,
 )
 from klock_async.events import Event, EventStream
+from klock_async.failover import ServerList, may_resend
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -294,7 +296,10 @@ class RemoteBackend:
     on it).
 
     Args:
-        url: the server's base URL, e.g. ``http://127.0.0.1:3100``.
+        url: the server's base URL, e.g. ``http://127.0.0.1:3100``; or the URLs of several
+            replicas (a list, or one string separated by commas): requests go to the leader,
+            and move to the next replica when one cannot be reached (see
+            :mod:`klock_async.failover`).
         token: the bearer token the server was started with, if any.
         timeout: seconds to wait for an answer to a request that does not wait by design
             (long-polls wait as long as they were asked to, plus this much).
@@ -307,19 +312,21 @@ class RemoteBackend:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         timeout: float = 30.0,
         transport: Any = None,
     ) -> None:
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        if not isinstance(url, str | list | tuple):
             raise InvalidRequestError(
                 f"the server URL must start with http:// or https://: {url!r}"
             )
+        self.servers = ServerList(url)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise InvalidRequestError(f"timeout must be a positive number of seconds: {timeout!r}")
-        self.url = url.rstrip("/")
+        if transport is not None and len(self.servers) > 1:
+            raise InvalidRequestError("a transport serves one server URL, not several")
         self._token = token
         self._timeout = float(timeout)
         self._transport = transport
@@ -335,6 +342,11 @@ class RemoteBackend:
     def __repr__(self) -> str:
         return f"<RemoteBackend {self.url}>"
 
+    @property
+    def url(self) -> str:
+        """The base URL of the server requests go to now (the leader, among replicas)."""
+        return self.servers.current
+
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -348,10 +360,7 @@ class RemoteBackend:
         if self._closed:
             raise KernelClosedError("this remote backend was closed; create a new one")
         self._loop = asyncio.get_running_loop()
-        if self._transport is not None:
-            self._wire = _Httpx(self.url, self._token, self._transport, self._timeout)
-        else:
-            self._wire = _Http1(self.url, self._token, self._timeout)
+        self._wire = self._connect()
         try:
             await self.statistics()
         except BaseException:
@@ -371,6 +380,26 @@ class RemoteBackend:
             await wire.aclose()
 
     # ---------------------------------------------------------------- plumbing
+
+    def _connect(self) -> _Http1 | _Httpx:
+        if self._transport is not None:
+            return _Httpx(self.url, self._token, self._transport, self._timeout)
+        return _Http1(self.url, self._token, self._timeout)
+
+    async def _switch(self, wire: _Http1 | _Httpx, url: str, leader: str | None) -> None:
+        """Send requests to ``leader``, or to the next replica after ``url`` failed."""
+        if self._wire is not wire or self._closed:
+            return  # another request switched already
+        if leader is not None:
+            self.servers.follow(leader)
+        else:
+            self.servers.failed(url)
+        if self.url != url:
+            self._wire = self._connect()
+            await wire.aclose()
+        delay = self.servers.backoff()
+        if delay:
+            await asyncio.sleep(delay)  # every replica refused or failed: back off, then retry
 
     def _check_open(self) -> _Http1 | _Httpx:
         wire = self._wire
@@ -395,13 +424,49 @@ class RemoteBackend:
 
         ``wait_for`` is how long the server may keep the request by design (None: forever).
         """
-        wire = self._check_open()
         rid = request_id or self._track(long_poll)
         read = None if wait_for is None else wait_for + self._timeout
         target = path if not params else f"{path}?{urllib.parse.urlencode(params)}"
         payload = None if body is None else _dumps(body)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout  # for finding a leader, on top of the answer
         try:
-            status, content = await wire.send(method, target, payload, rid, read)
+            while True:
+                wire = self._check_open()
+                url = self.url
+                try:
+                    status, content = await self._send(wire, method, target, payload, rid, read)
+                    result = self._unwrap(status, content, method, path)
+                except NotLeaderError as exc:
+                    if loop.time() > deadline:
+                        raise
+                    await self._switch(wire, url, exc.leader)
+                    continue
+                except TransportError as exc:
+                    reached = not isinstance(exc.__cause__, ConnectionRefusedError)
+                    if len(self.servers) == 1 or self._closed:
+                        raise
+                    await self._switch(wire, url, None)
+                    if loop.time() > deadline or not may_resend(method, path, reached=reached):
+                        raise
+                    continue
+                self.servers.answered()
+                return result
+        finally:
+            self._inflight.pop(rid)[1].set_result(None)
+
+    async def _send(
+        self,
+        wire: _Http1 | _Httpx,
+        method: str,
+        target: str,
+        payload: bytes | None,
+        rid: str,
+        read: float | None,
+    ) -> tuple[int, bytes]:
+        path = target.partition("?")[0]
+        try:
+            return await wire.send(method, target, payload, rid, read)
         except TimeoutError:
             raise TransportError(
                 f"the klock server at {self.url} did not answer {method} {path} within "
@@ -413,16 +478,13 @@ class RemoteBackend:
             raise TransportError(
                 f"cannot reach the klock server at {self.url} ({type(exc).__name__}: {exc}); "
                 "is 'klock serve' running there?"
-            ) from None
+            ) from exc
         except Exception as exc:  # an httpx transport's own errors
             if self._closed:
                 raise KernelClosedError("the connection to the klock server was closed") from None
             raise TransportError(
                 f"the request {method} {path} to {self.url} failed: {type(exc).__name__}: {exc}"
             ) from None
-        finally:
-            self._inflight.pop(rid)[1].set_result(None)
-        return self._unwrap(status, content, method, path)
 
     def _track(self, long_poll: bool) -> str:
         """Register a request as sent (synchronously, so a barrier behind it sees it)."""
