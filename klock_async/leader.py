@@ -154,7 +154,10 @@ class LeaderLease:
         if row is None:
             raise RuntimeError("klock_leader has no row; the schema check should have made it")
         seen: int = row["term"]
-        self.leader = None if row["expired"] else (row["url"] or None)
+        leader = None if row["expired"] else (row["url"] or None)
+        if leader is not None and leader != self.leader:
+            get_logger().info("leader.following", holder=self.holder, leader=leader, term=seen)
+        self.leader = leader
         if row["expired"]:
             return await self._take(conn, seen, ended=False)
         import asyncpg

@@ -15,13 +15,17 @@ import contextlib
 import glob
 import os
 import pwd
+import queue
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 REQUIRED = os.environ.get("KLOCK_REQUIRE_POSTGRES") == "1"
 
@@ -151,3 +155,104 @@ def cluster() -> Iterator[Cluster | None]:
         yield server
     finally:
         server.destroy()
+
+
+READY_TIMEOUT = 60.0
+"""Seconds a replica may take to print an awaited line before the test fails (a bound)."""
+
+
+class Replica:
+    """``klock serve --db postgresql://...`` as a child process whose log lines can be awaited.
+
+    Lines of stderr (structlog's console output, level info) arrive on a queue read by
+    :meth:`wait_for`, so a test waits for "leader.elected" instead of polling anything.
+    """
+
+    def __init__(self, url: str, *extra: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "klock_async",
+            "serve",
+            "--port",
+            "0",
+            "--db",
+            url,
+            "--log-level",
+            "info",
+            *extra,
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self._stderr: queue.Queue[str] = queue.Queue()
+        self._stdout: queue.Queue[str] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=_pump, args=(self.process.stdout, self._stdout), daemon=True),
+            threading.Thread(target=_pump, args=(self.process.stderr, self._stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.url = ""
+
+    def listening(self) -> str:
+        """Wait for the ``listening on URL`` line; the URL."""
+        while True:
+            line = self._stdout.get(timeout=READY_TIMEOUT)
+            if not line:
+                raise RuntimeError(f"klock serve exited: {self.output()}")
+            if "listening on " in line:
+                self.url = line.rsplit("listening on ", 1)[1].strip()
+                return self.url
+
+    def wait_for(self, text: str) -> str:
+        """Wait for a line of stderr containing ``text``; that line."""
+        while True:
+            line = self._stderr.get(timeout=READY_TIMEOUT)
+            if not line:
+                raise RuntimeError(f"no line with {text!r}; klock serve said: {self.output()}")
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def output(self) -> str:
+        """Everything it wrote to stderr so far (after it exited: all of it)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                line = self._stderr.get_nowait()
+                if line:
+                    self.lines.append(line)
+        return "".join(self.lines)
+
+    def stop(self) -> None:
+        """SIGKILL it if it still runs, and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(READY_TIMEOUT)
+        for reader in self._readers:
+            reader.join(READY_TIMEOUT)
+        assert self.process.stdout is not None and self.process.stderr is not None
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def _pump(stream: Any, sink: queue.Queue[str]) -> None:
+    for line in stream:
+        sink.put(line)
+    sink.put("")
+
+
+@contextlib.contextmanager
+def replicas(url: str, count: int, *extra: str) -> Iterator[list[Replica]]:
+    """``count`` replicas on one database, each listening; all killed on exit."""
+    started: list[Replica] = []
+    try:
+        for _ in range(count):
+            replica = Replica(url, *extra)
+            started.append(replica)
+            replica.listening()
+        yield started
+    finally:
+        for replica in started:
+            replica.stop()

@@ -1,0 +1,125 @@
+"""Tests for klock_async.postgres: the PostgreSQL journal on its own, against a real server."""
+
+from __future__ import annotations
+
+import pytest
+from pgutil import Cluster
+
+from klock_async import JournalError, LeadershipLostError
+from klock_async.clocks import VectorClock
+from klock_async.leader import LeaderLease
+from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
+from klock_async.postgres import PostgresJournal, prepare_schema, redact
+
+
+def _lease(lease_id: str, token: int, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
+    return LeaseInfo(
+        id=lease_id,
+        agent_id="a",
+        session_id="s",
+        resource=Resource.parse(f"src/{lease_id}.py"),
+        predicate=Predicate.MUTATES,
+        token=token,
+        ttl=30.0,
+        expires_at=1_000_000.0 + token,
+        state=state,
+    )
+
+
+async def _leading(url: str) -> tuple[LeaderLease, PostgresJournal]:
+    """A journal of a replica that won the lease."""
+    await prepare_schema(url)
+    lease = LeaderLease(url, advertise="http://127.0.0.1:1", ttl=30.0)
+    journal = PostgresJournal(url)
+    await journal.prepare(await lease.campaign())
+    return lease, journal
+
+
+async def test_empty_database_loads_empty_state(pg_url: str) -> None:
+    """A new database gets the journal's tables and starts with nothing and counters at 0."""
+    lease, journal = await _leading(pg_url)
+    state = journal.load()
+    await journal.aclose()
+    await lease.aclose()
+    assert (state.agents, state.leases, state.path_clocks, state.agent_clocks) == ([], [], {}, {})
+    assert (state.last_token, state.last_agent_ts, state.conflict_count) == (0, 0, 0)
+
+
+async def test_committed_batch_is_read_back_by_the_next_leader(pg_url: str) -> None:
+    """Everything committed comes back to the replica that leads next, under a higher term."""
+    lease, journal = await _leading(pg_url)
+    journal.load()
+    journal.record_agent(AgentInfo("a", 1))
+    journal.record_agent(AgentInfo("b", 7))
+    journal.record_lease(_lease("x", 1))
+    journal.record_lease(_lease("y", 2))
+    journal.record_lease(_lease("z", 3))
+    journal.record_counters(3, 1)
+    journal.record_clocks("FILE:/p", VectorClock({"a": 1}), "a", VectorClock({"a": 1}), 0)
+    journal.record_clocks("FILE:/q", VectorClock({"b": 2}), "b", VectorClock({"b": 2}), 3)
+    await journal.commit()
+    journal.record_lease(_lease("z", 3, LeaseState.RELEASED))
+    journal.record_retired("b")
+    await journal.commit()
+    assert journal.commits == 2
+    await journal.aclose()
+    await lease.resign()
+
+    lease2, again = await _leading(pg_url)
+    state = again.load()
+    await again.aclose()
+    await lease2.aclose()
+    assert lease2.term == lease.term + 1
+    assert state.agents == [AgentInfo("a", 1)]
+    assert state.leases == [_lease("x", 1), _lease("y", 2)]
+    assert (state.last_token, state.last_agent_ts, state.conflict_count) == (3, 1, 3)
+    assert state.path_clocks == {"FILE:/p": {"a": 1}, "FILE:/q": {"b": 2}}
+
+
+async def test_commit_after_another_replica_took_over_writes_nothing(
+    pg_url: str, postgres_cluster: Cluster
+) -> None:
+    """A fenced write: once the term moved on, a commit is refused and writes no row."""
+    lease, journal = await _leading(pg_url)
+    journal.load()
+    journal.record_agent(AgentInfo("a", 1))
+    await journal.commit()
+    # Another replica raises the term (as its takeover does).
+    postgres_cluster.sql(pg_url, "UPDATE klock_leader SET term = term + 1")
+    journal.record_lease(_lease("x", 1))
+    journal.record_counters(1, 1)
+    with pytest.raises(LeadershipLostError, match="another replica leads now"):
+        await journal.commit()
+    with pytest.raises(LeadershipLostError):  # and it stays refused
+        await journal.commit()
+    await journal.aclose()
+    await lease.aclose()
+    rows = postgres_cluster.sql(pg_url, "SELECT count(*) FROM klock_leases")
+    assert rows == "0"
+
+
+async def test_foreign_tables_are_refused_without_init(
+    pg_url: str, postgres_cluster: Cluster
+) -> None:
+    """A database holding other tables is not made a journal unless asked (--init)."""
+    postgres_cluster.sql(pg_url, "CREATE TABLE orders (id int)")
+    with pytest.raises(JournalError, match=r"no klock journal.*pass --init"):
+        await prepare_schema(pg_url)
+    await prepare_schema(pg_url, init=True)
+    await prepare_schema(pg_url)  # a journal now
+
+
+async def test_journal_table_with_other_columns_is_refused(
+    pg_url: str, postgres_cluster: Cluster
+) -> None:
+    """A klock_ table that is not the journal's is named, never written to."""
+    await prepare_schema(pg_url)
+    postgres_cluster.sql(pg_url, "ALTER TABLE klock_leases DROP COLUMN ttl")
+    with pytest.raises(JournalError, match="klock_leases has columns"):
+        await prepare_schema(pg_url)
+
+
+def test_redact_hides_the_password() -> None:
+    """URLs in logs and errors never show a password."""
+    assert redact("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
