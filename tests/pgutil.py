@@ -54,8 +54,9 @@ def _free_port() -> int:
 class Cluster:
     """One PostgreSQL server in a temporary directory; a fresh database per test."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, durable: bool = False) -> None:
         self.bin = bin_dir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="klock-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -83,10 +84,10 @@ class Cluster:
                 "--auth=trust",
                 "--no-sync",
             )
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=300 -c fsync=off -c full_page_writes=off"
-        )
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+        options += "-c max_connections=300"
+        if not self.durable:  # tests: a crash of the machine need not be survived
+            options += " -c fsync=off -c full_page_writes=off"
         self._run(
             str(self.bin / "pg_ctl"),
             "-D",
@@ -143,13 +144,16 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster() -> Iterator[Cluster | None]:
-    """A started cluster, or None when there are no binaries (and they are not required)."""
+def cluster(*, durable: bool = False) -> Iterator[Cluster | None]:
+    """A started cluster, or None when there are no binaries (and they are not required).
+
+    ``durable``: PostgreSQL's defaults (every commit flushed); else fsync is off.
+    """
     bin_dir = binaries()
     if bin_dir is None:
         yield None
         return
-    server = Cluster(bin_dir)
+    server = Cluster(bin_dir, durable=durable)
     try:
         server.start()
         yield server
@@ -168,7 +172,7 @@ class Replica:
     :meth:`wait_for`, so a test waits for "leader.elected" instead of polling anything.
     """
 
-    def __init__(self, url: str, *extra: str) -> None:
+    def __init__(self, url: str, *extra: str, log_level: str = "info") -> None:
         command = [
             sys.executable,
             "-m",
@@ -179,7 +183,7 @@ class Replica:
             "--db",
             url,
             "--log-level",
-            "info",
+            log_level,
             *extra,
         ]
         self.process = subprocess.Popen(

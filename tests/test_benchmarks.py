@@ -48,6 +48,12 @@ ROWS = {
         "4. one global lock",
         "5. edits declared up front",
     ),
+    "failover.py": (
+        "(a) pairs/s, 100 agents, SQLite journal (FULL)",
+        "(b) pairs/s, 100 agents, PostgreSQL journal",
+        "(c) failover, kill -> first grant, 3 kills: p50",
+        "targets:",
+    ),
     "validation.py": ("POST /agents", "POST /leases", "POST /intents", "POST /clocks/write"),
     "server.py": (
         "(a) throughput, 50 agents, embedded",
