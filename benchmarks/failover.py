@@ -43,9 +43,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pgutil import Cluster, Replica, cluster  # noqa: E402  (the tests' cluster helper)
+from pgutil import Cluster, Replica, cluster  # the tests' cluster helper
 
-from klock_async import Agent, Klock, KlockError  # noqa: E402
+from klock_async import Agent, Klock, KlockError
 
 _clock = time.perf_counter
 
@@ -158,14 +158,14 @@ async def failovers(db: str, kills: int) -> list[float]:
 
 async def measure(sizes: Sizes, pg: Cluster) -> Results:
     results = Results()
-    with tempfile.TemporaryDirectory() as scratch:
-        with (
-            klock_serve(str(Path(scratch) / "k.db")) as sqlite_url,
-            klock_serve(pg.create_database()) as pg_url,
-        ):
-            for rep in range(sizes.reps):
-                results.sqlite.append(await throughput(sqlite_url, sizes.seconds, f"s{rep}"))
-                results.postgres.append(await throughput(pg_url, sizes.seconds, f"p{rep}"))
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        klock_serve(str(Path(scratch) / "k.db")) as sqlite_url,
+        klock_serve(pg.create_database()) as pg_url,
+    ):
+        for rep in range(sizes.reps):
+            results.sqlite.append(await throughput(sqlite_url, sizes.seconds, f"s{rep}"))
+            results.postgres.append(await throughput(pg_url, sizes.seconds, f"p{rep}"))
     results.failovers = await failovers(pg.create_database(), sizes.kills)
     return results
 
