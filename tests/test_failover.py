@@ -1,0 +1,89 @@
+"""Tests for klock_async.failover: the client's list of replicas and what it may resend."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from serverutil import serve_in_thread
+
+from klock_async import InvalidRequestError
+from klock_async.compat import KlockHttpClient
+from klock_async.failover import ServerList, may_resend, parse_urls
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("given", "urls"),
+    [
+        pytest.param("http://a:1", ["http://a:1"], id="one"),
+        pytest.param("http://a:1/, http://b:2,", ["http://a:1", "http://b:2"], id="commas"),
+        pytest.param(["https://a", "https://a/"], ["https://a"], id="list-duplicates"),
+    ],
+)
+def test_urls_are_parsed_in_order(given: str | list[str], urls: list[str]) -> None:
+    """Commas or a list, trailing slashes and duplicates dropped, order kept."""
+    assert parse_urls(given) == urls
+
+
+@pytest.mark.parametrize("given", ["", " , ", "ftp://a", "http://a,b"])
+def test_bad_url_lists_are_refused(given: str) -> None:
+    """No URL, or one that is not http(s), is a typed error."""
+    with pytest.raises(InvalidRequestError):
+        parse_urls(given)
+
+
+def test_follow_and_failed_move_the_current_server() -> None:
+    """A named leader becomes current (added if new); a failure moves to the next URL."""
+    servers = ServerList("http://a,http://b")
+    assert servers.current == "http://a"
+    assert servers.failed("http://a") == "http://b"
+    assert servers.failed("http://a") == "http://b"  # a stale failure changes nothing
+    assert servers.follow("http://c/") == "http://c"
+    assert servers.urls == ["http://a", "http://b", "http://c"]
+
+
+def test_backoff_only_after_every_server_was_tried() -> None:
+    """No wait while untried URLs remain; then a growing, bounded wait."""
+    servers = ServerList("http://a,http://b")
+    servers.failed("http://a")
+    assert servers.backoff() == 0.0
+    servers.failed("http://b")
+    first = servers.backoff()
+    servers.failed("http://a")
+    servers.failed("http://b")
+    assert 0 < first < servers.backoff() <= 0.5
+    servers.answered()
+    assert servers.backoff() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "reached", "resend"),
+    [
+        pytest.param("POST", "/intents", False, True, id="acquire-never-sent"),
+        pytest.param("POST", "/intents", True, False, id="acquire-maybe-done"),
+        pytest.param("DELETE", "/leases/x", True, False, id="release-maybe-done"),
+        pytest.param("POST", "/leases/x/heartbeat", True, True, id="heartbeat"),
+        pytest.param("GET", "/leases", True, True, id="read"),
+    ],
+)
+def test_only_safe_requests_are_resent(method: str, path: str, reached: bool, resend: bool) -> None:
+    """A request that may have been done is resent only if doing it twice is doing it once."""
+    assert may_resend(method, path, reached=reached) is resend
+
+
+def test_blocking_client_moves_past_a_server_that_is_down() -> None:
+    """KlockHttpClient given two URLs, the first refusing connections, works on the second."""
+    with serve_in_thread() as server:
+        client = KlockHttpClient(f"{_closed_port_url()},{server.url}")
+        try:
+            client.register_agent("a")
+            result = client.acquire_lease("a", "s", "FILE", "/x", "MUTATES", 5_000)
+        finally:
+            client.close()
+    assert result["success"] is True
