@@ -436,19 +436,20 @@ class RemoteBackend:
                 url = self.url
                 try:
                     status, content = await self._send(wire, method, target, payload, rid, read)
-                    result = self._unwrap(status, content, method, path)
-                except NotLeaderError as exc:
-                    if loop.time() > deadline:
-                        raise
-                    await self._switch(wire, url, exc.leader)
-                    continue
-                except TransportError as exc:
+                except TransportError as exc:  # no answer: try the next replica, if any
                     reached = not isinstance(exc.__cause__, ConnectionRefusedError)
                     if len(self.servers) == 1 or self._closed:
                         raise
                     await self._switch(wire, url, None)
                     if loop.time() > deadline or not may_resend(method, path, reached=reached):
                         raise
+                    continue
+                try:
+                    result = self._unwrap(status, content, method, path)
+                except NotLeaderError as exc:  # a follower did nothing: go to the leader
+                    if loop.time() > deadline:
+                        raise
+                    await self._switch(wire, url, exc.leader)
                     continue
                 self.servers.answered()
                 return result
