@@ -48,14 +48,17 @@ _TYPES: dict[str, tuple[str, ...]] = {
 _LEADER_COLUMNS = ("id", "term", "holder", "url", "expires_at")
 
 
-def _schema() -> list[str]:
-    statements = ["CREATE TABLE klock_meta (key text PRIMARY KEY, value bigint NOT NULL)"]
+def _schema() -> dict[str, list[str]]:
+    """The statements that create each table of the journal."""
+    statements = {
+        "klock_meta": ["CREATE TABLE klock_meta (key text PRIMARY KEY, value bigint NOT NULL)"]
+    }
     for table, columns in TABLES.items():
         typed = [f"{c} {t} NOT NULL" for c, t in zip(columns, _TYPES[table], strict=True)]
         typed[0] = f"{columns[0]} {_TYPES[table][0]} PRIMARY KEY"
-        statements.append(f"CREATE TABLE klock_{table} ({', '.join(typed)})")
-    statements += [
-        # The leader lease (klock_async.leader): one row, its term raised by every takeover.
+        statements[f"klock_{table}"] = [f"CREATE TABLE klock_{table} ({', '.join(typed)})"]
+    # The leader lease (klock_async.leader): one row, its term raised by every takeover.
+    statements["klock_leader"] = [
         "CREATE TABLE klock_leader (id int PRIMARY KEY CHECK (id = 1), term bigint NOT NULL, "
         "holder text NOT NULL, url text NOT NULL, expires_at timestamptz NOT NULL)",
         "INSERT INTO klock_leader VALUES (1, 0, '', '', '-infinity')",
@@ -151,7 +154,7 @@ async def _check_or_create(conn: asyncpg.Connection, url: str, init: bool) -> No
     if "klock_meta" not in found:
         if found and not init:
             raise JournalError(
-                f"{where} holds tables ({', '.join(sorted(found)[:3])}...) but no klock journal "
+                f"{where} holds tables ({', '.join(sorted(found)[:3])}) but no klock journal "
                 "(no table klock_meta); point --db at an empty database, or pass --init to "
                 "add the journal's tables to this one"
             )
@@ -161,29 +164,38 @@ async def _check_or_create(conn: asyncpg.Connection, url: str, init: bool) -> No
                 f"{where} has a table {clash[0]} that is not a klock journal's; drop or rename "
                 "it, or use another database"
             )
-        for statement in _schema():
-            await conn.execute(statement)
+        for statements in _schema().values():
+            for statement in statements:
+                await conn.execute(statement)
         await conn.executemany(
             "INSERT INTO klock_meta (key, value) VALUES ($1, $2)",
             [("schema_version", SCHEMA_VERSION), ("journal_id", secrets.randbits(62))],
         )
         return
-    for table, columns in expected.items():
-        if table not in found:
-            raise JournalError(
-                f"{where} is a damaged klock journal: table {table} is missing, and with it "
-                "leases or tokens; restore the database from a backup"
-            )
-        if tuple(found[table]) != columns:
-            raise JournalError(
-                f"{where}: table {table} has columns ({', '.join(found[table])}), not a klock "
-                f"journal's ({', '.join(columns)}); use another database"
-            )
     version = await conn.fetchval("SELECT value FROM klock_meta WHERE key = 'schema_version'")
     if version is None or version > SCHEMA_VERSION:
         raise JournalError(
             f"{where} was written by a newer klock_async (journal schema {version}, this one "
             f"reads up to {SCHEMA_VERSION}); upgrade klock_async"
+        )
+    schema = _schema()
+    for table, columns in expected.items():
+        if table not in found and version < SCHEMA_VERSION:  # a kind of record added since
+            for statement in schema[table]:
+                await conn.execute(statement)
+        elif table not in found:
+            raise JournalError(
+                f"{where} is a damaged klock journal: table {table} is missing, and with it "
+                "leases or tokens; restore the database from a backup"
+            )
+        elif tuple(found[table]) != columns:
+            raise JournalError(
+                f"{where}: table {table} has columns ({', '.join(found[table])}), not a klock "
+                f"journal's ({', '.join(columns)}); use another database"
+            )
+    if version < SCHEMA_VERSION:
+        await conn.execute(
+            "UPDATE klock_meta SET value = $1 WHERE key = 'schema_version'", SCHEMA_VERSION
         )
 
 

@@ -123,3 +123,20 @@ def test_redact_hides_the_password() -> None:
     """URLs in logs and errors never show a password."""
     assert redact("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+async def test_older_journal_gets_the_tables_added_since(
+    pg_url: str, postgres_cluster: Cluster
+) -> None:
+    """An older schema gains the tables added since; a current one missing one is damaged."""
+    await prepare_schema(pg_url)
+    postgres_cluster.sql(pg_url, "DROP TABLE klock_agent_clocks")
+    with pytest.raises(JournalError, match="damaged klock journal: table klock_agent_clocks"):
+        await prepare_schema(pg_url)
+    postgres_cluster.sql(pg_url, "UPDATE klock_meta SET value = 0 WHERE key = 'schema_version'")
+    await prepare_schema(pg_url)
+    version = postgres_cluster.sql(
+        pg_url, "SELECT value FROM klock_meta WHERE key = 'schema_version'"
+    )
+    assert version == "1"
+    assert postgres_cluster.sql(pg_url, "SELECT count(*) FROM klock_agent_clocks") == "0"
