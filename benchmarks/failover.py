@@ -10,7 +10,9 @@ Prints one table, every figure from this one run on this machine:
 (c) failover: two replicas, a client given both URLs taking and giving back a lease in a
     loop; the leader is killed (SIGKILL) and the time from the kill to the client's first
     grant from the new leader is taken; the killed replica is started again as a follower
-    and the next kill hits the new leader. Default settings (``--leader-ttl 5``).
+    and the next kill hits the new leader. Default settings (``--leader-ttl 5``);
+(d) a paused leader (SIGSTOP, as a long pause or a partition looks): the time from the pause
+    to the follower's ``leader.elected`` log line; it waits for the lease to expire.
 
 Targets (from the replicas' design): (b) >= 0.5 x (a); failover p50 <= 3 s, max <= 10 s.
 
@@ -62,10 +64,11 @@ class Sizes:
     reps: int
     seconds: float
     kills: int
+    pauses: int
 
 
-FULL = Sizes(reps=3, seconds=3.0, kills=20)
-QUICK = Sizes(reps=1, seconds=0.5, kills=3)
+FULL = Sizes(reps=3, seconds=3.0, kills=20, pauses=3)
+QUICK = Sizes(reps=1, seconds=0.5, kills=3, pauses=1)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Results:
     sqlite: list[float] = field(default_factory=list)
     postgres: list[float] = field(default_factory=list)
     failovers: list[float] = field(default_factory=list)
+    pauses: list[float] = field(default_factory=list)
 
 
 def configure_logging() -> None:
@@ -156,6 +160,25 @@ async def failovers(db: str, kills: int) -> list[float]:
     return samples
 
 
+def paused_failover(db: str) -> float:
+    """Seconds from SIGSTOP of the leader to the follower's election."""
+    leader = Replica(db)
+    leader.listening()
+    leader.wait_for("leader.elected")
+    standby = Replica(db)
+    try:
+        standby.listening()
+        standby.wait_for("leader.following")
+        paused = _clock()
+        leader.process.send_signal(signal.SIGSTOP)
+        standby.wait_for("leader.elected")
+        return _clock() - paused
+    finally:
+        leader.process.send_signal(signal.SIGCONT)
+        leader.stop()
+        standby.stop()
+
+
 async def measure(sizes: Sizes, pg: Cluster) -> Results:
     results = Results()
     with (
@@ -167,6 +190,7 @@ async def measure(sizes: Sizes, pg: Cluster) -> Results:
             results.sqlite.append(await throughput(sqlite_url, sizes.seconds, f"s{rep}"))
             results.postgres.append(await throughput(pg_url, sizes.seconds, f"p{rep}"))
     results.failovers = await failovers(pg.create_database(), sizes.kills)
+    results.pauses = [paused_failover(pg.create_database()) for _ in range(sizes.pauses)]
     return results
 
 
@@ -196,6 +220,8 @@ def render(results: Results, sizes: Sizes, load: tuple[float, float, float]) -> 
         f"{f'(c) failover, kill -> first grant, {len(times)} kills: p50':<58}{p50:>13.3f}s",
         f"{'    p95':<58}{p95:>13.3f}s",
         f"{'    max':<58}{worst:>13.3f}s",
+        f"{f'(d) pause -> follower elected, {len(results.pauses)} pauses: median':<58}"
+        f"{statistics.median(results.pauses):>13.3f}s",
         "",
         "targets:",
         f"  PostgreSQL >= {TARGET_RATIO}x SQLite at 100 agents: {ratio:.2f}x"
@@ -213,7 +239,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.kills is not None:
-        sizes = Sizes(sizes.reps, sizes.seconds, max(1, args.kills))
+        sizes = Sizes(sizes.reps, sizes.seconds, max(1, args.kills), sizes.pauses)
     configure_logging()
     with cluster(durable=True) as pg:
         if pg is None:
