@@ -135,6 +135,7 @@ async def _client_loop(
         holders[resource] = agent
         grants[resource].append(lease.token)
         counts["total"] += 1
+        counts[agent] = counts.get(agent, 0) + 1
         if counts["total"] >= goal[0]:
             progress.set()
         await asyncio.sleep(0)  # a moment of holding it, for the others to queue behind
@@ -177,11 +178,18 @@ async def test_leader_killed_under_load_loses_no_grant(pg_url: str) -> None:
             ]
             await progress.wait()
             before = {r: list(tokens) for r, tokens in grants.items()}
+            granted_before = dict(counts)
             await asyncio.to_thread(first.stop)  # SIGKILL
             await asyncio.to_thread(second.wait_for, "leader.elected")
-            progress.clear()
+            agents = [f"c{i}" for i in range(len(clients))]
             goal[0] = counts["total"] + 40
-            await progress.wait()
+            # Every client carries on: at least 40 more grants, and a new one for each client.
+            while counts["total"] < goal[0] or any(
+                counts.get(a, 0) <= granted_before.get(a, 0) for a in agents
+            ):
+                progress.clear()
+                goal[0] = max(goal[0], counts["total"] + 1)
+                await progress.wait()
             stop.set()
             await asyncio.gather(*tasks)
             after = await holder.leases()
