@@ -578,6 +578,7 @@ class _Api:
         advertise_url: str | None = None,
     ) -> None:
         self.db = db
+        self.replicated = is_postgres_url(db)  # one of several replicas on PostgreSQL
         self.leader_ttl = leader_ttl
         self._advertise = advertise_url
         self._listening: asyncio.Future[None] | None = None  # done once the socket listens
@@ -615,7 +616,7 @@ class _Api:
         self._listening = loop.create_future()
         if self._advertise is not None:
             self._listening.set_result(None)
-        if is_postgres_url(self.db):
+        if self.replicated:
             async with self._replica():
                 yield
             return
@@ -737,7 +738,7 @@ class _Api:
 
     def not_leading(self, scope: Scope) -> Response | None:
         """A follower's answer: a redirect to the leader, or 503 while none leads."""
-        if not is_postgres_url(self.db) or (self._scheduler is not None and self.dead is None):
+        if not self.replicated or (self._scheduler is not None and self.dead is None):
             return None
         lease = self.lease
         leader = None if lease is None else lease.leader
@@ -1622,6 +1623,12 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Callable[
     return parse
 
 
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")
+    return text.rstrip("/")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``klock serve``."""
     from klock_async.cli import log_level, nonempty, port, positive_int
@@ -1648,6 +1655,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--advertise-url",
+        type=_http_url,
         default=None,
         metavar="URL",
         help="with a postgresql:// --db: the URL clients reach this replica at, given to them "

@@ -279,3 +279,22 @@ async def test_database_restart_leader_waits_and_resumes(
 def test_comma_separated_urls_name_every_replica(value: str) -> None:
     """KLOCK_SERVER_URL may hold several replicas separated by commas."""
     assert RemoteBackend(value).servers.urls == ["http://a:1", "http://b:2"]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        pytest.param(("--leader-ttl", "0"), "must be positive", id="leader-ttl"),
+        pytest.param(("--advertise-url", "node1:3100"), "must start with http", id="advertise"),
+    ],
+)
+def test_bad_replica_options_stop_with_one_line(option: tuple[str, str], message: str) -> None:
+    """A bad --leader-ttl or --advertise-url stops klock serve with one line, status 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "klock_async", "serve", *option],
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
