@@ -297,4 +297,5 @@ def test_bad_replica_options_stop_with_one_line(option: tuple[str, str], message
         timeout=READY_TIMEOUT,
     )
     assert done.returncode == 2
-    assert message in done.stderr.strip().splitlines()[-1]
+    (line,) = done.stderr.strip().splitlines()
+    assert message in line
