@@ -33,7 +33,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from klock_async.logging import get_logger
-from klock_async.postgres import _reconnect_errors, connect, redact
+from klock_async.postgres import _reconnect_errors, close, connect, redact
 
 if TYPE_CHECKING:
     import asyncpg
@@ -117,7 +117,7 @@ class LeaderLease:
         conn, self._conn = self._conn, None
         self._locked = False
         if conn is not None:
-            conn.terminate()
+            await close(conn)
 
     async def resign(self) -> None:
         """Give the lease up at once (a clean shutdown): end it now and close the session."""

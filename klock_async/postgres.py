@@ -123,6 +123,16 @@ async def connect(url: str, *, timeout: float = 5.0) -> asyncpg.Connection:
     return connection
 
 
+async def close(conn: asyncpg.Connection) -> None:
+    """Close a connection: politely if the server answers within a second, else at once."""
+    try:
+        async with asyncio.timeout(1.0):
+            await conn.close()
+    except Exception:  # a broken connection: drop it
+        conn.terminate()
+        await asyncio.sleep(0)  # lets the transport close its socket
+
+
 async def prepare_schema(url: str, *, init: bool = False) -> None:
     """Create the journal's tables in an empty database, or check the ones there.
 
@@ -342,7 +352,7 @@ class PostgresJournal(BufferedJournal):
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.terminate()
+            await close(conn)
 
     async def _check_term(self, conn: asyncpg.Connection) -> None:
         # FOR SHARE: a takeover's UPDATE of the row waits for this transaction, and this one

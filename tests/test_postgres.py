@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pgutil import Cluster
 
 from klock_async import JournalError, LeadershipLostError
@@ -140,3 +144,56 @@ async def test_older_journal_gets_the_tables_added_since(
     )
     assert version == "1"
     assert postgres_cluster.sql(pg_url, "SELECT count(*) FROM klock_agent_clocks") == "0"
+
+
+_STEPS = st.lists(
+    st.tuples(st.sampled_from(["take", "commit"]), st.sampled_from(["a", "b"])), max_size=10
+)
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=_STEPS)
+def test_only_the_current_term_commits_in_any_interleaving(
+    pg_url: str, postgres_cluster: Cluster, steps: list[tuple[str, str]]
+) -> None:
+    """In any order of two replicas' takeovers and commits, only the current term's commits land."""
+    asyncio.run(prepare_schema(pg_url))
+    postgres_cluster.sql(pg_url, "TRUNCATE klock_agents; UPDATE klock_leader SET term = 0")
+
+    async def run() -> tuple[set[str], set[str]]:
+        leases = {name: LeaderLease(pg_url, advertise=f"http://{name}:1") for name in "ab"}
+        journals: dict[str, PostgresJournal] = {}
+        current = None  # who holds the term in the database
+        committed: set[str] = set()
+        for i, (step, name) in enumerate(steps):
+            if step == "take":
+                conn = await leases[name]._session()
+                seen = await conn.fetchval("SELECT term FROM klock_leader")
+                assert await leases[name]._take(conn, seen, ended=True)
+                if name in journals:
+                    await journals[name].aclose()
+                journal = journals[name] = PostgresJournal(pg_url)
+                await journal.prepare(leases[name].term)
+                journal.load()
+                current = name
+            elif name in journals:
+                journals[name].record_agent(AgentInfo(f"agent{i}", i))
+                if name == current:
+                    await journals[name].commit()
+                    committed.add(f"agent{i}")
+                else:
+                    with pytest.raises(LeadershipLostError):
+                        await journals[name].commit()
+        for journal in journals.values():
+            await journal.aclose()
+        for lease in leases.values():
+            await lease.aclose()
+        rows = postgres_cluster.sql(pg_url, "SELECT string_agg(id, ',') FROM klock_agents")
+        return committed, set(filter(None, rows.split(",")))
+
+    committed, stored = asyncio.run(run())
+    assert stored == committed
