@@ -45,7 +45,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pgutil import Cluster, Replica, cluster  # the tests' cluster helper
+from pgutil import Cluster, Replica, cluster  # the tests' cluster utilities
 
 from klock_async import Agent, Klock, KlockError
 
