@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klock_async import validation
 from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.credential_store import CredentialStore
 from klock_async.errors import (
     AcquireTimeoutError,
     BodyTooLargeError,
@@ -49,6 +50,14 @@ from klock_async.errors import (
     LeaseWouldWait,
     MalformedJSONError,
     UnauthorizedError,
+)
+from klock_async.identity import (
+    ANONYMOUS,
+    Action,
+    Caller,
+    Identities,
+    digest,
+    new_credential,
 )
 from klock_async.logging import get_logger
 from klock_async.model import (
@@ -571,8 +580,12 @@ class _Api:
         allowed_hosts: Sequence[str] = (),
         retire_after: float | None = None,
         init: bool = False,
+        operator_token: str | None = None,
+        strict_identity: bool = False,
     ) -> None:
         self.db = db
+        self.identities = Identities(operator_token=operator_token, strict=strict_identity)
+        self._credential_store: CredentialStore | None = None
         self.origin_guard = validation.OriginGuard(allowed_hosts)
         self.retire_after = retire_after
         self.init = init
@@ -590,6 +603,7 @@ class _Api:
         self.arrivals = _Arrivals()
         # Pending long-polls by client request id, and ids withdrawn before they arrived.
         self._polls: dict[str, asyncio.Task[Any]] = {}
+        self._poll_agents: dict[str, str] = {}  # request id -> credentialed agent it waits for
         self._withdrawn: OrderedDict[str, None] = OrderedDict()
         self._withdrawn_bytes = 0
         self._scheduler: Scheduler | None = None
@@ -607,6 +621,10 @@ class _Api:
         scheduler = Scheduler(journal=journal)
         scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
+        if self.db is not None:  # the journal exists now; its file keeps the credentials
+            store = self._credential_store = CredentialStore(self.db, synchronous=self.synchronous)
+            for agent_id, stored in store.load().items():
+                self.identities.add(agent_id, stored)
         self._scheduler = scheduler
         loop = asyncio.get_running_loop()
         self._closing = loop.create_future()
@@ -624,6 +642,9 @@ class _Api:
             agents=stats.agents,
             leases_active=stats.leases_active,
             auth=self.token is not None,
+            credentialed_agents=len(self.identities._digests),
+            operator=self.identities.has_operator,
+            strict_identity=self.identities.strict,
         )
         try:
             yield
@@ -633,6 +654,8 @@ class _Api:
                 self._retire_timer.cancel()
             watcher.cancel()
             await scheduler.aclose()
+            if self._credential_store is not None:
+                self._credential_store.close()
             get_logger().info("server.stopped")
 
     async def _watch_kernel(self, scheduler: Scheduler) -> None:
@@ -689,6 +712,11 @@ class _Api:
         retired = await self.backend.retire_idle_agents(due)
         for agent_id in retired:
             self._seen.pop(agent_id, None)
+        gone = [agent_id for agent_id in retired if self.identities.credentialed(agent_id)]
+        if gone:  # a retired agent's id is free again, for anyone
+            self.identities.forget(gone)
+            if self._credential_store is not None:
+                await self._credential_store.delete(gone)
         for agent_id in set(due) - set(retired):
             if agent_id in self._seen:  # busy: idle again from now on at the earliest
                 self._seen[agent_id] = now
@@ -808,6 +836,64 @@ class _Api:
                 with contextlib.suppress(KlockError):
                     await self.backend.release(info.id, info.agent_id)
 
+    # ------------------------------------------------------------ identity
+
+    def _caller(self, request: Request) -> Caller:
+        """Who sent the request, from its ``Klock-Credential`` and ``Klock-Operator-Token``.
+
+        Raises:
+            InvalidCredentialError: a credential that belongs to no agent.
+            OperatorRequiredError: a wrong operator token.
+        """
+        credential = operator = None
+        for name, value in request.scope["headers"]:
+            if name == b"klock-credential":
+                credential = value.decode("latin-1")
+            elif name == b"klock-operator-token":
+                operator = value.decode("latin-1")
+        if credential is None and operator is None:
+            return ANONYMOUS
+        return self.identities.caller(credential, operator)
+
+    def _authorize(self, request: Request, action: Action, agent_id: str) -> Caller:
+        caller = self._caller(request)
+        self.identities.authorize(action, agent_id, caller)
+        return caller
+
+    async def _holder(self, lease_id: str) -> str | None:
+        """The agent holding an active lease; None when it is not active."""
+        for info in await self.backend.leases():
+            if info.id == lease_id:
+                return info.agent_id
+        return None
+
+    async def _acting_agent(
+        self, request: Request, action: Action, lease_id: str, declared: str | None
+    ) -> str | None:
+        """Check a request on a lease by id; return the agent id the scheduler must check
+        the holder against (None: any holder, as for Klock v1 clients).
+
+        A lease id is no capability for an agent with a credential: the request must carry
+        that credential (or, to release, the operator token).
+        """
+        caller = self._caller(request)
+        identities = self.identities
+        if caller.agent_id is not None:
+            if declared is not None and declared != caller.agent_id:
+                identities.authorize(action, declared, caller)  # refused: not its agent
+            return caller.agent_id  # the scheduler refuses another holder's lease
+        if caller.operator and action is Action.RELEASE:
+            return declared
+        if declared is not None:
+            identities.authorize(action, declared, caller)
+            return declared
+        if not identities.checks_leases:
+            return None  # no agent has a credential: the v1 rules
+        holder = await self._holder(lease_id)
+        if holder is not None:
+            identities.authorize(action, holder, caller)
+        return holder
+
     # ------------------------------------------------------------ endpoints
 
     async def health(self, request: Request) -> Response:
@@ -840,9 +926,32 @@ class _Api:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
         priority = validation.priority(body)
-        info = await self.backend.register_agent(agent_id, priority)
+        wants = _flag(body, "credential", False)
+        caller = self._caller(request)
+        identities = self.identities
+        exists = False
+        if wants and caller.agent_id is None and not identities.credentialed(agent_id):
+            exists = any(a.agent_id == agent_id for a in await self.backend.agents())
+        issue = identities.authorize_registration(
+            agent_id, caller, wants_credential=wants, priority=priority, exists=exists
+        )
+        if not issue:
+            info = await self.backend.register_agent(agent_id, priority)
+            self.touch(agent_id)
+            return _ok({**_agent_json(info), "credentialed": identities.credentialed(agent_id)})
+        secret = new_credential()
+        stored = digest(secret)
+        identities.add(agent_id, stored)  # taken now: a concurrent registration is refused
+        try:
+            info = await self.backend.register_agent(agent_id, priority)
+            if self._credential_store is not None:
+                await self._credential_store.put(agent_id, stored)
+        except BaseException:
+            identities.forget((agent_id,))
+            raise
         self.touch(agent_id)
-        return _ok(_agent_json(info))
+        get_logger().info("agent.credential_issued", agent=agent_id)
+        return _ok({**_agent_json(info), "credentialed": True, "credential": secret})
 
     async def list_agents(self, request: Request) -> Response:
         """One page of the agents, oldest first; ``next`` is the cursor of the following page."""
@@ -859,6 +968,7 @@ class _Api:
     async def acquire(self, request: Request) -> Response:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
+        self._authorize(request, Action.ACQUIRE, agent_id)
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         intent = _intent(body, "the request", alone=False)
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
@@ -867,6 +977,7 @@ class _Api:
     async def declare_intents(self, request: Request) -> Response:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
+        self._authorize(request, Action.ACQUIRE, agent_id)
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         items = _field(body, "intents", list, "a non-empty list of intents")
         if not items:
@@ -919,7 +1030,14 @@ class _Api:
             timeout = None
             return await self._decided_now(call, agent_id, intents)
         if wait:
-            return await self._long_poll(request, call)
+            request_id = request.headers.get(self.REQUEST_ID_HEADER)
+            if request_id is None or not self.identities.credentialed(agent_id):
+                return await self._long_poll(request, call)
+            self._poll_agents[request_id] = agent_id  # only this agent may withdraw it
+            try:
+                return await self._long_poll(request, call)
+            finally:
+                self._poll_agents.pop(request_id, None)
         return await call()
 
     async def _decided_now(
@@ -957,19 +1075,21 @@ class _Api:
 
     async def release(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        agent_id = _query_agent(request, body)
+        lease_id = _path_lease_id(request, body)
+        declared = _query_agent(request, body)
         record_write = _query_flag(request, "record_write", body)
-        info = await self.backend.release(
-            _path_lease_id(request, body), agent_id, record_write=record_write
-        )
+        agent_id = await self._acting_agent(request, Action.RELEASE, lease_id, declared)
+        info = await self.backend.release(lease_id, agent_id, record_write=record_write)
         self.touch(info.agent_id)
         return _ok({"released": True, **_lease_json(info)})
 
     async def heartbeat(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        agent_id = _query_agent(request, body)
+        lease_id = _path_lease_id(request, body)
+        declared = _query_agent(request, body)
         ttl = _ttl(body, default_ms=None)
-        info = await self.backend.heartbeat(_path_lease_id(request, body), agent_id, ttl)
+        agent_id = await self._acting_agent(request, Action.HEARTBEAT, lease_id, declared)
+        info = await self.backend.heartbeat(lease_id, agent_id, ttl)
         self.touch(info.agent_id)
         return _ok(_lease_json(info))
 
@@ -985,7 +1105,16 @@ class _Api:
 
     async def revoke(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        info = await self.backend.revoke(_path_lease_id(request, body))
+        lease_id = _path_lease_id(request, body)
+        caller = self._caller(request)
+        identities = self.identities
+        if not caller.operator and (
+            identities.has_operator or identities.checks_leases or caller.agent_id is not None
+        ):
+            holder = await self._holder(lease_id)
+            if holder is not None:
+                identities.authorize(Action.REVOKE, holder, caller)
+        info = await self.backend.revoke(lease_id)
         return _ok(_lease_json(info))
 
     async def list_leases(self, request: Request) -> Response:
@@ -1013,6 +1142,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
         session_id = _text(body, "session_id")
+        self._authorize(request, Action.SESSION_RELEASE, agent_id)
         count = await self.backend.release_session(agent_id, session_id)
         self.touch(agent_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
@@ -1023,6 +1153,7 @@ class _Api:
         if agent_id is None:
             # Klock v1 "evict expired": this kernel ends leases on their deadline already.
             return _ok({"evicted": 0})
+        self._authorize(request, Action.EVICT, agent_id)
         count = await self.backend.evict(agent_id)
         return _ok({"agent_id": agent_id, "evicted": count})
 
@@ -1030,6 +1161,7 @@ class _Api:
         body = await self._body(request)
         path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
+        self._authorize(request, Action.CLOCK, agent_id)
         clock = await self.backend.clock_read(path, agent_id)
         self.touch(agent_id)
         # Answer the tracked name (TYPE:normalised/path); the scheduler accepted the path.
@@ -1040,6 +1172,7 @@ class _Api:
         path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
         strict = _flag(body, "strict", True)
+        self._authorize(request, Action.CLOCK, agent_id)
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
         self.touch(agent_id)
         return _ok(_clock_json(str(Resource.parse(path)), clock))
@@ -1053,6 +1186,9 @@ class _Api:
     async def withdraw(self, request: Request) -> Response:
         body = await self._body(request)
         request_id = _text(body, "request_id")
+        owner = self._poll_agents.get(request_id)
+        if owner is not None:
+            self._authorize(request, Action.ACQUIRE, owner)
         work = self._polls.get(request_id)
         if work is not None:
             # Cancelling the call makes the scheduler withdraw it (and give back a grant it
@@ -1181,6 +1317,8 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
     retire_after: float | None = None,
     init: bool = False,
+    operator_token: str | None = None,
+    strict_identity: bool = False,
 ) -> Starlette:
     """Build the ASGI app: one scheduler, started and stopped with the app's lifespan.
 
@@ -1197,14 +1335,23 @@ def create_app(
             request naming it is forgotten; None keeps agents for ever.
         init: make a journal of an existing ``db`` file that is empty or has no journal
             tables (otherwise refused).
+        operator_token: the secret of operator actions (``Klock-Operator-Token`` header):
+            revoke, evict, explicit priorities, acting on another agent's leases; distinct
+            from ``token``. None: no operator (see the threat model in docs/server.md).
+        strict_identity: refuse agents registered without a credential.
 
     Raises:
-        ValueError: ``max_body_bytes`` is not positive, or ``token`` is empty.
+        ValueError: ``max_body_bytes`` is not positive, ``token`` or ``operator_token`` is
+            empty, or the two tokens are the same.
     """
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
     if token is not None and not token:
         raise ValueError("an empty token would let anyone in; pass None for no auth")
+    if operator_token is not None and (not operator_token or operator_token == token):
+        raise ValueError(
+            "the operator token must be a non-empty secret distinct from the agents' token"
+        )
     if retire_after is not None and not 0 < retire_after < math.inf:
         raise ValueError(f"retire_after must be a positive number of seconds, got {retire_after!r}")
     api = _Api(
@@ -1215,6 +1362,8 @@ def create_app(
         allowed_hosts=allowed_hosts,
         retire_after=retire_after,
         init=init,
+        operator_token=operator_token,
+        strict_identity=strict_identity,
     )
     table: list[tuple[str, str, Endpoint]] = [
         ("GET", "/", api.page),
@@ -1512,6 +1661,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
     )
     parser.add_argument(
+        "--operator-token",
+        type=nonempty,
+        default=None,
+        help="secret of operator actions (revoke, evict, priorities, another agent's leases), "
+        "sent as 'Klock-Operator-Token' (default: $KLOCK_OPERATOR_TOKEN, else no operator)",
+    )
+    parser.add_argument(
+        "--strict-identity",
+        action="store_true",
+        help="refuse agents registered without a credential (Klock v1 clients)",
+    )
+    parser.add_argument(
         "--allowed-host",
         action="append",
         default=[],
@@ -1615,6 +1776,14 @@ def run(args: argparse.Namespace) -> int:
             "an empty token would let anyone in; give a real one (--token or KLOCK_TOKEN), "
             "or unset KLOCK_TOKEN to run without authentication"
         )
+    operator_token = args.operator_token
+    if operator_token is None:
+        operator_token = os.environ.get("KLOCK_OPERATOR_TOKEN")
+    if operator_token is not None and (not operator_token.strip() or operator_token == token):
+        return _fail(
+            "the operator token must be a real secret, distinct from the agents' token "
+            "(--operator-token or KLOCK_OPERATOR_TOKEN)"
+        )
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         get_logger().warning(
             "server.unauthenticated",
@@ -1657,6 +1826,8 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed,
         retire_after=args.retire_after or None,
         init=args.init,
+        operator_token=operator_token,
+        strict_identity=args.strict_identity,
     )
     _raise_file_limit(args.max_connections + _SPARE_FILES)
     config = server_config(

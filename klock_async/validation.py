@@ -173,6 +173,11 @@ BODIES: dict[str, Body] = {
                 "maximum": MAX_PRIORITY,
                 "description": "the agent's age: lower is older and wins conflicts",
             },
+            "credential": {
+                "type": ["boolean", "null"],
+                "description": "hand out a credential (once) that every later request for "
+                "this agent must carry in the Klock-Credential header",
+            },
         },
         ("agent_id",),
     ),
