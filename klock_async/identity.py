@@ -232,9 +232,9 @@ class Identities:
             CredentialRequiredError: the id has a credential; the request carries none.
             NotYourAgentError: the id has another credential, or was registered without one
                 and the request asks for one (it is someone else's).
-            OperatorRequiredError: an explicit priority without the operator token, where
-                priorities are the operator's (it has a token, the server is strict, or the
-                registration asks for a credential).
+            OperatorRequiredError: an explicit priority without the operator token, on a
+                server that reserves priorities to its operator (it has an operator token, or
+                is strict).
             StrictIdentityError: a strict server, a registration without a credential.
         """
         if agent_id in self._digests:
@@ -243,7 +243,7 @@ class Identities:
             if caller.agent_id != agent_id and not (caller.agent_id is None and caller.operator):
                 self.authorize(Action.ACQUIRE, agent_id, caller)  # raises the refusal
             return False
-        privileged = self._operator is not None or self.strict or wants_credential
+        privileged = self._operator is not None or self.strict
         if priority is not None and not caller.operator and privileged:
             raise OperatorRequiredError(
                 f"an explicit priority ({priority}) ranks agent {agent_id!r} before every "

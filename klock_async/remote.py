@@ -31,6 +31,7 @@ from klock_async.errors import (
     InvalidRequestError,
     KernelClosedError,
     KlockError,
+    LeaseError,
     TransportError,
     error_from_payload,
 )
@@ -53,6 +54,7 @@ from klock_async.model import (
 __all__ = ["RemoteBackend"]
 
 _REQUEST_ID = "x-klock-request-id"
+_CREDENTIAL = "klock-credential"
 _ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
 _PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most)
 
@@ -133,12 +135,15 @@ class _Http1:
         body: bytes | None,
         request_id: str,
         read_timeout: float | None,
+        credential: str | None = None,
     ) -> tuple[int, bytes]:
         head = (
             f"{method} {self._path}{target} HTTP/1.1\r\n".encode("latin-1")
             + self._fixed
             + f"{_REQUEST_ID}: {request_id}\r\n".encode("latin-1")
         )
+        if credential is not None:
+            head += f"{_CREDENTIAL}: {credential}\r\n".encode("latin-1")
         if body is None:
             data = head + b"Content-Length: 0\r\n\r\n"
         else:
@@ -268,8 +273,11 @@ class _Httpx:
         body: bytes | None,
         request_id: str,
         read_timeout: float | None,
+        credential: str | None = None,
     ) -> tuple[int, bytes]:
         headers = {_REQUEST_ID: request_id}
+        if credential is not None:
+            headers[_CREDENTIAL] = credential
         if body is not None:
             headers["Content-Type"] = "application/json"
         response = await self._client.request(
@@ -300,6 +308,10 @@ class RemoteBackend:
             (long-polls wait as long as they were asked to, plus this much).
         transport: an ``httpx.AsyncBaseTransport`` to send requests through instead of TCP
             (e.g. ``httpx.ASGITransport(app)`` to talk to an app in the same process).
+        credentials: register agents with a credential (the default): only this client can
+            then act for them. False registers them as a Klock v1 client does, without one:
+            anyone holding the server's token may then act for them (and a lease id is a
+            capability); a server started with ``--strict-identity`` refuses that.
 
     Raises:
         InvalidRequestError: the URL is not ``http(s)://host...`` or the timeout is not positive.
@@ -312,6 +324,7 @@ class RemoteBackend:
         token: str | None = None,
         timeout: float = 30.0,
         transport: Any = None,
+        credentials: bool = True,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InvalidRequestError(
@@ -323,6 +336,7 @@ class RemoteBackend:
         self._token = token
         self._timeout = float(timeout)
         self._transport = transport
+        self._ask_credentials = credentials
         self._wire: _Http1 | _Httpx | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in, once started
         self._closed = False
@@ -331,6 +345,10 @@ class RemoteBackend:
         # request id -> (is a long-poll, done): what barrier() waits for.
         self._inflight: dict[str, tuple[bool, asyncio.Future[None]]] = {}
         self._polls: set[asyncio.Task[Any]] = set()
+        # The credentials the server handed out for the agents this client registered, and
+        # the agent of each lease granted to one of them (a release may name no agent).
+        self._credentials: dict[str, str] = {}
+        self._lease_agents: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<RemoteBackend {self.url}>"
@@ -390,10 +408,12 @@ class RemoteBackend:
         long_poll: bool = False,
         wait_for: float | None = 0.0,
         request_id: str | None = None,
+        agent_id: str | None = None,
     ) -> Any:
         """Send one request and return the envelope's ``data``, or raise the typed error.
 
-        ``wait_for`` is how long the server may keep the request by design (None: forever).
+        ``wait_for`` is how long the server may keep the request by design (None: forever);
+        ``agent_id`` the agent it acts for, whose credential it carries (if it has one).
         """
         wire = self._check_open()
         rid = request_id or self._track(long_poll)
@@ -401,7 +421,8 @@ class RemoteBackend:
         target = path if not params else f"{path}?{urllib.parse.urlencode(params)}"
         payload = None if body is None else _dumps(body)
         try:
-            status, content = await wire.send(method, target, payload, rid, read)
+            credential = None if agent_id is None else self._credentials.get(agent_id)
+            status, content = await wire.send(method, target, payload, rid, read, credential)
         except TimeoutError:
             raise TransportError(
                 f"the klock server at {self.url} did not answer {method} {path} within "
@@ -465,12 +486,26 @@ class RemoteBackend:
         return TransportError(f"the klock server at {self.url} answered {status} {code}: {message}")
 
     async def _poll(
-        self, rid: str, method: str, path: str, body: Mapping[str, Any], wait_for: float | None
+        self,
+        rid: str,
+        method: str,
+        path: str,
+        body: Mapping[str, Any],
+        wait_for: float | None,
+        agent_id: str,
     ) -> Any:
         """A long-poll in its own task, so a cancelled caller can still collect its answer."""
         loop = asyncio.get_running_loop()
         inner = loop.create_task(
-            self._call(method, path, body, long_poll=True, wait_for=wait_for, request_id=rid)
+            self._call(
+                method,
+                path,
+                body,
+                long_poll=True,
+                wait_for=wait_for,
+                request_id=rid,
+                agent_id=agent_id,
+            )
         )
         self._polls.add(inner)
         inner.add_done_callback(self._polls.discard)
@@ -481,10 +516,10 @@ class RemoteBackend:
                 raise KernelClosedError(
                     "the connection to the klock server was closed while the request waited"
                 ) from None
-            await asyncio.shield(self._abandon(rid, inner))
+            await asyncio.shield(self._abandon(rid, inner, agent_id))
             raise
 
-    async def _abandon(self, rid: str, inner: asyncio.Task[Any]) -> None:
+    async def _abandon(self, rid: str, inner: asyncio.Task[Any], agent_id: str) -> None:
         """The caller gave up: withdraw the request and give back a grant that crossed it.
 
         Bounded, so a cancel never hangs on a stuck server: past the bound the connection is
@@ -493,7 +528,7 @@ class RemoteBackend:
         try:
             async with asyncio.timeout(min(self._timeout, _ABANDON_SECONDS)):
                 with contextlib.suppress(KlockError):
-                    await self._call("POST", "/withdraw", {"request_id": rid})
+                    await self._call("POST", "/withdraw", {"request_id": rid}, agent_id=agent_id)
                 result = await inner
         except (KlockError, TimeoutError, asyncio.CancelledError):
             inner.cancel()
@@ -502,7 +537,10 @@ class RemoteBackend:
         for data in leases:
             with contextlib.suppress(KlockError):
                 await self._call(
-                    "DELETE", f"/leases/{data['lease_id']}", params={"agent_id": data["agent_id"]}
+                    "DELETE",
+                    f"/leases/{data['lease_id']}",
+                    params={"agent_id": data["agent_id"]},
+                    agent_id=data["agent_id"],
                 )
 
     async def barrier(self) -> Statistics:
@@ -528,15 +566,34 @@ class RemoteBackend:
     # ---------------------------------------------------------------- Backend
 
     async def register_agent(self, agent_id: str, priority: int | None) -> AgentInfo:
-        """Register an agent; see :class:`~klock_async.backend.Backend`.
+        """Register an agent with a credential; see :class:`~klock_async.backend.Backend`.
+
+        The server hands the credential out once; this client keeps it and sends it with
+        every later request for the agent, so no other client can act for it.
 
         Raises:
             InvalidRequestError: empty id or non-integer priority.
             AgentExistsError: the id exists with another priority.
+            CredentialRequiredError: another client registered the id (it holds the
+                credential); use another id.
+            OperatorRequiredError: a priority on a server that reserves them to its operator.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/agents", {"agent_id": agent_id, "priority": priority})
+        body = {"agent_id": agent_id, "priority": priority, "credential": self._ask_credentials}
+        data = await self._call("POST", "/agents", body, agent_id=agent_id)
+        credential = data.get("credential")
+        if isinstance(credential, str):
+            self._credentials[agent_id] = credential
         return AgentInfo(data["agent_id"], data["ts"])
+
+    def _granted(self, data: Mapping[str, Any]) -> LeaseInfo:
+        info = _lease(data)
+        if info.agent_id in self._credentials:
+            self._lease_agents[info.id] = info.agent_id
+        return info
+
+    def _holder(self, lease_id: str, agent_id: str | None) -> str | None:
+        return self._lease_agents.get(lease_id) if agent_id is None else agent_id
 
     async def acquire(
         self,
@@ -576,10 +633,10 @@ class RemoteBackend:
             "isolation": isolation.value,
         }
         if wait:
-            data = await self._poll(self._track(True), "POST", "/intents", body, timeout)
+            data = await self._poll(self._track(True), "POST", "/intents", body, timeout, agent_id)
         else:
-            data = await self._call("POST", "/intents", body)
-        return tuple(_lease(lease) for lease in data["leases"])
+            data = await self._call("POST", "/intents", body, agent_id=agent_id)
+        return tuple(self._granted(lease) for lease in data["leases"])
 
     def release_nowait(self, lease_id: str, agent_id: str) -> bool:
         """Always False: only the server can vouch that a lease is still active.
@@ -602,7 +659,13 @@ class RemoteBackend:
         target = f"/leases/{_segment(lease_id)}?record_write={'true' if record_write else 'false'}"
         if agent_id is not None:
             target += f"&agent_id={urllib.parse.quote(agent_id, safe='')}"
-        data = await self._call("DELETE", target)
+        holder = self._holder(lease_id, agent_id)
+        try:
+            data = await self._call("DELETE", target, agent_id=holder)
+        except LeaseError:
+            self._lease_agents.pop(lease_id, None)
+            raise
+        self._lease_agents.pop(lease_id, None)
         return _lease(data)
 
     async def heartbeat(
@@ -621,7 +684,12 @@ class RemoteBackend:
             body["agent_id"] = agent_id
         if ttl is not None:
             body["ttl_ms"] = validate_ttl(ttl) * 1000.0
-        data = await self._call("POST", f"/leases/{_segment(lease_id)}/heartbeat", body)
+        data = await self._call(
+            "POST",
+            f"/leases/{_segment(lease_id)}/heartbeat",
+            body,
+            agent_id=self._holder(lease_id, agent_id),
+        )
         return _lease(data)
 
     async def release_session(self, agent_id: str, session_id: str) -> int:
@@ -631,7 +699,10 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         data = await self._call(
-            "POST", "/sessions/release", {"agent_id": agent_id, "session_id": session_id}
+            "POST",
+            "/sessions/release",
+            {"agent_id": agent_id, "session_id": session_id},
+            agent_id=agent_id,
         )
         return int(data["released"])
 
@@ -659,7 +730,10 @@ class RemoteBackend:
             LeaseNotFoundError: not active.
             TransportError: the server cannot be reached.
         """
-        return _lease(await self._call("POST", f"/leases/{_segment(lease_id)}/revoke"))
+        holder = self._lease_agents.pop(lease_id, None)
+        return _lease(
+            await self._call("POST", f"/leases/{_segment(lease_id)}/revoke", agent_id=holder)
+        )
 
     async def evict(self, agent_id: str) -> int:
         """Revoke an agent's leases; see :class:`~klock_async.backend.Backend`.
@@ -668,7 +742,7 @@ class RemoteBackend:
             UnknownAgentError: never registered.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/evict", {"agent_id": agent_id})
+        data = await self._call("POST", "/evict", {"agent_id": agent_id}, agent_id=agent_id)
         return int(data["evicted"])
 
     async def leases(self) -> tuple[LeaseInfo, ...]:
@@ -726,7 +800,9 @@ class RemoteBackend:
             InvalidResourceError: bad path.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/clocks/read", {"path": path, "agent_id": agent_id})
+        data = await self._call(
+            "POST", "/clocks/read", {"path": path, "agent_id": agent_id}, agent_id=agent_id
+        )
         return VectorClock(data["clock"])
 
     async def clock_write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock:
@@ -738,7 +814,10 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         data = await self._call(
-            "POST", "/clocks/write", {"path": path, "agent_id": agent_id, "strict": strict}
+            "POST",
+            "/clocks/write",
+            {"path": path, "agent_id": agent_id, "strict": strict},
+            agent_id=agent_id,
         )
         return VectorClock(data["clock"])
 

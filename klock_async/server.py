@@ -938,7 +938,10 @@ class _Api:
         if not issue:
             info = await self.backend.register_agent(agent_id, priority)
             self.touch(agent_id)
-            return _ok({**_agent_json(info), "credentialed": identities.credentialed(agent_id)})
+            data = _agent_json(info)  # the v1 shape, unless the agent has a credential
+            if identities.credentialed(agent_id):
+                data["credentialed"] = True
+            return _ok(data)
         secret = new_credential()
         stored = digest(secret)
         identities.add(agent_id, stored)  # taken now: a concurrent registration is refused
