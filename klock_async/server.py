@@ -456,6 +456,9 @@ class _FrontDoor:
                     scope["path_params"] = {"lease_id": lease_id}
         label = "unmatched" if route is None else route[0]
         scope["klock.route"] = f"{method} {label}"
+        guard = _GUARDS.get((scope.get("server"), scope.get("client")))
+        if guard is not None:
+            receive = guard.request_started(scope, receive)
         try:
             refusal = self._refuse(scope)
             if refusal is not None:
@@ -465,6 +468,8 @@ class _FrontDoor:
             else:
                 await self._serve(route[1], scope, receive, send_status)
         finally:
+            if guard is not None:
+                guard.arm()  # the next request must arrive whole in time too
             self.api.http.observe(method, label, status, time.perf_counter() - started)
 
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1456,44 +1461,6 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-class _CorkedTransport:
-    """A transport wrapper that sends a response's head and body in one write.
-
-    uvicorn writes the status line and headers, then the body, as two writes; with
-    TCP_NODELAY that is two segments and two wake-ups of the client per response. Writes made
-    in the same step of the event loop are joined instead (the head waits at most until the
-    loop's next turn).
-    """
-
-    __slots__ = ("_loop", "_pending", "_transport")
-
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        pending = self._pending
-        if pending is None:
-            self._pending = bytes(data)
-            self._loop.call_soon(self._flush)
-        else:
-            self._pending = None
-            self._transport.write(pending + data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and not self._transport.is_closing():
-            self._transport.write(pending)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 READ_TIMEOUT = 10.0
 """Seconds a client has to send a whole request (headers and body) once it connects or
 starts one; then the connection is closed."""
@@ -1521,67 +1488,136 @@ def _full_response(limit: int) -> bytes:
     return _FULL % (len(body), body)
 
 
-def _http_protocol(
-    read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS
-) -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with a read timeout, a connection limit, and a corked
-    transport; uvicorn's own choice (no timeout, no limit) without httptools."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools is not installed
-        get_logger().warning(
-            "server.no_httptools",
-            hint="install httptools (the server extra) for read timeouts and connection limits",
+_Address = tuple[Any, ...]
+_GUARDS: dict[tuple[_Address | None, _Address | None], _ConnectionGuard] = {}
+"""The guard of every open connection of this process, by (server address, client address):
+the ASGI scope's ``server`` and ``client``, so the front door can find its connection."""
+
+
+def _address(info: Any) -> _Address | None:
+    """An address as the ASGI scope gives it: (host, port)."""
+    if isinstance(info, list | tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+class _ConnectionGuard(asyncio.Protocol):
+    """uvicorn's own HTTP protocol, held (not subclassed), with a read timeout and a limit.
+
+    uvicorn takes any ``asyncio.Protocol`` class as its ``http`` setting and builds it with
+    its keyword arguments; this one builds uvicorn's automatic choice (httptools when
+    installed, else h11) with the same arguments and hands it every event of the transport.
+
+    On top it closes a connection that does not deliver a whole request within
+    ``read_timeout`` of opening or of its previous response (uvicorn times out only idle
+    keep-alive connections, and restarts that timer on any byte: a client that never finishes
+    its headers, or sends a byte now and then, would hold its socket for ever), and answers
+    ``503 too_many_connections`` at once past ``max_connections``. The front door tells it
+    when a request arrived whole and when its response ended (:func:`_guard_of`).
+    """
+
+    read_timeout: ClassVar[float] = READ_TIMEOUT
+    max_connections: ClassVar[int] = MAX_CONNECTIONS
+    full: ClassVar[bytes] = b""
+
+    def __init__(self, **options: Any) -> None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        self._inner = AutoHTTPProtocol(**options)
+        self._connections: set[Any] = options["server_state"].connections
+        self._loop = asyncio.get_running_loop()
+        self._transport: Any = None
+        self._key: tuple[_Address | None, _Address | None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport  # uvloop's transports are not asyncio.Transport instances
+        self._inner.connection_made(transport)
+        if len(self._connections) > self.max_connections:
+            transport.write(self.full)
+            transport.close()
+            return
+        key = (
+            _address(transport.get_extra_info("sockname")),
+            _address(transport.get_extra_info("peername")),
         )
-        return "auto"
-    full = _full_response(max_connections)
+        self._key = key
+        _GUARDS[key] = self
+        self.arm()
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        """Closes connections that do not send a whole request in time, or one too many.
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
 
-        uvicorn times out only idle keep-alive connections, and restarts that timer on any
-        byte: a client that never finishes its headers (or sends a byte now and then) would
-        hold its socket for ever.
-        """
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
 
-        _read_timer: asyncio.TimerHandle | None = None
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        if self._key is not None and _GUARDS.get(self._key) is self:
+            del _GUARDS[self._key]
+        self._inner.connection_lost(exc)
 
-        def connection_made(self, transport: Any) -> None:
-            corked = _CorkedTransport(transport, self.loop)
-            super().connection_made(corked)  # type: ignore[arg-type]
-            if len(self.connections) > max_connections:
-                transport.write(full)
-                transport.close()
-                return
-            self._arm_read_timer()
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self._read_timer is None:
-                self._arm_read_timer()
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
-        def on_message_complete(self) -> None:
-            self._disarm_read_timer()
-            super().on_message_complete()
+    def arm(self) -> None:
+        """Start counting: a whole request must arrive within ``read_timeout``."""
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.read_timeout, self._timed_out)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_read_timer()
-            super().connection_lost(exc)
+    def request_started(self, scope: Scope, receive: Receive) -> Receive:
+        """The headers of a request arrived: stop counting once its body has arrived too."""
+        for name, value in scope["headers"]:
+            if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+                break
+        else:
+            self.disarm()  # no body
+            return receive
 
-        def _arm_read_timer(self) -> None:
-            self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                self.disarm()
+            return message
 
-        def _disarm_read_timer(self) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
+        return watched
 
-        def _read_timed_out(self) -> None:
-            self._read_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
+    def disarm(self) -> None:
+        """A whole request arrived (or the connection ended)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    return GuardedHttpToolsProtocol
+    def _timed_out(self) -> None:
+        self._timer = None
+        transport = self._transport
+        # An upgraded connection (a WebSocket) has another protocol now: not ours to time.
+        if (
+            transport is not None
+            and transport.get_protocol() is self
+            and not transport.is_closing()
+        ):
+            transport.close()
+
+
+def _guard_of(scope: Scope) -> _ConnectionGuard | None:
+    return _GUARDS.get((scope.get("server"), scope.get("client")))
+
+
+def _guarded_protocol(read_timeout: float, max_connections: int) -> type[asyncio.Protocol]:
+    """The protocol class of one server's settings."""
+    return type(
+        "ConnectionGuard",
+        (_ConnectionGuard,),
+        {
+            "read_timeout": read_timeout,
+            "max_connections": max_connections,
+            "full": _full_response(max_connections),
+        },
+    )
 
 
 def server_config(
@@ -1597,8 +1633,8 @@ def server_config(
 
     No access log (the kernel logs lease events), no proxy headers, long-polls ended within
     5 s of a shutdown, a request read within ``read_timeout`` seconds, idle keep-alive
-    connections closed after ``keep_alive`` seconds, at most ``max_connections`` at once, and
-    responses written in one piece when httptools is installed.
+    connections closed after ``keep_alive`` seconds, and at most ``max_connections`` at once
+    (:class:`_ConnectionGuard`).
 
     Raises:
         ValueError: a timeout or the connection limit is not positive.
@@ -1612,7 +1648,7 @@ def server_config(
         app,
         host=host,
         port=port,
-        http=_http_protocol(read_timeout, max_connections),
+        http=_guarded_protocol(read_timeout, max_connections),
         log_level="warning",
         access_log=False,
         lifespan="on",
