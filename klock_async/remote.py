@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import secrets
 import socket
 import ssl
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -102,12 +104,57 @@ def _waiter(data: Mapping[str, Any]) -> WaiterInfo:
     )
 
 
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # what RFC 9110 bars from field values
+
+
+def _header_value(value: str, name: str) -> str:
+    """A header value that cannot end its header early: no CR, LF, NUL or other control
+    character, Latin-1 only.
+
+    Raises:
+        InvalidRequestError: otherwise (a token with CR/LF would inject headers).
+    """
+    if _CONTROL.search(value) or not _latin1(value):
+        raise InvalidRequestError(
+            f"the {name} contains a line break, a control character or a character HTTP "
+            "headers cannot carry; "
+            "pass the exact secret"
+        )
+    return value
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment (``HTTP_PROXY``/``HTTPS_PROXY``, ``NO_PROXY``) routes ``url``
+    through a proxy."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return False
+    return not urllib.request.proxy_bypass(parts.netloc)
+
+
 class _Http1:
     """A lean HTTP/1.1 client: one keep-alive connection per concurrent request, no pooling
     limits, JSON bodies with Content-Length. Cancelling a request closes its connection, which
-    is how the server learns that a long-poll's caller left."""
+    is how the server learns that a long-poll's caller left.
+
+    A request that finds its reused connection closed by the server (no byte of an answer)
+    is sent again on a new one only if it is safe (``GET``): a ``POST`` may have been
+    carried out, so it fails with the error instead. Idle connections are reused for
+    ``_IDLE_SECONDS`` at most, well within the server's keep-alive, so that is rare.
+    """
 
     _IDLE_MAX = 256
+    _IDLE_SECONDS = 2.0
+    _RETRIED = frozenset(("GET", "HEAD"))
 
     def __init__(self, url: str, token: str | None, connect_timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -121,10 +168,11 @@ class _Http1:
         netloc = parts.netloc.rpartition("@")[2]
         fixed = f"Host: {netloc}\r\nUser-Agent: klock-async\r\nAccept: application/json\r\n"
         if token:
-            fixed += f"Authorization: Bearer {token}\r\n"
+            fixed += f"Authorization: Bearer {_header_value(token, 'token')}\r\n"
         self._fixed = fixed.encode("latin-1")
         self._connect_timeout = connect_timeout
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # (reader, writer, loop time it became idle), most recent last
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self._open: set[asyncio.StreamWriter] = set()
         self._closed = False
 
@@ -143,7 +191,9 @@ class _Http1:
             + f"{_REQUEST_ID}: {request_id}\r\n".encode("latin-1")
         )
         if credential is not None:
-            head += f"{_CREDENTIAL}: {credential}\r\n".encode("latin-1")
+            head += f"{_CREDENTIAL}: {_header_value(credential, 'credential')}\r\n".encode(
+                "latin-1"
+            )
         if body is None:
             data = head + b"Content-Length: 0\r\n\r\n"
         else:
@@ -165,14 +215,17 @@ class _Http1:
                         status, content, keep = await _read_response(reader)
             except _Stale:
                 self._discard(writer)
-                if reused:
+                if reused and method in self._RETRIED:
                     continue  # the server had closed this idle connection: use a new one
-                raise ConnectionResetError("the server closed the connection") from None
+                raise ConnectionResetError(
+                    "the server closed the connection before answering"
+                    + ("" if method in self._RETRIED else f"; {method} not sent again")
+                ) from None
             except BaseException:
                 self._discard(writer)  # unknown state: never reuse (and tell the server)
                 raise
             if keep and len(self._idle) < self._IDLE_MAX:
-                self._idle.append((reader, writer))
+                self._idle.append((reader, writer, asyncio.get_running_loop().time()))
             else:
                 self._discard(writer)
             return status, content
@@ -180,9 +233,10 @@ class _Http1:
     async def _checkout(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         if self._closed:
             raise ConnectionAbortedError("the client was closed")
+        fresh_since = asyncio.get_running_loop().time() - self._IDLE_SECONDS
         while self._idle:
-            reader, writer = self._idle.pop()
-            if reader.at_eof() or writer.is_closing():
+            reader, writer, idle_since = self._idle.pop()
+            if reader.at_eof() or writer.is_closing() or idle_since < fresh_since:
                 self._discard(writer)
                 continue
             return reader, writer, True
@@ -244,8 +298,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
         parts = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
+            if size == 0:  # the last chunk; then trailer fields, each a line, and a blank line
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass
                 break
             parts.append(await reader.readexactly(size))
             await reader.readexactly(2)
@@ -277,7 +332,7 @@ class _Httpx:
     ) -> tuple[int, bytes]:
         headers = {_REQUEST_ID: request_id}
         if credential is not None:
-            headers[_CREDENTIAL] = credential
+            headers[_CREDENTIAL] = _header_value(credential, "credential")
         if body is not None:
             headers["Content-Type"] = "application/json"
         response = await self._client.request(
@@ -333,7 +388,7 @@ class RemoteBackend:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise InvalidRequestError(f"timeout must be a positive number of seconds: {timeout!r}")
         self.url = url.rstrip("/")
-        self._token = token
+        self._token = None if token is None else _header_value(token, "token")
         self._timeout = float(timeout)
         self._transport = transport
         self._ask_credentials = credentials
@@ -368,6 +423,8 @@ class RemoteBackend:
         self._loop = asyncio.get_running_loop()
         if self._transport is not None:
             self._wire = _Httpx(self.url, self._token, self._transport, self._timeout)
+        elif _proxied(self.url):  # httpx speaks to proxies (HTTP_PROXY, NO_PROXY, ...)
+            self._wire = _Httpx(self.url, self._token, None, self._timeout)
         else:
             self._wire = _Http1(self.url, self._token, self._timeout)
         try:
