@@ -1506,14 +1506,15 @@ class _ConnectionGuard(asyncio.Protocol):
 
     uvicorn takes any ``asyncio.Protocol`` class as its ``http`` setting and builds it with
     its keyword arguments; this one builds uvicorn's automatic choice (httptools when
-    installed, else h11) with the same arguments and hands it every event of the transport.
+    installed, else h11) with the same arguments and hands it every event of the transport,
+    and the transport itself behind :class:`_CorkedWrites`.
 
     On top it closes a connection that does not deliver a whole request within
     ``read_timeout`` of opening or of its previous response (uvicorn times out only idle
     keep-alive connections, and restarts that timer on any byte: a client that never finishes
     its headers, or sends a byte now and then, would hold its socket for ever), and answers
     ``503 too_many_connections`` at once past ``max_connections``. The front door tells it
-    when a request arrived whole and when its response ended (:func:`_guard_of`).
+    when a request arrived whole and when its response ended (``_GUARDS``).
     """
 
     read_timeout: ClassVar[float] = READ_TIMEOUT
@@ -1532,7 +1533,7 @@ class _ConnectionGuard(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport  # uvloop's transports are not asyncio.Transport instances
-        self._inner.connection_made(transport)
+        self._inner.connection_made(_CorkedWrites(transport, self._loop))
         if len(self._connections) > self.max_connections:
             transport.write(self.full)
             transport.close()
@@ -1603,8 +1604,87 @@ class _ConnectionGuard(asyncio.Protocol):
             transport.close()
 
 
-def _guard_of(scope: Scope) -> _ConnectionGuard | None:
-    return _GUARDS.get((scope.get("server"), scope.get("client")))
+class _CorkedWrites(asyncio.Transport):
+    """A transport that sends what is written in one step of the event loop in one write.
+
+    uvicorn writes a response's status line and headers, then its body: two writes, and with
+    TCP_NODELAY two segments and two wake-ups of the client. This one keeps the first write
+    until the loop's next turn and joins a second one to it. Every method of the public
+    ``asyncio.Transport`` interface is passed on explicitly.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._pending: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = bytes(data)
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending = None
+            self._transport.write(pending + data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._transport.is_closing():
+            self._transport.write(pending)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return bool(self._transport.can_write_eof())
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._flush()
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        protocol: asyncio.BaseProtocol = self._transport.get_protocol()
+        return protocol
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return bool(self._transport.is_reading())
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._transport.get_write_buffer_size()) + len(self._pending or b"")
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        high, low = self._transport.get_write_buffer_limits()
+        return int(high), int(low)
 
 
 def _guarded_protocol(read_timeout: float, max_connections: int) -> type[asyncio.Protocol]:

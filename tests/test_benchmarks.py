@@ -48,6 +48,7 @@ ROWS = {
         "4. one global lock",
         "5. edits declared up front",
     ),
+    "transport.py": ("(a) built-in HTTP/1.1 client", "(b) httpx"),
     "validation.py": ("POST /agents", "POST /leases", "POST /intents", "POST /clocks/write"),
     "server.py": (
         "(a) throughput, 50 agents, embedded",
