@@ -30,6 +30,7 @@ from typing import Any
 from klock_async.backend import ClockStatus
 from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
+    InvalidCredentialError,
     InvalidRequestError,
     KernelClosedError,
     KlockError,
@@ -636,8 +637,15 @@ class RemoteBackend:
             OperatorRequiredError: a priority on a server that reserves them to its operator.
             TransportError: the server cannot be reached.
         """
-        body = {"agent_id": agent_id, "priority": priority, "credential": self._ask_credentials}
-        data = await self._call("POST", "/agents", body, agent_id=agent_id)
+        body: dict[str, Any] = {"agent_id": agent_id, "priority": priority}
+        if self._ask_credentials:
+            body["credential"] = True
+        try:
+            data = await self._call("POST", "/agents", body, agent_id=agent_id)
+        except InvalidCredentialError:
+            # The server forgot the agent (no --db, or it retired it): ask for a new one.
+            self._credentials.pop(agent_id, None)
+            data = await self._call("POST", "/agents", body, agent_id=agent_id)
         credential = data.get("credential")
         if isinstance(credential, str):
             self._credentials[agent_id] = credential

@@ -1554,8 +1554,7 @@ class _ConnectionGuard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
-        if self._key is not None and _GUARDS.get(self._key) is self:
-            del _GUARDS[self._key]
+        self._forget()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -1595,13 +1594,18 @@ class _ConnectionGuard(asyncio.Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         transport = self._transport
-        # An upgraded connection (a WebSocket) has another protocol now: not ours to time.
-        if (
-            transport is not None
-            and transport.get_protocol() is self
-            and not transport.is_closing()
-        ):
+        if transport is None:
+            return
+        if transport.get_protocol() is not self:
+            # An upgraded connection (a WebSocket): its protocol is another now, which times
+            # it and hears of its end; the front door never sees it again.
+            self._forget()
+        elif not transport.is_closing():
             transport.close()
+
+    def _forget(self) -> None:
+        if self._key is not None and _GUARDS.get(self._key) is self:
+            del _GUARDS[self._key]
 
 
 class _CorkedWrites(asyncio.Transport):

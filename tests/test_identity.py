@@ -7,7 +7,10 @@ nothing. The rules themselves (klock_async.identity) are checked directly first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -511,3 +514,38 @@ async def test_remote_clients_cannot_act_for_each_others_agents(no_operator: Thr
         with pytest.raises(CredentialRequiredError):
             await two.backend.heartbeat(lease.id, name, 0.001)
         await lease.release()
+
+
+async def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def test_a_retired_agents_credential_goes_with_it(tmp_path: Path) -> None:
+    """Retiring an idle agent frees its id (and its stored digest); its client registers it
+    again and gets a new credential."""
+    db = tmp_path / "klock.db"
+    stack = contextlib.ExitStack()
+    running = await asyncio.to_thread(
+        stack.enter_context, serve_in_thread(db=str(db), retire_after=3600.0)
+    )
+    try:
+        backend = RemoteBackend(running.url)
+        async with Klock(backend=backend) as klock:
+            await klock.register_agent("idle")
+            first = backend._credentials["idle"]
+            api = running.app.state.klock
+            loop = api._closing.get_loop()  # the server thread's loop runs the API
+
+            def retire() -> tuple[str, ...]:
+                later = asyncio.run_coroutine_threadsafe(_loop_time(), loop).result() + 7200
+                return asyncio.run_coroutine_threadsafe(api.retire_idle(later), loop).result()
+
+            assert await asyncio.to_thread(retire) == ("idle",)
+            with sqlite3.connect(db) as conn:
+                assert conn.execute("SELECT agent_id FROM credentials").fetchall() == []
+            await klock.register_agent("idle")
+            assert backend._credentials["idle"] != first
+            lease = await (await klock.agent("idle")).acquire("/retired.py", "MUTATES")
+            await lease.release()
+    finally:
+        await asyncio.to_thread(stack.close)
