@@ -5,9 +5,14 @@ journal) runs in another process on 127.0.0.1; 50 agents in concurrent tasks of 
 each acquire and release a file of their own through ``Klock.connect``-style facades:
 
 (a) through ``RemoteBackend``'s own HTTP/1.1 client (one keep-alive connection per request
-    in flight);
+    in flight), agents registered with credentials (the default);
 (b) through httpx (``RemoteBackend(transport=httpx.AsyncHTTPTransport(...))``, its pool
-    allowed as many connections as agents).
+    allowed twice as many connections as agents);
+(c) as (a), agents registered without credentials (``credentials=False``, as a Klock v1
+    client does): what the credential checks cost;
+(d) with ``--baseline DIR``: as (c), against a second ``klock serve`` started from the source
+    tree DIR (an earlier commit, e.g. ``git archive <commit> | tar -x -C DIR``), running at
+    the same time: the server before and after a change, in one run.
 
 For each: pairs per second (median of the repetitions, run alternately) and the CPU time per
 pair of this client process and of the server process. The client path is chosen on the
@@ -16,8 +21,9 @@ busy the machine was.
 
 Run from the repository root::
 
-    python benchmarks/transport.py            # full run, about 40 seconds
-    python benchmarks/transport.py --quick    # a few seconds (smoke test)
+    python benchmarks/transport.py                  # full run, about a minute
+    python benchmarks/transport.py --baseline DIR   # and the server of another tree
+    python benchmarks/transport.py --quick          # a few seconds (smoke test)
 """
 
 from __future__ import annotations
@@ -59,11 +65,20 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def klock_serve() -> Iterator[ServerProcess]:
+def klock_serve(source: Path | None = None) -> Iterator[ServerProcess]:
+    """``klock serve`` of this tree, or of the source tree ``source``."""
     command = [sys.executable, "-m", "klock_async", "serve", "--port", "0"]
     command += ["--log-level", "warning"]
+    env = dict(os.environ)
+    if source is not None:  # ``-m`` puts the working directory first on the path
+        env["PYTHONPATH"] = str(source)
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=source,
     )
     try:
         assert process.stdout is not None
@@ -107,18 +122,33 @@ class Row:
     server_cpu: list[float] = field(default_factory=list)
 
 
+NAMES = {
+    "http1": "(a) built-in HTTP/1.1 client",
+    "httpx": f"(b) httpx {httpx.__version__}",
+    "v1": "(c) built-in, agents without credential",
+    "baseline": "(d) as (c), --baseline server",
+}
+
+
 def backend(kind: str, url: str) -> RemoteBackend:
     if kind == "http1":
         return RemoteBackend(url)
+    if kind in ("v1", "baseline"):
+        return RemoteBackend(url, credentials=False)
     limits = httpx.Limits(max_connections=AGENTS * 2, max_keepalive_connections=AGENTS * 2)
     return RemoteBackend(url, transport=httpx.AsyncHTTPTransport(limits=limits))
 
 
-async def measure(reps: int, seconds: float) -> dict[str, Row]:
-    rows = {"http1": Row(), "httpx": Row()}
-    with klock_serve() as server:
+async def measure(reps: int, seconds: float, baseline: Path | None) -> dict[str, Row]:
+    rows = {kind: Row() for kind in NAMES if kind != "baseline" or baseline is not None}
+    with contextlib.ExitStack() as stack:
+        current = stack.enter_context(klock_serve())
+        servers = {kind: current for kind in rows}
+        if baseline is not None:
+            servers["baseline"] = stack.enter_context(klock_serve(baseline))
         for rep in range(reps):
             for kind, row in rows.items():
+                server = servers[kind]
                 async with Klock(backend=backend(kind, server.url)) as klock:
                     server0, client0, start = server.cpu_seconds(), time.process_time(), _clock()
                     pairs = await throughput(klock, seconds, f"{kind}{rep}")
@@ -138,17 +168,16 @@ def table(rows: dict[str, Row], reps: int, seconds: float) -> str:
         f"{os.cpu_count()} cores, load average {load}",
         f"{reps} repetition(s) of {seconds:g} s, run alternately; ratios are to (a)",
         "",
-        f"{'client':<36}  {'pairs/s':>9}  {'ratio':>5}  {'client CPU/pair':>15}  "
+        f"{'client':<40}  {'pairs/s':>9}  {'ratio':>5}  {'client CPU/pair':>15}  "
         f"{'ratio':>5}  {'server CPU/pair':>15}",
-        "-" * 96,
+        "-" * 100,
     ]
-    names = {"http1": "(a) built-in HTTP/1.1 client", "httpx": f"(b) httpx {httpx.__version__}"}
     for kind, row in rows.items():
         rate = statistics.median(row.rates)
         client = statistics.median(row.client_cpu)
         server = statistics.median(row.server_cpu)
         lines.append(
-            f"{names[kind]:<36}  {rate:>9,.0f}  {rate / base:>5.2f}  "
+            f"{NAMES[kind]:<40}  {rate:>9,.0f}  {rate / base:>5.2f}  "
             f"{client * 1e6:>12,.0f} us  {client / base_cpu:>5.2f}  {server * 1e6:>12,.0f} us"
         )
     return "\n".join(lines)
@@ -157,13 +186,20 @@ def table(rows: dict[str, Row], reps: int, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also run the server of this source tree (an earlier commit), same run",
+    )
     args = parser.parse_args(argv)
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         cache_logger_on_first_use=True,
     )
-    reps, seconds = (1, 0.3) if args.quick else (3, 4.0)
-    rows: Any = asyncio.run(measure(reps, seconds))
+    reps, seconds = (1, 0.3) if args.quick else (5, 3.0)
+    rows: Any = asyncio.run(measure(reps, seconds, args.baseline))
     print(table(rows, reps, seconds))
     return 0
 
