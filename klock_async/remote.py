@@ -58,6 +58,7 @@ __all__ = ["RemoteBackend"]
 
 _REQUEST_ID = "x-klock-request-id"
 _CREDENTIAL = "klock-credential"
+_OPERATOR = "klock-operator-token"
 _ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
 _PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most)
 
@@ -185,6 +186,7 @@ class _Http1:
         request_id: str,
         read_timeout: float | None,
         credential: str | None = None,
+        operator: str | None = None,
     ) -> tuple[int, bytes]:
         head = (
             f"{method} {self._path}{target} HTTP/1.1\r\n".encode("latin-1")
@@ -195,6 +197,8 @@ class _Http1:
             head += f"{_CREDENTIAL}: {_header_value(credential, 'credential')}\r\n".encode(
                 "latin-1"
             )
+        if operator is not None:
+            head += f"{_OPERATOR}: {operator}\r\n".encode("latin-1")
         if body is None:
             data = head + b"Content-Length: 0\r\n\r\n"
         else:
@@ -330,10 +334,13 @@ class _Httpx:
         request_id: str,
         read_timeout: float | None,
         credential: str | None = None,
+        operator: str | None = None,
     ) -> tuple[int, bytes]:
         headers = {_REQUEST_ID: request_id}
         if credential is not None:
             headers[_CREDENTIAL] = _header_value(credential, "credential")
+        if operator is not None:
+            headers[_OPERATOR] = operator
         if body is not None:
             headers["Content-Type"] = "application/json"
         response = await self._client.request(
@@ -368,6 +375,8 @@ class RemoteBackend:
             then act for them. False registers them as a Klock v1 client does, without one:
             anyone holding the server's token may then act for them (and a lease id is a
             capability); a server started with ``--strict-identity`` refuses that.
+        operator_token: the server's operator token (``klock serve --operator-token``), sent
+            with :meth:`revoke` and :meth:`evict` only.
 
     Raises:
         InvalidRequestError: the URL is not ``http(s)://host...`` or the timeout is not positive.
@@ -381,6 +390,7 @@ class RemoteBackend:
         timeout: float = 30.0,
         transport: Any = None,
         credentials: bool = True,
+        operator_token: str | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InvalidRequestError(
@@ -393,6 +403,7 @@ class RemoteBackend:
         self._timeout = float(timeout)
         self._transport = transport
         self._ask_credentials = credentials
+        self._operator = None if operator_token is None else _header_value(operator_token, "token")
         self._wire: _Http1 | _Httpx | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in, once started
         self._closed = False
@@ -467,11 +478,13 @@ class RemoteBackend:
         wait_for: float | None = 0.0,
         request_id: str | None = None,
         agent_id: str | None = None,
+        operator: bool = False,
     ) -> Any:
         """Send one request and return the envelope's ``data``, or raise the typed error.
 
         ``wait_for`` is how long the server may keep the request by design (None: forever);
-        ``agent_id`` the agent it acts for, whose credential it carries (if it has one).
+        ``agent_id`` the agent it acts for, whose credential it carries (if it has one);
+        ``operator``: an operator action, which carries the operator token (if given).
         """
         wire = self._check_open()
         rid = request_id or self._track(long_poll)
@@ -480,7 +493,8 @@ class RemoteBackend:
         payload = None if body is None else _dumps(body)
         try:
             credential = None if agent_id is None else self._credentials.get(agent_id)
-            status, content = await wire.send(method, target, payload, rid, read, credential)
+            token = self._operator if operator else None
+            status, content = await wire.send(method, target, payload, rid, read, credential, token)
         except TimeoutError:
             raise TransportError(
                 f"the klock server at {self.url} did not answer {method} {path} within "
@@ -797,7 +811,9 @@ class RemoteBackend:
         """
         holder = self._lease_agents.pop(lease_id, None)
         return _lease(
-            await self._call("POST", f"/leases/{_segment(lease_id)}/revoke", agent_id=holder)
+            await self._call(
+                "POST", f"/leases/{_segment(lease_id)}/revoke", agent_id=holder, operator=True
+            )
         )
 
     async def evict(self, agent_id: str) -> int:
@@ -807,7 +823,9 @@ class RemoteBackend:
             UnknownAgentError: never registered.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/evict", {"agent_id": agent_id}, agent_id=agent_id)
+        data = await self._call(
+            "POST", "/evict", {"agent_id": agent_id}, agent_id=agent_id, operator=True
+        )
         return int(data["evicted"])
 
     async def leases(self) -> tuple[LeaseInfo, ...]:

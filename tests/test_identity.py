@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,3 +552,42 @@ async def test_a_retired_agents_credential_goes_with_it(tmp_path: Path) -> None:
             await lease.release()
     finally:
         await asyncio.to_thread(stack.close)
+
+
+async def test_the_python_client_revokes_and_evicts_as_the_operator(server: ThreadServer) -> None:
+    """RemoteBackend(operator_token=...) revokes another client's lease and evicts its agent;
+    without the token the same calls are refused."""
+    async with (
+        Klock(backend=RemoteBackend(server.url, token=TOKEN)) as agents,
+        Klock(backend=RemoteBackend(server.url, token=TOKEN)) as bystander,
+        Klock(backend=RemoteBackend(server.url, token=TOKEN, operator_token=OPERATOR)) as ops,
+    ):
+        name = fresh("managed")
+        agent = await agents.register_agent(name)
+        first = await agent.acquire(f"/ops/{name}-1.py", "MUTATES")
+        await agent.acquire(f"/ops/{name}-2.py", "MUTATES")
+        with pytest.raises(OperatorRequiredError):
+            await bystander.backend.revoke(first.id)
+        with pytest.raises(OperatorRequiredError):
+            await bystander.backend.evict(name)
+        assert (await ops.backend.revoke(first.id)).state.value == "REVOKED"
+        assert await ops.backend.evict(name) == 1
+
+
+def test_operator_token_options_are_checked() -> None:
+    """An operator token equal to the agents' token, or blank, stops klock serve (exit 2)."""
+    for args, env in (
+        (["--token", TOKEN, "--operator-token", TOKEN], {}),
+        (["--token", TOKEN], {"KLOCK_OPERATOR_TOKEN": TOKEN}),
+        ([], {"KLOCK_OPERATOR_TOKEN": "  "}),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "klock_async", "serve", "--port", "0", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **env},
+        )
+        assert result.returncode == 2, result.stderr
+        assert "operator token" in result.stderr and "Traceback" not in result.stderr
