@@ -57,6 +57,17 @@ class CredentialStore:
             stored[agent_id] = digest
         return stored
 
+    def close_after_load(self) -> None:
+        """Check that every stored row parses, then close (``klock serve``'s start-up probe).
+
+        Raises:
+            JournalError: a damaged row.
+        """
+        try:
+            self.load()
+        finally:
+            self.close()
+
     async def put(self, agent_id: str, digest: str) -> None:
         """Store a credential digest durably (returns after the commit)."""
         await self._run(

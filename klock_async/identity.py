@@ -124,6 +124,11 @@ class Identities:
         (some agent has a credential, or the server is strict)."""
         return self.strict or bool(self._digests)
 
+    @property
+    def count(self) -> int:
+        """How many agents have a credential."""
+        return len(self._digests)
+
     def credentialed(self, agent_id: str) -> bool:
         """Whether ``agent_id`` was registered with a credential."""
         return agent_id in self._digests

@@ -626,10 +626,18 @@ class _Api:
         scheduler = Scheduler(journal=journal)
         scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
-        if self.db is not None:  # the journal exists now; its file keeps the credentials
+        if self.db is not None and "://" not in self.db:
+            # The journal's file exists now; it keeps the credentials too.
             store = self._credential_store = CredentialStore(self.db, synchronous=self.synchronous)
             for agent_id, stored in store.load().items():
                 self.identities.add(agent_id, stored)
+        elif self.db is not None:
+            get_logger().warning(
+                "server.credentials_in_memory",
+                db=self.db,
+                hint="agent credentials are kept in a SQLite journal's file only; with this "
+                "journal a restart forgets them (clients then register their agents again)",
+            )
         self._scheduler = scheduler
         loop = asyncio.get_running_loop()
         self._closing = loop.create_future()
@@ -647,7 +655,7 @@ class _Api:
             agents=stats.agents,
             leases_active=stats.leases_active,
             auth=self.token is not None,
-            credentialed_agents=len(self.identities._digests),
+            credentialed_agents=self.identities.count,
             operator=self.identities.has_operator,
             strict_identity=self.identities.strict,
         )
@@ -1937,6 +1945,7 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             probe.load()
+            CredentialStore(args.db, synchronous=args.sync.upper()).close_after_load()
         except (OSError, sqlite3.Error, KlockError) as exc:
             return _fail(f"cannot use --db {args.db}: {exc}")
         finally:

@@ -591,3 +591,22 @@ def test_operator_token_options_are_checked() -> None:
         )
         assert result.returncode == 2, result.stderr
         assert "operator token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_credential_row_stops_startup_with_one_line(tmp_path: Path) -> None:
+    """A credentials row that does not parse is named in one line; the server does not start."""
+    db = tmp_path / "klock.db"
+    with serve_subprocess(db) as child, httpx.Client(base_url=child.url) as http:
+        ok(http.post("/agents", json={"agent_id": "a", "credential": True}))
+        child.terminate()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE credentials SET digest = 'short'")
+    result = subprocess.run(
+        [sys.executable, "-m", "klock_async", "serve", "--port", "0", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "credentials row 'a'" in result.stderr and "Traceback" not in result.stderr
