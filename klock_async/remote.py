@@ -61,6 +61,7 @@ _CREDENTIAL = "klock-credential"
 _OPERATOR = "klock-operator-token"
 _ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
 _PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most)
+_LEASES_KEPT = 65_536  # most lease -> agent entries a client keeps (oldest dropped)
 
 
 # Enum members by value: a dict lookup costs a fraction of calling the enum class.
@@ -413,7 +414,7 @@ class RemoteBackend:
         self._inflight: dict[str, tuple[bool, asyncio.Future[None]]] = {}
         self._polls: set[asyncio.Task[Any]] = set()
         # The credentials the server handed out for the agents this client registered, and
-        # the agent of each lease granted to one of them (a release may name no agent).
+        # the agent of each lease granted here (a release may name no agent: the v1 API).
         self._credentials: dict[str, str] = {}
         self._lease_agents: dict[str, str] = {}
 
@@ -667,8 +668,10 @@ class RemoteBackend:
 
     def _granted(self, data: Mapping[str, Any]) -> LeaseInfo:
         info = _lease(data)
-        if info.agent_id in self._credentials:
-            self._lease_agents[info.id] = info.agent_id
+        agents = self._lease_agents
+        agents[info.id] = info.agent_id
+        if len(agents) > _LEASES_KEPT:  # leases that ended without a release from here
+            del agents[next(iter(agents))]
         return info
 
     def _holder(self, lease_id: str, agent_id: str | None) -> str | None:
@@ -736,9 +739,9 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         target = f"/leases/{_segment(lease_id)}?record_write={'true' if record_write else 'false'}"
-        if agent_id is not None:
-            target += f"&agent_id={urllib.parse.quote(agent_id, safe='')}"
         holder = self._holder(lease_id, agent_id)
+        if holder is not None:  # named, the server checks the holder without a lookup
+            target += f"&agent_id={urllib.parse.quote(holder, safe='')}"
         try:
             data = await self._call("DELETE", target, agent_id=holder)
         except LeaseError:
@@ -759,15 +762,16 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         body: dict[str, Any] = {}
-        if agent_id is not None:
-            body["agent_id"] = agent_id
+        holder = self._holder(lease_id, agent_id)
+        if holder is not None:
+            body["agent_id"] = holder
         if ttl is not None:
             body["ttl_ms"] = validate_ttl(ttl) * 1000.0
         data = await self._call(
             "POST",
             f"/leases/{_segment(lease_id)}/heartbeat",
             body,
-            agent_id=self._holder(lease_id, agent_id),
+            agent_id=holder,
         )
         return _lease(data)
 

@@ -78,55 +78,134 @@ def test_credentials_are_unguessable_and_stored_as_digests() -> None:
         identities.caller(two, None)
 
 
-def test_rules_for_an_agent_with_a_credential() -> None:
-    """Only its own credential acts for it; another's or none is refused, typed."""
-    identities = Identities()
+VICTIM, OTHER, OPS = Caller("victim"), Caller("other"), Caller(None, operator=True)
+R, H, A, S, C = (
+    Action.RELEASE,
+    Action.HEARTBEAT,
+    Action.ACQUIRE,
+    Action.SESSION_RELEASE,
+    Action.CLOCK,
+)
+REVOKE, EVICT = Action.REVOKE, Action.EVICT
+
+# (action, agent acted for, caller, server has an operator token, strict) -> refusal or None
+RULES = [
+    # an agent with a credential: its own credential only
+    pytest.param(R, "victim", VICTIM, False, False, None, id="own-release"),
+    pytest.param(A, "victim", VICTIM, True, True, None, id="own-acquire-strict"),
+    pytest.param(R, "victim", ANONYMOUS, False, False, CredentialRequiredError, id="anon-release"),
+    pytest.param(H, "victim", ANONYMOUS, False, False, CredentialRequiredError, id="anon-beat"),
+    pytest.param(S, "victim", ANONYMOUS, True, False, CredentialRequiredError, id="anon-session"),
+    pytest.param(C, "victim", ANONYMOUS, False, False, CredentialRequiredError, id="anon-clock"),
+    pytest.param(A, "victim", OTHER, False, False, NotYourAgentError, id="other-acquire"),
+    pytest.param(H, "victim", OTHER, False, False, NotYourAgentError, id="other-beat"),
+    # revoke and evict: the operator's when it has a token, else the agent's own
+    pytest.param(REVOKE, "victim", VICTIM, True, False, OperatorRequiredError, id="own-revoke-op"),
+    pytest.param(REVOKE, "victim", VICTIM, False, False, None, id="own-revoke"),
+    pytest.param(EVICT, "victim", OTHER, False, False, NotYourAgentError, id="other-evict"),
+    pytest.param(EVICT, "v1", ANONYMOUS, True, False, OperatorRequiredError, id="v1-evict-op"),
+    pytest.param(EVICT, "v1", ANONYMOUS, False, False, None, id="v1-evict"),
+    # the operator: revoke, evict, release, session release; never acquire or heartbeat
+    pytest.param(REVOKE, "victim", OPS, True, False, None, id="ops-revoke"),
+    pytest.param(EVICT, "victim", OPS, True, True, None, id="ops-evict-strict"),
+    pytest.param(R, "victim", OPS, True, False, None, id="ops-release"),
+    pytest.param(S, "victim", OPS, True, False, None, id="ops-session"),
+    pytest.param(A, "victim", OPS, True, False, CredentialRequiredError, id="ops-acquire"),
+    pytest.param(H, "victim", OPS, True, False, CredentialRequiredError, id="ops-beat"),
+    # agents without a credential: the v1 rules, unless strict; a credential binds to its agent
+    pytest.param(R, "v1", ANONYMOUS, True, False, None, id="v1-release"),
+    pytest.param(A, "v1", ANONYMOUS, False, True, StrictIdentityError, id="v1-strict"),
+    pytest.param(A, "v1", VICTIM, False, False, NotYourAgentError, id="credential-for-v1"),
+]
+
+
+@pytest.mark.parametrize(("action", "agent", "caller", "operator", "strict", "refusal"), RULES)
+def test_who_may_act_for_an_agent(
+    action: Action,
+    agent: str,
+    caller: Caller,
+    operator: bool,
+    strict: bool,
+    refusal: type[Exception] | None,
+) -> None:
+    """Each caller may do exactly what the threat model says, and nothing else."""
+    identities = Identities(operator_token=OPERATOR if operator else None, strict=strict)
     identities.add("victim", digest("v"))
     identities.add("other", digest("o"))
-    identities.authorize(Action.RELEASE, "victim", Caller("victim"))
-    with pytest.raises(CredentialRequiredError):
-        identities.authorize(Action.RELEASE, "victim", ANONYMOUS)
-    with pytest.raises(NotYourAgentError):
-        identities.authorize(Action.HEARTBEAT, "victim", Caller("other"))
-    with pytest.raises(NotYourAgentError):  # a credential binds its holder to its own agent
-        identities.authorize(Action.ACQUIRE, "v1-agent", Caller("other"))
-    identities.authorize(Action.ACQUIRE, "v1-agent", ANONYMOUS)  # the v1 rules
+    if refusal is None:
+        identities.authorize(action, agent, caller)
+    else:
+        with pytest.raises(refusal):
+            identities.authorize(action, agent, caller)
 
 
-def test_operator_rules() -> None:
-    """Revoke and evict are the operator's once it has a token; it may not acquire."""
+def test_a_wrong_operator_token_is_refused() -> None:
+    """A wrong operator token is an error, not a silent anonymous request."""
     identities = Identities(operator_token=OPERATOR)
-    identities.add("victim", digest("v"))
-    operator = identities.caller(None, OPERATOR)
-    for action in (Action.REVOKE, Action.EVICT, Action.RELEASE, Action.SESSION_RELEASE):
-        identities.authorize(action, "victim", operator)
-    with pytest.raises(CredentialRequiredError):
-        identities.authorize(Action.ACQUIRE, "victim", operator)
-    with pytest.raises(OperatorRequiredError):
-        identities.authorize(Action.EVICT, "v1-agent", ANONYMOUS)
+    assert identities.caller(None, OPERATOR) == OPS
     with pytest.raises(OperatorRequiredError):
         identities.caller(None, "not-the-token")
     with pytest.raises(OperatorRequiredError):
-        identities.authorize_registration(
-            "new", ANONYMOUS, wants_credential=True, priority=-1, exists=False
-        )
-    assert identities.authorize_registration(
-        "new", operator, wants_credential=True, priority=-1, exists=False
-    )
+        Identities().caller(None, OPERATOR)  # a server without an operator
 
 
-def test_strict_rules() -> None:
-    """A strict server refuses agents without a credential, and acting for one."""
-    identities = Identities(strict=True)
-    with pytest.raises(StrictIdentityError):
-        identities.authorize_registration(
-            "v1", ANONYMOUS, wants_credential=False, priority=None, exists=False
-        )
-    with pytest.raises(StrictIdentityError):
-        identities.authorize(Action.ACQUIRE, "v1", ANONYMOUS)
-    assert identities.authorize_registration(
-        "new", ANONYMOUS, wants_credential=True, priority=None, exists=False
-    )
+# (agent, caller, asks a credential, priority, operator token, strict, exists) -> issue/refusal
+REGISTRATIONS = [
+    pytest.param("new", ANONYMOUS, True, None, False, False, False, True, id="new-credential"),
+    pytest.param("new", ANONYMOUS, False, None, False, False, False, False, id="new-v1"),
+    pytest.param("new", ANONYMOUS, False, 5, False, False, False, False, id="v1-priority"),
+    pytest.param(
+        "new", ANONYMOUS, True, -1, True, False, False, OperatorRequiredError, id="priority-op"
+    ),
+    pytest.param(
+        "new", ANONYMOUS, False, 5, False, True, False, OperatorRequiredError, id="priority-strict"
+    ),
+    pytest.param("new", OPS, True, -1, True, False, False, True, id="operator-priority"),
+    pytest.param(
+        "new", ANONYMOUS, False, None, False, True, False, StrictIdentityError, id="strict"
+    ),
+    pytest.param("victim", VICTIM, True, None, False, False, True, False, id="again-own"),
+    pytest.param(
+        "victim",
+        ANONYMOUS,
+        True,
+        -(10**9),
+        False,
+        False,
+        True,
+        CredentialRequiredError,
+        id="hijack",
+    ),
+    pytest.param("victim", OTHER, False, None, False, False, True, NotYourAgentError, id="other"),
+    pytest.param("v1", ANONYMOUS, True, None, False, False, True, NotYourAgentError, id="take-v1"),
+    pytest.param("new", VICTIM, True, None, False, False, False, NotYourAgentError, id="as-other"),
+]
+
+
+@pytest.mark.parametrize(
+    ("agent", "caller", "wants", "priority", "operator", "strict", "exists", "outcome"),
+    REGISTRATIONS,
+)
+def test_who_may_register_an_agent(
+    agent: str,
+    caller: Caller,
+    wants: bool,
+    priority: int | None,
+    operator: bool,
+    strict: bool,
+    exists: bool,
+    outcome: bool | type[Exception],
+) -> None:
+    """A registration issues a credential, keeps the v1 rules, or is refused, typed."""
+    identities = Identities(operator_token=OPERATOR if operator else None, strict=strict)
+    identities.add("victim", digest("v"))
+    identities.add("other", digest("o"))
+    kwargs = {"wants_credential": wants, "priority": priority, "exists": exists}
+    if isinstance(outcome, bool):
+        assert identities.authorize_registration(agent, caller, **kwargs) is outcome
+    else:
+        with pytest.raises(outcome):
+            identities.authorize_registration(agent, caller, **kwargs)
 
 
 # ------------------------------------------------------------------ the attacks, over HTTP
