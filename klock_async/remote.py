@@ -136,8 +136,11 @@ def _latin1(value: str) -> bool:
 
 def _proxied(url: str) -> bool:
     """Whether the environment (``HTTP_PROXY``/``HTTPS_PROXY``, ``NO_PROXY``) routes ``url``
-    through a proxy."""
+    through a proxy. A loopback server never is: no proxy can reach this machine's loopback."""
     parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return False
     proxies = urllib.request.getproxies()
     if parts.scheme not in proxies and "all" not in proxies:
         return False

@@ -197,3 +197,15 @@ async def test_http_proxy_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
         bypassed = RemoteBackend("http://klock.invalid:9", timeout=10)
         with pytest.raises(TransportError):
             await bypassed.start()
+
+
+async def test_a_loopback_server_is_never_proxied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY set to a dead address does not keep a client from a loopback server."""
+    with serve_in_thread() as server:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, "http://127.0.0.1:9")
+        backend = RemoteBackend(server.url, timeout=10)
+        await backend.start()
+        await backend.aclose()
