@@ -469,7 +469,7 @@ class _FrontDoor:
                 await self._serve(route[1], scope, receive, send_status)
         finally:
             if guard is not None:
-                guard.arm()  # the next request must arrive whole in time too
+                guard.request_ended()
             self.api.http.observe(method, label, status, time.perf_counter() - started)
 
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1538,6 +1538,9 @@ class _ConnectionGuard(asyncio.Protocol):
         self._transport: Any = None
         self._key: tuple[_Address | None, _Address | None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Requests of this connection the app is handling: the next one may begin (and be
+        # long: a long-poll, an event stream) before the app is done with the previous one.
+        self._active = 0
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport  # uvloop's transports are not asyncio.Transport instances
@@ -1578,6 +1581,7 @@ class _ConnectionGuard(asyncio.Protocol):
 
     def request_started(self, scope: Scope, receive: Receive) -> Receive:
         """The headers of a request arrived: stop counting once its body has arrived too."""
+        self._active += 1
         for name, value in scope["headers"]:
             if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
                 break
@@ -1592,6 +1596,12 @@ class _ConnectionGuard(asyncio.Protocol):
             return message
 
         return watched
+
+    def request_ended(self) -> None:
+        """The app is done with a request: the next one must arrive whole in time too."""
+        self._active -= 1
+        if self._active == 0:
+            self.arm()
 
     def disarm(self) -> None:
         """A whole request arrived (or the connection ended)."""
