@@ -625,7 +625,12 @@ def openapi(routes: Sequence[tuple[str, str]], *, version: str) -> dict[str, Any
         },
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                # An agent registered with a credential; the operator (docs/server.md).
+                "credential": {"type": "apiKey", "in": "header", "name": "Klock-Credential"},
+                "operator": {"type": "apiKey", "in": "header", "name": "Klock-Operator-Token"},
+            },
         },
     }
 
