@@ -30,6 +30,12 @@ Our exception hierarchy::
     ├── JournalUnavailableError        the journal could not record a request (busy)
     ├── JournalError                   a journal file that cannot be used as it is
     │   └── LeadershipLostError        another replica took over; this one commits nothing
+    ├── IdentityError                  (HTTP) may not act for this agent; nothing changed
+    │   ├── CredentialRequiredError    the agent has a credential; the request carries none
+    │   ├── InvalidCredentialError     the credential belongs to no agent
+    │   ├── NotYourAgentError          the credential belongs to another agent
+    │   ├── OperatorRequiredError      an operator action without the operator token
+    │   └── StrictIdentityError        a strict server refuses agents without a credential
     └── TransportError                 the coordination server could not be reached
         ├── UnauthorizedError          (HTTP) no valid bearer token
         └── NotLeaderError             (HTTP) this replica does not lead; names the leader
@@ -48,8 +54,11 @@ __all__ = [
     "AgentExistsError",
     "BodyTooLargeError",
     "CausalViolationError",
+    "CredentialRequiredError",
     "EvictedError",
     "HostNotAllowedError",
+    "IdentityError",
+    "InvalidCredentialError",
     "InvalidFieldError",
     "InvalidPredicateError",
     "InvalidRequestError",
@@ -69,8 +78,11 @@ __all__ = [
     "MissingFieldError",
     "NotLeaderError",
     "NotLeaseOwnerError",
+    "NotYourAgentError",
+    "OperatorRequiredError",
     "OriginNotAllowedError",
     "RetriesExhaustedError",
+    "StrictIdentityError",
     "TransportError",
     "UnauthorizedError",
     "UnknownAgentError",
@@ -407,6 +419,51 @@ class OriginNotAllowedError(InvalidRequestError):
 
     code = "origin_not_allowed"
     status = 403
+
+
+class IdentityError(KlockError):
+    """The request may not act for this agent (or as the operator); nothing changed.
+
+    Agents registered with a credential are acted for only by requests that carry it
+    (``Klock-Credential`` header); operator actions need the operator token
+    (``Klock-Operator-Token`` header). See the threat model in docs/server.md.
+    """
+
+    code = "identity_error"
+    status = 403
+
+
+class CredentialRequiredError(IdentityError):
+    """The agent was registered with a credential and the request carries none."""
+
+    code = "credential_required"
+    status = 401
+
+
+class InvalidCredentialError(IdentityError):
+    """The request's credential belongs to no agent (mistyped, or its agent was retired)."""
+
+    code = "invalid_credential"
+    status = 401
+
+
+class NotYourAgentError(IdentityError):
+    """The request's credential belongs to another agent than the one it acts for."""
+
+    code = "not_your_agent"
+
+
+class OperatorRequiredError(IdentityError):
+    """An operator action (revoke, evict, an explicit priority, another agent's session)
+    without the server's operator token, or with a wrong one."""
+
+    code = "operator_required"
+
+
+class StrictIdentityError(IdentityError):
+    """A server started with ``--strict-identity`` refuses agents without a credential."""
+
+    code = "credential_not_requested"
 
 
 _BY_CODE: dict[str, type[KlockError]] = {}

@@ -18,19 +18,23 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import secrets
 import socket
 import ssl
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from klock_async.backend import ClockStatus
 from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
+    InvalidCredentialError,
     InvalidRequestError,
     KernelClosedError,
     KlockError,
+    LeaseError,
     NotLeaderError,
     TransportError,
     error_from_payload,
@@ -55,8 +59,11 @@ from klock_async.model import (
 __all__ = ["RemoteBackend"]
 
 _REQUEST_ID = "x-klock-request-id"
+_CREDENTIAL = "klock-credential"
+_OPERATOR = "klock-operator-token"
 _ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
 _PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most)
+_LEASES_KEPT = 65_536  # most lease -> agent entries a client keeps (oldest dropped)
 
 
 # Enum members by value: a dict lookup costs a fraction of calling the enum class.
@@ -102,12 +109,60 @@ def _waiter(data: Mapping[str, Any]) -> WaiterInfo:
     )
 
 
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # what RFC 9110 bars from field values
+
+
+def _header_value(value: str, name: str) -> str:
+    """A header value that cannot end its header early: no CR, LF, NUL or other control
+    character, Latin-1 only.
+
+    Raises:
+        InvalidRequestError: otherwise (a token with CR/LF would inject headers).
+    """
+    if _CONTROL.search(value) or not _latin1(value):
+        raise InvalidRequestError(
+            f"the {name} contains a line break, a control character or a character HTTP "
+            "headers cannot carry; "
+            "pass the exact secret"
+        )
+    return value
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment (``HTTP_PROXY``/``HTTPS_PROXY``, ``NO_PROXY``) routes ``url``
+    through a proxy. A loopback server never is: no proxy can reach this machine's loopback."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return False
+    proxies = urllib.request.getproxies()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return False
+    return not urllib.request.proxy_bypass(parts.netloc)
+
+
 class _Http1:
     """A lean HTTP/1.1 client: one keep-alive connection per concurrent request, no pooling
     limits, JSON bodies with Content-Length. Cancelling a request closes its connection, which
-    is how the server learns that a long-poll's caller left."""
+    is how the server learns that a long-poll's caller left.
+
+    A request that finds its reused connection closed by the server (no byte of an answer)
+    is sent again on a new one only if it is safe (``GET``): a ``POST`` may have been
+    carried out, so it fails with the error instead. Idle connections are reused for
+    ``_IDLE_SECONDS`` at most, well within the server's keep-alive, so that is rare.
+    """
 
     _IDLE_MAX = 256
+    _IDLE_SECONDS = 2.0
+    _RETRIED = frozenset(("GET", "HEAD"))
 
     def __init__(self, url: str, token: str | None, connect_timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -121,10 +176,11 @@ class _Http1:
         netloc = parts.netloc.rpartition("@")[2]
         fixed = f"Host: {netloc}\r\nUser-Agent: klock-async\r\nAccept: application/json\r\n"
         if token:
-            fixed += f"Authorization: Bearer {token}\r\n"
+            fixed += f"Authorization: Bearer {_header_value(token, 'token')}\r\n"
         self._fixed = fixed.encode("latin-1")
         self._connect_timeout = connect_timeout
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # (reader, writer, loop time it became idle), most recent last
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self._open: set[asyncio.StreamWriter] = set()
         self._closed = False
 
@@ -135,12 +191,20 @@ class _Http1:
         body: bytes | None,
         request_id: str,
         read_timeout: float | None,
+        credential: str | None = None,
+        operator: str | None = None,
     ) -> tuple[int, bytes]:
         head = (
             f"{method} {self._path}{target} HTTP/1.1\r\n".encode("latin-1")
             + self._fixed
             + f"{_REQUEST_ID}: {request_id}\r\n".encode("latin-1")
         )
+        if credential is not None:
+            head += f"{_CREDENTIAL}: {_header_value(credential, 'credential')}\r\n".encode(
+                "latin-1"
+            )
+        if operator is not None:
+            head += f"{_OPERATOR}: {operator}\r\n".encode("latin-1")
         if body is None:
             data = head + b"Content-Length: 0\r\n\r\n"
         else:
@@ -162,14 +226,17 @@ class _Http1:
                         status, content, keep = await _read_response(reader)
             except _Stale:
                 self._discard(writer)
-                if reused:
+                if reused and method in self._RETRIED:
                     continue  # the server had closed this idle connection: use a new one
-                raise ConnectionResetError("the server closed the connection") from None
+                raise ConnectionResetError(
+                    "the server closed the connection before answering"
+                    + ("" if method in self._RETRIED else f"; {method} not sent again")
+                ) from None
             except BaseException:
                 self._discard(writer)  # unknown state: never reuse (and tell the server)
                 raise
             if keep and len(self._idle) < self._IDLE_MAX:
-                self._idle.append((reader, writer))
+                self._idle.append((reader, writer, asyncio.get_running_loop().time()))
             else:
                 self._discard(writer)
             return status, content
@@ -177,9 +244,10 @@ class _Http1:
     async def _checkout(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
         if self._closed:
             raise ConnectionAbortedError("the client was closed")
+        fresh_since = asyncio.get_running_loop().time() - self._IDLE_SECONDS
         while self._idle:
-            reader, writer = self._idle.pop()
-            if reader.at_eof() or writer.is_closing():
+            reader, writer, idle_since = self._idle.pop()
+            if reader.at_eof() or writer.is_closing() or idle_since < fresh_since:
                 self._discard(writer)
                 continue
             return reader, writer, True
@@ -241,8 +309,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
         parts = []
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
+            if size == 0:  # the last chunk; then trailer fields, each a line, and a blank line
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass
                 break
             parts.append(await reader.readexactly(size))
             await reader.readexactly(2)
@@ -270,8 +339,14 @@ class _Httpx:
         body: bytes | None,
         request_id: str,
         read_timeout: float | None,
+        credential: str | None = None,
+        operator: str | None = None,
     ) -> tuple[int, bytes]:
         headers = {_REQUEST_ID: request_id}
+        if credential is not None:
+            headers[_CREDENTIAL] = _header_value(credential, "credential")
+        if operator is not None:
+            headers[_OPERATOR] = operator
         if body is not None:
             headers["Content-Type"] = "application/json"
         response = await self._client.request(
@@ -305,6 +380,12 @@ class RemoteBackend:
             (long-polls wait as long as they were asked to, plus this much).
         transport: an ``httpx.AsyncBaseTransport`` to send requests through instead of TCP
             (e.g. ``httpx.ASGITransport(app)`` to talk to an app in the same process).
+        credentials: register agents with a credential (the default): only this client can
+            then act for them. False registers them as a Klock v1 client does, without one:
+            anyone holding the server's token may then act for them (and a lease id is a
+            capability); a server started with ``--strict-identity`` refuses that.
+        operator_token: the server's operator token (``klock serve --operator-token``), sent
+            with :meth:`revoke` and :meth:`evict` only.
 
     Raises:
         InvalidRequestError: the URL is not ``http(s)://host...`` or the timeout is not positive.
@@ -317,6 +398,8 @@ class RemoteBackend:
         token: str | None = None,
         timeout: float = 30.0,
         transport: Any = None,
+        credentials: bool = True,
+        operator_token: str | None = None,
     ) -> None:
         if not isinstance(url, str | list | tuple):
             raise InvalidRequestError(
@@ -327,9 +410,11 @@ class RemoteBackend:
             raise InvalidRequestError(f"timeout must be a positive number of seconds: {timeout!r}")
         if transport is not None and len(self.servers) > 1:
             raise InvalidRequestError("a transport serves one server URL, not several")
-        self._token = token
+        self._token = None if token is None else _header_value(token, "token")
         self._timeout = float(timeout)
         self._transport = transport
+        self._ask_credentials = credentials
+        self._operator = None if operator_token is None else _header_value(operator_token, "token")
         self._wire: _Http1 | _Httpx | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in, once started
         self._closed = False
@@ -338,6 +423,10 @@ class RemoteBackend:
         # request id -> (is a long-poll, done): what barrier() waits for.
         self._inflight: dict[str, tuple[bool, asyncio.Future[None]]] = {}
         self._polls: set[asyncio.Task[Any]] = set()
+        # The credentials the server handed out for the agents this client registered, and
+        # the agent of each lease granted here (a release may name no agent: the v1 API).
+        self._credentials: dict[str, str] = {}
+        self._lease_agents: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<RemoteBackend {self.url}>"
@@ -384,6 +473,8 @@ class RemoteBackend:
     def _connect(self) -> _Http1 | _Httpx:
         if self._transport is not None:
             return _Httpx(self.url, self._token, self._transport, self._timeout)
+        if _proxied(self.url):  # httpx speaks to proxies (HTTP_PROXY, NO_PROXY, ...)
+            return _Httpx(self.url, self._token, None, self._timeout)
         return _Http1(self.url, self._token, self._timeout)
 
     async def _switch(self, wire: _Http1 | _Httpx, url: str, leader: str | None) -> None:
@@ -419,10 +510,14 @@ class RemoteBackend:
         long_poll: bool = False,
         wait_for: float | None = 0.0,
         request_id: str | None = None,
+        agent_id: str | None = None,
+        operator: bool = False,
     ) -> Any:
         """Send one request and return the envelope's ``data``, or raise the typed error.
 
-        ``wait_for`` is how long the server may keep the request by design (None: forever).
+        ``wait_for`` is how long the server may keep the request by design (None: forever);
+        ``agent_id`` the agent it acts for, whose credential it carries (if it has one);
+        ``operator``: an operator action, which carries the operator token (if given).
         """
         rid = request_id or self._track(long_poll)
         read = None if wait_for is None else wait_for + self._timeout
@@ -435,7 +530,9 @@ class RemoteBackend:
                 wire = self._check_open()
                 url = self.url
                 try:
-                    status, content = await self._send(wire, method, target, payload, rid, read)
+                    status, content = await self._send(
+                        wire, method, target, payload, rid, read, agent_id, operator
+                    )
                 except TransportError as exc:  # no answer: try the next replica, if any
                     reached = not isinstance(exc.__cause__, ConnectionRefusedError)
                     if len(self.servers) == 1 or self._closed:
@@ -464,10 +561,14 @@ class RemoteBackend:
         payload: bytes | None,
         rid: str,
         read: float | None,
+        agent_id: str | None,
+        operator: bool,
     ) -> tuple[int, bytes]:
         path = target.partition("?")[0]
+        credential = None if agent_id is None else self._credentials.get(agent_id)
+        token = self._operator if operator else None
         try:
-            return await wire.send(method, target, payload, rid, read)
+            return await wire.send(method, target, payload, rid, read, credential, token)
         except TimeoutError:
             raise TransportError(
                 f"the klock server at {self.url} did not answer {method} {path} within "
@@ -528,12 +629,26 @@ class RemoteBackend:
         return TransportError(f"the klock server at {self.url} answered {status} {code}: {message}")
 
     async def _poll(
-        self, rid: str, method: str, path: str, body: Mapping[str, Any], wait_for: float | None
+        self,
+        rid: str,
+        method: str,
+        path: str,
+        body: Mapping[str, Any],
+        wait_for: float | None,
+        agent_id: str,
     ) -> Any:
         """A long-poll in its own task, so a cancelled caller can still collect its answer."""
         loop = asyncio.get_running_loop()
         inner = loop.create_task(
-            self._call(method, path, body, long_poll=True, wait_for=wait_for, request_id=rid)
+            self._call(
+                method,
+                path,
+                body,
+                long_poll=True,
+                wait_for=wait_for,
+                request_id=rid,
+                agent_id=agent_id,
+            )
         )
         self._polls.add(inner)
         inner.add_done_callback(self._polls.discard)
@@ -544,10 +659,10 @@ class RemoteBackend:
                 raise KernelClosedError(
                     "the connection to the klock server was closed while the request waited"
                 ) from None
-            await asyncio.shield(self._abandon(rid, inner))
+            await asyncio.shield(self._abandon(rid, inner, agent_id))
             raise
 
-    async def _abandon(self, rid: str, inner: asyncio.Task[Any]) -> None:
+    async def _abandon(self, rid: str, inner: asyncio.Task[Any], agent_id: str) -> None:
         """The caller gave up: withdraw the request and give back a grant that crossed it.
 
         Bounded, so a cancel never hangs on a stuck server: past the bound the connection is
@@ -556,7 +671,7 @@ class RemoteBackend:
         try:
             async with asyncio.timeout(min(self._timeout, _ABANDON_SECONDS)):
                 with contextlib.suppress(KlockError):
-                    await self._call("POST", "/withdraw", {"request_id": rid})
+                    await self._call("POST", "/withdraw", {"request_id": rid}, agent_id=agent_id)
                 result = await inner
         except (KlockError, TimeoutError, asyncio.CancelledError):
             inner.cancel()
@@ -565,7 +680,10 @@ class RemoteBackend:
         for data in leases:
             with contextlib.suppress(KlockError):
                 await self._call(
-                    "DELETE", f"/leases/{data['lease_id']}", params={"agent_id": data["agent_id"]}
+                    "DELETE",
+                    f"/leases/{data['lease_id']}",
+                    params={"agent_id": data["agent_id"]},
+                    agent_id=data["agent_id"],
                 )
 
     async def barrier(self) -> Statistics:
@@ -591,15 +709,43 @@ class RemoteBackend:
     # ---------------------------------------------------------------- Backend
 
     async def register_agent(self, agent_id: str, priority: int | None) -> AgentInfo:
-        """Register an agent; see :class:`~klock_async.backend.Backend`.
+        """Register an agent with a credential; see :class:`~klock_async.backend.Backend`.
+
+        The server hands the credential out once; this client keeps it and sends it with
+        every later request for the agent, so no other client can act for it.
 
         Raises:
             InvalidRequestError: empty id or non-integer priority.
             AgentExistsError: the id exists with another priority.
+            CredentialRequiredError: another client registered the id (it holds the
+                credential); use another id.
+            OperatorRequiredError: a priority on a server that reserves them to its operator.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/agents", {"agent_id": agent_id, "priority": priority})
+        body: dict[str, Any] = {"agent_id": agent_id, "priority": priority}
+        if self._ask_credentials:
+            body["credential"] = True
+        try:
+            data = await self._call("POST", "/agents", body, agent_id=agent_id)
+        except InvalidCredentialError:
+            # The server forgot the agent (no --db, or it retired it): ask for a new one.
+            self._credentials.pop(agent_id, None)
+            data = await self._call("POST", "/agents", body, agent_id=agent_id)
+        credential = data.get("credential")
+        if isinstance(credential, str):
+            self._credentials[agent_id] = credential
         return AgentInfo(data["agent_id"], data["ts"])
+
+    def _granted(self, data: Mapping[str, Any]) -> LeaseInfo:
+        info = _lease(data)
+        agents = self._lease_agents
+        agents[info.id] = info.agent_id
+        if len(agents) > _LEASES_KEPT:  # leases that ended without a release from here
+            del agents[next(iter(agents))]
+        return info
+
+    def _holder(self, lease_id: str, agent_id: str | None) -> str | None:
+        return self._lease_agents.get(lease_id) if agent_id is None else agent_id
 
     async def acquire(
         self,
@@ -639,10 +785,10 @@ class RemoteBackend:
             "isolation": isolation.value,
         }
         if wait:
-            data = await self._poll(self._track(True), "POST", "/intents", body, timeout)
+            data = await self._poll(self._track(True), "POST", "/intents", body, timeout, agent_id)
         else:
-            data = await self._call("POST", "/intents", body)
-        return tuple(_lease(lease) for lease in data["leases"])
+            data = await self._call("POST", "/intents", body, agent_id=agent_id)
+        return tuple(self._granted(lease) for lease in data["leases"])
 
     def release_nowait(self, lease_id: str, agent_id: str) -> bool:
         """Always False: only the server can vouch that a lease is still active.
@@ -663,9 +809,15 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         target = f"/leases/{_segment(lease_id)}?record_write={'true' if record_write else 'false'}"
-        if agent_id is not None:
-            target += f"&agent_id={urllib.parse.quote(agent_id, safe='')}"
-        data = await self._call("DELETE", target)
+        holder = self._holder(lease_id, agent_id)
+        if holder is not None:  # named, the server checks the holder without a lookup
+            target += f"&agent_id={urllib.parse.quote(holder, safe='')}"
+        try:
+            data = await self._call("DELETE", target, agent_id=holder)
+        except LeaseError:
+            self._lease_agents.pop(lease_id, None)
+            raise
+        self._lease_agents.pop(lease_id, None)
         return _lease(data)
 
     async def heartbeat(
@@ -680,11 +832,17 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         body: dict[str, Any] = {}
-        if agent_id is not None:
-            body["agent_id"] = agent_id
+        holder = self._holder(lease_id, agent_id)
+        if holder is not None:
+            body["agent_id"] = holder
         if ttl is not None:
             body["ttl_ms"] = validate_ttl(ttl) * 1000.0
-        data = await self._call("POST", f"/leases/{_segment(lease_id)}/heartbeat", body)
+        data = await self._call(
+            "POST",
+            f"/leases/{_segment(lease_id)}/heartbeat",
+            body,
+            agent_id=holder,
+        )
         return _lease(data)
 
     async def release_session(self, agent_id: str, session_id: str) -> int:
@@ -694,7 +852,10 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         data = await self._call(
-            "POST", "/sessions/release", {"agent_id": agent_id, "session_id": session_id}
+            "POST",
+            "/sessions/release",
+            {"agent_id": agent_id, "session_id": session_id},
+            agent_id=agent_id,
         )
         return int(data["released"])
 
@@ -722,7 +883,12 @@ class RemoteBackend:
             LeaseNotFoundError: not active.
             TransportError: the server cannot be reached.
         """
-        return _lease(await self._call("POST", f"/leases/{_segment(lease_id)}/revoke"))
+        holder = self._lease_agents.pop(lease_id, None)
+        return _lease(
+            await self._call(
+                "POST", f"/leases/{_segment(lease_id)}/revoke", agent_id=holder, operator=True
+            )
+        )
 
     async def evict(self, agent_id: str) -> int:
         """Revoke an agent's leases; see :class:`~klock_async.backend.Backend`.
@@ -731,7 +897,9 @@ class RemoteBackend:
             UnknownAgentError: never registered.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/evict", {"agent_id": agent_id})
+        data = await self._call(
+            "POST", "/evict", {"agent_id": agent_id}, agent_id=agent_id, operator=True
+        )
         return int(data["evicted"])
 
     async def leases(self) -> tuple[LeaseInfo, ...]:
@@ -789,7 +957,9 @@ class RemoteBackend:
             InvalidResourceError: bad path.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("POST", "/clocks/read", {"path": path, "agent_id": agent_id})
+        data = await self._call(
+            "POST", "/clocks/read", {"path": path, "agent_id": agent_id}, agent_id=agent_id
+        )
         return VectorClock(data["clock"])
 
     async def clock_write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock:
@@ -801,7 +971,10 @@ class RemoteBackend:
             TransportError: the server cannot be reached.
         """
         data = await self._call(
-            "POST", "/clocks/write", {"path": path, "agent_id": agent_id, "strict": strict}
+            "POST",
+            "/clocks/write",
+            {"path": path, "agent_id": agent_id, "strict": strict},
+            agent_id=agent_id,
         )
         return VectorClock(data["clock"])
 

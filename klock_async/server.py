@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klock_async import validation
 from klock_async.clocks import IsolationLevel, VectorClock
+from klock_async.credential_store import CredentialStore
 from klock_async.errors import (
     AcquireTimeoutError,
     BodyTooLargeError,
@@ -50,6 +51,14 @@ from klock_async.errors import (
     MalformedJSONError,
     NotLeaderError,
     UnauthorizedError,
+)
+from klock_async.identity import (
+    ANONYMOUS,
+    Action,
+    Caller,
+    Identities,
+    digest,
+    new_credential,
 )
 from klock_async.leader import LEADER_TTL, LeaderLease
 from klock_async.logging import get_logger
@@ -450,6 +459,9 @@ class _FrontDoor:
                     scope["path_params"] = {"lease_id": lease_id}
         label = "unmatched" if route is None else route[0]
         scope["klock.route"] = f"{method} {label}"
+        guard = _GUARDS.get((scope.get("server"), scope.get("client")))
+        if guard is not None:
+            receive = guard.request_started(scope, receive)
         try:
             refusal = self._refuse(scope) or self.api.not_leading(scope)
             if refusal is not None:
@@ -459,6 +471,8 @@ class _FrontDoor:
             else:
                 await self._serve(route[1], scope, receive, send_status)
         finally:
+            if guard is not None:
+                guard.request_ended()
             self.api.http.observe(method, label, status, time.perf_counter() - started)
 
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
@@ -576,6 +590,8 @@ class _Api:
         init: bool = False,
         leader_ttl: float = LEADER_TTL,
         advertise_url: str | None = None,
+        operator_token: str | None = None,
+        strict_identity: bool = False,
     ) -> None:
         self.db = db
         self.replicated = is_postgres_url(db)  # one of several replicas on PostgreSQL
@@ -585,6 +601,8 @@ class _Api:
         self.lease: LeaderLease | None = None
         self._pg_journal: PostgresJournal | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        self.identities = Identities(operator_token=operator_token, strict=strict_identity)
+        self._credential_store: CredentialStore | None = None
         self.origin_guard = validation.OriginGuard(allowed_hosts)
         self.retire_after = retire_after
         self.init = init
@@ -602,6 +620,7 @@ class _Api:
         self.arrivals = _Arrivals()
         # Pending long-polls by client request id, and ids withdrawn before they arrived.
         self._polls: dict[str, asyncio.Task[Any]] = {}
+        self._poll_agents: dict[str, str] = {}  # request id -> credentialed agent it waits for
         self._withdrawn: OrderedDict[str, None] = OrderedDict()
         self._withdrawn_bytes = 0
         self._scheduler: Scheduler | None = None
@@ -637,6 +656,18 @@ class _Api:
         scheduler = Scheduler(journal=journal)
         scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
+        if self.db is not None and "://" not in self.db:
+            # The journal's file exists now; it keeps the credentials too.
+            store = self._credential_store = CredentialStore(self.db, synchronous=self.synchronous)
+            for agent_id, stored in store.load().items():
+                self.identities.add(agent_id, stored)
+        elif self.db is not None:
+            get_logger().warning(
+                "server.credentials_in_memory",
+                db=self.db,
+                hint="agent credentials are kept in a SQLite journal's file only; with this "
+                "journal a restart forgets them (clients then register their agents again)",
+            )
         self._scheduler = scheduler
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self._watch_kernel(scheduler))
@@ -653,6 +684,9 @@ class _Api:
             agents=stats.agents,
             leases_active=stats.leases_active,
             auth=self.token is not None,
+            credentialed_agents=self.identities.count,
+            operator=self.identities.has_operator,
+            strict_identity=self.identities.strict,
         )
         return watcher
 
@@ -663,6 +697,8 @@ class _Api:
             watcher.cancel()
         if self._scheduler is not None:
             await self._scheduler.aclose()
+        if self._credential_store is not None:
+            self._credential_store.close()
         get_logger().info("server.stopped")
 
     # ------------------------------------------------------------ replicas (PostgreSQL)
@@ -811,6 +847,11 @@ class _Api:
         retired = await self.backend.retire_idle_agents(due)
         for agent_id in retired:
             self._seen.pop(agent_id, None)
+        gone = [agent_id for agent_id in retired if self.identities.credentialed(agent_id)]
+        if gone:  # a retired agent's id is free again, for anyone
+            self.identities.forget(gone)
+            if self._credential_store is not None:
+                await self._credential_store.delete(gone)
         for agent_id in set(due) - set(retired):
             if agent_id in self._seen:  # busy: idle again from now on at the earliest
                 self._seen[agent_id] = now
@@ -930,6 +971,64 @@ class _Api:
                 with contextlib.suppress(KlockError):
                     await self.backend.release(info.id, info.agent_id)
 
+    # ------------------------------------------------------------ identity
+
+    def _caller(self, request: Request) -> Caller:
+        """Who sent the request, from its ``Klock-Credential`` and ``Klock-Operator-Token``.
+
+        Raises:
+            InvalidCredentialError: a credential that belongs to no agent.
+            OperatorRequiredError: a wrong operator token.
+        """
+        credential = operator = None
+        for name, value in request.scope["headers"]:
+            if name == b"klock-credential":
+                credential = value.decode("latin-1")
+            elif name == b"klock-operator-token":
+                operator = value.decode("latin-1")
+        if credential is None and operator is None:
+            return ANONYMOUS
+        return self.identities.caller(credential, operator)
+
+    def _authorize(self, request: Request, action: Action, agent_id: str) -> Caller:
+        caller = self._caller(request)
+        self.identities.authorize(action, agent_id, caller)
+        return caller
+
+    async def _holder(self, lease_id: str) -> str | None:
+        """The agent holding an active lease; None when it is not active."""
+        for info in await self.backend.leases():
+            if info.id == lease_id:
+                return info.agent_id
+        return None
+
+    async def _acting_agent(
+        self, request: Request, action: Action, lease_id: str, declared: str | None
+    ) -> str | None:
+        """Check a request on a lease by id; return the agent id the scheduler must check
+        the holder against (None: any holder, as for Klock v1 clients).
+
+        A lease id is no capability for an agent with a credential: the request must carry
+        that credential (or, to release, the operator token).
+        """
+        caller = self._caller(request)
+        identities = self.identities
+        if caller.agent_id is not None:
+            if declared is not None and declared != caller.agent_id:
+                identities.authorize(action, declared, caller)  # refused: not its agent
+            return caller.agent_id  # the scheduler refuses another holder's lease
+        if caller.operator and action is Action.RELEASE:
+            return declared
+        if declared is not None:
+            identities.authorize(action, declared, caller)
+            return declared
+        if not identities.checks_leases:
+            return None  # no agent has a credential: the v1 rules
+        holder = await self._holder(lease_id)
+        if holder is not None:
+            identities.authorize(action, holder, caller)
+        return holder
+
     # ------------------------------------------------------------ endpoints
 
     async def health(self, request: Request) -> Response:
@@ -962,9 +1061,35 @@ class _Api:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
         priority = validation.priority(body)
-        info = await self.backend.register_agent(agent_id, priority)
+        wants = _flag(body, "credential", False)
+        caller = self._caller(request)
+        identities = self.identities
+        exists = False
+        if wants and caller.agent_id is None and not identities.credentialed(agent_id):
+            exists = any(a.agent_id == agent_id for a in await self.backend.agents())
+        issue = identities.authorize_registration(
+            agent_id, caller, wants_credential=wants, priority=priority, exists=exists
+        )
+        if not issue:
+            info = await self.backend.register_agent(agent_id, priority)
+            self.touch(agent_id)
+            data = _agent_json(info)  # the v1 shape, unless the agent has a credential
+            if identities.credentialed(agent_id):
+                data["credentialed"] = True
+            return _ok(data)
+        secret = new_credential()
+        stored = digest(secret)
+        identities.add(agent_id, stored)  # taken now: a concurrent registration is refused
+        try:
+            info = await self.backend.register_agent(agent_id, priority)
+            if self._credential_store is not None:
+                await self._credential_store.put(agent_id, stored)
+        except BaseException:
+            identities.forget((agent_id,))
+            raise
         self.touch(agent_id)
-        return _ok(_agent_json(info))
+        get_logger().info("agent.credential_issued", agent=agent_id)
+        return _ok({**_agent_json(info), "credentialed": True, "credential": secret})
 
     async def list_agents(self, request: Request) -> Response:
         """One page of the agents, oldest first; ``next`` is the cursor of the following page."""
@@ -981,6 +1106,7 @@ class _Api:
     async def acquire(self, request: Request) -> Response:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
+        self._authorize(request, Action.ACQUIRE, agent_id)
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         intent = _intent(body, "the request", alone=False)
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
@@ -989,6 +1115,7 @@ class _Api:
     async def declare_intents(self, request: Request) -> Response:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
+        self._authorize(request, Action.ACQUIRE, agent_id)
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
         items = _field(body, "intents", list, "a non-empty list of intents")
         if not items:
@@ -1041,7 +1168,14 @@ class _Api:
             timeout = None
             return await self._decided_now(call, agent_id, intents)
         if wait:
-            return await self._long_poll(request, call)
+            request_id = request.headers.get(self.REQUEST_ID_HEADER)
+            if request_id is None or not self.identities.credentialed(agent_id):
+                return await self._long_poll(request, call)
+            self._poll_agents[request_id] = agent_id  # only this agent may withdraw it
+            try:
+                return await self._long_poll(request, call)
+            finally:
+                self._poll_agents.pop(request_id, None)
         return await call()
 
     async def _decided_now(
@@ -1079,19 +1213,21 @@ class _Api:
 
     async def release(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        agent_id = _query_agent(request, body)
+        lease_id = _path_lease_id(request, body)
+        declared = _query_agent(request, body)
         record_write = _query_flag(request, "record_write", body)
-        info = await self.backend.release(
-            _path_lease_id(request, body), agent_id, record_write=record_write
-        )
+        agent_id = await self._acting_agent(request, Action.RELEASE, lease_id, declared)
+        info = await self.backend.release(lease_id, agent_id, record_write=record_write)
         self.touch(info.agent_id)
         return _ok({"released": True, **_lease_json(info)})
 
     async def heartbeat(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        agent_id = _query_agent(request, body)
+        lease_id = _path_lease_id(request, body)
+        declared = _query_agent(request, body)
         ttl = _ttl(body, default_ms=None)
-        info = await self.backend.heartbeat(_path_lease_id(request, body), agent_id, ttl)
+        agent_id = await self._acting_agent(request, Action.HEARTBEAT, lease_id, declared)
+        info = await self.backend.heartbeat(lease_id, agent_id, ttl)
         self.touch(info.agent_id)
         return _ok(_lease_json(info))
 
@@ -1107,7 +1243,16 @@ class _Api:
 
     async def revoke(self, request: Request) -> Response:
         body = await self._body(request, required=False)
-        info = await self.backend.revoke(_path_lease_id(request, body))
+        lease_id = _path_lease_id(request, body)
+        caller = self._caller(request)
+        identities = self.identities
+        if not caller.operator and (
+            identities.has_operator or identities.checks_leases or caller.agent_id is not None
+        ):
+            holder = await self._holder(lease_id)
+            if holder is not None:
+                identities.authorize(Action.REVOKE, holder, caller)
+        info = await self.backend.revoke(lease_id)
         return _ok(_lease_json(info))
 
     async def list_leases(self, request: Request) -> Response:
@@ -1135,6 +1280,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
         session_id = _text(body, "session_id")
+        self._authorize(request, Action.SESSION_RELEASE, agent_id)
         count = await self.backend.release_session(agent_id, session_id)
         self.touch(agent_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
@@ -1145,6 +1291,7 @@ class _Api:
         if agent_id is None:
             # Klock v1 "evict expired": this kernel ends leases on their deadline already.
             return _ok({"evicted": 0})
+        self._authorize(request, Action.EVICT, agent_id)
         count = await self.backend.evict(agent_id)
         return _ok({"agent_id": agent_id, "evicted": count})
 
@@ -1152,6 +1299,7 @@ class _Api:
         body = await self._body(request)
         path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
+        self._authorize(request, Action.CLOCK, agent_id)
         clock = await self.backend.clock_read(path, agent_id)
         self.touch(agent_id)
         # Answer the tracked name (TYPE:normalised/path); the scheduler accepted the path.
@@ -1162,6 +1310,7 @@ class _Api:
         path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
         strict = _flag(body, "strict", True)
+        self._authorize(request, Action.CLOCK, agent_id)
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
         self.touch(agent_id)
         return _ok(_clock_json(str(Resource.parse(path)), clock))
@@ -1175,6 +1324,9 @@ class _Api:
     async def withdraw(self, request: Request) -> Response:
         body = await self._body(request)
         request_id = _text(body, "request_id")
+        owner = self._poll_agents.get(request_id)
+        if owner is not None:
+            self._authorize(request, Action.ACQUIRE, owner)
         work = self._polls.get(request_id)
         if work is not None:
             # Cancelling the call makes the scheduler withdraw it (and give back a grant it
@@ -1313,6 +1465,8 @@ def create_app(
     init: bool = False,
     leader_ttl: float = LEADER_TTL,
     advertise_url: str | None = None,
+    operator_token: str | None = None,
+    strict_identity: bool = False,
 ) -> Starlette:
     """Build the ASGI app: one scheduler, started and stopped with the app's lifespan.
 
@@ -1333,14 +1487,23 @@ def create_app(
         leader_ttl: with a PostgreSQL ``db``: seconds the leader lease lasts unrenewed.
         advertise_url: with a PostgreSQL ``db``: the URL clients reach this replica at
             (default: the address it listens on).
+        operator_token: the secret of operator actions (``Klock-Operator-Token`` header):
+            revoke, evict, explicit priorities, acting on another agent's leases; distinct
+            from ``token``. None: no operator (see the threat model in docs/server.md).
+        strict_identity: refuse agents registered without a credential.
 
     Raises:
-        ValueError: ``max_body_bytes`` is not positive, or ``token`` is empty.
+        ValueError: ``max_body_bytes`` is not positive, ``token`` or ``operator_token`` is
+            empty, or the two tokens are the same.
     """
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
     if token is not None and not token:
         raise ValueError("an empty token would let anyone in; pass None for no auth")
+    if operator_token is not None and (not operator_token or operator_token == token):
+        raise ValueError(
+            "the operator token must be a non-empty secret distinct from the agents' token"
+        )
     if retire_after is not None and not 0 < retire_after < math.inf:
         raise ValueError(f"retire_after must be a positive number of seconds, got {retire_after!r}")
     api = _Api(
@@ -1353,6 +1516,8 @@ def create_app(
         init=init,
         leader_ttl=leader_ttl,
         advertise_url=advertise_url,
+        operator_token=operator_token,
+        strict_identity=strict_identity,
     )
     table: list[tuple[str, str, Endpoint]] = [
         ("GET", "/", api.page),
@@ -1444,44 +1609,6 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-class _CorkedTransport:
-    """A transport wrapper that sends a response's head and body in one write.
-
-    uvicorn writes the status line and headers, then the body, as two writes; with
-    TCP_NODELAY that is two segments and two wake-ups of the client per response. Writes made
-    in the same step of the event loop are joined instead (the head waits at most until the
-    loop's next turn).
-    """
-
-    __slots__ = ("_loop", "_pending", "_transport")
-
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        pending = self._pending
-        if pending is None:
-            self._pending = bytes(data)
-            self._loop.call_soon(self._flush)
-        else:
-            self._pending = None
-            self._transport.write(pending + data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and not self._transport.is_closing():
-            self._transport.write(pending)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 READ_TIMEOUT = 10.0
 """Seconds a client has to send a whole request (headers and body) once it connects or
 starts one; then the connection is closed."""
@@ -1509,67 +1636,230 @@ def _full_response(limit: int) -> bytes:
     return _FULL % (len(body), body)
 
 
-def _http_protocol(
-    read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS
-) -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with a read timeout, a connection limit, and a corked
-    transport; uvicorn's own choice (no timeout, no limit) without httptools."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools is not installed
-        get_logger().warning(
-            "server.no_httptools",
-            hint="install httptools (the server extra) for read timeouts and connection limits",
+_Address = tuple[Any, ...]
+_GUARDS: dict[tuple[_Address | None, _Address | None], _ConnectionGuard] = {}
+"""The guard of every open connection of this process, by (server address, client address):
+the ASGI scope's ``server`` and ``client``, so the front door can find its connection."""
+
+
+def _address(info: Any) -> _Address | None:
+    """An address as the ASGI scope gives it: (host, port)."""
+    if isinstance(info, list | tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+class _ConnectionGuard(asyncio.Protocol):
+    """uvicorn's own HTTP protocol, held (not subclassed), with a read timeout and a limit.
+
+    uvicorn takes any ``asyncio.Protocol`` class as its ``http`` setting and builds it with
+    its keyword arguments; this one builds uvicorn's automatic choice (httptools when
+    installed, else h11) with the same arguments and hands it every event of the transport,
+    and the transport itself behind :class:`_CorkedWrites`.
+
+    On top it closes a connection that does not deliver a whole request within
+    ``read_timeout`` of opening or of its previous response (uvicorn times out only idle
+    keep-alive connections, and restarts that timer on any byte: a client that never finishes
+    its headers, or sends a byte now and then, would hold its socket for ever), and answers
+    ``503 too_many_connections`` at once past ``max_connections``. The front door tells it
+    when a request arrived whole and when its response ended (``_GUARDS``).
+    """
+
+    read_timeout: ClassVar[float] = READ_TIMEOUT
+    max_connections: ClassVar[int] = MAX_CONNECTIONS
+    full: ClassVar[bytes] = b""
+
+    def __init__(self, **options: Any) -> None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        self._inner = AutoHTTPProtocol(**options)
+        self._connections: set[Any] = options["server_state"].connections
+        self._loop = asyncio.get_running_loop()
+        self._transport: Any = None
+        self._key: tuple[_Address | None, _Address | None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        # Requests of this connection the app is handling: the next one may begin (and be
+        # long: a long-poll, an event stream) before the app is done with the previous one.
+        self._active = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport  # uvloop's transports are not asyncio.Transport instances
+        self._inner.connection_made(_CorkedWrites(transport, self._loop))
+        if len(self._connections) > self.max_connections:
+            transport.write(self.full)
+            transport.close()
+            return
+        key = (
+            _address(transport.get_extra_info("sockname")),
+            _address(transport.get_extra_info("peername")),
         )
-        return "auto"
-    full = _full_response(max_connections)
+        self._key = key
+        _GUARDS[key] = self
+        self.arm()
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        """Closes connections that do not send a whole request in time, or one too many.
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
 
-        uvicorn times out only idle keep-alive connections, and restarts that timer on any
-        byte: a client that never finishes its headers (or sends a byte now and then) would
-        hold its socket for ever.
-        """
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
 
-        _read_timer: asyncio.TimerHandle | None = None
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        self._forget()
+        self._inner.connection_lost(exc)
 
-        def connection_made(self, transport: Any) -> None:
-            corked = _CorkedTransport(transport, self.loop)
-            super().connection_made(corked)  # type: ignore[arg-type]
-            if len(self.connections) > max_connections:
-                transport.write(full)
-                transport.close()
-                return
-            self._arm_read_timer()
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self._read_timer is None:
-                self._arm_read_timer()
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
-        def on_message_complete(self) -> None:
-            self._disarm_read_timer()
-            super().on_message_complete()
+    def arm(self) -> None:
+        """Start counting: a whole request must arrive within ``read_timeout``."""
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.read_timeout, self._timed_out)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_read_timer()
-            super().connection_lost(exc)
+    def request_started(self, scope: Scope, receive: Receive) -> Receive:
+        """The headers of a request arrived: stop counting once its body has arrived too."""
+        self._active += 1
+        for name, value in scope["headers"]:
+            if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+                break
+        else:
+            self.disarm()  # no body
+            return receive
 
-        def _arm_read_timer(self) -> None:
-            self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                self.disarm()
+            return message
 
-        def _disarm_read_timer(self) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
+        return watched
 
-        def _read_timed_out(self) -> None:
-            self._read_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
+    def request_ended(self) -> None:
+        """The app is done with a request: the next one must arrive whole in time too."""
+        self._active -= 1
+        if self._active == 0:
+            self.arm()
 
-    return GuardedHttpToolsProtocol
+    def disarm(self) -> None:
+        """A whole request arrived (or the connection ended)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_protocol() is not self:
+            # An upgraded connection (a WebSocket): its protocol is another now, which times
+            # it and hears of its end; the front door never sees it again.
+            self._forget()
+        elif not transport.is_closing():
+            transport.close()
+
+    def _forget(self) -> None:
+        if self._key is not None and _GUARDS.get(self._key) is self:
+            del _GUARDS[self._key]
+
+
+class _CorkedWrites(asyncio.Transport):
+    """A transport that sends what is written in one step of the event loop in one write.
+
+    uvicorn writes a response's status line and headers, then its body: two writes, and with
+    TCP_NODELAY two segments and two wake-ups of the client. This one keeps the first write
+    until the loop's next turn and joins a second one to it. Every method of the public
+    ``asyncio.Transport`` interface is passed on explicitly.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._pending: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = bytes(data)
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending = None
+            self._transport.write(pending + data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._transport.is_closing():
+            self._transport.write(pending)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return bool(self._transport.can_write_eof())
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._flush()
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        protocol: asyncio.BaseProtocol = self._transport.get_protocol()
+        return protocol
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return bool(self._transport.is_reading())
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._transport.get_write_buffer_size()) + len(self._pending or b"")
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        high, low = self._transport.get_write_buffer_limits()
+        return int(high), int(low)
+
+
+def _guarded_protocol(read_timeout: float, max_connections: int) -> type[asyncio.Protocol]:
+    """The protocol class of one server's settings."""
+    return type(
+        "ConnectionGuard",
+        (_ConnectionGuard,),
+        {
+            "read_timeout": read_timeout,
+            "max_connections": max_connections,
+            "full": _full_response(max_connections),
+        },
+    )
 
 
 def server_config(
@@ -1585,8 +1875,8 @@ def server_config(
 
     No access log (the kernel logs lease events), no proxy headers, long-polls ended within
     5 s of a shutdown, a request read within ``read_timeout`` seconds, idle keep-alive
-    connections closed after ``keep_alive`` seconds, at most ``max_connections`` at once, and
-    responses written in one piece when httptools is installed.
+    connections closed after ``keep_alive`` seconds, and at most ``max_connections`` at once
+    (:class:`_ConnectionGuard`).
 
     Raises:
         ValueError: a timeout or the connection limit is not positive.
@@ -1600,7 +1890,7 @@ def server_config(
         app,
         host=host,
         port=port,
-        http=_http_protocol(read_timeout, max_connections),
+        http=_guarded_protocol(read_timeout, max_connections),
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -1676,6 +1966,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=nonempty,
         default=None,
         help="require 'Authorization: Bearer TOKEN' (default: $KLOCK_TOKEN, else no auth)",
+    )
+    parser.add_argument(
+        "--operator-token",
+        type=nonempty,
+        default=None,
+        help="secret of operator actions (revoke, evict, priorities, another agent's leases), "
+        "sent as 'Klock-Operator-Token' (default: $KLOCK_OPERATOR_TOKEN, else no operator)",
+    )
+    parser.add_argument(
+        "--strict-identity",
+        action="store_true",
+        help="refuse agents registered without a credential (Klock v1 clients)",
     )
     parser.add_argument(
         "--allowed-host",
@@ -1794,6 +2096,14 @@ def run(args: argparse.Namespace) -> int:
             "an empty token would let anyone in; give a real one (--token or KLOCK_TOKEN), "
             "or unset KLOCK_TOKEN to run without authentication"
         )
+    operator_token = args.operator_token
+    if operator_token is None:
+        operator_token = os.environ.get("KLOCK_OPERATOR_TOKEN")
+    if operator_token is not None and (not operator_token.strip() or operator_token == token):
+        return _fail(
+            "the operator token must be a real secret, distinct from the agents' token "
+            "(--operator-token or KLOCK_OPERATOR_TOKEN)"
+        )
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         get_logger().warning(
             "server.unauthenticated",
@@ -1828,6 +2138,7 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             probe.load()
+            CredentialStore(args.db, synchronous=args.sync.upper()).close_after_load()
         except (OSError, sqlite3.Error, KlockError) as exc:
             return _fail(f"cannot use --db {args.db}: {exc}")
         finally:
@@ -1842,6 +2153,8 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         leader_ttl=args.leader_ttl,
         advertise_url=args.advertise_url,
+        operator_token=operator_token,
+        strict_identity=args.strict_identity,
     )
     _raise_file_limit(args.max_connections + _SPARE_FILES)
     config = server_config(

@@ -173,6 +173,11 @@ BODIES: dict[str, Body] = {
                 "maximum": MAX_PRIORITY,
                 "description": "the agent's age: lower is older and wins conflicts",
             },
+            "credential": {
+                "type": ["boolean", "null"],
+                "description": "hand out a credential (once) that every later request for "
+                "this agent must carry in the Klock-Credential header",
+            },
         },
         ("agent_id",),
     ),
@@ -620,7 +625,12 @@ def openapi(routes: Sequence[tuple[str, str]], *, version: str) -> dict[str, Any
         },
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                # An agent registered with a credential; the operator (docs/server.md).
+                "credential": {"type": "apiKey", "in": "header", "name": "Klock-Credential"},
+                "operator": {"type": "apiKey", "in": "header", "name": "Klock-Operator-Token"},
+            },
         },
     }
 

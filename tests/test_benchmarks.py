@@ -54,6 +54,7 @@ ROWS = {
         "(c) failover, kill -> first grant, 3 kills: p50",
         "targets:",
     ),
+    "transport.py": ("(a) built-in HTTP/1.1 client", "(b) httpx"),
     "validation.py": ("POST /agents", "POST /leases", "POST /intents", "POST /clocks/write"),
     "server.py": (
         "(a) throughput, 50 agents, embedded",

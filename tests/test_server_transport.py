@@ -1,0 +1,88 @@
+"""The server's transport layer: uvicorn's HTTP protocol held by ``_ConnectionGuard`` (no
+subclass), its read timer, and connections upgraded to WebSocket, which it leaves alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from serverutil import serve_in_thread
+from websockets.asyncio.client import connect
+
+from klock_async import server as server_module
+
+
+def _with_echo(app: Any) -> Any:
+    """The app, plus a WebSocket echo on any path (what a channel on the same port does)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            await app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": message.get("text")})
+
+    return wrapped
+
+
+def _upgraded() -> list[server_module._ConnectionGuard]:
+    return [
+        guard
+        for guard in list(server_module._GUARDS.values())
+        if guard._transport.get_protocol() is not guard
+    ]
+
+
+async def test_an_upgraded_connection_outlives_the_read_timer() -> None:
+    """The read timer of a connection upgraded to WebSocket closes nothing; the guard lets go."""
+    stack = contextlib.ExitStack()
+    running = await asyncio.to_thread(stack.enter_context, serve_in_thread(wrap=_with_echo))
+    try:
+        loop = running.server.servers[0].get_loop()
+        url = running.url.replace("http://", "ws://") + "/channel"
+        async with connect(url) as ws:
+            await ws.send("one")
+            assert await ws.recv() == "one"
+            (guard,) = _upgraded()
+
+            async def time_out() -> None:
+                guard._timed_out()  # what the timer does when read_timeout has passed
+
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(time_out(), loop))
+            await ws.send("two")
+            assert await ws.recv() == "two"
+            assert guard not in server_module._GUARDS.values()
+    finally:
+        await asyncio.to_thread(stack.close)
+
+
+async def test_a_plain_connection_is_closed_by_the_read_timer() -> None:
+    """The same timer on a connection that has no request in flight closes it."""
+    stack = contextlib.ExitStack()
+    running = await asyncio.to_thread(stack.enter_context, serve_in_thread())
+    try:
+        loop = running.server.servers[0].get_loop()
+        host, port = running.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        sockname = writer.get_extra_info("sockname")[:2]
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")  # answered: the server has the connection
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+
+        async def time_out() -> None:
+            for (_, client), guard in list(server_module._GUARDS.items()):
+                if client == (str(sockname[0]), int(sockname[1])):
+                    guard._timed_out()
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(time_out(), loop))
+        assert await reader.read() == b""  # closed by the server
+        writer.close()
+    finally:
+        await asyncio.to_thread(stack.close)
