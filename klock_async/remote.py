@@ -920,6 +920,7 @@ class ChannelBackend:
         self._gone: KlockError | None = None  # why every call fails from now on
         self._held: dict[str, str] = {}  # lease id -> agent, for releases that name none
         self._reconnects = 0
+        self._ws: Any = None  # the open connection
 
     def __repr__(self) -> str:
         return f"<ChannelBackend {self.url} client={self.client_id}>"
@@ -993,8 +994,9 @@ class ChannelBackend:
         )
 
     async def _hello(self, ws: Any) -> list[int]:
-        """Open or resume the session; return the ids of calls to send again."""
-        args: dict[str, Any] = {"pending": sorted(self._calls)}
+        """Open or resume the session; return the ids of the calls to send (again)."""
+        pending = sorted(self._calls)
+        args: dict[str, Any] = {"pending": pending}
         if self.client_id is not None:
             args["client_id"] = self.client_id
             args["secret"] = self._secret
@@ -1002,7 +1004,9 @@ class ChannelBackend:
             args["grace_ms"] = self._grace * 1000.0
         await ws.send(_dumps_text({"id": 0, "op": "hello", "args": args}))
         async with asyncio.timeout(self._timeout):
-            answer = json.loads(await ws.recv())
+            value = json.loads(await ws.recv())
+        # The answer to hello may come with kept answers of calls made before the break.
+        answer, *kept = value if isinstance(value, list) else (value,)
         if not answer.get("ok"):
             raise self._error(answer.get("error"))
         data = answer["data"]
@@ -1010,7 +1014,12 @@ class ChannelBackend:
             self.client_id = data["client_id"]
             self._secret = data["secret"]
         self.grace = data["grace_ms"] / 1000.0
-        return list(data["unknown"])
+        for item in kept:
+            self._answer(item)
+        # What the server never received, and what was called while the hello was out.
+        unknown = set(data["unknown"])
+        last = pending[-1] if pending else 0
+        return [i for i in sorted(self._calls) if i in unknown or i > last]
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         """Keep the channel open: connect, serve, reconnect within the grace."""
@@ -1048,10 +1057,13 @@ class ChannelBackend:
                     else:
                         self._give_up(failure)
                     return
-                except Exception:
+                except Exception as exc:  # the connection broke again: as if it never opened
                     if not ready.done():
                         raise
+                    get_logger().debug("channel.hello_failed", error=repr(exc))
                     lost_at = lost_at if lost_at is not None else loop.time()
+                    await asyncio.sleep(delay)  # a reconnect delay, not a synchronisation
+                    delay = min(delay * 2, _RECONNECT_MAX)
                     continue
                 if ready.done():
                     self._reconnects += 1
@@ -1060,9 +1072,10 @@ class ChannelBackend:
                     ready.set_result(None)
                 lost_at = None
                 delay = _RECONNECT_FIRST
-                resend = {i: self._calls[i].message for i in unknown if i in self._calls}
-                self._out = [resend[i] for i in sorted(resend)]
+                self._out = [self._calls[i].message for i in unknown]
+                self._ws = ws
                 await self._serve(ws)
+                self._ws = None
                 if self._closed:
                     return
                 lost_at = loop.time()
