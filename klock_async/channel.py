@@ -31,7 +31,7 @@ import json
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +123,7 @@ class ClientSession:
         self.agents: set[str] = set()
         # Leases granted to it for agents it did not register (released with it as well).
         self.leases: dict[str, str] = {}
-        self.calls: dict[int, asyncio.Task[None]] = {}
+        self.calls: dict[int, asyncio.Task[None] | _Step] = {}
         self.kept: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.highest = 0
         self.connection: _Connection | None = None
@@ -345,6 +345,72 @@ Handler = Callable[["ChannelHub", ClientSession, dict[str, Any]], Awaitable[Any]
 class _Op:
     body: validation.Body
     handler: Handler
+    timed: bool = False  # takes a ``timeout_ms``
+
+
+class _Step:
+    """A call's coroutine driven without a task of its own, started at once.
+
+    The channel's calls await one scheduler future and answer; a task per call would cost
+    its creation and an extra turn of the event loop before the call reaches the scheduler.
+    This steps the coroutine at once and again whenever the future it awaits is done, as a
+    task does (eager start, as ``asyncio.eager_task_factory`` of Python 3.12). Calls that use
+    ``asyncio.timeout`` (which needs a current task) run as tasks instead.
+    """
+
+    __slots__ = ("_cancel", "_coro", "_ended", "_waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._coro = coro
+        self._waiting: asyncio.Future[Any] | None = None
+        self._cancel = False
+        self._ended: asyncio.Future[None] | None = None
+        self._step(None)
+
+    def _step(self, _: object) -> None:
+        self._waiting = None
+        try:
+            if self._cancel:
+                self._cancel = False
+                yielded = self._coro.throw(asyncio.CancelledError())
+            else:
+                yielded = self._coro.send(None)
+        except StopIteration:  # _run answers every outcome itself
+            self._finish()
+            return
+        except BaseException:  # KeyboardInterrupt and the like: not the call's to keep
+            self._finish()
+            raise
+        if yielded is None:  # a bare yield (asyncio.sleep(0)): step again next turn
+            asyncio.get_running_loop().call_soon(self._step, None)
+            return
+        yielded._asyncio_future_blocking = False
+        self._waiting = yielded
+        yielded.add_done_callback(self._step)
+
+    def cancel(self) -> None:
+        """Throw CancelledError into the call where it waits, as ``Task.cancel`` does."""
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+        else:
+            self._cancel = True
+
+    def _finish(self) -> None:
+        self._coro = None  # type: ignore[assignment]
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    def done(self) -> bool:
+        return self._coro is None
+
+    async def wait(self) -> None:
+        """Return once the call has answered."""
+        if self.done():
+            return
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+        await self._ended
 
 
 _EMPTY = _Body({}, optional=True)
@@ -485,19 +551,23 @@ async def _withdraw(hub: ChannelHub, session: ClientSession, args: dict[str, Any
     # Cancelling the call makes the scheduler withdraw it (and give back a grant it made in
     # the same instant); the call then answers ``withdrawn``.
     task.cancel()
-    await asyncio.wait((task,))
+    if isinstance(task, _Step):
+        await task.wait()
+    else:
+        await asyncio.wait((task,))
     return {"call": call, "withdrawn": session.kept.get(call, {}).get("ok") is False}
 
 
 OPS: dict[str, _Op] = {
     "register": _Op(_B["POST /agents"], _register),
-    "acquire": _Op(_B["POST /intents"], _acquire),
+    "acquire": _Op(_B["POST /intents"], _acquire, timed=True),
     "release": _Op(_B["DELETE /leases/{lease_id}"], _release),
     "heartbeat": _Op(_B["POST /leases/{lease_id}/heartbeat"], _heartbeat),
     "release_session": _Op(_B["POST /sessions/release"], _release_session),
     "wait_ended": _Op(
         _Body({**_B["POST /leases/{lease_id}/wait"].properties, "lease_id": _LEASE_ID}),
         _wait_ended,
+        timed=True,
     ),
     "revoke": _Op(_Body({"lease_id": _LEASE_ID}), _revoke),
     "evict": _Op(_B["POST /evict"], _evict),
@@ -651,8 +721,12 @@ class ChannelHub:
         except KlockError as error:
             session.answer(call_id, _error(call_id, error))
             return
-        task = asyncio.get_running_loop().create_task(self._run(session, call_id, op, args))
-        session.calls[call_id] = task
+        coro = self._run(session, call_id, op, args)
+        if op.timed and args.get("timeout_ms") is not None:
+            # asyncio.timeout needs a task of its own: the general path.
+            session.calls[call_id] = asyncio.get_running_loop().create_task(coro)
+        else:
+            session.calls[call_id] = _Step(coro)
 
     async def _run(self, session: ClientSession, call_id: int, op: _Op, args: Any) -> None:
         try:

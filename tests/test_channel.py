@@ -18,6 +18,7 @@ from serverutil import serve_in_thread, serve_subprocess
 from websockets.asyncio.client import ClientConnection, connect
 
 from klock_async import (
+    AcquireTimeoutError,
     ClientGoneError,
     Event,
     ForeignAgentError,
@@ -399,3 +400,26 @@ async def test_resume_of_an_unknown_session_fails_every_call() -> None:
                 await backend.statistics()
             with pytest.raises(ClientGoneError):
                 await backend.statistics()
+
+
+async def test_cancelled_and_timed_out_acquires_over_the_channel_leave_nothing() -> None:
+    """A waiting acquire cancelled by its caller (stepped without a task) and one whose
+    timeout runs out (run as a task) are both withdrawn; the holder's release then frees
+    the file for good."""
+    with serve_in_thread() as server:
+        async with Klock.connect(server.url) as klock:
+            holder = await klock.register_agent("holder")
+            waiter = await klock.register_agent("waiter")
+            held = await holder.acquire("/w.py", "MUTATES", ttl=300)
+            cancelled = asyncio.create_task(waiter.acquire("/w.py", "MUTATES", ttl=300))
+            await klock.backend.barrier()  # type: ignore[attr-defined]
+            assert (await klock.backend.statistics()).requests_waiting == 1
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            with pytest.raises(AcquireTimeoutError):
+                await waiter.acquire("/w.py", "MUTATES", ttl=300, timeout=0.05)
+            stats = await klock.backend.statistics()
+            assert stats.requests_waiting == 0 and stats.leases_active == 1
+            await held.release()
+            assert (await klock.backend.statistics()).leases_active == 0
