@@ -1110,10 +1110,12 @@ class ChannelBackend:
 
     async def _serve(self, ws: Any) -> None:
         """Read answers and write calls until the connection ends."""
+        import orjson
+
         writer = asyncio.get_running_loop().create_task(self._write(ws))
         try:
             async for text in ws:
-                value = json.loads(text)
+                value = orjson.loads(text)
                 for answer in value if isinstance(value, list) else (value,):
                     self._answer(answer)
         except Exception as exc:  # the connection broke (or the server sent nonsense)
@@ -1124,6 +1126,8 @@ class ChannelBackend:
                 await writer
 
     async def _write(self, ws: Any) -> None:
+        import orjson
+
         wake = self._wake
         assert wake is not None
         while True:
@@ -1131,7 +1135,7 @@ class ChannelBackend:
                 wake.clear()
                 await wake.wait()
             out, self._out = self._out, []
-            await ws.send(_dumps_text(out[0] if len(out) == 1 else out))
+            await ws.send(orjson.dumps(out[0] if len(out) == 1 else out))  # a binary frame
 
     def _answer(self, answer: dict[str, Any]) -> None:
         pending = self._calls.pop(answer["id"], None) if answer.get("id") is not None else None
