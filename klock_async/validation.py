@@ -307,9 +307,12 @@ def parse_body(raw: bytes, content_type: str | None, body: Body) -> dict[str, An
     return check_body(value, body)
 
 
-def check_body(value: dict[str, Any], body: Body) -> dict[str, Any]:
+def check_body(value: dict[str, Any], body: Body, *, deep: bool = True) -> dict[str, Any]:
     """Check a parsed JSON object against a route's declaration (the session channel's
     arguments are checked by the same declarations as the REST bodies).
+
+    ``deep=False`` checks the fields only, for a parser that refuses lone surrogates itself
+    (orjson, on the channel) where every integer used is range-checked by its field's parser.
 
     Raises:
         MalformedJSONError: nested too deeply.
@@ -323,7 +326,8 @@ def check_body(value: dict[str, Any], body: Body) -> dict[str, Any]:
             f"unknown field(s) {', '.join(map(repr, sorted(unknown)))}; this endpoint takes: "
             f"{allowed}"
         )
-    _check_tree(value)
+    if deep:
+        _check_tree(value)
     return value
 
 

@@ -347,6 +347,16 @@ async def test_channel_refuses_malformed_calls_with_typed_codes() -> None:
                     "invalid_predicate",
                 ),
                 ({"id": 5, "op": "release", "args": {"lease_id": "nope"}}, 5, "lease_not_found"),
+                (
+                    '{"id": 6, "op": "register", "args": {"agent_id": "\\ud800"}}',
+                    None,
+                    "malformed_json",
+                ),
+                (
+                    {"id": 7, "op": "register", "args": {"agent_id": "a", "priority": 2**63}},
+                    7,
+                    "invalid_field",
+                ),
             ]
             for message, call_id, code in cases:
                 text = message if isinstance(message, str) else json.dumps(message)
@@ -355,15 +365,15 @@ async def test_channel_refuses_malformed_calls_with_typed_codes() -> None:
                 assert answer["id"] == call_id and not answer["ok"], answer
                 assert answer["error"]["code"] == code, answer
             batch = [
-                {"id": 6, "op": "register", "args": {"agent_id": "a"}},
-                {"id": 7, "op": "statistics"},
+                {"id": 8, "op": "register", "args": {"agent_id": "a"}},
+                {"id": 9, "op": "statistics"},
             ]
             await ws.send(json.dumps(batch))
             answers: list[Any] = []
             while len(answers) < 2:
                 value = json.loads(await ws.recv())
                 answers += value if isinstance(value, list) else [value]
-            assert sorted(a["id"] for a in answers) == [6, 7]
+            assert sorted(a["id"] for a in answers) == [8, 9]
             assert all(a["ok"] for a in answers)
 
 
