@@ -45,6 +45,7 @@ from klock_async.errors import (
     ClientGoneError,
     ForeignAgentError,
     InvalidFieldError,
+    KernelClosedError,
     KlockError,
     MalformedJSONError,
     TransportError,
@@ -292,6 +293,10 @@ class ClientSessions:
         if rows:
             get_logger().info("client.recovered", clients=len(self._sessions), agents=len(rows))
 
+    def live(self) -> list[ClientSession]:
+        """The sessions that have not ended."""
+        return list(self._sessions.values())
+
     def close(self) -> None:
         """Stop every grace timer (the server is stopping)."""
         for session in self._sessions.values():
@@ -314,14 +319,20 @@ class _Connection:
         self.out: list[dict[str, Any]] = []
         self.wake = asyncio.Event()
         self.closing = False
+        self.closing_code = 1001
+        self.closing_reason = ""
+        self.writer: asyncio.Task[None] | None = None
 
     def push(self, payload: dict[str, Any]) -> None:
         self.out.append(payload)
         if len(self.out) == 1:
             self.wake.set()
 
-    def close(self) -> None:
+    def close(self, code: int = 1001, reason: str = "replaced by a newer connection") -> None:
+        """Close once what is queued is written."""
         self.closing = True
+        self.closing_code = code
+        self.closing_reason = reason
         self.wake.set()
 
     async def write(self) -> None:
@@ -330,13 +341,13 @@ class _Connection:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            if self.closing:
-                with contextlib.suppress(Exception):
-                    await websocket.close(1001, "replaced by a newer connection")
-                return
             out, self.out = self.out, []
             if out:
                 await websocket.send_bytes(_encode(out[0] if len(out) == 1 else out))
+            if self.closing:
+                with contextlib.suppress(Exception):
+                    await websocket.close(self.closing_code, self.closing_reason)
+                return
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,6 +622,28 @@ class ChannelHub:
     def __init__(self, api: _Api, grace: float = GRACE) -> None:
         self.api = api
         self.sessions = ClientSessions(api, grace)
+        self.stopping = False
+
+    def begin_shutdown(self) -> None:
+        """Answer every pending call ``kernel_closed`` and close the channels (code 1012:
+        the client reconnects, to the successor of this server)."""
+        self.stopping = True
+        for session in self.sessions.live():
+            for call in list(session.calls.values()):
+                call.cancel()
+            if session.connection is not None:
+                session.connection.close(1012, "the server is restarting")
+
+    async def drained(self, bound: float = 1.0) -> None:
+        """Wait (at most ``bound`` seconds) until the channels closed by
+        :meth:`begin_shutdown` have written their last answers."""
+        writers = [
+            session.connection.writer
+            for session in self.sessions.live()
+            if session.connection is not None and session.connection.writer is not None
+        ]
+        if writers:
+            await asyncio.wait(writers, timeout=bound)
 
     # ------------------------------------------------------------ the WebSocket
 
@@ -622,7 +655,7 @@ class ChannelHub:
         except _Closed:
             return
         connection = _Connection(websocket)
-        writer = asyncio.get_running_loop().create_task(connection.write())
+        writer = connection.writer = asyncio.get_running_loop().create_task(connection.write())
         self.sessions.attach(session, connection)
         connection.push(hello)
         for call_id in hello["data"]["pending"]:
@@ -738,9 +771,18 @@ class ChannelHub:
         except KlockError as error:
             payload = _error(call_id, error)
         except asyncio.CancelledError:
-            payload = _error(
-                call_id, _Withdrawn("the call was withdrawn (by its client, or its session ended)")
-            )
+            if self.stopping:
+                payload = _error(
+                    call_id,
+                    KernelClosedError(
+                        "the server shut down while the call waited; retry against its successor"
+                    ),
+                )
+            else:
+                payload = _error(
+                    call_id,
+                    _Withdrawn("the call was withdrawn (by its client, or its session ended)"),
+                )
         except Exception as exc:  # a bug: answer, keep serving
             get_logger().error("server.error", op=op.handler.__name__, error=repr(exc))
             payload = _error(call_id, TransportError("internal server error; see the server log"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import secrets
@@ -65,12 +66,18 @@ _PREDICATES = {member.value: member for member in Predicate}
 _STATES = {member.value: member for member in LeaseState}
 
 
+@functools.lru_cache(maxsize=4096)
+def _resource(type_name: str, path: str) -> Resource:
+    """A resource of an answer; agents hold the same ones over and over (built once each)."""
+    return Resource(_TYPES[type_name], path)
+
+
 def _lease(data: Mapping[str, Any]) -> LeaseInfo:
     return LeaseInfo(
         id=data["lease_id"],
         agent_id=data["agent_id"],
         session_id=data["session_id"],
-        resource=Resource(_TYPES[data["resource_type"]], data["resource_path"]),
+        resource=_resource(data["resource_type"], data["resource_path"]),
         predicate=_PREDICATES[data["predicate"]],
         token=data["token"],
         ttl=data["ttl_ms"] / 1000.0,

@@ -741,6 +741,7 @@ class _Api:
         closing = self._closing
         if closing is not None and not closing.done():
             closing.set_result(None)
+        self.channel.begin_shutdown()
         if self._scheduler is not None:
             self._scheduler.event_buffer.close()  # ends the /events streams
 
@@ -1359,6 +1360,7 @@ class Server(uvicorn.Server):
         api = getattr(getattr(app, "state", None), "klock", None)
         if isinstance(api, _Api):
             api.begin_shutdown()
+            await api.channel.drained()  # channels' last answers go out before they close
         await super().shutdown(sockets=sockets)
 
 

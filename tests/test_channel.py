@@ -433,3 +433,17 @@ async def test_cancelled_and_timed_out_acquires_over_the_channel_leave_nothing()
             assert stats.requests_waiting == 0 and stats.leases_active == 1
             await held.release()
             assert (await klock.backend.statistics()).leases_active == 0
+
+
+async def test_shutdown_answers_pending_channel_calls() -> None:
+    """Stopping the server answers a waiting acquire on a channel with kernel_closed."""
+    with serve_in_thread() as running:
+        async with Klock.connect(running.url) as klock:
+            old = await klock.register_agent("old")
+            young = await klock.register_agent("young")
+            await young.acquire("/shutdown/a", "MUTATES", ttl=300)
+            pending = asyncio.create_task(old.acquire("/shutdown/a", "MUTATES", ttl=300))
+            await klock.backend.barrier()  # type: ignore[attr-defined]
+            await asyncio.to_thread(running.stop)
+            with pytest.raises(KernelClosedError):
+                await pending
