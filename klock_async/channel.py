@@ -41,6 +41,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from klock_async import validation
+from klock_async.clocks import IsolationLevel
 from klock_async.errors import (
     ClientGoneError,
     ForeignAgentError,
@@ -52,7 +53,7 @@ from klock_async.errors import (
     UnauthorizedError,
 )
 from klock_async.logging import get_logger
-from klock_async.model import LeaseInfo, Resource
+from klock_async.model import Intent, LeaseInfo, Resource
 from klock_async.server import (
     _agent_json,
     _clock_json,
@@ -444,15 +445,37 @@ async def _register(hub: ChannelHub, session: ClientSession, args: dict[str, Any
     return {**_agent_json(info), "client_id": session.id}
 
 
+_LEVELS = {level.value: level for level in IsolationLevel}
+
+
+def _one_intent(args: dict[str, Any]) -> tuple[Intent, ...]:
+    """The intents of an acquire; one ``{"resource", "predicate"}`` pair (the common call)
+    through the kernel's cache of parsed pairs, anything else through the REST parser."""
+    items = args.get("intents")
+    if type(items) is list and len(items) == 1:
+        item = items[0]
+        if type(item) is dict and len(item) == 2:
+            resource = item.get("resource")
+            predicate = item.get("predicate")
+            if (
+                type(resource) is str
+                and type(predicate) is str
+                and len(resource) <= validation.MAX_PATH_CHARS
+                and len(predicate) <= validation.MAX_NAME_CHARS
+            ):
+                return (Intent.of(resource, predicate),)
+    return _intents(args)
+
+
 async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     agent_id = validation.name_field(args, "agent_id")
     session_id = validation.optional_ident(args, "session_id") or uuid.uuid4().hex
-    intents = _intents(args)
+    intents = _one_intent(args)
     ttl = _ttl(args)
     assert ttl is not None
     wait = _flag(args, "wait", False)
     timeout = _timeout(args)
-    isolation = _isolation(args)
+    isolation = _LEVELS.get(args.get("isolation")) or _isolation(args)  # type: ignore[arg-type]
     hub.sessions.check(agent_id, session)
     api = hub.api
     backend = api.backend

@@ -447,3 +447,28 @@ async def test_shutdown_answers_pending_channel_calls() -> None:
             await asyncio.to_thread(running.stop)
             with pytest.raises(KernelClosedError):
                 await pending
+
+
+async def test_channel_acquire_parses_every_intent_form() -> None:
+    """One (resource, predicate) pair (the cached path), several pairs, and the
+    resource_type + resource_path form (the REST parser) each grant the same way."""
+    with serve_in_thread() as server:
+        async with raw_channel(server.url) as ws:
+            await call(ws, {"id": 0, "op": "hello"})
+            await call(ws, {"id": 1, "op": "register", "args": {"agent_id": "a"}})
+            forms = [
+                [{"resource": "/one.py", "predicate": "MUTATES"}],
+                [
+                    {"resource": "/two.py", "predicate": "MUTATES"},
+                    {"resource": "SYMBOL:f", "predicate": "CONSUMES"},
+                ],
+                [{"resource_type": "FILE", "resource_path": "three.py", "predicate": "MUTATES"}],
+            ]
+            got = []
+            for n, intents in enumerate(forms, start=2):
+                answer = await call(
+                    ws, {"id": n, "op": "acquire", "args": {"agent_id": "a", "intents": intents}}
+                )
+                assert answer["ok"], answer
+                got += [(x["resource_type"], x["resource_path"]) for x in answer["data"]["leases"]]
+    assert got == [("FILE", "/one.py"), ("FILE", "/two.py"), ("SYMBOL", "f"), ("FILE", "/three.py")]
