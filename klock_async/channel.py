@@ -313,42 +313,57 @@ class ClientSessions:
 
 
 class _Connection:
-    """A channel's WebSocket: answers queued and written together, one frame per turn."""
+    """A channel's WebSocket: the answers of one event-loop turn written as one frame.
+
+    The frame is written at the end of the turn that queued the first answer, by a send
+    stepped at once (see :class:`_Step`): no writer task to wake.
+    """
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
         self.out: list[dict[str, Any]] = []
-        self.wake = asyncio.Event()
+        self.flushing = False  # a flush is scheduled, or a send is under way
         self.closing = False
         self.closing_code = 1001
         self.closing_reason = ""
-        self.writer: asyncio.Task[None] | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def push(self, payload: dict[str, Any]) -> None:
         self.out.append(payload)
-        if len(self.out) == 1:
-            self.wake.set()
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def close(self, code: int = 1001, reason: str = "replaced by a newer connection") -> None:
         """Close once what is queued is written."""
         self.closing = True
         self.closing_code = code
         self.closing_reason = reason
-        self.wake.set()
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def write(self) -> None:
-        """Write what is queued, as one frame (a JSON array when more than one answer)."""
+    def _flush(self) -> None:
+        _Step(self._write())
+
+    async def _write(self) -> None:
+        """Write what is queued (a JSON array when more than one answer), then close if asked."""
         websocket = self.websocket
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            out, self.out = self.out, []
-            if out:
+        try:
+            while self.out:
+                out, self.out = self.out, []
                 await websocket.send_bytes(_encode(out[0] if len(out) == 1 else out))
             if self.closing:
-                with contextlib.suppress(Exception):
-                    await websocket.close(self.closing_code, self.closing_reason)
-                return
+                await websocket.close(self.closing_code, self.closing_reason)
+                self.ended()
+        except Exception:  # the connection is gone: its receive loop ends it
+            self.ended()
+        finally:
+            self.flushing = False
+
+    def ended(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,13 +675,13 @@ class ChannelHub:
     async def drained(self, bound: float = 1.0) -> None:
         """Wait (at most ``bound`` seconds) until the channels closed by
         :meth:`begin_shutdown` have written their last answers."""
-        writers = [
-            session.connection.writer
+        closing = [
+            session.connection.done
             for session in self.sessions.live()
-            if session.connection is not None and session.connection.writer is not None
+            if session.connection is not None
         ]
-        if writers:
-            await asyncio.wait(writers, timeout=bound)
+        if closing:
+            await asyncio.wait(closing, timeout=bound)
 
     # ------------------------------------------------------------ the WebSocket
 
@@ -678,7 +693,6 @@ class ChannelHub:
         except _Closed:
             return
         connection = _Connection(websocket)
-        writer = connection.writer = asyncio.get_running_loop().create_task(connection.write())
         self.sessions.attach(session, connection)
         connection.push(hello)
         for call_id in hello["data"]["pending"]:
@@ -687,7 +701,7 @@ class ChannelHub:
                 connection.push(kept)
         receive = websocket.receive
         try:
-            while not writer.done():
+            while not connection.done.done():
                 message = await receive()
                 if message["type"] != "websocket.receive":
                     break
@@ -696,11 +710,8 @@ class ChannelHub:
                     text = message.get("bytes") or b""
                 self._dispatch(session, connection, text)
         finally:
+            connection.ended()
             self.sessions.detach(session, connection)
-            if not writer.done():
-                writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
 
     async def _hello(self, websocket: WebSocket) -> tuple[ClientSession, dict[str, Any]]:
         message = await websocket.receive()
