@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import secrets
 import uuid
 from collections import OrderedDict
@@ -85,10 +84,6 @@ _B = validation.BODIES
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _dumps(payload: Any) -> str:
-    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
 
 
 _encode = orjson.dumps  # answers go out as binary frames of UTF-8 JSON
@@ -749,7 +744,7 @@ class ChannelHub:
             return session, {"id": call_id, "ok": True, "data": data}
         except KlockError as error:
             with contextlib.suppress(Exception):
-                await websocket.send_text(_dumps(_error(call_id, error)))
+                await websocket.send_bytes(_encode(_error(call_id, error)))
                 await websocket.close(1008, error.code)
             raise _Closed() from None
 
@@ -842,7 +837,9 @@ class ChannelHub:
 
     def _rest_session(self, body: Mapping[str, Any]) -> ClientSession:
         client_id = validation.ident(body, "client_id")
-        return self.sessions.resume(client_id, validation.ident(body, "secret"))
+        session = self.sessions.resume(client_id, validation.ident(body, "secret"))
+        session.rest = True  # a session recovered from the journal does not say which it is
+        return session
 
     async def rest_heartbeat(self, request: Request) -> Response:
         session = self._rest_session(await self.api._body(request))
