@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -472,3 +473,40 @@ async def test_channel_acquire_parses_every_intent_form() -> None:
                 assert answer["ok"], answer
                 got += [(x["resource_type"], x["resource_path"]) for x in answer["data"]["leases"]]
     assert got == [("FILE", "/one.py"), ("FILE", "/two.py"), ("SYMBOL", "f"), ("FILE", "/three.py")]
+
+
+async def test_client_resumes_by_itself_after_a_server_restart(tmp_path: Path) -> None:
+    """A server killed and restarted on the same port and journal: the client reconnects
+    with its secret by itself, its session and leases are still there."""
+    db = tmp_path / "journal.db"
+    with socket.socket() as probe:  # a free port for both runs
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    extra = ["--grace", "30", "--port", str(port)]
+    first = contextlib.ExitStack()
+    server = first.enter_context(serve_subprocess(db, extra=extra))
+    backend = ChannelBackend(server.url, grace=30)
+    try:
+        async with Klock(backend=backend) as klock:
+            agent = await klock.register_agent("survivor")
+            lease = await agent.acquire("/restart/a.py", "MUTATES", ttl=300)
+            client_id = backend.client_id
+            server.kill()
+            first.close()
+            with serve_subprocess(db, extra=extra):
+                active = await backend.leases()  # waits for the reconnect
+                assert [info.id for info in active] == [lease.id]
+                assert backend.client_id == client_id and backend.reconnects == 1
+                await lease.release()
+    finally:
+        first.close()
+
+
+async def test_client_grace_is_bounded_by_the_server() -> None:
+    """A client may ask for a shorter grace than the server's, never a longer one."""
+    with serve_in_thread(grace=2) as server:
+        shorter = ChannelBackend(server.url, grace=0.5)
+        longer = ChannelBackend(server.url, grace=60)
+        async with Klock(backend=shorter), Klock(backend=longer):
+            assert shorter.grace == 0.5
+            assert longer.grace == 2
