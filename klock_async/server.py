@@ -603,7 +603,7 @@ class _Api:
         allowed_hosts: Sequence[str] = (),
         retire_after: float | None = None,
         init: bool = False,
-        grace: float = 5.0,
+        grace: float = GRACE,
     ) -> None:
         from klock_async.channel import ChannelHub
 

@@ -398,6 +398,17 @@ async def test_channel_needs_hello_first_and_the_token() -> None:
             assert answer["error"]["code"] == "client_gone"
 
 
+async def test_channel_from_a_foreign_page_is_refused() -> None:
+    """A WebSocket opened by a page of another origin is refused before any call."""
+    from websockets.exceptions import InvalidStatus
+
+    with serve_in_thread() as server:
+        url = server.url.replace("http://", "ws://") + "/channel"
+        with pytest.raises(InvalidStatus, match="403"):
+            async with connect(url, origin="http://evil.example"):  # type: ignore[arg-type]
+                pass
+
+
 async def test_resume_of_an_unknown_session_fails_every_call() -> None:
     """A client whose session the server no longer has fails its calls with
     ClientGoneError instead of acting under a new identity."""
