@@ -136,6 +136,28 @@ async def test_killed_client_leases_go_to_an_older_agent_after_grace() -> None:
     assert {e.data.get("reason") for e in released} == {"client_gone"}
 
 
+async def test_frozen_client_is_found_by_pings_and_loses_its_leases() -> None:
+    """A client process that stops answering (SIGSTOP: its socket stays open) misses the
+    server's pings; after the grace its leases go to an older waiting agent."""
+    with serve_subprocess(extra=["--grace", "1"]) as server:
+        async with Klock.connect(server.url) as klock:
+            older = await klock.register_agent("older")
+            with client_process(server.url, 1, 2) as child:
+                (held,) = await holdings(child)
+                waiting = asyncio.create_task(older.acquire("/kill/0/1.py", "MUTATES", ttl=30))
+                await klock.backend.barrier()  # type: ignore[attr-defined]
+                child.send_signal(signal.SIGSTOP)
+                try:
+                    lease = await asyncio.wait_for(waiting, 60)  # a bound, not a measurement
+                finally:
+                    child.send_signal(signal.SIGKILL)
+            seen = await events_until(klock, "lease.granted", "older")
+    assert lease.resource.path == "/kill/0/1.py"
+    released = [e for e in seen if e.name == "lease.released" and e.agent_id == "doomed-0"]
+    assert sorted(e.lease_id for e in released) == sorted(held["leases"])
+    assert {e.data.get("reason") for e in released} == {"client_gone"}
+
+
 async def test_channel_resumes_after_a_break_within_grace() -> None:
     """A channel that breaks reconnects by itself with its secret: same session, its leases
     kept, a waiting acquire answered, calls made meanwhile sent after the resume."""
