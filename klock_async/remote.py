@@ -1066,9 +1066,20 @@ class ChannelBackend:
                     return
                 except Exception as exc:  # the connection broke again: as if it never opened
                     if not ready.done():
-                        raise
+                        ready.set_exception(self._connect_error(exc))
+                        return
                     get_logger().debug("channel.hello_failed", error=repr(exc))
                     lost_at = lost_at if lost_at is not None else loop.time()
+                    assert self.grace is not None
+                    if loop.time() - lost_at > self.grace:
+                        self._give_up(
+                            ClientGoneError(
+                                f"the channel to {self.url} could not be reopened within the "
+                                f"grace period ({self.grace:g}s; last error: {exc!r}); the "
+                                "server released this client's leases"
+                            )
+                        )
+                        return
                     await asyncio.sleep(delay)  # a reconnect delay, not a synchronisation
                     delay = min(delay * 2, _RECONNECT_MAX)
                     continue

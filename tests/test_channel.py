@@ -543,3 +543,19 @@ async def test_client_grace_is_bounded_by_the_server() -> None:
         async with Klock(backend=shorter), Klock(backend=longer):
             assert shorter.grace == 0.5
             assert longer.grace == 2
+
+
+async def test_start_fails_when_the_peer_closes_before_hello_is_answered() -> None:
+    """A WebSocket peer that closes without answering hello makes start() raise
+    TransportError instead of waiting for ever."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def close_at_once(ws: ServerConnection) -> None:
+        await ws.close()
+
+    async with serve(close_at_once, "127.0.0.1", 0) as peer:
+        port = next(iter(peer.sockets)).getsockname()[1]
+        backend = ChannelBackend(f"http://127.0.0.1:{port}", timeout=10)
+        with pytest.raises(TransportError):
+            await backend.start()
+        await backend.aclose()
