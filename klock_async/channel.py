@@ -75,8 +75,9 @@ GRACE = 5.0
 """Default seconds a client session outlives its channel (``klock serve --grace``)."""
 REASON = "client_gone"
 """The ``reason`` of the events of a client session that ran out of grace."""
-KEEP_ANSWERS = 4096
-"""Answers a session keeps for a client that reconnects (the most recent ones)."""
+KEEP_ANSWERS = 256
+"""Answers a connected session keeps for the case its connection breaks with them on the
+wire (the most recent ones); while it has no connection, it keeps every answer."""
 
 _Body = validation.Body
 _B = validation.BODIES
@@ -135,10 +136,10 @@ class ClientSession:
         """Send an answer, and keep it for a client that may not have received it."""
         kept = self.kept
         kept[call_id] = payload
-        if len(kept) > KEEP_ANSWERS:
-            kept.popitem(last=False)
         connection = self.connection
         if connection is not None:
+            while len(kept) > KEEP_ANSWERS:
+                kept.popitem(last=False)
             connection.push(payload)
 
 
@@ -694,6 +695,16 @@ class ChannelHub:
             kept = session.kept.get(call_id)
             if kept is not None:
                 connection.push(kept)
+            elif call_id not in session.calls:  # answered, and no longer kept
+                connection.push(
+                    _error(
+                        call_id,
+                        TransportError(
+                            "the answer to this call was lost with the connection; look at "
+                            "the state (leases, agents) before you retry it"
+                        ),
+                    )
+                )
         receive = websocket.receive
         try:
             while not connection.done.done():

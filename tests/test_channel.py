@@ -559,3 +559,33 @@ async def test_start_fails_when_the_peer_closes_before_hello_is_answered() -> No
         with pytest.raises(TransportError):
             await backend.start()
         await backend.aclose()
+
+
+async def test_resume_resends_kept_answers_and_reports_lost_ones() -> None:
+    """On resume, a pending call's kept answer is sent again; one whose answer is no longer
+    kept (more than 256 answers later) is answered transport_error, never left hanging;
+    a pending id the server never received is listed as unknown."""
+    with serve_in_thread() as server:
+        async with raw_channel(server.url) as ws:
+            opened = (await call(ws, {"id": 0, "op": "hello"}))["data"]
+            assert (await call(ws, {"id": 1, "op": "statistics"}))["ok"]
+            assert (await call(ws, {"id": 2, "op": "statistics"}))["ok"]
+            batch = [{"id": i, "op": "statistics"} for i in range(3, 303)]
+            await ws.send(json.dumps(batch))
+            answered = 0
+            while answered < len(batch):
+                value = json.loads(await ws.recv())
+                answered += len(value) if isinstance(value, list) else 1
+        resume = {"client_id": opened["client_id"], "secret": opened["secret"]}
+        async with raw_channel(server.url) as ws:
+            await ws.send(
+                json.dumps({"id": 0, "op": "hello", "args": {**resume, "pending": [1, 302, 400]}})
+            )
+            answers: dict[Any, Any] = {}
+            while len(answers) < 3:
+                value = json.loads(await ws.recv())
+                for item in value if isinstance(value, list) else [value]:
+                    answers[item["id"]] = item
+    assert answers[0]["data"]["resumed"] and answers[0]["data"]["unknown"] == [400]
+    assert answers[302]["ok"]
+    assert answers[1]["error"]["code"] == "transport_error"
