@@ -697,23 +697,42 @@ class Klock:
 
     @classmethod
     def connect(
-        cls, url: str | Sequence[str], *, token: str | None = None, timeout: float = 30.0
+        cls,
+        url: str | Sequence[str],
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        grace: float | None = None,
     ) -> Klock:
         """A facade over a ``klock serve`` server at ``url`` (needs the ``server`` extra).
 
-        ``url`` may name several replicas of one server (a list, or URLs separated by commas):
-        requests go to the leader and follow it when it changes.
+        Every call goes over one persistent channel (a WebSocket), which is this process's
+        client session on the server: when the process dies or the network breaks for
+        longer than the grace period, the server releases its leases. ``url`` may name several
+        replicas of one server (a list, or URLs separated by commas): the channel goes to the
+        leader and moves to the new one when it changes, resuming the same client session.
+
+        Args:
+            url: the server, e.g. ``http://127.0.0.1:3100``, or several replicas of it.
+            token: the server's bearer token, if it has one.
+            timeout: seconds to connect, and to wait for an answer that does not wait by
+                design.
+            grace: seconds the server keeps this client's leases after the channel broke
+                (the client reconnects by itself within it); None: the server's
+                ``--grace``, which also bounds it.
 
         Raises:
-            ImportError: ``httpx`` is missing (``pip install 'klock-async[server]'``).
+            ImportError: the server extra is missing (``pip install 'klock-async[server]'``).
         """
         try:
-            from klock_async.remote import RemoteBackend  # type: ignore[import-not-found,unused-ignore]
+            import websockets  # noqa: F401
+
+            from klock_async.remote import ChannelBackend  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "Klock.connect needs the server extra: pip install 'klock-async[server]'"
             ) from exc
-        return cls(backend=RemoteBackend(url, token=token, timeout=timeout))
+        return cls(backend=ChannelBackend(url, token=token, timeout=timeout, grace=grace))
 
     @property
     def backend(self) -> Backend:

@@ -16,8 +16,8 @@ answer withdraws the request; the caller decides when to ask again), exactly as 
 Each client runs an event loop on a daemon thread of its own; every call is handed to that
 loop and the calling thread blocks for the answer, so any number of threads may share one
 client. :class:`KlockClient` runs the embedded kernel on that loop (coordination within one
-process); :class:`KlockHttpClient` runs a :class:`~klock_async.remote.RemoteBackend` there
-(coordination through ``klock serve``).
+process); :class:`KlockHttpClient` runs a :class:`~klock_async.remote.ChannelBackend` there
+(coordination through ``klock serve``, over its session channel).
 """
 
 from __future__ import annotations
@@ -293,7 +293,9 @@ class KlockClient(_BlockingClient):
 class KlockHttpClient(_BlockingClient):
     """A ``klock serve`` server behind the Klock v1 ``KlockHttpClient`` surface.
 
-    Blocking and thread-safe: requests run on an event loop on a daemon thread.
+    Blocking and thread-safe: calls run on an event loop on a daemon thread, over one
+    persistent session channel (a WebSocket): when this process dies, the server releases
+    its leases after its grace period.
 
     Args:
         base_url: the server, e.g. ``http://127.0.0.1:3100``.
@@ -314,15 +316,12 @@ class KlockHttpClient(_BlockingClient):
         api_key: str | None = None,
         timeout_ms: int | float = 30_000,
     ) -> None:
-        from klock_async.remote import RemoteBackend
+        from klock_async.remote import ChannelBackend
 
         self.base_url = base_url
         secret = token if token is not None else api_key
         super().__init__(
-            # A v1 client: agents without a credential, lease ids as capabilities.
-            lambda: RemoteBackend(
-                base_url, token=secret, timeout=timeout_ms / 1000.0, credentials=False
-            ),
+            lambda: ChannelBackend(base_url, token=secret, timeout=timeout_ms / 1000.0),
             "klock-http-client",
         )
 

@@ -26,6 +26,8 @@ Our exception hierarchy::
     ├── AcquireTimeoutError            the wait ran out; nothing is held (also a TimeoutError)
     ├── CausalViolationError           a write would overwrite a version never read
     ├── EvictedError                   the agent was evicted while its request waited
+    ├── ClientGoneError                a client session outlived its grace period
+    ├── ForeignAgentError              the agent belongs to another client session
     ├── KernelClosedError              the kernel shut down before answering
     ├── JournalUnavailableError        the journal could not record a request (busy)
     ├── JournalError                   a journal file that cannot be used as it is
@@ -54,8 +56,10 @@ __all__ = [
     "AgentExistsError",
     "BodyTooLargeError",
     "CausalViolationError",
+    "ClientGoneError",
     "CredentialRequiredError",
     "EvictedError",
+    "ForeignAgentError",
     "HostNotAllowedError",
     "IdentityError",
     "InvalidCredentialError",
@@ -303,6 +307,21 @@ class EvictedError(KlockError):
 
     code = "evicted"
     status = 409
+
+
+class ClientGoneError(KlockError):
+    """The client session was gone longer than its grace period: its requests were withdrawn
+    and its leases released; a resume of it is refused."""
+
+    code = "client_gone"
+    status = 410
+
+
+class ForeignAgentError(KlockError):
+    """The agent was registered by another client session; only that one may act for it."""
+
+    code = "foreign_agent"
+    status = 403
 
 
 class KernelClosedError(KlockError):

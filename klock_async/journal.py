@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS leases (
     ttl REAL NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS client_sessions (
+    agent_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    digest TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS path_clocks (
     path TEXT PRIMARY KEY,
     clock TEXT NOT NULL
@@ -463,6 +468,54 @@ class SqliteJournal(BufferedJournal):
             for table, columns in TABLES.items()
         }
         return recover(self.path, meta, rows), meta
+
+    # ---------------------------------------------------------------- client sessions
+
+    def client_sessions(self) -> dict[str, tuple[str, str]]:
+        """The client session of each agent a client registered: agent -> (client, digest).
+
+        Read once after :meth:`load`, before serving; the server gives each such session one
+        grace period to come back.
+
+        Raises:
+            RuntimeError: the journal was not loaded.
+        """
+        if self._db is None:
+            raise RuntimeError(f"{self!r} is not open; call load() first")
+        return {
+            _string(agent_id, "client_sessions row"): (
+                _string(client_id, f"client_sessions row {agent_id!r}"),
+                _string(digest, f"client_sessions row {agent_id!r}"),
+            )
+            for agent_id, client_id, digest in self._db.execute(
+                "SELECT agent_id, client_id, digest FROM client_sessions"
+            )
+        }
+
+    async def record_client(self, agent_id: str, client_id: str | None, digest: str) -> None:
+        """Store (``client_id`` None: delete) the client session of an agent, durably.
+
+        Written in a transaction of its own on the writer thread, before the agent's
+        registration is sent to the scheduler, so a recovered agent never lacks its client.
+        """
+        if self._writer is None:
+            raise RuntimeError(f"{self!r} is not open; call load() first")
+
+        def write() -> None:
+            db = self._db
+            assert db is not None
+            with db:
+                if client_id is None:
+                    db.execute("DELETE FROM client_sessions WHERE agent_id = ?", (agent_id,))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO client_sessions (agent_id, client_id, digest) "
+                        "VALUES (?, ?, ?)",
+                        (agent_id, client_id, digest),
+                    )
+
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(self._writer, write))
 
     async def commit(self) -> None:
         """Write everything buffered since the last commit in one transaction.

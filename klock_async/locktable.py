@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock, VectorCl
 from klock_async.errors import (
     AgentExistsError,
     CausalViolationError,
+    ClientGoneError,
     EvictedError,
     InvalidRequestError,
     KlockError,
@@ -1011,6 +1012,43 @@ class LockTable:
         self._reevaluate([lease.resource for lease in leases], now)
         return len(leases)
 
+    def release_client(
+        self, agent_ids: Collection[str], lease_ids: Iterable[str], reason: str, now: float
+    ) -> int:
+        """A client is gone: refuse its agents' queued requests and release their leases.
+
+        ``agent_ids`` are the agents the client registered, ``lease_ids`` further leases it
+        was granted for agents it did not register. Every change is an event carrying
+        ``reason``. Returns how many leases were released.
+        """
+        freed: list[Resource] = []
+        for request in [r for r in self.queued.values() if r.agent_id in agent_ids]:
+            self._unqueue(request)
+            freed += [intent.resource for intent in request.intents]
+            if self.observer is not None:
+                self.observer("request.withdrawn", request=request, reason=reason)
+            self.answers.append(
+                (
+                    request.reply,
+                    ClientGoneError(
+                        f"the client of agent {request.agent_id!r} was gone longer than its "
+                        "grace period; this request was withdrawn and nothing is held"
+                    ),
+                )
+            )
+        leases = [lease for lease in self.leases.values() if lease.agent_id in agent_ids]
+        leases += [
+            lease
+            for lease_id in lease_ids
+            if (lease := self.leases.get(lease_id)) is not None and lease.agent_id not in agent_ids
+        ]
+        for lease in leases:
+            self._end(lease, LeaseState.RELEASED, remember=True, reason=reason)
+        for unit in [u for u in self.units.values() if u.key[0] in agent_ids]:
+            self._unit_idle(unit)
+        self._reevaluate(freed + [lease.resource for lease in leases], now)
+        return len(leases)
+
     def watch(self, lease_id: str, reply: Any) -> LeaseInfo | None:
         """Answer ``reply`` when the lease ends; a lease that ended already answers now.
 
@@ -1153,7 +1191,13 @@ class LockTable:
         return seen
 
     def _end(
-        self, lease: _Lease, state: LeaseState, *, seen: bool = True, remember: bool = False
+        self,
+        lease: _Lease,
+        state: LeaseState,
+        *,
+        seen: bool = True,
+        remember: bool = False,
+        reason: str | None = None,
     ) -> LeaseInfo | None:
         """End an active lease; ``seen`` is false when its holder never received it.
 
@@ -1203,7 +1247,10 @@ class LockTable:
         lease.ended.append(state)
         self.counts[_ENDED_COUNTER[state]] += 1
         if self.observer is not None:
-            self.observer(f"lease.{state.value.lower()}", lease=lease)
+            if reason is None:
+                self.observer(f"lease.{state.value.lower()}", lease=lease)
+            else:
+                self.observer(f"lease.{state.value.lower()}", lease=lease, reason=reason)
         for reply in watchers or ():
             self.answers.append((reply, info))
         return info

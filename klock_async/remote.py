@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import re
@@ -30,6 +31,7 @@ from typing import Any
 from klock_async.backend import ClockStatus
 from klock_async.clocks import IsolationLevel, VectorClock
 from klock_async.errors import (
+    ClientGoneError,
     InvalidCredentialError,
     InvalidRequestError,
     KernelClosedError,
@@ -41,6 +43,7 @@ from klock_async.errors import (
 )
 from klock_async.events import Event, EventStream
 from klock_async.failover import ServerList, may_resend
+from klock_async.logging import get_logger
 from klock_async.model import (
     AgentInfo,
     Intent,
@@ -56,7 +59,7 @@ from klock_async.model import (
     validate_ttl,
 )
 
-__all__ = ["RemoteBackend"]
+__all__ = ["ChannelBackend", "RemoteBackend"]
 
 _REQUEST_ID = "x-klock-request-id"
 _CREDENTIAL = "klock-credential"
@@ -72,12 +75,18 @@ _PREDICATES = {member.value: member for member in Predicate}
 _STATES = {member.value: member for member in LeaseState}
 
 
+@functools.lru_cache(maxsize=4096)
+def _resource(type_name: str, path: str) -> Resource:
+    """A resource of an answer; agents hold the same ones over and over (built once each)."""
+    return Resource(_TYPES[type_name], path)
+
+
 def _lease(data: Mapping[str, Any]) -> LeaseInfo:
     return LeaseInfo(
         id=data["lease_id"],
         agent_id=data["agent_id"],
         session_id=data["session_id"],
-        resource=Resource(_TYPES[data["resource_type"]], data["resource_path"]),
+        resource=_resource(data["resource_type"], data["resource_path"]),
         predicate=_PREDICATES[data["predicate"]],
         token=data["token"],
         ttl=data["ttl_ms"] / 1000.0,
@@ -1076,3 +1085,581 @@ def _segment(lease_id: str) -> str:
     if not isinstance(lease_id, str) or not lease_id:
         raise InvalidRequestError(f"a lease id is a non-empty string, got {lease_id!r}")
     return urllib.parse.quote(lease_id, safe="")
+
+
+# ------------------------------------------------------------------------------------------------
+# The session channel.
+
+_PING_INTERVAL = 1.0  # seconds between the client's pings; one unanswered for as long: reconnect
+_RECONNECT_FIRST = 0.02  # seconds before the first reconnect attempt, doubled up to _MAX
+_RECONNECT_MAX = 0.5
+_CHANNEL_FRAME = 1 << 24  # largest frame read (a full leases list of a big server)
+
+
+class _Pending:
+    """A call sent on the channel and not answered yet."""
+
+    __slots__ = ("future", "message")
+
+    def __init__(self, message: dict[str, Any], future: asyncio.Future[Any]) -> None:
+        self.message = message
+        self.future = future
+
+
+class ChannelBackend:
+    """The session channel to a ``klock serve`` server: one WebSocket for every call.
+
+    The client process holds one client session on the server, kept alive by the channel
+    (pings both ways). When the connection breaks, the backend reconnects by itself with the
+    session's resume secret and resends what the server never received; calls in flight
+    keep waiting meanwhile. When it cannot reconnect within the grace period, the server has
+    released the session's leases, and every call fails with :class:`ClientGoneError`.
+
+    ``Klock.connect(url)``, the blocking clients and ``klock mcp`` use it; the REST API
+    (:class:`RemoteBackend`) stays for curl, the Klock v1 SDK and the browser.
+
+    Args:
+        url: the server, e.g. ``http://127.0.0.1:3100`` (the channel is ``ws://.../channel``);
+            or the URLs of several replicas (a list, or one string separated by commas): the
+            channel goes to the leader and, when it is lost, to the new leader, where it
+            resumes the same client session (see :mod:`klock_async.failover`).
+        token: the server's bearer token, if it has one.
+        timeout: seconds to connect, and to wait for an answer to a call that does not wait
+            by design (waiting calls wait as long as they were asked to, plus this much).
+        grace: seconds the server keeps this client's session (and leases) after the channel
+            broke; None: the server's own (``klock serve --grace``), which also bounds it.
+
+    Raises:
+        InvalidRequestError: a malformed URL, timeout or grace.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        grace: float | None = None,
+    ) -> None:
+        self._rest = RemoteBackend(url, token=token, timeout=timeout)
+        if grace is not None and (
+            isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 < grace < 86_400
+        ):
+            raise InvalidRequestError(f"grace must be a positive number of seconds: {grace!r}")
+        self.servers = self._rest.servers
+        self._token = token
+        self._timeout = float(timeout)
+        self._grace = grace
+        self.client_id: str | None = None
+        """The client session's id on the server, once connected."""
+        self.grace: float | None = None
+        """The grace period the server granted this client (seconds), once connected."""
+        self._secret: str | None = None
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Pending] = {}
+        self._out: list[dict[str, Any]] = []
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self._gone: KlockError | None = None  # why every call fails from now on
+        self._held: dict[str, str] = {}  # lease id -> agent, for releases that name none
+        self._reconnects = 0
+        self._ws: Any = None  # the open connection
+
+    def __repr__(self) -> str:
+        return f"<ChannelBackend {self.url} client={self.client_id}>"
+
+    @property
+    def url(self) -> str:
+        """The base URL of the server the channel goes to now (the leader, among replicas)."""
+        return self.servers.current
+
+    @property
+    def _ws_url(self) -> str:
+        scheme, rest = self.url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/channel"
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the channel was reopened after a break."""
+        return self._reconnects
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the channel and the client session.
+
+        Raises:
+            TransportError: the server cannot be reached, or refuses the token.
+        """
+        if self._runner is not None:
+            return
+        if self._closed:
+            raise KernelClosedError("this channel was closed; create a new backend")
+        self._wake = asyncio.Event()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.get_running_loop().create_task(self._run(ready))
+        try:
+            await ready
+        except BaseException:
+            runner, self._runner = self._runner, None
+            runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+            raise
+
+    async def aclose(self) -> None:
+        """Close the channel (the server then ends the session after its grace; leases a
+        lease block still holds are released by the block itself first)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(KernelClosedError("the connection to the klock server was closed"))
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+
+    def _fail_all(self, error: KlockError) -> None:
+        calls, self._calls = self._calls, {}
+        for pending in calls.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+                pending.future.exception()  # retrieved: a caller that left is not an error
+
+    # ---------------------------------------------------------------- the connection
+
+    async def _connect(self) -> Any:
+        from websockets.asyncio.client import connect
+
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+        return await connect(
+            self._ws_url,
+            additional_headers=headers,
+            compression=None,
+            open_timeout=self._timeout,
+            ping_interval=_PING_INTERVAL,
+            ping_timeout=_PING_INTERVAL,
+            close_timeout=1.0,
+            max_size=_CHANNEL_FRAME,
+            max_queue=None,
+            user_agent_header="klock-async",
+        )
+
+    async def _hello(self, ws: Any) -> list[int]:
+        """Open or resume the session; return the ids of the calls to send (again)."""
+        pending = sorted(self._calls)
+        args: dict[str, Any] = {"pending": pending}
+        if self.client_id is not None:
+            args["client_id"] = self.client_id
+            args["secret"] = self._secret
+        elif self._grace is not None:
+            args["grace_ms"] = self._grace * 1000.0
+        await ws.send(_dumps_text({"id": 0, "op": "hello", "args": args}))
+        async with asyncio.timeout(self._timeout):
+            value = json.loads(await ws.recv())
+        # The answer to hello may come with kept answers of calls made before the break.
+        answer, *kept = value if isinstance(value, list) else (value,)
+        if not answer.get("ok"):
+            raise self._error(answer.get("error"))
+        data = answer["data"]
+        if self.client_id is None:
+            self.client_id = data["client_id"]
+            self._secret = data["secret"]
+        self.grace = data["grace_ms"] / 1000.0
+        for item in kept:
+            self._answer(item)
+        # What the server never received, and what was called while the hello was out.
+        unknown = set(data["unknown"])
+        last = pending[-1] if pending else 0
+        return [i for i in sorted(self._calls) if i in unknown or i > last]
+
+    async def _run(self, ready: asyncio.Future[None]) -> None:
+        """Keep the channel open: connect, serve, reconnect within the grace."""
+        loop = asyncio.get_running_loop()
+        lost_at: float | None = None
+        delay = _RECONNECT_FIRST
+        while True:
+            try:
+                ws = await self._connect()
+            except Exception as exc:
+                error = self._connect_error(exc)
+                if not ready.done():
+                    ready.set_exception(error)
+                    return
+                assert lost_at is not None and self.grace is not None
+                if loop.time() - lost_at > self.grace:
+                    self._give_up(
+                        ClientGoneError(
+                            f"the channel to {self.url} broke and could not be reopened within "
+                            f"the grace period ({self.grace:g}s; last error: {error.message}); "
+                            "the server released this client's leases"
+                        )
+                    )
+                    return
+                await asyncio.sleep(delay)  # a reconnect delay, not a synchronisation
+                delay = min(delay * 2, _RECONNECT_MAX)
+                continue
+            try:
+                try:
+                    unknown = await self._hello(ws)
+                except (KlockError, TimeoutError, ValueError, KeyError) as exc:
+                    failure = exc if isinstance(exc, KlockError) else TransportError(repr(exc))
+                    if not ready.done():
+                        ready.set_exception(failure)
+                    else:
+                        self._give_up(failure)
+                    return
+                except Exception as exc:  # the connection broke again: as if it never opened
+                    if not ready.done():
+                        ready.set_exception(self._connect_error(exc))
+                        return
+                    get_logger().debug("channel.hello_failed", error=repr(exc))
+                    lost_at = lost_at if lost_at is not None else loop.time()
+                    assert self.grace is not None
+                    if loop.time() - lost_at > self.grace:
+                        self._give_up(
+                            ClientGoneError(
+                                f"the channel to {self.url} could not be reopened within the "
+                                f"grace period ({self.grace:g}s; last error: {exc!r}); the "
+                                "server released this client's leases"
+                            )
+                        )
+                        return
+                    await asyncio.sleep(delay)  # a reconnect delay, not a synchronisation
+                    delay = min(delay * 2, _RECONNECT_MAX)
+                    continue
+                if ready.done():
+                    self._reconnects += 1
+                    get_logger().info("channel.resumed", client=self.client_id, url=self.url)
+                else:
+                    ready.set_result(None)
+                lost_at = None
+                delay = _RECONNECT_FIRST
+                self._out = [self._calls[i].message for i in unknown]
+                self._ws = ws
+                await self._serve(ws)
+                self._ws = None
+                if self._closed:
+                    return
+                lost_at = loop.time()
+                get_logger().info("channel.lost", client=self.client_id, url=self.url)
+            finally:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+
+    def _give_up(self, error: KlockError) -> None:
+        self._gone = error
+        self._fail_all(error)
+
+    def _connect_error(self, exc: Exception) -> TransportError:
+        from websockets.exceptions import InvalidStatus
+
+        if isinstance(exc, InvalidStatus):
+            status = exc.response.status_code
+            if status == 403:
+                return TransportError(
+                    f"the klock server at {self.url} refused the channel (HTTP 403): a wrong or "
+                    "missing token (pass token=... as the server was started with), or a "
+                    "host name it does not serve (klock serve --allowed-host)"
+                )
+            return TransportError(
+                f"{self.url} answered the channel with HTTP {status}; is it a klock server "
+                "recent enough to have one?"
+            )
+        return TransportError(
+            f"cannot reach the klock server at {self.url} ({type(exc).__name__}: {exc}); "
+            "is 'klock serve' running there?"
+        )
+
+    async def _serve(self, ws: Any) -> None:
+        """Read answers and write calls until the connection ends."""
+        import orjson
+
+        writer = asyncio.get_running_loop().create_task(self._write(ws))
+        try:
+            async for text in ws:
+                value = orjson.loads(text)
+                for answer in value if isinstance(value, list) else (value,):
+                    self._answer(answer)
+        except Exception as exc:  # the connection broke (or the server sent nonsense)
+            get_logger().debug("channel.read_failed", error=repr(exc))
+        finally:
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+
+    async def _write(self, ws: Any) -> None:
+        import orjson
+
+        wake = self._wake
+        assert wake is not None
+        while True:
+            if not self._out:
+                wake.clear()
+                await wake.wait()
+            out, self._out = self._out, []
+            await ws.send(orjson.dumps(out[0] if len(out) == 1 else out))  # a binary frame
+
+    def _answer(self, answer: dict[str, Any]) -> None:
+        pending = self._calls.pop(answer["id"], None) if answer.get("id") is not None else None
+        if pending is None:
+            if not answer.get("ok", True):
+                get_logger().warning("channel.error", error=answer.get("error"))
+            return
+        future = pending.future
+        if future.done():
+            return
+        if answer["ok"]:
+            future.set_result(answer["data"])
+        else:
+            future.set_exception(self._error(answer["error"]))
+
+    def _error(self, payload: Any) -> KlockError:
+        if not isinstance(payload, Mapping):
+            return TransportError(f"{self.url} sent a malformed error: {payload!r}")
+        error = error_from_payload(payload)
+        if type(error) is KlockError and payload.get("code") == "internal":
+            return TransportError(error.message)
+        return error
+
+    # ---------------------------------------------------------------- calls
+
+    def _check_open(self) -> None:
+        if self._gone is not None:
+            raise self._gone
+        if self._runner is None:
+            if self._closed:
+                raise KernelClosedError("the connection to the klock server was closed")
+            raise KernelClosedError("not connected; use 'async with Klock.connect(url)'")
+
+    def _send(self, op: str, args: dict[str, Any]) -> tuple[int, asyncio.Future[Any]]:
+        self._check_open()
+        call_id = next(self._ids)
+        message = {"id": call_id, "op": op, "args": args}
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = _Pending(message, future)
+        self._out.append(message)
+        wake = self._wake
+        if wake is not None and len(self._out) == 1:
+            wake.set()
+        return call_id, future
+
+    async def _call(self, op: str, args: dict[str, Any]) -> Any:
+        """Send one call and return its answer's data, or raise its typed error."""
+        call_id, future = self._send(op, args)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:
+            self._calls.pop(call_id, None)
+            raise TransportError(
+                f"the klock server at {self.url} did not answer {op} within "
+                f"{self._timeout:g}s; it may be overloaded or stuck"
+            ) from None
+
+    async def _long(self, op: str, args: dict[str, Any]) -> Any:
+        """A call that may wait long: cancelling the caller withdraws it on the server."""
+        call_id, future = self._send(op, args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(call_id, future))
+            raise
+
+    async def _abandon(self, call_id: int, future: asyncio.Future[Any]) -> None:
+        """Withdraw a call whose caller left, and give back a grant that crossed it."""
+        try:
+            async with asyncio.timeout(min(self._timeout, _ABANDON_SECONDS)):
+                if not future.done():
+                    with contextlib.suppress(KlockError):
+                        await self._call("withdraw", {"call": call_id})
+                data = await future
+        except (KlockError, TimeoutError, asyncio.CancelledError):
+            self._calls.pop(call_id, None)
+            return
+        for lease in data.get("leases", ()) if isinstance(data, Mapping) else ():
+            with contextlib.suppress(KlockError):
+                await self._call("release", {"lease_id": lease["lease_id"]})
+
+    async def barrier(self) -> Statistics:
+        """Wait until the scheduler has decided every call this client sent so far.
+
+        The channel delivers calls in order and the server hands them to the scheduler in
+        that order, so statistics asked for now are taken after all of them.
+        """
+        return await self.statistics()
+
+    # ---------------------------------------------------------------- Backend
+
+    async def register_agent(self, agent_id: str, priority: int | None) -> AgentInfo:
+        """Register an agent; it belongs to this client session from now on.
+
+        Raises:
+            InvalidRequestError: empty id or non-integer priority.
+            AgentExistsError: the id exists with another priority.
+            ForeignAgentError: another client session registered the id.
+            TransportError: the server cannot be reached.
+        """
+        data = await self._call("register", {"agent_id": agent_id, "priority": priority})
+        return AgentInfo(data["agent_id"], data["ts"])
+
+    async def acquire(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Sequence[Intent],
+        *,
+        ttl: float,
+        wait: bool = True,
+        timeout: float | None = None,
+        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+    ) -> tuple[LeaseInfo, ...]:
+        """Request leases; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseDied: Wait-Die refused the request.
+            LeaseWouldWait: ``wait`` is false and the request would have to queue.
+            AcquireTimeoutError: ``timeout`` ran out; the request was withdrawn.
+            CausalViolationError: a stale write in a SERIALIZABLE session.
+            InvalidRequestError: bad input; nothing changed.
+            UnknownAgentError: ``agent_id`` was never registered.
+            ForeignAgentError: another client session registered ``agent_id``.
+            TransportError: the server cannot be reached.
+        """
+        ttl = validate_ttl(ttl)
+        timeout = validate_timeout(timeout)
+        args = {
+            "agent_id": agent_id,
+            "session_id": session_id,
+            "intents": [
+                {"resource": str(intent.resource), "predicate": intent.predicate.value}
+                for intent in intents
+            ],
+            "ttl_ms": ttl * 1000.0,
+            "wait": wait,
+            "timeout_ms": None if timeout is None else timeout * 1000.0,
+            "isolation": isolation.value,
+        }
+        if wait:
+            data = await self._long("acquire", args)
+        else:
+            data = await self._call("acquire", args)
+        leases = tuple(_lease(lease) for lease in data["leases"])
+        for info in leases:
+            self._held[info.id] = info.agent_id
+        return leases
+
+    def release_nowait(self, lease_id: str, agent_id: str) -> bool:
+        """Always False: the holder learns from the answer whether its lease was lost."""
+        return False
+
+    async def release(
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+    ) -> LeaseInfo:
+        """End a lease; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: ``agent_id`` is not the holder.
+            TransportError: the server cannot be reached.
+        """
+        holder = agent_id if agent_id is not None else self._held.get(lease_id)
+        args: dict[str, Any] = {"lease_id": _segment(lease_id), "record_write": record_write}
+        if holder is not None:
+            args["agent_id"] = holder
+        data = await self._call("release", args)
+        self._held.pop(lease_id, None)
+        return _lease(data)
+
+    async def heartbeat(
+        self, lease_id: str, agent_id: str | None = None, ttl: float | None = None
+    ) -> LeaseInfo:
+        """Extend a lease; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: not active.
+            NotLeaseOwnerError: ``agent_id`` is not the holder.
+            InvalidTTLError: bad ttl.
+            TransportError: the server cannot be reached.
+        """
+        holder = agent_id if agent_id is not None else self._held.get(lease_id)
+        args: dict[str, Any] = {"lease_id": _segment(lease_id)}
+        if holder is not None:
+            args["agent_id"] = holder
+        if ttl is not None:
+            args["ttl_ms"] = validate_ttl(ttl) * 1000.0
+        return _lease(await self._call("heartbeat", args))
+
+    async def release_session(self, agent_id: str, session_id: str) -> int:
+        """Release a session's leases; see :class:`~klock_async.backend.Backend`."""
+        data = await self._call("release_session", {"agent_id": agent_id, "session_id": session_id})
+        return int(data["released"])
+
+    async def wait_ended(self, lease_id: str, timeout: float | None) -> LeaseInfo | None:
+        """Wait for a lease to end; see :class:`~klock_async.backend.Backend`.
+
+        Raises:
+            LeaseNotFoundError: the lease is not active.
+            TransportError: the server cannot be reached.
+        """
+        if timeout is not None and not timeout >= 0:
+            raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        args = {
+            "lease_id": _segment(lease_id),
+            "timeout_ms": None if timeout is None else timeout * 1000.0,
+        }
+        data = await self._long("wait_ended", args)
+        return None if not data["ended"] else _lease(data["lease"])
+
+    async def revoke(self, lease_id: str) -> LeaseInfo:
+        """Revoke a lease; see :class:`~klock_async.backend.Backend`."""
+        return _lease(await self._call("revoke", {"lease_id": _segment(lease_id)}))
+
+    async def evict(self, agent_id: str) -> int:
+        """Revoke an agent's leases; see :class:`~klock_async.backend.Backend`."""
+        return int((await self._call("evict", {"agent_id": agent_id}))["evicted"])
+
+    async def leases(self) -> tuple[LeaseInfo, ...]:
+        """Snapshot of the active leases (one atomic snapshot)."""
+        return tuple(_lease(data) for data in await self._call("leases", {}))
+
+    async def agents(self) -> tuple[AgentInfo, ...]:
+        """Snapshot of the registered agents."""
+        return tuple(AgentInfo(d["agent_id"], d["ts"]) for d in await self._call("agents", {}))
+
+    async def statistics(self) -> Statistics:
+        """Snapshot of the counters."""
+        return _statistics(await self._call("statistics", {}))
+
+    async def waiters(self) -> tuple[WaiterInfo, ...]:
+        """Snapshot of the queued requests and what each waits for."""
+        return tuple(_waiter(item) for item in await self._call("waiters", {}))
+
+    async def clock_read(self, path: str, agent_id: str) -> VectorClock:
+        """Read a path's clock as an agent; see :class:`~klock_async.backend.Backend`."""
+        data = await self._call("clock_read", {"path": path, "agent_id": agent_id})
+        return VectorClock(data["clock"])
+
+    async def clock_write(self, path: str, agent_id: str, *, strict: bool = True) -> VectorClock:
+        """Record a write; see :class:`~klock_async.backend.Backend`."""
+        data = await self._call(
+            "clock_write", {"path": path, "agent_id": agent_id, "strict": strict}
+        )
+        return VectorClock(data["clock"])
+
+    async def clock_status(self) -> ClockStatus:
+        """Tracked paths and conflict count."""
+        data = await self._call("clock_status", {})
+        return ClockStatus(tuple(data["tracked_paths"]), int(data["conflict_count"]))
+
+    def events(self, after: int | None = None) -> EventStream:
+        """The server's events (``GET /events``, Server-Sent Events) from now on, or after
+        the event ``after``."""
+        self._check_open()
+        return _RemoteEvents(self._rest, after)
+
+
+def _dumps_text(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"))

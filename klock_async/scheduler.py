@@ -258,6 +258,14 @@ class _RetireAgents:
 
 
 @dataclass(frozen=True, slots=True)
+class _ReleaseClient:
+    agent_ids: frozenset[str]
+    lease_ids: tuple[str, ...]
+    reason: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _ClockRead:
     path: str
     agent_id: str
@@ -330,6 +338,9 @@ class Scheduler:
             _Unwatch: self._on_unwatch,
             _Query: self._on_query,
             _RetireAgents: lambda m, now: table.retire(m.agent_ids),
+            _ReleaseClient: lambda m, now: table.release_client(
+                m.agent_ids, m.lease_ids, m.reason, now
+            ),
             _ClockRead: lambda m, now: table.clock_read(m.path, m.agent_id),
             _ClockWrite: lambda m, now: table.clock_write(m.path, m.agent_id, m.strict),
         }
@@ -862,6 +873,23 @@ class Scheduler:
         """
         ids = tuple(agent_ids)
         result: tuple[str, ...] = await self._ask(lambda f: _RetireAgents(ids, f))
+        return result
+
+    async def release_client(
+        self, agent_ids: Iterable[str], lease_ids: Iterable[str], reason: str
+    ) -> int:
+        """A client is gone: withdraw its agents' queued requests, release their leases.
+
+        ``lease_ids`` are further leases granted to the client for agents it did not
+        register. Each change is a recorded event with ``reason`` (``lease.released``,
+        ``request.withdrawn``); the queued requests are answered with ``ClientGoneError``.
+
+        Returns:
+            How many leases were released.
+        """
+        agents = frozenset(agent_ids)
+        leases = tuple(lease_ids)
+        result: int = await self._ask(lambda f: _ReleaseClient(agents, leases, reason, f))
         return result
 
     # ---------------------------------------------------------------- introspection for tests

@@ -34,7 +34,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klock_async import validation
@@ -86,6 +86,8 @@ __all__ = [
 
 
 DEFAULT_PORT = 3100
+GRACE = 5.0
+"""Default of ``klock serve --grace``: seconds a client session outlives its channel."""
 DEFAULT_TTL_MS = 30_000
 """Lease ttl when a request names none (milliseconds)."""
 MAX_BODY_BYTES = 1 << 20
@@ -324,6 +326,18 @@ def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
     return Intent(resource, Predicate.parse(predicate))
 
 
+def _intents(body: Mapping[str, Any]) -> tuple[Intent, ...]:
+    """The ``intents`` list of a request for several leases at once."""
+    items = _field(body, "intents", list, "a non-empty list of intents")
+    if not items:
+        raise InvalidFieldError("field 'intents' must list at least one intent")
+    if len(items) > validation.MAX_INTENTS:
+        raise InvalidFieldError(
+            f"field 'intents' lists {len(items)} intents; the limit is {validation.MAX_INTENTS}"
+        )
+    return tuple(_intent(item, f"intents[{i}]") for i, item in enumerate(items))
+
+
 def _query_agent(request: Request, body: Mapping[str, Any]) -> str | None:
     """The optional ``agent_id`` of a release or heartbeat: query string, then body."""
     value = request.query_params.get("agent_id")
@@ -437,6 +451,12 @@ class _FrontDoor:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                refused = self._refuse_channel(scope)
+                if refused is not None:
+                    await receive()  # websocket.connect
+                    await send({"type": "websocket.close", "code": 1008, "reason": refused})
+                    return
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -486,6 +506,18 @@ class _FrontDoor:
                 )
             )
         await response(scope, receive, send)
+
+    def _refuse_channel(self, scope: Scope) -> str | None:
+        """Why a channel may not open (a foreign page, no token), or None."""
+        refusal = self.api.origin_guard.check(scope["headers"])
+        if refusal is not None:
+            return refusal.code
+        expected = self.expected
+        if expected is not None:
+            given = next((v for n, v in scope["headers"] if n == b"authorization"), b"")
+            if not hmac.compare_digest(given, expected):
+                return "unauthorized"
+        return None
 
     def _refuse(self, scope: Scope) -> Response | None:
         refusal = self.api.origin_guard.check(scope["headers"])
@@ -592,7 +624,10 @@ class _Api:
         advertise_url: str | None = None,
         operator_token: str | None = None,
         strict_identity: bool = False,
+        grace: float = GRACE,
     ) -> None:
+        from klock_async.channel import ChannelHub
+
         self.db = db
         self.replicated = is_postgres_url(db)  # one of several replicas on PostgreSQL
         self.leader_ttl = leader_ttl
@@ -603,6 +638,8 @@ class _Api:
         self._watchers: list[asyncio.Task[None]] = []
         self.identities = Identities(operator_token=operator_token, strict=strict_identity)
         self._credential_store: CredentialStore | None = None
+        self.journal: Any = None  # the journal the lifespan opened, if any
+        self.channel = ChannelHub(self, grace)
         self.origin_guard = validation.OriginGuard(allowed_hosts)
         self.retire_after = retire_after
         self.init = init
@@ -669,6 +706,9 @@ class _Api:
                 "journal a restart forgets them (clients then register their agents again)",
             )
         self._scheduler = scheduler
+        self.journal = journal
+        if journal is not None:  # each recovered client session gets one grace period
+            self.channel.sessions.recover(journal.client_sessions())  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self._watch_kernel(scheduler))
         stats = await scheduler.statistics()
@@ -691,6 +731,7 @@ class _Api:
         return watcher
 
     async def _stop_kernel(self, watcher: asyncio.Task[None] | None) -> None:
+        self.channel.sessions.close()
         if self._retire_timer is not None:
             self._retire_timer.cancel()
         if watcher is not None:
@@ -863,6 +904,7 @@ class _Api:
         closing = self._closing
         if closing is not None and not closing.done():
             closing.set_result(None)
+        self.channel.begin_shutdown()
         if self._scheduler is not None:
             self._scheduler.event_buffer.close()  # ends the /events streams
 
@@ -1061,6 +1103,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
         priority = validation.priority(body)
+        self.channel.sessions.check(agent_id, None)
         wants = _flag(body, "credential", False)
         caller = self._caller(request)
         identities = self.identities
@@ -1117,14 +1160,7 @@ class _Api:
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.ACQUIRE, agent_id)
         session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
-        items = _field(body, "intents", list, "a non-empty list of intents")
-        if not items:
-            raise InvalidFieldError("field 'intents' must list at least one intent")
-        if len(items) > validation.MAX_INTENTS:
-            raise InvalidFieldError(
-                f"field 'intents' lists {len(items)} intents; the limit is {validation.MAX_INTENTS}"
-            )
-        intents = tuple(_intent(item, f"intents[{i}]") for i, item in enumerate(items))
+        intents = _intents(body)
         infos = await self._acquire(request, body, agent_id, session_id, intents)
         return _ok(
             {
@@ -1149,6 +1185,7 @@ class _Api:
         wait = _flag(body, "wait", False)
         timeout = _timeout(body)
         isolation = _isolation(body)
+        self.channel.sessions.check(agent_id, None)
         backend = self.backend
         self.touch(agent_id)
 
@@ -1215,6 +1252,8 @@ class _Api:
         body = await self._body(request, required=False)
         lease_id = _path_lease_id(request, body)
         declared = _query_agent(request, body)
+        if declared is not None:
+            self.channel.sessions.check(declared, None)
         record_write = _query_flag(request, "record_write", body)
         agent_id = await self._acting_agent(request, Action.RELEASE, lease_id, declared)
         info = await self.backend.release(lease_id, agent_id, record_write=record_write)
@@ -1225,6 +1264,8 @@ class _Api:
         body = await self._body(request, required=False)
         lease_id = _path_lease_id(request, body)
         declared = _query_agent(request, body)
+        if declared is not None:
+            self.channel.sessions.check(declared, None)
         ttl = _ttl(body, default_ms=None)
         agent_id = await self._acting_agent(request, Action.HEARTBEAT, lease_id, declared)
         info = await self.backend.heartbeat(lease_id, agent_id, ttl)
@@ -1281,6 +1322,7 @@ class _Api:
         agent_id = _text(body, "agent_id")
         session_id = _text(body, "session_id")
         self._authorize(request, Action.SESSION_RELEASE, agent_id)
+        self.channel.sessions.check(agent_id, None)
         count = await self.backend.release_session(agent_id, session_id)
         self.touch(agent_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
@@ -1300,6 +1342,7 @@ class _Api:
         path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.CLOCK, agent_id)
+        self.channel.sessions.check(agent_id, None)
         clock = await self.backend.clock_read(path, agent_id)
         self.touch(agent_id)
         # Answer the tracked name (TYPE:normalised/path); the scheduler accepted the path.
@@ -1311,6 +1354,7 @@ class _Api:
         agent_id = _name(body, "agent_id")
         strict = _flag(body, "strict", True)
         self._authorize(request, Action.CLOCK, agent_id)
+        self.channel.sessions.check(agent_id, None)
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
         self.touch(agent_id)
         return _ok(_clock_json(str(Resource.parse(path)), clock))
@@ -1467,6 +1511,7 @@ def create_app(
     advertise_url: str | None = None,
     operator_token: str | None = None,
     strict_identity: bool = False,
+    grace: float = GRACE,
 ) -> Starlette:
     """Build the ASGI app: one scheduler, started and stopped with the app's lifespan.
 
@@ -1491,6 +1536,9 @@ def create_app(
             revoke, evict, explicit priorities, acting on another agent's leases; distinct
             from ``token``. None: no operator (see the threat model in docs/server.md).
         strict_identity: refuse agents registered without a credential.
+        grace: seconds a client session outlives its channel (or last REST heartbeat)
+            before its requests are withdrawn and its leases released; clients may ask
+            for less.
 
     Raises:
         ValueError: ``max_body_bytes`` is not positive, ``token`` or ``operator_token`` is
@@ -1506,6 +1554,8 @@ def create_app(
         )
     if retire_after is not None and not 0 < retire_after < math.inf:
         raise ValueError(f"retire_after must be a positive number of seconds, got {retire_after!r}")
+    if not 0 < grace < math.inf:
+        raise ValueError(f"grace must be a positive number of seconds, got {grace!r}")
     api = _Api(
         db=db,
         token=token,
@@ -1518,6 +1568,7 @@ def create_app(
         advertise_url=advertise_url,
         operator_token=operator_token,
         strict_identity=strict_identity,
+        grace=grace,
     )
     table: list[tuple[str, str, Endpoint]] = [
         ("GET", "/", api.page),
@@ -1542,14 +1593,22 @@ def create_app(
         ("POST", "/clocks/write", api.clock_write),
         ("POST", "/sync", api.sync),
         ("POST", "/withdraw", api.withdraw),
+        ("POST", "/clients", api.channel.rest_open),
+        ("POST", "/clients/heartbeat", api.channel.rest_heartbeat),
+        ("POST", "/clients/close", api.channel.rest_close),
+        ("POST", "/clients/agents", api.channel.rest_register),
         ("POST", "/hooks/claude-code", api.hook),
         ("POST", "/hooks/gemini-cli", api.hook),
         ("GET", "/openapi.json", api.openapi),
     ]
     api.routes = [(method, path) for method, path, _ in table]
     table = [(method, path, _endpoint(handler, api.arrivals)) for method, path, handler in table]
+    routes: list[BaseRoute] = [
+        Route(path, endpoint, methods=[method]) for method, path, endpoint in table
+    ]
+    routes.append(WebSocketRoute("/channel", api.channel.serve))
     app = Starlette(
-        routes=[Route(path, endpoint, methods=[method]) for method, path, endpoint in table],
+        routes=routes,
         lifespan=api.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
@@ -1606,6 +1665,7 @@ class Server(uvicorn.Server):
         api = getattr(getattr(app, "state", None), "klock", None)
         if isinstance(api, _Api):
             api.begin_shutdown()
+            await api.channel.drained()  # channels' last answers go out before they close
         await super().shutdown(sockets=sockets)
 
 
@@ -1615,6 +1675,8 @@ starts one; then the connection is closed."""
 KEEP_ALIVE = 5.0
 """Seconds an idle keep-alive connection stays open between requests."""
 MAX_CONNECTIONS = 1000
+PING_INTERVAL = 1.0
+"""Seconds between the server's pings on a channel; one unanswered for as long closes it."""
 """Most connections open at once; more are answered 503 and closed at once."""
 
 _FULL = (
@@ -1898,6 +1960,11 @@ def server_config(
         timeout_keep_alive=max(1, round(keep_alive)),
         proxy_headers=False,
         server_header=False,
+        # The session channel: pings both ways find a silent peer; no compression (CPU).
+        ws="websockets-sansio",
+        ws_ping_interval=PING_INTERVAL,
+        ws_ping_timeout=PING_INTERVAL,
+        ws_per_message_deflate=False,
     )
 
 
@@ -2016,6 +2083,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive(float),
         default=KEEP_ALIVE,
         help=f"seconds an idle connection stays open (default {KEEP_ALIVE:g})",
+    )
+    parser.add_argument(
+        "--grace",
+        type=_positive(float),
+        default=GRACE,
+        help="seconds a client session outlives its channel before its leases are released "
+        f"(default {GRACE:g}; clients may ask for less)",
     )
     parser.add_argument(
         "--retire-after",
@@ -2155,6 +2229,7 @@ def run(args: argparse.Namespace) -> int:
         advertise_url=args.advertise_url,
         operator_token=operator_token,
         strict_identity=args.strict_identity,
+        grace=args.grace,
     )
     _raise_file_limit(args.max_connections + _SPARE_FILES)
     config = server_config(

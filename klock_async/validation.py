@@ -163,16 +163,23 @@ class Body:
         }
 
 
+_PRIORITY: dict[str, Any] = {
+    "type": ["integer", "null"],
+    "minimum": MIN_PRIORITY,
+    "maximum": MAX_PRIORITY,
+    "description": "the agent's age: lower is older and wins conflicts",
+}
+_CLIENT: dict[str, Any] = {
+    "client_id": _ID,
+    "secret": {**_ID, "description": "the client session's resume secret"},
+}
+_GRACE = "milliseconds the session outlives its last sign of life (at most the server's)"
+
 BODIES: dict[str, Body] = {
     "POST /agents": Body(
         {
             "agent_id": _ID,
-            "priority": {
-                "type": ["integer", "null"],
-                "minimum": MIN_PRIORITY,
-                "maximum": MAX_PRIORITY,
-                "description": "the agent's age: lower is older and wins conflicts",
-            },
+            "priority": _PRIORITY,
             "credential": {
                 "type": ["boolean", "null"],
                 "description": "hand out a credential (once) that every later request for "
@@ -237,6 +244,12 @@ BODIES: dict[str, Body] = {
         optional=True,
     ),
     "POST /withdraw": Body({"request_id": _ID}, ("request_id",)),
+    "POST /clients": Body({"grace_ms": {**_TIMEOUT, "description": _GRACE}}, optional=True),
+    "POST /clients/heartbeat": Body(_CLIENT, ("client_id", "secret")),
+    "POST /clients/close": Body(_CLIENT, ("client_id", "secret")),
+    "POST /clients/agents": Body(
+        {**_CLIENT, "agent_id": _ID, "priority": _PRIORITY}, ("client_id", "secret", "agent_id")
+    ),
     # A coding agent's hook event, in the harness's own schema (docs/coding-agents.md); the
     # hook core checks the fields it uses.
     "POST /hooks/claude-code": Body({}, open=True),
@@ -302,6 +315,21 @@ def parse_body(raw: bytes, content_type: str | None, body: Body) -> dict[str, An
         raise MalformedJSONError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise MalformedJSONError(f"the body must be a JSON object, got {type(value).__name__}")
+    return check_body(value, body)
+
+
+def check_body(value: dict[str, Any], body: Body, *, deep: bool = True) -> dict[str, Any]:
+    """Check a parsed JSON object against a route's declaration (the session channel's
+    arguments are checked by the same declarations as the REST bodies).
+
+    ``deep=False`` checks the fields only, for a parser that refuses lone surrogates itself
+    (orjson, on the channel) where every integer used is range-checked by its field's parser.
+
+    Raises:
+        MalformedJSONError: nested too deeply.
+        InvalidFieldError: an unknown field, a string that is not valid text, an integer
+            outside signed 64 bits.
+    """
     unknown = () if body.open else value.keys() - body.fields
     if unknown:
         allowed = ", ".join(sorted(body.fields)) or "none"
@@ -309,7 +337,8 @@ def parse_body(raw: bytes, content_type: str | None, body: Body) -> dict[str, An
             f"unknown field(s) {', '.join(map(repr, sorted(unknown)))}; this endpoint takes: "
             f"{allowed}"
         )
-    _check_tree(value)
+    if deep:
+        _check_tree(value)
     return value
 
 
@@ -477,21 +506,21 @@ def ttl(body: Mapping[str, Any], default_ms: float | None) -> float | None:
     return float(value) / 1000.0
 
 
-def timeout(body: Mapping[str, Any]) -> float | None:
-    """The optional ``timeout_ms`` in seconds (None: no limit).
+def timeout(body: Mapping[str, Any], name: str = "timeout_ms") -> float | None:
+    """The optional ``timeout_ms`` (or another duration ``name``) in seconds (None: absent).
 
     Raises:
         InvalidFieldError: not a number in [0, MAX_TIMEOUT_MS].
     """
-    value = body.get("timeout_ms")
+    value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidFieldError(f"field 'timeout_ms' must be a number, got {shorten(value)}")
+        raise InvalidFieldError(f"field {name!r} must be a number, got {shorten(value)}")
     if not 0 <= value <= MAX_TIMEOUT_MS:
         raise InvalidFieldError(
-            f"field 'timeout_ms' must lie between 0 and {MAX_TIMEOUT_MS} ms, got {value!r}; "
-            "omit it to wait without limit"
+            f"field {name!r} must lie between 0 and {MAX_TIMEOUT_MS} ms, got {value!r}; "
+            "omit it for no limit"
         )
     return float(value) / 1000.0
 

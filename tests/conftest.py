@@ -26,7 +26,7 @@ async def _embedded(**options: Any) -> AsyncIterator[Klock]:
 # Each kernel the scenarios in test_scenarios.py run against. To add a variant (e.g. "remote":
 # a real server on a free loopback port and Klock.connect(url)), add its name to the params
 # and a branch below returning an async context manager factory of an entered Klock.
-@pytest.fixture(params=["embedded", "remote"])
+@pytest.fixture(params=["embedded", "remote", "channel"])
 def kernel_factory(request: pytest.FixtureRequest) -> KernelFactory:
     """A factory of running kernels: ``async with kernel_factory() as klock: ...``."""
     if request.param == "embedded":
@@ -35,6 +35,10 @@ def kernel_factory(request: pytest.FixtureRequest) -> KernelFactory:
         from serverutil import remote_kernel
 
         return remote_kernel
+    if request.param == "channel":  # the same server, over the session channel
+        from serverutil import channel_kernel
+
+        return channel_kernel
     raise AssertionError(f"unknown kernel variant {request.param!r}")  # pragma: no cover
 
 

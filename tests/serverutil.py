@@ -8,7 +8,8 @@ Two ways, both waiting for readiness without polling:
   process; ready when it prints its ``listening on URL`` line on stdout.
 
 :func:`remote_kernel` is the "remote" variant of the ``kernel_factory`` fixture: a fresh
-server per kernel, so every scenario starts from an empty state as it does embedded.
+server per kernel, so every scenario starts from an empty state as it does embedded;
+:func:`channel_kernel` is the "channel" variant, the same over the session channel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from klock_async import Klock
-from klock_async.remote import RemoteBackend
+from klock_async.remote import ChannelBackend, RemoteBackend
 from klock_async.server import Server, create_app, server_config
 
 READY_TIMEOUT = 30.0
@@ -186,6 +187,18 @@ async def remote_kernel(**options: Any) -> AsyncIterator[Klock]:
     server = await asyncio.to_thread(stack.enter_context, serve_in_thread())
     try:
         async with Klock(backend=RemoteBackend(server.url), **options) as klock:
+            yield klock
+    finally:
+        await asyncio.to_thread(stack.close)
+
+
+@contextlib.asynccontextmanager
+async def channel_kernel(**options: Any) -> AsyncIterator[Klock]:
+    """As :func:`remote_kernel`, connected over the session channel (``Klock.connect``)."""
+    stack = contextlib.ExitStack()
+    server = await asyncio.to_thread(stack.enter_context, serve_in_thread())
+    try:
+        async with Klock(backend=ChannelBackend(server.url), **options) as klock:
             yield klock
     finally:
         await asyncio.to_thread(stack.close)

@@ -57,10 +57,15 @@ ROWS = {
     "transport.py": ("(a) built-in HTTP/1.1 client", "(b) httpx"),
     "validation.py": ("POST /agents", "POST /leases", "POST /intents", "POST /clocks/write"),
     "server.py": (
-        "(a) throughput, 50 agents, embedded",
-        "(b) throughput, 50 agents, remote (loopback)",
-        "(c) throughput, 50 agents, remote + journal",
-        "(e) hand-off, remote: release -> long-poll",
+        "(a) embedded, 50 agents",
+        "(b) channel, 10 agents",
+        "(b) channel, 100 agents",
+        "(c) REST, 100 agents",
+        "(d) channel + journal, 100 agents",
+        "(e) redis-py Lock, no persistence",
+        "(e) PostgreSQL advisory locks (asyncpg)",
+        "(f) hand-off, channel",
+        "(g) SIGKILL -> older agent's grant",
     ),
 }
 

@@ -1,0 +1,901 @@
+"""The session channel: one WebSocket per client process, and the client sessions it keeps.
+
+A remote client process opens one WebSocket to ``GET /channel`` on the server's port and sends
+every call as a JSON message with an id; many calls are in flight at once and each answer
+names the call it answers. A waiting acquire is answered when the scheduler grants it: the
+grant is pushed as that call's answer. The wire format is documented in docs/server.md
+("The session channel").
+
+Every channel is a *client session* on the server: an id and a resume secret, handed out once
+by the first message (``hello``). The session outlives its connection by a grace period
+(``klock serve --grace``, at most that per client): a client that reconnects within it, with
+the secret, resumes the same session, its calls still running and their answers kept for it.
+When the grace runs out, the server withdraws the session's queued requests and releases its
+agents' leases through the scheduler, each a recorded event with ``reason: client_gone``.
+REST clients open a client session with ``POST /clients`` and keep it alive by heartbeat.
+
+An agent registered through a client session belongs to it: operations for that agent from
+any other channel, or from REST, are refused (:class:`~klock_async.errors.ForeignAgentError`).
+
+The handlers call the same scheduler operations as the REST endpoints and parse their
+arguments with the same helpers and declarations (:mod:`klock_async.validation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from klock_async import validation
+from klock_async.clocks import IsolationLevel
+from klock_async.errors import (
+    ClientGoneError,
+    ForeignAgentError,
+    InvalidFieldError,
+    KernelClosedError,
+    KlockError,
+    MalformedJSONError,
+    TransportError,
+    UnauthorizedError,
+)
+from klock_async.logging import get_logger
+from klock_async.model import Intent, LeaseInfo, Resource
+from klock_async.server import (
+    _agent_json,
+    _clock_json,
+    _flag,
+    _intents,
+    _isolation,
+    _ok,
+    _statistics_json,
+    _timeout,
+    _ttl,
+    _waiter_json,
+)
+
+if TYPE_CHECKING:
+    from klock_async.server import _Api
+
+__all__ = ["GRACE", "REASON", "ChannelHub", "ClientSession", "ClientSessions"]
+
+GRACE = 5.0
+"""Default seconds a client session outlives its channel (``klock serve --grace``)."""
+REASON = "client_gone"
+"""The ``reason`` of the events of a client session that ran out of grace."""
+KEEP_ANSWERS = 256
+"""Answers a connected session keeps for the case its connection breaks with them on the
+wire (the most recent ones); while it has no connection, it keeps every answer."""
+
+_Body = validation.Body
+_B = validation.BODIES
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+_encode = orjson.dumps  # answers go out as binary frames of UTF-8 JSON
+
+
+def _lease_wire(info: LeaseInfo) -> dict[str, Any]:
+    """A lease as the channel sends it: the REST form without its Klock v1 duplicates."""
+    return {
+        "lease_id": info.id,
+        "agent_id": info.agent_id,
+        "session_id": info.session_id,
+        "resource_type": info.resource.type.value,
+        "resource_path": info.resource.path,
+        "predicate": info.predicate.value,
+        "token": info.token,
+        "ttl_ms": info.ttl * 1000.0,
+        "expires_at_ms": info.expires_at * 1000.0,
+        "state": info.state.value,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Client sessions.
+
+
+class ClientSession:
+    """One client process (or REST client) as the server knows it.
+
+    Invariants: ``connection`` is None exactly when the grace timer runs (or the session
+    ended); every id in ``agents`` maps to this session in the registry while it lives.
+    """
+
+    def __init__(self, client_id: str, digest: str, grace: float, *, rest: bool) -> None:
+        self.id = client_id
+        self.digest = digest
+        self.grace = grace
+        self.rest = rest
+        self.agents: set[str] = set()
+        # Leases granted to it for agents it did not register (released with it as well).
+        self.leases: dict[str, str] = {}
+        self.calls: dict[int, asyncio.Task[None] | _Step] = {}
+        self.kept: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.highest = 0
+        self.connection: _Connection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended = False
+
+    def answer(self, call_id: int, payload: dict[str, Any]) -> None:
+        """Send an answer, and keep it for a client that may not have received it."""
+        kept = self.kept
+        kept[call_id] = payload
+        connection = self.connection
+        if connection is not None:
+            while len(kept) > KEEP_ANSWERS:
+                kept.popitem(last=False)
+            connection.push(payload)
+
+
+class ClientSessions:
+    """The server's client sessions: opened, resumed, kept alive and ended after grace."""
+
+    def __init__(self, api: _Api, grace: float) -> None:
+        self.api = api
+        self.grace = grace
+        self._sessions: dict[str, ClientSession] = {}
+        self._owners: dict[str, ClientSession] = {}
+        self._ending: set[asyncio.Task[int]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, grace_ms: float | None, *, rest: bool) -> tuple[ClientSession, str]:
+        """A new session; returns it and its resume secret (given out only here)."""
+        grace = self.grace if grace_ms is None else min(self.grace, grace_ms / 1000.0)
+        secret = secrets.token_urlsafe(24)
+        session = ClientSession(secrets.token_urlsafe(12), _digest(secret), grace, rest=rest)
+        self._sessions[session.id] = session
+        get_logger().info("client.opened", client=session.id, grace_s=grace, rest=rest)
+        return session, secret
+
+    def resume(self, client_id: str, secret: str) -> ClientSession:
+        """The session ``client_id``, proven by its secret.
+
+        Raises:
+            ClientGoneError: no such session (it ran out of grace, or never existed here).
+            UnauthorizedError: the secret is wrong.
+        """
+        session = self._sessions.get(client_id)
+        if session is None:
+            raise ClientGoneError(
+                f"client session {client_id!r} is gone (its grace period ran out and its "
+                "leases were released, or this server never had it); open a new session and "
+                "acquire again"
+            )
+        if not hmac.compare_digest(session.digest, _digest(secret)):
+            raise UnauthorizedError(
+                f"wrong secret for client session {client_id!r}; pass the secret its opening "
+                "answer gave"
+            )
+        return session
+
+    def check(self, agent_id: str, session: ClientSession | None) -> None:
+        """Refuse an operation for an agent that another client session registered.
+
+        ``session`` None is a REST request outside any session: refused for agents of a
+        channel, allowed for those of a REST client session.
+
+        Raises:
+            ForeignAgentError: the agent belongs to another session.
+        """
+        owner = self._owners.get(agent_id)
+        if owner is None or owner is session or (session is None and owner.rest):
+            return
+        raise ForeignAgentError(
+            f"agent {agent_id!r} was registered by another client session; only that client "
+            "may act for it. Use an agent id of your own"
+        )
+
+    async def claim(self, session: ClientSession, agent_id: str) -> None:
+        """Make ``agent_id`` belong to ``session`` (durably, with a journal)."""
+        if agent_id in session.agents:
+            return
+        self._owners[agent_id] = session
+        session.agents.add(agent_id)
+        journal = self.api.journal
+        if journal is not None:
+            await journal.record_client(agent_id, session.id, session.digest)
+
+    def attach(self, session: ClientSession, connection: _Connection) -> None:
+        """A channel (re)connected to ``session``: the grace timer stops."""
+        previous = session.connection
+        if previous is not None:
+            previous.close()  # a stale connection the client gave up on
+        session.connection = connection
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+
+    def detach(self, session: ClientSession, connection: _Connection) -> None:
+        """A channel closed: the session ends unless the client is back within its grace."""
+        if session.connection is connection:
+            session.connection = None
+            self.arm(session)
+
+    def arm(self, session: ClientSession) -> None:
+        """(Re)start the grace period of a session without a connection."""
+        if session.ended:
+            return
+        if session.timer is not None:
+            session.timer.cancel()
+        loop = asyncio.get_running_loop()
+        session.timer = loop.call_later(session.grace, self._due, session)
+
+    def _due(self, session: ClientSession) -> None:
+        session.timer = None
+        task = asyncio.get_running_loop().create_task(self.end(session))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def end(self, session: ClientSession, reason: str = REASON) -> int:
+        """End a session: withdraw its queued requests, release its leases; return how many."""
+        if session.ended or session.connection is not None:
+            return 0
+        session.ended = True
+        self._sessions.pop(session.id, None)
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        for agent_id in session.agents:
+            if self._owners.get(agent_id) is session:
+                del self._owners[agent_id]
+        released = 0
+        with contextlib.suppress(KlockError):
+            released = await self.api.backend.release_client(
+                session.agents, tuple(session.leases), reason
+            )
+        for task in list(session.calls.values()):
+            task.cancel()  # calls for agents it did not register: withdrawn
+        get_logger().info(
+            "client.ended",
+            client=session.id,
+            reason=reason,
+            agents=sorted(session.agents),
+            leases_released=released,
+        )
+        journal = self.api.journal
+        if journal is not None:
+            for agent_id in session.agents:
+                with contextlib.suppress(Exception):
+                    await journal.record_client(agent_id, None, "")
+        return released
+
+    def recover(self, rows: Mapping[str, tuple[str, str]]) -> None:
+        """The sessions a journal recorded, each given one grace period to come back."""
+        for agent_id, (client_id, digest) in rows.items():
+            session = self._sessions.get(client_id)
+            if session is None:
+                session = ClientSession(client_id, digest, self.grace, rest=False)
+                self._sessions[client_id] = session
+                self.arm(session)
+            session.agents.add(agent_id)
+            self._owners[agent_id] = session
+        if rows:
+            get_logger().info("client.recovered", clients=len(self._sessions), agents=len(rows))
+
+    def live(self) -> list[ClientSession]:
+        """The sessions that have not ended."""
+        return list(self._sessions.values())
+
+    def close(self) -> None:
+        """Stop every grace timer (the server is stopping)."""
+        for session in self._sessions.values():
+            if session.timer is not None:
+                session.timer.cancel()
+                session.timer = None
+        for task in self._ending:
+            task.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# One connection.
+
+
+class _Connection:
+    """A channel's WebSocket: the answers of one event-loop turn written as one frame.
+
+    The frame is written at the end of the turn that queued the first answer, by a send
+    stepped at once (see :class:`_Step`): no writer task to wake.
+    """
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.out: list[dict[str, Any]] = []
+        self.flushing = False  # a flush is scheduled, or a send is under way
+        self.closing = False
+        self.closing_code = 1001
+        self.closing_reason = ""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def push(self, payload: dict[str, Any]) -> None:
+        self.out.append(payload)
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def close(self, code: int = 1001, reason: str = "replaced by a newer connection") -> None:
+        """Close once what is queued is written."""
+        self.closing = True
+        self.closing_code = code
+        self.closing_reason = reason
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        _Step(self._write())
+
+    async def _write(self) -> None:
+        """Write what is queued (a JSON array when more than one answer), then close if asked."""
+        websocket = self.websocket
+        try:
+            while self.out:
+                out, self.out = self.out, []
+                await websocket.send_bytes(_encode(out[0] if len(out) == 1 else out))
+            if self.closing:
+                await websocket.close(self.closing_code, self.closing_reason)
+                self.ended()
+        except Exception:  # the connection is gone: its receive loop ends it
+            self.ended()
+        finally:
+            self.flushing = False
+
+    def ended(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+# --------------------------------------------------------------------------------------------
+# The operations.
+
+Handler = Callable[["ChannelHub", ClientSession, dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    body: validation.Body
+    handler: Handler
+    timed: bool = False  # takes a ``timeout_ms``
+
+
+class _Step:
+    """A call's coroutine driven without a task of its own, started at once.
+
+    The channel's calls await one scheduler future and answer; a task per call would cost
+    its creation and an extra turn of the event loop before the call reaches the scheduler.
+    This steps the coroutine at once and again whenever the future it awaits is done, as a
+    task does (eager start, as ``asyncio.eager_task_factory`` of Python 3.12). Calls that use
+    ``asyncio.timeout`` (which needs a current task) run as tasks instead.
+    """
+
+    __slots__ = ("_cancel", "_coro", "_ended", "_waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._coro = coro
+        self._waiting: asyncio.Future[Any] | None = None
+        self._cancel = False
+        self._ended: asyncio.Future[None] | None = None
+        self._step(None)
+
+    def _step(self, _: object) -> None:
+        self._waiting = None
+        try:
+            if self._cancel:
+                self._cancel = False
+                yielded = self._coro.throw(asyncio.CancelledError())
+            else:
+                yielded = self._coro.send(None)
+        except StopIteration:  # _run answers every outcome itself
+            self._finish()
+            return
+        except BaseException:  # KeyboardInterrupt and the like: not the call's to keep
+            self._finish()
+            raise
+        if yielded is None:  # a bare yield (asyncio.sleep(0)): step again next turn
+            asyncio.get_running_loop().call_soon(self._step, None)
+            return
+        yielded._asyncio_future_blocking = False
+        self._waiting = yielded
+        yielded.add_done_callback(self._step)
+
+    def cancel(self) -> None:
+        """Throw CancelledError into the call where it waits, as ``Task.cancel`` does."""
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+        else:
+            self._cancel = True
+
+    def _finish(self) -> None:
+        self._coro = None  # type: ignore[assignment]
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    def done(self) -> bool:
+        return self._coro is None
+
+    async def wait(self) -> None:
+        """Return once the call has answered."""
+        if self.done():
+            return
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+        await self._ended
+
+
+_EMPTY = _Body({}, optional=True)
+_LEASE_ID = _B["POST /withdraw"].properties["request_id"]
+
+
+async def _register(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    agent_id = validation.ident(args, "agent_id")
+    priority = validation.priority(args)
+    sessions = hub.sessions
+    sessions.check(agent_id, session)
+    await sessions.claim(session, agent_id)
+    info = await hub.api.backend.register_agent(agent_id, priority)
+    hub.api.touch(agent_id)
+    # A dict that can take more fields (a credential, say).
+    return {**_agent_json(info), "client_id": session.id}
+
+
+_LEVELS = {level.value: level for level in IsolationLevel}
+
+
+def _one_intent(args: dict[str, Any]) -> tuple[Intent, ...]:
+    """The intents of an acquire; one ``{"resource", "predicate"}`` pair (the common call)
+    through the kernel's cache of parsed pairs, anything else through the REST parser."""
+    items = args.get("intents")
+    if type(items) is list and len(items) == 1:
+        item = items[0]
+        if type(item) is dict and len(item) == 2:
+            resource = item.get("resource")
+            predicate = item.get("predicate")
+            if (
+                type(resource) is str
+                and type(predicate) is str
+                and len(resource) <= validation.MAX_PATH_CHARS
+                and len(predicate) <= validation.MAX_NAME_CHARS
+            ):
+                return (Intent.of(resource, predicate),)
+    return _intents(args)
+
+
+async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    agent_id = validation.name_field(args, "agent_id")
+    session_id = validation.optional_ident(args, "session_id") or uuid.uuid4().hex
+    intents = _one_intent(args)
+    ttl = _ttl(args)
+    assert ttl is not None
+    wait = _flag(args, "wait", False)
+    timeout = _timeout(args)
+    isolation = _LEVELS.get(args.get("isolation")) or _isolation(args)  # type: ignore[arg-type]
+    hub.sessions.check(agent_id, session)
+    api = hub.api
+    backend = api.backend
+    api.touch(agent_id)
+
+    def call() -> Awaitable[tuple[LeaseInfo, ...]]:
+        return backend.acquire(
+            agent_id, session_id, intents, ttl=ttl, wait=wait, timeout=timeout, isolation=isolation
+        )
+
+    if wait and timeout == 0:
+        infos = await api._decided_now(call, agent_id, intents)
+    else:
+        infos = await call()
+    if agent_id not in session.agents:
+        for info in infos:
+            session.leases[info.id] = agent_id
+        if session.ended:  # granted as the session ended: give it back
+            with contextlib.suppress(KlockError):
+                await backend.release_client((), [info.id for info in infos], REASON)
+    return {"session_id": session_id, "leases": [_lease_wire(info) for info in infos]}
+
+
+def _holder(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> str | None:
+    agent_id = validation.optional_ident(args, "agent_id")
+    if agent_id is not None:
+        hub.sessions.check(agent_id, session)
+    return agent_id
+
+
+async def _release(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    lease_id = validation.ident(args, "lease_id")
+    agent_id = _holder(hub, session, args)
+    record_write = _flag(args, "record_write", False)
+    info = await hub.api.backend.release(lease_id, agent_id, record_write=record_write)
+    session.leases.pop(lease_id, None)
+    return _lease_wire(info)
+
+
+async def _heartbeat(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    lease_id = validation.ident(args, "lease_id")
+    agent_id = _holder(hub, session, args)
+    ttl = _ttl(args, default_ms=None)
+    return _lease_wire(await hub.api.backend.heartbeat(lease_id, agent_id, ttl))
+
+
+async def _release_session(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    agent_id = validation.ident(args, "agent_id")
+    session_id = validation.ident(args, "session_id")
+    hub.sessions.check(agent_id, session)
+    return {"released": await hub.api.backend.release_session(agent_id, session_id)}
+
+
+async def _wait_ended(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    lease_id = validation.ident(args, "lease_id")
+    ended = await hub.api.backend.wait_ended(lease_id, _timeout(args))
+    return {"ended": ended is not None, "lease": None if ended is None else _lease_wire(ended)}
+
+
+async def _revoke(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    return _lease_wire(await hub.api.backend.revoke(validation.ident(args, "lease_id")))
+
+
+async def _evict(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    return {"evicted": await hub.api.backend.evict(validation.ident(args, "agent_id"))}
+
+
+async def _leases(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    return [_lease_wire(info) for info in await hub.api.backend.leases()]
+
+
+async def _agents(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    return [_agent_json(info) for info in await hub.api.backend.agents()]
+
+
+async def _statistics(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    return _statistics_json(await hub.api.backend.statistics())
+
+
+async def _waiters(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    return [_waiter_json(info) for info in await hub.api.backend.waiters()]
+
+
+async def _clock_read(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    path = validation.name_field(args, "path", validation.MAX_PATH_CHARS)
+    agent_id = validation.name_field(args, "agent_id")
+    hub.sessions.check(agent_id, session)
+    clock = await hub.api.backend.clock_read(path, agent_id)
+    return _clock_json(str(Resource.parse(path)), clock)
+
+
+async def _clock_write(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    path = validation.name_field(args, "path", validation.MAX_PATH_CHARS)
+    agent_id = validation.name_field(args, "agent_id")
+    strict = _flag(args, "strict", True)
+    hub.sessions.check(agent_id, session)
+    clock = await hub.api.backend.clock_write(path, agent_id, strict=strict)
+    return _clock_json(str(Resource.parse(path)), clock)
+
+
+async def _clock_status(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    status = await hub.api.backend.clock_status()
+    return {"tracked_paths": list(status.tracked_paths), "conflict_count": status.conflict_count}
+
+
+async def _withdraw(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
+    call = validation.field_value(args, "call", int, "the id of a call of this channel")
+    task = session.calls.get(call)
+    if task is None:
+        return {"call": call, "withdrawn": False}  # answered already (or never sent)
+    # Cancelling the call makes the scheduler withdraw it (and give back a grant it made in
+    # the same instant); the call then answers ``withdrawn``.
+    task.cancel()
+    if isinstance(task, _Step):
+        await task.wait()
+    else:
+        await asyncio.wait((task,))
+    return {"call": call, "withdrawn": session.kept.get(call, {}).get("ok") is False}
+
+
+OPS: dict[str, _Op] = {
+    "register": _Op(_B["POST /agents"], _register),
+    "acquire": _Op(_B["POST /intents"], _acquire, timed=True),
+    "release": _Op(_B["DELETE /leases/{lease_id}"], _release),
+    "heartbeat": _Op(_B["POST /leases/{lease_id}/heartbeat"], _heartbeat),
+    "release_session": _Op(_B["POST /sessions/release"], _release_session),
+    "wait_ended": _Op(
+        _Body({**_B["POST /leases/{lease_id}/wait"].properties, "lease_id": _LEASE_ID}),
+        _wait_ended,
+        timed=True,
+    ),
+    "revoke": _Op(_Body({"lease_id": _LEASE_ID}), _revoke),
+    "evict": _Op(_B["POST /evict"], _evict),
+    "leases": _Op(_EMPTY, _leases),
+    "agents": _Op(_EMPTY, _agents),
+    "statistics": _Op(_EMPTY, _statistics),
+    "waiters": _Op(_EMPTY, _waiters),
+    "clock_read": _Op(_B["POST /clocks/read"], _clock_read),
+    "clock_write": _Op(_B["POST /clocks/write"], _clock_write),
+    "clock_status": _Op(_EMPTY, _clock_status),
+    "withdraw": _Op(_Body({"call": {"type": "integer"}}), _withdraw),
+}
+"""Every operation of the channel, with the declaration its arguments are checked against."""
+
+_HELLO = _Body(
+    {
+        **_B["POST /clients/heartbeat"].properties,
+        "grace_ms": _B["POST /clients"].properties["grace_ms"],
+        "pending": {"type": "array", "items": {"type": "integer"}},
+    },
+    optional=True,
+)
+
+
+def _error(call_id: int | None, error: KlockError) -> dict[str, Any]:
+    return {"id": call_id, "ok": False, "error": error.to_payload()}
+
+
+class _Withdrawn(KlockError):
+    code = "withdrawn"
+    status = 499
+
+
+class ChannelHub:
+    """The channel endpoint and the REST endpoints of client sessions, over one ``_Api``."""
+
+    def __init__(self, api: _Api, grace: float = GRACE) -> None:
+        self.api = api
+        self.sessions = ClientSessions(api, grace)
+        self.stopping = False
+
+    def begin_shutdown(self) -> None:
+        """Answer every pending call ``kernel_closed`` and close the channels (code 1012:
+        the client reconnects, to the successor of this server)."""
+        self.stopping = True
+        for session in self.sessions.live():
+            for call in list(session.calls.values()):
+                call.cancel()
+            if session.connection is not None:
+                session.connection.close(1012, "the server is restarting")
+
+    async def drained(self, bound: float = 1.0) -> None:
+        """Wait (at most ``bound`` seconds) until the channels closed by
+        :meth:`begin_shutdown` have written their last answers."""
+        closing = [
+            session.connection.done
+            for session in self.sessions.live()
+            if session.connection is not None
+        ]
+        if closing:
+            await asyncio.wait(closing, timeout=bound)
+
+    # ------------------------------------------------------------ the WebSocket
+
+    async def serve(self, websocket: WebSocket) -> None:
+        """Serve one channel until it closes."""
+        await websocket.accept()
+        try:
+            session, hello = await self._hello(websocket)
+        except _Closed:
+            return
+        connection = _Connection(websocket)
+        self.sessions.attach(session, connection)
+        connection.push(hello)
+        for call_id in hello["data"]["pending"]:
+            kept = session.kept.get(call_id)
+            if kept is not None:
+                connection.push(kept)
+            elif call_id not in session.calls:  # answered, and no longer kept
+                connection.push(
+                    _error(
+                        call_id,
+                        TransportError(
+                            "the answer to this call was lost with the connection; look at "
+                            "the state (leases, agents) before you retry it"
+                        ),
+                    )
+                )
+        receive = websocket.receive
+        try:
+            while not connection.done.done():
+                message = await receive()
+                if message["type"] != "websocket.receive":
+                    break
+                text = message.get("text")
+                if text is None:
+                    text = message.get("bytes") or b""
+                self._dispatch(session, connection, text)
+        finally:
+            connection.ended()
+            self.sessions.detach(session, connection)
+
+    async def _hello(self, websocket: WebSocket) -> tuple[ClientSession, dict[str, Any]]:
+        message = await websocket.receive()
+        if message["type"] != "websocket.receive":
+            raise _Closed()
+        call_id: int | None = None
+        try:
+            value = _parse(message.get("text") or message.get("bytes") or b"")
+            if not isinstance(value, dict) or value.get("op") != "hello":
+                raise InvalidFieldError(
+                    'the first message of a channel must be {"id": 0, "op": "hello", '
+                    '"args": {...}}; see docs/server.md'
+                )
+            call_id = value.get("id") if type(value.get("id")) is int else None
+            args = _args(value)
+            validation.check_body(args, _HELLO)
+            pending = args.get("pending") or []
+            if not isinstance(pending, list) or any(type(i) is not int for i in pending):
+                raise InvalidFieldError("field 'pending' must be a list of call ids")
+            grace = _timeout(args, "grace_ms")
+            client_id = validation.optional_ident(args, "client_id")
+            data: dict[str, Any]
+            if client_id is None:
+                session, secret = self.sessions.open(
+                    None if grace is None else grace * 1000.0, rest=False
+                )
+                data = {"client_id": session.id, "secret": secret, "resumed": False}
+            else:
+                session = self.sessions.resume(client_id, validation.ident(args, "secret"))
+                data = {"client_id": session.id, "resumed": True}
+            data["grace_ms"] = session.grace * 1000.0
+            # Calls the server never received (lost with the old connection): resend them.
+            data["unknown"] = [i for i in pending if i > session.highest]
+            data["pending"] = [i for i in pending if i <= session.highest]
+            return session, {"id": call_id, "ok": True, "data": data}
+        except KlockError as error:
+            with contextlib.suppress(Exception):
+                await websocket.send_bytes(_encode(_error(call_id, error)))
+                await websocket.close(1008, error.code)
+            raise _Closed() from None
+
+    def _dispatch(self, session: ClientSession, connection: _Connection, text: str | bytes) -> None:
+        try:
+            value = _parse(text)
+        except KlockError as error:
+            connection.push(_error(None, error))
+            return
+        for item in value if isinstance(value, list) else (value,):
+            self._call(session, connection, item)
+
+    def _call(self, session: ClientSession, connection: _Connection, item: Any) -> None:
+        if not isinstance(item, dict) or type(item.get("id")) is not int:
+            connection.push(
+                _error(None, InvalidFieldError('a call is {"id": <integer>, "op", "args"}'))
+            )
+            return
+        call_id: int = item["id"]
+        if call_id <= session.highest:
+            connection.push(
+                _error(
+                    call_id,
+                    InvalidFieldError(
+                        f"call id {call_id} is not above {session.highest}, the highest this "
+                        "session used; number calls upwards"
+                    ),
+                )
+            )
+            return
+        session.highest = call_id
+        try:
+            op = OPS.get(item.get("op"))  # type: ignore[arg-type]
+            if op is None:
+                raise InvalidFieldError(
+                    f"unknown operation {validation.shorten(item.get('op'))}; one of: "
+                    f"{', '.join(sorted(OPS))}"
+                )
+            args = validation.check_body(_args(item), op.body, deep=False)  # see _parse
+        except KlockError as error:
+            session.answer(call_id, _error(call_id, error))
+            return
+        coro = self._run(session, call_id, op, args)
+        if op.timed and args.get("timeout_ms") is not None:
+            # asyncio.timeout needs a task of its own: the general path.
+            session.calls[call_id] = asyncio.get_running_loop().create_task(coro)
+        else:
+            session.calls[call_id] = _Step(coro)
+
+    async def _run(self, session: ClientSession, call_id: int, op: _Op, args: Any) -> None:
+        try:
+            data = await op.handler(self, session, args)
+        except KlockError as error:
+            payload = _error(call_id, error)
+        except asyncio.CancelledError:
+            if self.stopping:
+                payload = _error(
+                    call_id,
+                    KernelClosedError(
+                        "the server shut down while the call waited; retry against its successor"
+                    ),
+                )
+            else:
+                payload = _error(
+                    call_id,
+                    _Withdrawn("the call was withdrawn (by its client, or its session ended)"),
+                )
+        except Exception as exc:  # a bug: answer, keep serving
+            get_logger().error("server.error", op=op.handler.__name__, error=repr(exc))
+            payload = _error(call_id, TransportError("internal server error; see the server log"))
+        else:
+            payload = {"id": call_id, "ok": True, "data": data}
+        finally:
+            session.calls.pop(call_id, None)
+        session.answer(call_id, payload)
+
+    # ------------------------------------------------------------ REST client sessions
+
+    async def rest_open(self, request: Request) -> Response:
+        body = await self.api._body(request, required=False)
+        grace_ms = _timeout(body, "grace_ms")
+        session, secret = self.sessions.open(
+            None if grace_ms is None else grace_ms * 1000.0, rest=True
+        )
+        self.sessions.arm(session)  # alive as long as heartbeats come within the grace
+        return _ok(
+            {"client_id": session.id, "secret": secret, "grace_ms": session.grace * 1000.0},
+            201,
+        )
+
+    def _rest_session(self, body: Mapping[str, Any]) -> ClientSession:
+        client_id = validation.ident(body, "client_id")
+        session = self.sessions.resume(client_id, validation.ident(body, "secret"))
+        session.rest = True  # a session recovered from the journal does not say which it is
+        return session
+
+    async def rest_heartbeat(self, request: Request) -> Response:
+        session = self._rest_session(await self.api._body(request))
+        if session.connection is None:
+            self.sessions.arm(session)
+        return _ok({"client_id": session.id, "grace_ms": session.grace * 1000.0})
+
+    async def rest_close(self, request: Request) -> Response:
+        session = self._rest_session(await self.api._body(request))
+        connection = session.connection
+        if connection is not None:
+            raise InvalidFieldError(
+                f"client session {session.id!r} has a channel open; close the channel instead"
+            )
+        released = await self.sessions.end(session, reason="client_closed")
+        return _ok({"client_id": session.id, "released": released})
+
+    async def rest_register(self, request: Request) -> Response:
+        body = await self.api._body(request)
+        agent_id = validation.ident(body, "agent_id")
+        priority = validation.priority(body)
+        session = self._rest_session(body)
+        self.sessions.check(agent_id, session)
+        await self.sessions.claim(session, agent_id)
+        info = await self.api.backend.register_agent(agent_id, priority)
+        self.api.touch(agent_id)
+        return _ok({**_agent_json(info), "client_id": session.id})
+
+
+class _Closed(Exception):
+    """The channel closed before (or while) it said hello."""
+
+
+def _parse(text: str | bytes) -> Any:
+    """A channel frame's JSON; orjson refuses lone surrogates and NaN, as REST's checks do."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSONError(f"a channel message is not valid JSON: {exc}") from None
+
+
+def _args(item: Mapping[str, Any]) -> dict[str, Any]:
+    args = item.get("args")
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise InvalidFieldError(f"'args' must be an object, got {validation.shorten(args)}")
+    return args
