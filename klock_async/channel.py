@@ -210,8 +210,8 @@ class ClientSessions:
         self._owners[agent_id] = session
         session.agents.add(agent_id)
         journal = self.api.journal
-        if journal is not None:
-            await journal.record_client(agent_id, session.id, session.digest)
+        if journal is not None:  # written by the commit of the agent's registration
+            journal.record_client(agent_id, session.id, session.digest)
 
     def attach(self, session: ClientSession, connection: _Connection) -> None:
         """A channel (re)connected to ``session``: the grace timer stops."""
@@ -253,9 +253,12 @@ class ClientSessions:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
+        journal = self.api.journal
         for agent_id in session.agents:
             if self._owners.get(agent_id) is session:
                 del self._owners[agent_id]
+                if journal is not None:  # written by the commit of the release
+                    journal.record_client(agent_id, None, "")
         released = 0
         with contextlib.suppress(KlockError):
             released = await self.api.backend.release_client(
@@ -270,11 +273,6 @@ class ClientSessions:
             agents=sorted(session.agents),
             leases_released=released,
         )
-        journal = self.api.journal
-        if journal is not None:
-            for agent_id in session.agents:
-                with contextlib.suppress(Exception):
-                    await journal.record_client(agent_id, None, "")
         return released
 
     def recover(self, rows: Mapping[str, tuple[str, str]]) -> None:
@@ -732,6 +730,9 @@ class ChannelHub:
                     '"args": {...}}; see docs/server.md'
                 )
             call_id = value.get("id") if type(value.get("id")) is int else None
+            refusal = self.api.not_leader()
+            if refusal is not None:  # a follower: the client goes to the leader it names
+                raise refusal
             args = _args(value)
             validation.check_body(args, _HELLO)
             pending = args.get("pending") or []

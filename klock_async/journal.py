@@ -84,6 +84,10 @@ CREATE TABLE IF NOT EXISTS client_sessions (
     client_id TEXT NOT NULL,
     digest TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS credentials (
+    agent_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS path_clocks (
     path TEXT PRIMARY KEY,
     clock TEXT NOT NULL
@@ -110,6 +114,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "path_clocks": ("path", "clock"),
     "agent_clocks": ("agent_id", "clock"),
+    # The server's records, beside the kernel's: the client session that registered an agent
+    # (its id and the digest of its resume secret) and the digest of an agent's credential.
+    "client_sessions": ("agent_id", "client_id", "digest"),
+    "credentials": ("agent_id", "digest"),
 }
 """The journal's record tables and their columns, the key first (``meta`` is apart: counters)."""
 
@@ -133,6 +141,10 @@ class _Batch:
     agent_clocks: dict[str, VectorClock] = field(default_factory=dict)
     meta: dict[str, int] = field(default_factory=dict)
     retired: set[str] = field(default_factory=set)
+    # agent -> (client id, secret digest) of the client session that registered it; None: ended
+    clients: dict[str, tuple[str, str] | None] = field(default_factory=dict)
+    # agent -> digest of its credential; None: forgotten
+    credentials: dict[str, str | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(
@@ -142,6 +154,8 @@ class _Batch:
             or self.agent_clocks
             or self.meta
             or self.retired
+            or self.clients
+            or self.credentials
         )
 
     def under(self, newer: _Batch) -> _Batch:
@@ -153,6 +167,8 @@ class _Batch:
             {**self.agent_clocks, **newer.agent_clocks},
             {**self.meta, **newer.meta},
             (self.retired - newer.agents.keys()) | newer.retired,
+            {**self.clients, **newer.clients},
+            {**self.credentials, **newer.credentials},
         )
 
     def storable(self) -> _Batch:
@@ -168,6 +184,8 @@ class _Batch:
             {k: c for k, c in self.agent_clocks.items() if _fits(k, *_flat(c))},
             {k: v for k, v in self.meta.items() if _fits(v)},
             {k for k in self.retired if _fits(k)},
+            {k: c for k, c in self.clients.items() if _fits(k, *(c or ()))},
+            {k: d for k, d in self.credentials.items() if _fits(k, d or "")},
         )
 
     def changes(self) -> list[Change]:
@@ -197,6 +215,16 @@ class _Batch:
             Change("leases", active, ended),
             Change("path_clocks", [(p, _dump(c)) for p, c in self.path_clocks.items()], []),
             Change("agent_clocks", [(a, _dump(c)) for a, c in self.agent_clocks.items()], []),
+            Change(
+                "client_sessions",
+                [(a, *c) for a, c in self.clients.items() if c is not None],
+                [a for a, c in self.clients.items() if c is None],
+            ),
+            Change(
+                "credentials",
+                [(a, d) for a, d in self.credentials.items() if d is not None],
+                [a for a, d in self.credentials.items() if d is None],
+            ),
         ]
 
 
@@ -231,6 +259,8 @@ class BufferedJournal:
     def __init__(self) -> None:
         self._batch = _Batch()
         self._commits = 0
+        self._clients: dict[str, tuple[str, str]] = {}
+        self._credentials: dict[str, str] = {}
         self.generation = 0
         """How many times the journal was loaded, this load included (0 before ``load``)."""
 
@@ -245,9 +275,12 @@ class BufferedJournal:
         self._batch.retired.discard(agent.agent_id)
 
     def record_retired(self, agent_id: str) -> None:
-        """Buffer the removal of a retired agent (it holds no lease)."""
+        """Buffer the removal of a retired agent (it holds no lease), with its credential and
+        client session: its id is free again."""
         self._batch.agents.pop(agent_id, None)
         self._batch.retired.add(agent_id)
+        self._batch.credentials[agent_id] = None
+        self._batch.clients[agent_id] = None
 
     def record_lease(self, lease: LeaseInfo) -> None:
         """Buffer a granted, extended or ended lease (an ended one is deleted on commit)."""
@@ -274,6 +307,46 @@ class BufferedJournal:
         meta = self._batch.meta
         meta["last_token"] = last_token
         meta["last_agent_ts"] = last_agent_ts
+
+    def record_client(self, agent_id: str, client_id: str | None, digest: str) -> None:
+        """Buffer the client session that registered ``agent_id`` (``client_id`` None: it
+        ended); written by the commit that also writes the agent's registration."""
+        self._batch.clients[agent_id] = None if client_id is None else (client_id, digest)
+
+    def record_credential(self, agent_id: str, digest: str | None) -> None:
+        """Buffer the digest of an agent's credential (None: forget it); written by the
+        commit of the agent's registration, before the secret is handed out."""
+        self._batch.credentials[agent_id] = digest
+
+    def client_sessions(self) -> dict[str, tuple[str, str]]:
+        """The client session of each agent a client registered, as loaded: agent ->
+        (client id, digest of its resume secret)."""
+        return dict(self._clients)
+
+    def credentials(self) -> dict[str, str]:
+        """The digest of each credentialed agent's credential, as loaded."""
+        return dict(self._credentials)
+
+    def _recover_server_rows(
+        self, source: object, rows: Mapping[str, Iterable[Sequence[object]]]
+    ) -> None:
+        """Keep the server's records (client sessions, credentials) of a load.
+
+        Raises:
+            JournalError: a row does not parse.
+        """
+        clients: dict[str, tuple[str, str]] = {}
+        for agent_id, client_id, digest in rows.get("client_sessions", ()):
+            where = f"{source}: client_sessions row {agent_id!r}"
+            clients[_string(agent_id, where)] = (_string(client_id, where), _string(digest, where))
+        credentials: dict[str, str] = {}
+        for agent_id, digest in rows.get("credentials", ()):
+            where = f"{source}: credentials row {agent_id!r}"
+            text = _string(digest, where)
+            if len(text) != 64:
+                raise JournalError(f"{where} is damaged; restore the journal from a backup")
+            credentials[_string(agent_id, where)] = text
+        self._clients, self._credentials = clients, credentials
 
     def _take(self) -> _Batch:
         """The buffered batch, leaving an empty buffer behind."""
@@ -467,55 +540,9 @@ class SqliteJournal(BufferedJournal):
             table: db.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
             for table, columns in TABLES.items()
         }
-        return recover(self.path, meta, rows), meta
-
-    # ---------------------------------------------------------------- client sessions
-
-    def client_sessions(self) -> dict[str, tuple[str, str]]:
-        """The client session of each agent a client registered: agent -> (client, digest).
-
-        Read once after :meth:`load`, before serving; the server gives each such session one
-        grace period to come back.
-
-        Raises:
-            RuntimeError: the journal was not loaded.
-        """
-        if self._db is None:
-            raise RuntimeError(f"{self!r} is not open; call load() first")
-        return {
-            _string(agent_id, "client_sessions row"): (
-                _string(client_id, f"client_sessions row {agent_id!r}"),
-                _string(digest, f"client_sessions row {agent_id!r}"),
-            )
-            for agent_id, client_id, digest in self._db.execute(
-                "SELECT agent_id, client_id, digest FROM client_sessions"
-            )
-        }
-
-    async def record_client(self, agent_id: str, client_id: str | None, digest: str) -> None:
-        """Store (``client_id`` None: delete) the client session of an agent, durably.
-
-        Written in a transaction of its own on the writer thread, before the agent's
-        registration is sent to the scheduler, so a recovered agent never lacks its client.
-        """
-        if self._writer is None:
-            raise RuntimeError(f"{self!r} is not open; call load() first")
-
-        def write() -> None:
-            db = self._db
-            assert db is not None
-            with db:
-                if client_id is None:
-                    db.execute("DELETE FROM client_sessions WHERE agent_id = ?", (agent_id,))
-                else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO client_sessions (agent_id, client_id, digest) "
-                        "VALUES (?, ?, ?)",
-                        (agent_id, client_id, digest),
-                    )
-
-        loop = asyncio.get_running_loop()
-        await asyncio.shield(loop.run_in_executor(self._writer, write))
+        state = recover(self.path, meta, rows)
+        self._recover_server_rows(self.path, rows)
+        return state, meta
 
     async def commit(self) -> None:
         """Write everything buffered since the last commit in one transaction.

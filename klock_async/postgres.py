@@ -37,13 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresJournal", "is_postgres_url", "redact"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: client_sessions and credentials
 
 _TYPES: dict[str, tuple[str, ...]] = {
     "agents": ("text", "bigint"),
     "leases": ("text", "text", "text", "text", "text", "bigint", "float8", "float8"),
     "path_clocks": ("text", "text"),
     "agent_clocks": ("text", "text"),
+    "client_sessions": ("text", "text", "text"),
+    "credentials": ("text", "text"),
 }
 _LEADER_COLUMNS = ("id", "term", "holder", "url", "expires_at")
 
@@ -268,6 +270,7 @@ class PostgresJournal(BufferedJournal):
                 for table, columns in TABLES.items()
             }
         self._state = recover(redact(self.url), meta, rows)
+        self._recover_server_rows(redact(self.url), rows)
         self.generation = term
 
     # ---------------------------------------------------------------- Journal protocol

@@ -1276,34 +1276,75 @@ class ChannelBackend:
         return [i for i in sorted(self._calls) if i in unknown or i > last]
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
-        """Keep the channel open: connect, serve, reconnect within the grace."""
+        """Keep the channel open: connect, serve, reconnect within the grace.
+
+        Among several replicas, a server that cannot be reached or that answers ``not_leader``
+        sends the channel on to the next URL (or to the leader it names), within ``timeout``
+        on start and within the grace afterwards; the new leader resumes the client session.
+        """
         loop = asyncio.get_running_loop()
+        servers = self.servers
+        started = loop.time()
         lost_at: float | None = None
         delay = _RECONNECT_FIRST
+        last: KlockError | None = None
+
+        def out_of_time() -> bool:
+            if not ready.done():
+                return len(servers) == 1 or loop.time() - started > self._timeout
+            assert lost_at is not None and self.grace is not None
+            return loop.time() - lost_at > self.grace
+
+        def gone(error: KlockError) -> ClientGoneError:
+            return ClientGoneError(
+                f"the channel to {self.url} broke and could not be reopened within the grace "
+                f"period ({self.grace:g}s; last error: {error.message}); the server released "
+                "this client's leases"
+            )
+
+        async def pause() -> None:
+            nonlocal delay
+            if len(servers) > 1:
+                wait = servers.backoff()
+            else:
+                wait, delay = delay, min(delay * 2, _RECONNECT_MAX)
+            if wait:
+                await asyncio.sleep(wait)  # a reconnect delay, not a synchronisation
+
         while True:
+            url = self.url
             try:
                 ws = await self._connect()
             except Exception as exc:
-                error = self._connect_error(exc)
-                if not ready.done():
-                    ready.set_exception(error)
+                last = self._connect_error(exc)
+                servers.failed(url)
+                if out_of_time():
+                    if not ready.done():
+                        ready.set_exception(last)
+                    else:
+                        self._give_up(gone(last))
                     return
-                assert lost_at is not None and self.grace is not None
-                if loop.time() - lost_at > self.grace:
-                    self._give_up(
-                        ClientGoneError(
-                            f"the channel to {self.url} broke and could not be reopened within "
-                            f"the grace period ({self.grace:g}s; last error: {error.message}); "
-                            "the server released this client's leases"
-                        )
-                    )
-                    return
-                await asyncio.sleep(delay)  # a reconnect delay, not a synchronisation
-                delay = min(delay * 2, _RECONNECT_MAX)
+                await pause()
                 continue
             try:
                 try:
                     unknown = await self._hello(ws)
+                except NotLeaderError as exc:  # a follower: on to the leader it names
+                    last = exc
+                    if exc.leader is not None:
+                        servers.follow(exc.leader)
+                    else:
+                        servers.failed(url)
+                    if len(servers) == 1 and ready.done():
+                        lost_at = lost_at if lost_at is not None else loop.time()
+                    if out_of_time():
+                        if not ready.done():
+                            ready.set_exception(exc)
+                        else:
+                            self._give_up(gone(exc))
+                        return
+                    await pause()
+                    continue
                 except (KlockError, TimeoutError, ValueError, KeyError) as exc:
                     failure = exc if isinstance(exc, KlockError) else TransportError(repr(exc))
                     if not ready.done():
@@ -1312,24 +1353,18 @@ class ChannelBackend:
                         self._give_up(failure)
                     return
                 except Exception as exc:  # the connection broke again: as if it never opened
-                    if not ready.done():
-                        ready.set_exception(self._connect_error(exc))
-                        return
+                    last = self._connect_error(exc)
                     get_logger().debug("channel.hello_failed", error=repr(exc))
-                    lost_at = lost_at if lost_at is not None else loop.time()
-                    assert self.grace is not None
-                    if loop.time() - lost_at > self.grace:
-                        self._give_up(
-                            ClientGoneError(
-                                f"the channel to {self.url} could not be reopened within the "
-                                f"grace period ({self.grace:g}s; last error: {exc!r}); the "
-                                "server released this client's leases"
-                            )
-                        )
+                    servers.failed(url)
+                    if out_of_time():
+                        if not ready.done():
+                            ready.set_exception(last)
+                        else:
+                            self._give_up(gone(last))
                         return
-                    await asyncio.sleep(delay)  # a reconnect delay, not a synchronisation
-                    delay = min(delay * 2, _RECONNECT_MAX)
+                    await pause()
                     continue
+                servers.answered()
                 if ready.done():
                     self._reconnects += 1
                     get_logger().info("channel.resumed", client=self.client_id, url=self.url)

@@ -39,7 +39,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klock_async import validation
 from klock_async.clocks import IsolationLevel, VectorClock
-from klock_async.credential_store import CredentialStore
 from klock_async.errors import (
     AcquireTimeoutError,
     BodyTooLargeError,
@@ -60,6 +59,7 @@ from klock_async.identity import (
     digest,
     new_credential,
 )
+from klock_async.journal import BufferedJournal
 from klock_async.leader import LEADER_TTL, LeaderLease
 from klock_async.logging import get_logger
 from klock_async.model import (
@@ -637,8 +637,7 @@ class _Api:
         self._pg_journal: PostgresJournal | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self.identities = Identities(operator_token=operator_token, strict=strict_identity)
-        self._credential_store: CredentialStore | None = None
-        self.journal: Any = None  # the journal the lifespan opened, if any
+        self.journal: BufferedJournal | None = None  # the journal the kernel runs on, if any
         self.channel = ChannelHub(self, grace)
         self.origin_guard = validation.OriginGuard(allowed_hosts)
         self.retire_after = retire_after
@@ -693,22 +692,14 @@ class _Api:
         scheduler = Scheduler(journal=journal)
         scheduler.event_buffer.retain()  # GET /events resumes from it
         await scheduler.start()
-        if self.db is not None and "://" not in self.db:
-            # The journal's file exists now; it keeps the credentials too.
-            store = self._credential_store = CredentialStore(self.db, synchronous=self.synchronous)
-            for agent_id, stored in store.load().items():
-                self.identities.add(agent_id, stored)
-        elif self.db is not None:
-            get_logger().warning(
-                "server.credentials_in_memory",
-                db=self.db,
-                hint="agent credentials are kept in a SQLite journal's file only; with this "
-                "journal a restart forgets them (clients then register their agents again)",
-            )
         self._scheduler = scheduler
-        self.journal = journal
-        if journal is not None:  # each recovered client session gets one grace period
-            self.channel.sessions.recover(journal.client_sessions())  # type: ignore[attr-defined]
+        if isinstance(journal, BufferedJournal):
+            # The journal keeps the credentials' digests and the client sessions too.
+            self.journal = journal
+            for agent_id, stored in journal.credentials().items():
+                self.identities.add(agent_id, stored)
+            # Each recovered client session gets one grace period to come back.
+            self.channel.sessions.recover(journal.client_sessions())
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self._watch_kernel(scheduler))
         stats = await scheduler.statistics()
@@ -738,8 +729,6 @@ class _Api:
             watcher.cancel()
         if self._scheduler is not None:
             await self._scheduler.aclose()
-        if self._credential_store is not None:
-            self._credential_store.close()
         get_logger().info("server.stopped")
 
     # ------------------------------------------------------------ replicas (PostgreSQL)
@@ -813,8 +802,8 @@ class _Api:
         if self.on_dead is not None:
             self.on_dead(reason)
 
-    def not_leading(self, scope: Scope) -> Response | None:
-        """A follower's answer: a redirect to the leader, or 503 while none leads."""
+    def not_leader(self) -> NotLeaderError | None:
+        """Why this replica does not serve (it follows, or none leads); None: it leads."""
         if not self.replicated or (self._scheduler is not None and self.dead is None):
             return None
         lease = self.lease
@@ -822,15 +811,23 @@ class _Api:
         if leader == self._advertise:
             leader = None  # this replica itself, deposed or not yet serving
         if leader is None:
-            error = NotLeaderError(
+            return NotLeaderError(
                 "no replica leads at the moment (an election is under way); retry shortly",
                 leader=None,
             )
-            return _error_response(error)
-        error = NotLeaderError(
+        return NotLeaderError(
             f"this replica does not lead; send the request to the leader at {leader}",
             leader=leader,
         )
+
+    def not_leading(self, scope: Scope) -> Response | None:
+        """A follower's answer: a redirect to the leader, or 503 while none leads."""
+        error = self.not_leader()
+        if error is None:
+            return None
+        leader = error.leader
+        if leader is None:
+            return _error_response(error)
         if scope["path"] == "/health":
             return _error_response(error)  # load balancers: only the leader is healthy
         response = _error_response(error, 307)
@@ -890,9 +887,7 @@ class _Api:
             self._seen.pop(agent_id, None)
         gone = [agent_id for agent_id in retired if self.identities.credentialed(agent_id)]
         if gone:  # a retired agent's id is free again, for anyone
-            self.identities.forget(gone)
-            if self._credential_store is not None:
-                await self._credential_store.delete(gone)
+            self.identities.forget(gone)  # the journal dropped their digests with them
         for agent_id in set(due) - set(retired):
             if agent_id in self._seen:  # busy: idle again from now on at the earliest
                 self._seen[agent_id] = now
@@ -1123,12 +1118,15 @@ class _Api:
         secret = new_credential()
         stored = digest(secret)
         identities.add(agent_id, stored)  # taken now: a concurrent registration is refused
+        journal = self.journal
+        if journal is not None:  # in the commit of the registration, before the answer
+            journal.record_credential(agent_id, stored)
         try:
             info = await self.backend.register_agent(agent_id, priority)
-            if self._credential_store is not None:
-                await self._credential_store.put(agent_id, stored)
         except BaseException:
             identities.forget((agent_id,))
+            if journal is not None:
+                journal.record_credential(agent_id, None)
             raise
         self.touch(agent_id)
         get_logger().info("agent.credential_issued", agent=agent_id)
@@ -2211,8 +2209,7 @@ def run(args: argparse.Namespace) -> int:
             accept_unclosed=args.accept_unclosed,
         )
         try:
-            probe.load()
-            CredentialStore(args.db, synchronous=args.sync.upper()).close_after_load()
+            probe.load()  # the credentials' and client sessions' rows too
         except (OSError, sqlite3.Error, KlockError) as exc:
             return _fail(f"cannot use --db {args.db}: {exc}")
         finally:

@@ -13,7 +13,7 @@ from klock_async import JournalError, LeadershipLostError
 from klock_async.clocks import VectorClock
 from klock_async.leader import LeaderLease
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
-from klock_async.postgres import PostgresJournal, prepare_schema, redact
+from klock_async.postgres import SCHEMA_VERSION, PostgresJournal, prepare_schema, redact
 
 
 def _lease(lease_id: str, token: int, state: LeaseState = LeaseState.ACTIVE) -> LeaseInfo:
@@ -142,7 +142,7 @@ async def test_older_journal_gets_the_tables_added_since(
     version = postgres_cluster.sql(
         pg_url, "SELECT value FROM klock_meta WHERE key = 'schema_version'"
     )
-    assert version == "1"
+    assert version == str(SCHEMA_VERSION)
     assert postgres_cluster.sql(pg_url, "SELECT count(*) FROM klock_agent_clocks") == "0"
 
 

@@ -21,7 +21,7 @@ from pgutil import READY_TIMEOUT, Cluster, Replica
 
 from klock_async import KlockError, TransportError
 from klock_async.model import Intent, LeaseInfo
-from klock_async.remote import RemoteBackend
+from klock_async.remote import ChannelBackend, RemoteBackend
 
 TTL = "1"  # --leader-ttl of these tests: a paused leader is replaced within about a second
 
@@ -77,7 +77,8 @@ def test_empty_database_is_initialised(pg_url: str, postgres_cluster: Cluster) -
         "WHERE schemaname = 'public'",
     )
     assert tables == (
-        "klock_agent_clocks,klock_agents,klock_leader,klock_leases,klock_meta,klock_path_clocks"
+        "klock_agent_clocks,klock_agents,klock_client_sessions,klock_credentials,klock_leader,"
+        "klock_leases,klock_meta,klock_path_clocks"
     )
 
 
@@ -110,6 +111,31 @@ def test_follower_redirects_to_the_leader(pg_url: str) -> None:
     assert head.startswith("HTTP/1.1 307")
     assert f"location: {leader.url}/agents" in head.lower()
     assert json.loads(body)["details"] == {"leader": leader.url}
+
+
+async def test_follower_channel_refuses_with_not_leader_naming_the_leader(pg_url: str) -> None:
+    """A follower's /channel answers hello not_leader naming the leader; a channel given the
+    follower goes on to the leader."""
+    from websockets.asyncio.client import connect
+
+    with _replica(pg_url) as leader:
+        leader.wait_for("leader.elected")
+        with _replica(pg_url) as follower:
+            await asyncio.to_thread(follower.wait_for, "leader.following")
+            ws_url = "ws://" + follower.url.split("://", 1)[1] + "/channel"
+            async with connect(ws_url) as ws:
+                await ws.send(json.dumps({"id": 0, "op": "hello", "args": {}}))
+                answer = json.loads(await ws.recv())
+            backend = ChannelBackend(follower.url, timeout=10.0)
+            await backend.start()
+            info = await backend.register_agent("a", None)
+            url = backend.url
+            await backend.aclose()
+    assert answer["ok"] is False
+    assert answer["error"]["code"] == "not_leader"
+    assert answer["error"]["leader"] == leader.url
+    assert info.agent_id == "a"
+    assert url == leader.url
 
 
 async def _client_loop(
