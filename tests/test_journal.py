@@ -297,3 +297,46 @@ async def test_retired_agents_leave_the_journal_and_busy_ones_stay(tmp_path: Pat
         waiting.cancel()
         del idle, waiter
     assert sorted(_rows(path, "SELECT id FROM agents")) == [("holder",), ("older",), ("waiter",)]
+
+
+async def test_credentials_and_client_sessions_are_read_back(tmp_path: Path) -> None:
+    """Credential digests and client sessions are committed with the batch and read back;
+    a retired agent's go with it."""
+    path = tmp_path / "klock.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_credential("a", "0" * 64)
+    journal.record_credential("b", "1" * 64)
+    journal.record_client("a", "client-1", "digest-1")
+    await journal.commit()
+    journal.record_retired("b")
+    await journal.commit()
+    journal.close()
+    again = SqliteJournal(path)
+    again.load()
+    assert again.credentials() == {"a": "0" * 64}
+    assert again.client_sessions() == {"a": ("client-1", "digest-1")}
+    again.close()
+
+
+async def test_journal_without_credential_tables_opens(tmp_path: Path) -> None:
+    """A journal written before credentials and client sessions were journaled opens, and
+    gains their tables."""
+    path = tmp_path / "klock.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE credentials")
+        db.execute("DROP TABLE client_sessions")
+    db.close()
+    again = SqliteJournal(path)
+    again.load()
+    assert again.credentials() == {}
+    again.record_credential("a", "2" * 64)
+    await again.commit()
+    again.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT agent_id, digest FROM credentials").fetchall()
+    db.close()
+    assert rows == [("a", "2" * 64)]

@@ -138,6 +138,32 @@ async def test_follower_channel_refuses_with_not_leader_naming_the_leader(pg_url
     assert url == leader.url
 
 
+async def test_channel_resumes_its_session_on_the_new_leader(pg_url: str) -> None:
+    """SIGKILL of the leader: a channel given both replicas reconnects to the new leader and
+    resumes its client session there, with its agent's credential and lease."""
+    with _replica(pg_url) as first:
+        first.wait_for("leader.elected")
+        with _replica(pg_url) as second:
+            await asyncio.to_thread(second.wait_for, "leader.following")
+            backend = ChannelBackend([first.url, second.url], timeout=10.0)
+            await backend.start()
+            await backend.register_agent("a", None)
+            (lease,) = await backend.acquire(
+                "a", "s", [Intent.of("kept.txt", "MUTATES")], ttl=120.0
+            )
+            client_id = backend.client_id
+            await asyncio.to_thread(first.stop)  # SIGKILL
+            await asyncio.to_thread(second.wait_for, "leader.elected")
+            held = await backend.heartbeat(lease.id, "a", None)
+            url = backend.url
+            released = await backend.release(lease.id, "a")
+            await backend.aclose()
+    assert url == second.url
+    assert backend.client_id == client_id
+    assert held.token == lease.token
+    assert released.id == lease.id
+
+
 async def _client_loop(
     backend: RemoteBackend,
     agent: str,
