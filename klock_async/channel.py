@@ -14,8 +14,13 @@ When the grace runs out, the server withdraws the session's queued requests and 
 agents' leases through the scheduler, each a recorded event with ``reason: client_gone``.
 REST clients open a client session with ``POST /clients`` and keep it alive by heartbeat.
 
-An agent registered through a client session belongs to it: operations for that agent from
-any other channel, or from REST, are refused (:class:`~klock_async.errors.ForeignAgentError`).
+An agent registered over a channel gets a credential (:mod:`klock_async.identity`), handed out
+in the answer to ``register``: the channel acts for its agents without sending it, any other
+channel or REST request for them must carry it (identity's refusals). An agent without a
+credential that a client session registered (a REST client session, or an id registered
+before without one) answers only to that session
+(:class:`~klock_async.errors.ForeignAgentError`). ``hello`` may carry the operator token, which
+then covers the session's revoke and evict calls as the ``Klock-Operator-Token`` header does.
 
 The handlers call the same scheduler operations as the REST endpoints and parse their
 arguments with the same helpers and declarations (:mod:`klock_async.validation`).
@@ -51,6 +56,8 @@ from klock_async.errors import (
     TransportError,
     UnauthorizedError,
 )
+from klock_async.identity import Action, Caller, new_credential
+from klock_async.identity import digest as credential_digest
 from klock_async.logging import get_logger
 from klock_async.model import Intent, LeaseInfo, Resource
 from klock_async.server import (
@@ -131,6 +138,7 @@ class ClientSession:
         self.connection: _Connection | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.ended = False
+        self.operator = False  # its hello carried the server's operator token
 
     def answer(self, call_id: int, payload: dict[str, Any]) -> None:
         """Send an answer, and keep it for a client that may not have received it."""
@@ -442,16 +450,80 @@ _EMPTY = _Body({}, optional=True)
 _LEASE_ID = _B["POST /withdraw"].properties["request_id"]
 
 
+def _caller(hub: ChannelHub, session: ClientSession, agent_id: str | None) -> Caller:
+    """The session as identity's rules see it: the holder of the credentials of the agents
+    it registered, and the operator if its hello carried the token."""
+    own = agent_id is not None and agent_id in session.agents
+    return Caller(agent_id if own else None, session.operator)
+
+
+def _authorize(hub: ChannelHub, session: ClientSession, action: Action, agent_id: str) -> None:
+    """Identity's rules for ``agent_id`` (credentials, operator), then the client session's
+    for an agent without a credential that another session registered."""
+    hub.api.identities.authorize(action, agent_id, _caller(hub, session, agent_id))
+    if not (session.operator and action in _OPERATOR_ACTIONS):
+        hub.sessions.check(agent_id, session)
+
+
+_OPERATOR_ACTIONS = frozenset((Action.RELEASE, Action.SESSION_RELEASE, Action.REVOKE, Action.EVICT))
+
+
+async def _lease_holder(hub: ChannelHub, lease_id: str) -> str | None:
+    for info in await hub.api.backend.leases():
+        if info.id == lease_id:
+            return info.agent_id
+    return None
+
+
 async def _register(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     agent_id = validation.ident(args, "agent_id")
     priority = validation.priority(args)
     sessions = hub.sessions
-    sessions.check(agent_id, session)
+    api = hub.api
+    identities = api.identities
+    exists = False
+    if not identities.credentialed(agent_id):
+        exists = any(a.agent_id == agent_id for a in await api.backend.agents())
+    # A new id gets a credential; an id registered before without one stays without (the
+    # Klock v1 rules for it), and one with a credential is this session's or refused.
+    issue = identities.authorize_registration(
+        agent_id,
+        _caller(hub, session, agent_id),
+        wants_credential=not exists,
+        priority=priority,
+        exists=exists,
+    )
+    sessions.check(agent_id, session)  # without a credential: another session's agent
+    if not issue:
+        await sessions.claim(session, agent_id)
+        info = await api.backend.register_agent(agent_id, priority)
+        api.touch(agent_id)
+        data = {**_agent_json(info), "client_id": session.id}
+        if identities.credentialed(agent_id):
+            data["credentialed"] = True
+        return data
+    secret = new_credential()
+    stored = credential_digest(secret)
+    identities.add(agent_id, stored)  # taken now: a concurrent registration is refused
+    journal = api.journal
+    if journal is not None:  # in the commit of the registration, before the answer
+        journal.record_credential(agent_id, stored)
     await sessions.claim(session, agent_id)
-    info = await hub.api.backend.register_agent(agent_id, priority)
-    hub.api.touch(agent_id)
-    # A dict that can take more fields (a credential, say).
-    return {**_agent_json(info), "client_id": session.id}
+    try:
+        info = await api.backend.register_agent(agent_id, priority)
+    except BaseException:
+        identities.forget((agent_id,))
+        if journal is not None:
+            journal.record_credential(agent_id, None)
+        raise
+    api.touch(agent_id)
+    get_logger().info("agent.credential_issued", agent=agent_id, client=session.id)
+    return {
+        **_agent_json(info),
+        "client_id": session.id,
+        "credentialed": True,
+        "credential": secret,
+    }
 
 
 _LEVELS = {level.value: level for level in IsolationLevel}
@@ -485,7 +557,7 @@ async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
     wait = _flag(args, "wait", False)
     timeout = _timeout(args)
     isolation = _LEVELS.get(args.get("isolation")) or _isolation(args)  # type: ignore[arg-type]
-    hub.sessions.check(agent_id, session)
+    _authorize(hub, session, Action.ACQUIRE, agent_id)
     api = hub.api
     backend = api.backend
     api.touch(agent_id)
@@ -508,16 +580,28 @@ async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
     return {"session_id": session_id, "leases": [_lease_wire(info) for info in infos]}
 
 
-def _holder(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> str | None:
+async def _holder(
+    hub: ChannelHub, session: ClientSession, args: dict[str, Any], action: Action, lease_id: str
+) -> str | None:
+    """The agent a call on a lease acts for (None: any holder, the Klock v1 rule). A lease id
+    is no capability for an agent with a credential."""
     agent_id = validation.optional_ident(args, "agent_id")
     if agent_id is not None:
-        hub.sessions.check(agent_id, session)
-    return agent_id
+        _authorize(hub, session, action, agent_id)
+        return agent_id
+    if session.operator and action is Action.RELEASE:
+        return None
+    if not hub.api.identities.checks_leases:
+        return None
+    holder = await _lease_holder(hub, lease_id)
+    if holder is not None:
+        _authorize(hub, session, action, holder)
+    return holder
 
 
 async def _release(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     lease_id = validation.ident(args, "lease_id")
-    agent_id = _holder(hub, session, args)
+    agent_id = await _holder(hub, session, args, Action.RELEASE, lease_id)
     record_write = _flag(args, "record_write", False)
     info = await hub.api.backend.release(lease_id, agent_id, record_write=record_write)
     session.leases.pop(lease_id, None)
@@ -526,7 +610,7 @@ async def _release(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
 
 async def _heartbeat(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     lease_id = validation.ident(args, "lease_id")
-    agent_id = _holder(hub, session, args)
+    agent_id = await _holder(hub, session, args, Action.HEARTBEAT, lease_id)
     ttl = _ttl(args, default_ms=None)
     return _lease_wire(await hub.api.backend.heartbeat(lease_id, agent_id, ttl))
 
@@ -534,7 +618,7 @@ async def _heartbeat(hub: ChannelHub, session: ClientSession, args: dict[str, An
 async def _release_session(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     agent_id = validation.ident(args, "agent_id")
     session_id = validation.ident(args, "session_id")
-    hub.sessions.check(agent_id, session)
+    _authorize(hub, session, Action.SESSION_RELEASE, agent_id)
     return {"released": await hub.api.backend.release_session(agent_id, session_id)}
 
 
@@ -545,11 +629,17 @@ async def _wait_ended(hub: ChannelHub, session: ClientSession, args: dict[str, A
 
 
 async def _revoke(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
-    return _lease_wire(await hub.api.backend.revoke(validation.ident(args, "lease_id")))
+    lease_id = validation.ident(args, "lease_id")
+    holder = await _lease_holder(hub, lease_id)
+    if holder is not None:
+        _authorize(hub, session, Action.REVOKE, holder)
+    return _lease_wire(await hub.api.backend.revoke(lease_id))
 
 
 async def _evict(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
-    return {"evicted": await hub.api.backend.evict(validation.ident(args, "agent_id"))}
+    agent_id = validation.ident(args, "agent_id")
+    _authorize(hub, session, Action.EVICT, agent_id)
+    return {"evicted": await hub.api.backend.evict(agent_id)}
 
 
 async def _leases(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
@@ -571,7 +661,7 @@ async def _waiters(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
 async def _clock_read(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     path = validation.name_field(args, "path", validation.MAX_PATH_CHARS)
     agent_id = validation.name_field(args, "agent_id")
-    hub.sessions.check(agent_id, session)
+    _authorize(hub, session, Action.CLOCK, agent_id)
     clock = await hub.api.backend.clock_read(path, agent_id)
     return _clock_json(str(Resource.parse(path)), clock)
 
@@ -580,7 +670,7 @@ async def _clock_write(hub: ChannelHub, session: ClientSession, args: dict[str, 
     path = validation.name_field(args, "path", validation.MAX_PATH_CHARS)
     agent_id = validation.name_field(args, "agent_id")
     strict = _flag(args, "strict", True)
-    hub.sessions.check(agent_id, session)
+    _authorize(hub, session, Action.CLOCK, agent_id)
     clock = await hub.api.backend.clock_write(path, agent_id, strict=strict)
     return _clock_json(str(Resource.parse(path)), clock)
 
@@ -634,6 +724,11 @@ _HELLO = _Body(
         **_B["POST /clients/heartbeat"].properties,
         "grace_ms": _B["POST /clients"].properties["grace_ms"],
         "pending": {"type": "array", "items": {"type": "integer"}},
+        "operator_token": {
+            "type": "string",
+            "description": "the server's operator token: the session's revoke and evict calls "
+            "are the operator's",
+        },
     },
     optional=True,
 )
@@ -740,6 +835,9 @@ class ChannelHub:
                 raise InvalidFieldError("field 'pending' must be a list of call ids")
             grace = _timeout(args, "grace_ms")
             client_id = validation.optional_ident(args, "client_id")
+            token = args.get("operator_token")
+            # A wrong token is refused (operator_required), as in the REST header.
+            operator = token is not None and self.api.identities.caller(None, token).operator
             data: dict[str, Any]
             if client_id is None:
                 session, secret = self.sessions.open(
@@ -749,6 +847,7 @@ class ChannelHub:
             else:
                 session = self.sessions.resume(client_id, validation.ident(args, "secret"))
                 data = {"client_id": session.id, "resumed": True}
+            session.operator = operator
             data["grace_ms"] = session.grace * 1000.0
             # Calls the server never received (lost with the old connection): resend them.
             data["unknown"] = [i for i in pending if i > session.highest]

@@ -1128,6 +1128,9 @@ class ChannelBackend:
             by design (waiting calls wait as long as they were asked to, plus this much).
         grace: seconds the server keeps this client's session (and leases) after the channel
             broke; None: the server's own (``klock serve --grace``), which also bounds it.
+        operator_token: the server's operator token (``klock serve --operator-token``), sent
+            in the channel's ``hello``: this client's revoke and evict calls are then the
+            operator's.
 
     Raises:
         InvalidRequestError: a malformed URL, timeout or grace.
@@ -1140,8 +1143,13 @@ class ChannelBackend:
         token: str | None = None,
         timeout: float = 30.0,
         grace: float | None = None,
+        operator_token: str | None = None,
     ) -> None:
-        self._rest = RemoteBackend(url, token=token, timeout=timeout)
+        self._rest = RemoteBackend(url, token=token, timeout=timeout, operator_token=operator_token)
+        self._operator = operator_token
+        self.credentials: dict[str, str] = {}
+        """The credential the server handed out for each agent this client registered (the
+        channel acts for them without sending it; REST requests for them need it)."""
         if grace is not None and (
             isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 < grace < 86_400
         ):
@@ -1256,6 +1264,8 @@ class ChannelBackend:
             args["secret"] = self._secret
         elif self._grace is not None:
             args["grace_ms"] = self._grace * 1000.0
+        if self._operator is not None:
+            args["operator_token"] = self._operator
         await ws.send(_dumps_text({"id": 0, "op": "hello", "args": args}))
         async with asyncio.timeout(self._timeout):
             value = json.loads(await ws.recv())
@@ -1538,6 +1548,10 @@ class ChannelBackend:
             TransportError: the server cannot be reached.
         """
         data = await self._call("register", {"agent_id": agent_id, "priority": priority})
+        credential = data.get("credential")
+        if isinstance(credential, str):
+            self.credentials[agent_id] = credential
+            self._rest._credentials[agent_id] = credential  # REST calls of this client
         return AgentInfo(data["agent_id"], data["ts"])
 
     async def acquire(

@@ -1027,10 +1027,22 @@ class _Api:
             return ANONYMOUS
         return self.identities.caller(credential, operator)
 
+    _OPERATOR_ACTS = frozenset(
+        (Action.RELEASE, Action.SESSION_RELEASE, Action.REVOKE, Action.EVICT)
+    )  # what the operator may do for an agent of any client session
+
     def _authorize(self, request: Request, action: Action, agent_id: str) -> Caller:
         caller = self._caller(request)
         self.identities.authorize(action, agent_id, caller)
+        if caller.agent_id != agent_id and not (caller.operator and action in self._OPERATOR_ACTS):
+            self.channel.sessions.check(agent_id, None)
         return caller
+
+    def _check_client(self, request: Request, agent_id: str | None) -> None:
+        """Refuse a request for an agent without a credential of a client session (identity
+        checked agents with one already)."""
+        if agent_id is not None and not self.identities.credentialed(agent_id):
+            self.channel.sessions.check(agent_id, None)
 
     async def _holder(self, lease_id: str) -> str | None:
         """The agent holding an active lease; None when it is not active."""
@@ -1098,7 +1110,6 @@ class _Api:
         body = await self._body(request)
         agent_id = _text(body, "agent_id")
         priority = validation.priority(body)
-        self.channel.sessions.check(agent_id, None)
         wants = _flag(body, "credential", False)
         caller = self._caller(request)
         identities = self.identities
@@ -1108,6 +1119,8 @@ class _Api:
         issue = identities.authorize_registration(
             agent_id, caller, wants_credential=wants, priority=priority, exists=exists
         )
+        if caller.agent_id != agent_id:  # an agent without a credential of a client session
+            self.channel.sessions.check(agent_id, None)
         if not issue:
             info = await self.backend.register_agent(agent_id, priority)
             self.touch(agent_id)
@@ -1183,7 +1196,7 @@ class _Api:
         wait = _flag(body, "wait", False)
         timeout = _timeout(body)
         isolation = _isolation(body)
-        self.channel.sessions.check(agent_id, None)
+        self._check_client(request, agent_id)
         backend = self.backend
         self.touch(agent_id)
 
@@ -1250,10 +1263,9 @@ class _Api:
         body = await self._body(request, required=False)
         lease_id = _path_lease_id(request, body)
         declared = _query_agent(request, body)
-        if declared is not None:
-            self.channel.sessions.check(declared, None)
         record_write = _query_flag(request, "record_write", body)
         agent_id = await self._acting_agent(request, Action.RELEASE, lease_id, declared)
+        self._check_client(request, agent_id)
         info = await self.backend.release(lease_id, agent_id, record_write=record_write)
         self.touch(info.agent_id)
         return _ok({"released": True, **_lease_json(info)})
@@ -1262,10 +1274,9 @@ class _Api:
         body = await self._body(request, required=False)
         lease_id = _path_lease_id(request, body)
         declared = _query_agent(request, body)
-        if declared is not None:
-            self.channel.sessions.check(declared, None)
         ttl = _ttl(body, default_ms=None)
         agent_id = await self._acting_agent(request, Action.HEARTBEAT, lease_id, declared)
+        self._check_client(request, agent_id)
         info = await self.backend.heartbeat(lease_id, agent_id, ttl)
         self.touch(info.agent_id)
         return _ok(_lease_json(info))
@@ -1320,7 +1331,6 @@ class _Api:
         agent_id = _text(body, "agent_id")
         session_id = _text(body, "session_id")
         self._authorize(request, Action.SESSION_RELEASE, agent_id)
-        self.channel.sessions.check(agent_id, None)
         count = await self.backend.release_session(agent_id, session_id)
         self.touch(agent_id)
         return _ok({"agent_id": agent_id, "session_id": session_id, "released": count})
@@ -1340,7 +1350,6 @@ class _Api:
         path = _name(body, "path", validation.MAX_PATH_CHARS)
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.CLOCK, agent_id)
-        self.channel.sessions.check(agent_id, None)
         clock = await self.backend.clock_read(path, agent_id)
         self.touch(agent_id)
         # Answer the tracked name (TYPE:normalised/path); the scheduler accepted the path.
@@ -1352,7 +1361,6 @@ class _Api:
         agent_id = _name(body, "agent_id")
         strict = _flag(body, "strict", True)
         self._authorize(request, Action.CLOCK, agent_id)
-        self.channel.sessions.check(agent_id, None)
         clock = await self.backend.clock_write(path, agent_id, strict=strict)
         self.touch(agent_id)
         return _ok(_clock_json(str(Resource.parse(path)), clock))

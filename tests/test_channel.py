@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from klock_async import (
     AcquireTimeoutError,
     ClientGoneError,
+    CredentialRequiredError,
     Event,
     ForeignAgentError,
     Intent,
@@ -28,6 +29,7 @@ from klock_async import (
     KernelClosedError,
     Klock,
     LeaseState,
+    OperatorRequiredError,
     TransportError,
 )
 from klock_async.remote import ChannelBackend, RemoteBackend
@@ -295,9 +297,10 @@ async def test_rest_client_session_heartbeat_and_close() -> None:
 # ------------------------------------------------------------------------------ identity
 
 
-async def test_agent_of_a_channel_answers_only_to_its_channel() -> None:
-    """Another channel, or a REST client, acting for an agent a channel registered gets
-    ForeignAgentError, and nothing changes."""
+async def test_agent_of_a_channel_answers_only_to_its_credential() -> None:
+    """An agent registered over a channel gets a credential: the channel acts for it without
+    sending it; another channel, or a REST request without it, is refused
+    (credential_required), and nothing changes; a REST request carrying it is served."""
     with serve_in_thread() as server:
         async with Klock.connect(server.url) as mine, Klock.connect(server.url) as thief:
             owner = await mine.register_agent("owner")
@@ -317,24 +320,84 @@ async def test_agent_of_a_channel_answers_only_to_its_channel() -> None:
                     isolation=IsolationLevel.READ_COMMITTED,
                 ),
                 stolen.release(lease.id, "owner"),
+                stolen.release(lease.id),
                 stolen.heartbeat(lease.id, "owner", 0.001),
                 stolen.release_session("owner", lease.info.session_id),
                 stolen.clock_write("/own.py", "owner", strict=False),
+                stolen.revoke(lease.id),
+                stolen.evict("owner"),
             ]
             for attempt in attempts:
-                with pytest.raises(ForeignAgentError):
+                with pytest.raises(CredentialRequiredError):
                     await attempt
             rest = RemoteBackend(server.url)
             await rest.start()
             try:
-                with pytest.raises(ForeignAgentError):
+                with pytest.raises(CredentialRequiredError):
                     await rest.register_agent("owner", None)
-                with pytest.raises(ForeignAgentError):
+                with pytest.raises(CredentialRequiredError):
                     await rest.release(lease.id, "owner")
             finally:
                 await rest.aclose()
             assert await mine.backend.leases() == before
+            channel = mine.backend
+            assert isinstance(channel, ChannelBackend)
+            credential = channel.credentials["owner"]
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                answer = await http.post(
+                    f"/leases/{lease.id}/heartbeat",
+                    json={"agent_id": "owner"},
+                    headers={"Klock-Credential": credential},
+                )
+            assert answer.status_code == 200, answer.text
             await lease.release()
+
+
+async def test_agent_of_a_rest_client_session_answers_only_to_it() -> None:
+    """An agent without a credential that a REST client session registered is refused to a
+    channel (foreign_agent): identity has no rule for it."""
+    with serve_in_thread() as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            opened = (await http.post("/clients", json={})).json()["data"]
+            answer = await http.post(
+                "/clients/agents",
+                json={
+                    "agent_id": "rest-agent",
+                    "client_id": opened["client_id"],
+                    "secret": opened["secret"],
+                },
+            )
+            assert answer.status_code == 200, answer.text
+        async with Klock.connect(server.url) as other:
+            with pytest.raises(ForeignAgentError):
+                await other.backend.register_agent("rest-agent", None)
+
+
+async def test_operator_token_in_hello_covers_revoke_and_evict() -> None:
+    """A channel whose hello carries the operator token may revoke and evict any agent's
+    leases; a wrong token is refused at hello (operator_required)."""
+    with serve_in_thread(operator_token="op-secret") as server:
+        async with Klock.connect(server.url) as mine:
+            owner = await mine.register_agent("owner")
+            lease = await owner.acquire("/own.py", "MUTATES", ttl=300)
+            wrong = ChannelBackend(server.url, operator_token="not-it")
+            with pytest.raises(OperatorRequiredError):
+                await wrong.start()
+            await wrong.aclose()
+            plain = ChannelBackend(server.url)
+            await plain.start()
+            with pytest.raises(OperatorRequiredError):
+                await plain.revoke(lease.id)
+            await plain.aclose()
+            operator = ChannelBackend(server.url, operator_token="op-secret")
+            await operator.start()
+            revoked = await operator.revoke(lease.id)
+            again = await owner.acquire("/again.py", "MUTATES", ttl=300)
+            evicted = await operator.evict("owner")
+            await operator.aclose()
+    assert revoked.id == lease.id
+    assert evicted == 1
+    assert again.id
 
 
 # ------------------------------------------------------------------------------ the wire
