@@ -453,7 +453,11 @@ _LEASE_ID = _B["POST /withdraw"].properties["request_id"]
 def _caller(hub: ChannelHub, session: ClientSession, agent_id: str | None) -> Caller:
     """The session as identity's rules see it: the holder of the credentials of the agents
     it registered, and the operator if its hello carried the token."""
-    own = agent_id is not None and agent_id in session.agents
+    own = (
+        agent_id is not None
+        and agent_id in session.agents
+        and hub.api.identities.credentialed(agent_id)
+    )
     return Caller(agent_id if own else None, session.operator)
 
 
@@ -484,12 +488,13 @@ async def _register(hub: ChannelHub, session: ClientSession, args: dict[str, Any
     exists = False
     if not identities.credentialed(agent_id):
         exists = any(a.agent_id == agent_id for a in await api.backend.agents())
-    # A new id gets a credential; an id registered before without one stays without (the
-    # Klock v1 rules for it), and one with a credential is this session's or refused.
+    # A new id gets a credential (unless the call says "credential": false, as Klock v1
+    # clients do); an id registered before without one stays without (the Klock v1 rules for
+    # it), and one with a credential is this session's or refused.
     issue = identities.authorize_registration(
         agent_id,
         _caller(hub, session, agent_id),
-        wants_credential=not exists,
+        wants_credential=not exists and _flag(args, "credential", True),
         priority=priority,
         exists=exists,
     )

@@ -321,7 +321,10 @@ class KlockHttpClient(_BlockingClient):
         self.base_url = base_url
         secret = token if token is not None else api_key
         super().__init__(
-            lambda: ChannelBackend(base_url, token=secret, timeout=timeout_ms / 1000.0),
+            # A v1 client: agents without a credential, lease ids as capabilities.
+            lambda: ChannelBackend(
+                base_url, token=secret, timeout=timeout_ms / 1000.0, credentials=False
+            ),
             "klock-http-client",
         )
 

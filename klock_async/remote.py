@@ -1131,6 +1131,8 @@ class ChannelBackend:
         operator_token: the server's operator token (``klock serve --operator-token``), sent
             in the channel's ``hello``: this client's revoke and evict calls are then the
             operator's.
+        credentials: register agents with a credential (the default); False registers them
+            as a Klock v1 client does, without one (a lease id is then a capability for them).
 
     Raises:
         InvalidRequestError: a malformed URL, timeout or grace.
@@ -1144,9 +1146,17 @@ class ChannelBackend:
         timeout: float = 30.0,
         grace: float | None = None,
         operator_token: str | None = None,
+        credentials: bool = True,
     ) -> None:
-        self._rest = RemoteBackend(url, token=token, timeout=timeout, operator_token=operator_token)
+        self._rest = RemoteBackend(
+            url,
+            token=token,
+            timeout=timeout,
+            operator_token=operator_token,
+            credentials=credentials,
+        )
         self._operator = operator_token
+        self._ask_credentials = credentials
         self.credentials: dict[str, str] = {}
         """The credential the server handed out for each agent this client registered (the
         channel acts for them without sending it; REST requests for them need it)."""
@@ -1547,7 +1557,10 @@ class ChannelBackend:
             ForeignAgentError: another client session registered the id.
             TransportError: the server cannot be reached.
         """
-        data = await self._call("register", {"agent_id": agent_id, "priority": priority})
+        args: dict[str, Any] = {"agent_id": agent_id, "priority": priority}
+        if not self._ask_credentials:
+            args["credential"] = False
+        data = await self._call("register", args)
         credential = data.get("credential")
         if isinstance(credential, str):
             self.credentials[agent_id] = credential
