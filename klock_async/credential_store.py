@@ -1,9 +1,10 @@
-"""Where ``klock serve --db`` keeps the agents' credential digests: a table of the journal file.
+"""The ``credentials`` table of a SQLite journal file, read and written on its own connection.
 
-The digests live beside the journal's tables (``credentials``: agent id, hex SHA-256), so a
-restart, a ``klock backup`` copy and a restore keep every identity. The table is written on
-its own connection, by one worker thread, before the server hands a new secret out: an agent
-never holds a credential that a restart would forget.
+``klock serve`` no longer uses it: the journal itself keeps the digests (``credentials``: agent
+id, hex SHA-256, in :data:`klock_async.journal.TABLES`) and writes them in the commit of the
+agent's registration, on SQLite and PostgreSQL alike. The table is the same, so a file written
+through this store opens with every identity. It stays for tools that read or repair a file's
+credentials without loading the journal.
 """
 
 from __future__ import annotations
