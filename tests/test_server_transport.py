@@ -31,11 +31,15 @@ def _with_echo(app: Any) -> Any:
     return wrapped
 
 
-def _upgraded() -> list[server_module._ConnectionGuard]:
+def _upgraded(port: int) -> list[server_module._ConnectionGuard]:
+    """The upgraded connections of the server on ``port`` (other tests' servers may have
+    some of their own in the same process)."""
     return [
         guard
-        for guard in list(server_module._GUARDS.values())
-        if guard._transport.get_protocol() is not guard
+        for (server, _), guard in list(server_module._GUARDS.items())
+        if server is not None
+        and int(server[1]) == port
+        and guard._transport.get_protocol() is not guard
     ]
 
 
@@ -49,7 +53,7 @@ async def test_an_upgraded_connection_outlives_the_read_timer() -> None:
         async with connect(url) as ws:
             await ws.send("one")
             assert await ws.recv() == "one"
-            (guard,) = _upgraded()
+            (guard,) = _upgraded(int(running.url.rsplit(":", 1)[1]))
 
             async def time_out() -> None:
                 guard._timed_out()  # what the timer does when read_timeout has passed
