@@ -338,9 +338,19 @@ class LeaseBlock:
         self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> Lease:
-        self._leases = await self._owner.acquire_many(
-            self._intents, ttl=self._ttl, session=self._session, timeout=self._timeout
+        # acquire_many() without parsing again what lease_many() parsed and validated.
+        owner = self._owner
+        session_id, isolation = owner._session_for(self._session)
+        backend = owner._klock._backend or owner._klock.backend  # the property raises if unset
+        infos = await backend.acquire(
+            owner._agent_id,
+            session_id,
+            self._intents,
+            ttl=self._ttl,
+            timeout=self._timeout,
+            isolation=isolation,
         )
+        self._leases = [Lease(backend, info, isolation) for info in infos]
         if self._heartbeat:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._ttl / 3, self._start_keepers, loop)

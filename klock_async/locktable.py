@@ -349,6 +349,7 @@ class LockTable:
         self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
         self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
         self.queued: dict[int, Request] = {}
+        self._holding = 0  # how many queued requests are of holding units
         self._freed: list[Resource] = []  # resources of requests that died while queued
         # Expiry: a heap of (deadline, lease id), and the deadlines noted at or after the
         # deadline the driver armed its timer for (they join the heap when it fires). A grant
@@ -554,7 +555,10 @@ class LockTable:
     def _overlapping(self, resource: Resource) -> list[_Slot]:
         """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
         slots = self._slots
-        slot = slots.get(resource.key)
+        key = resource.key
+        slot = slots.get(key)
+        if key not in self._under and slots.keys().isdisjoint(resource.up):
+            return [] if slot is None else [slot]  # nothing above or below (the common case)
         found = [] if slot is None else [slot]
         for ancestor in resource.up:
             slot = slots.get(ancestor)
@@ -609,6 +613,8 @@ class LockTable:
         """``request`` was granted or queued ahead of younger waiters: those of holding units
         that conflict with it must die (a holding unit never waits for an older request).
         """
+        if not self._holding:
+            return  # no queued request of a holding unit: nobody can die (the common case)
         ts, unit_key = request.ts, (request.agent_id, request.session_id)
         doomed: dict[int, tuple[Request, Intent]] = {}
         for intent in request.intents:
@@ -773,6 +779,7 @@ class LockTable:
         self.queued[request.id] = request
         unit.queued[request.id] = request
         request.holding = holding = bool(unit.leases)
+        self._holding += holding
         by_resource: dict[str, list[Predicate]] = {}
         for intent in request.intents:
             by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
@@ -793,6 +800,7 @@ class LockTable:
         del self.queued[request.id]
         unit = self.units[(request.agent_id, request.session_id)]
         del unit.queued[request.id]
+        self._holding -= request.holding
         entry = (request.ts, request.id)
         for intent in request.intents:
             slot = self._slots.get(intent.resource.key)
@@ -810,6 +818,7 @@ class LockTable:
         if request.holding is holding:
             return
         request.holding = holding
+        self._holding += 1 if holding else -1
         for key in {intent.resource.key for intent in request.intents}:
             self._slots[key].holding += 1 if holding else -1
 
@@ -837,7 +846,11 @@ class LockTable:
                         if not allowed:
                             break
             dirty = {}
-            for request in sorted(candidates.values(), key=lambda r: (r.ts, r.id)):
+            if len(candidates) == 1:
+                ordered: Iterable[Request] = candidates.values()  # the common case: no sort
+            else:
+                ordered = sorted(candidates.values(), key=lambda r: (r.ts, r.id))
+            for request in ordered:
                 if request.id not in self.queued:
                     continue
                 if self._redecide(request, now):
@@ -845,10 +858,11 @@ class LockTable:
 
     def _redecide(self, request: Request, now: float) -> bool:
         """Re-decide a queued request; True when it left the queue in a way that may free
-        others (it died, or a causal check refused it).
+        others (it died, or a causal check refused it, or it was granted while other requests
+        of its unit wait).
 
-        A grant frees nobody: every waiter its queued entry blocked, its new leases block
-        alike (the same intents on the same resources).
+        A grant frees no other unit's waiter: every waiter of another unit its queued entry
+        blocked, its new leases block alike (the same intents on the same resources).
         """
         blockers = self._blockers(request)
         unit = self.units[(request.agent_id, request.session_id)]
@@ -857,7 +871,9 @@ class LockTable:
             if granted and self.queued:
                 self._passed(request)
             self._unit_idle(unit)
-            return True
+            # A grant frees only the unit's own other waiters (its leases do not block them):
+            # those may sit behind it in a queue whose head alone was re-decided.
+            return not granted or bool(unit.queued)
         if request.holding:
             verdict = rules.wait_die(request.ts, blockers)
             if verdict.decision is rules.Decision.DIE:
@@ -1401,6 +1417,7 @@ class LockTable:
                 assert self.queued[rid] is request
                 queued_ids.add(rid)
         assert len(self._idle) <= _IDLE_SLOTS
+        assert self._holding == sum(r.holding for r in self.queued.values())
         assert queued_ids == set(self.queued)
         for request in self.queued.values():
             unit = self.units[(request.agent_id, request.session_id)]

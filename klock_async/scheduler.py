@@ -317,10 +317,9 @@ class Scheduler:
         self._closed = False
         self._request_ids = itertools.count(1)
         table = self._table
+        # Handlers of every message but the two of each pair (Request, _Drop: see _serve).
         self._handlers: dict[type, Callable[[Any, float], Any]] = {
-            Request: self._on_acquire,
             _Release: lambda m, now: table.release(m.lease_id, m.agent_id, m.record_write, now),
-            _Drop: self._on_drop,
             _Heartbeat: lambda m, now: table.heartbeat(m.lease_id, m.agent_id, m.ttl, now),
             _Withdraw: self._on_withdraw,
             _RegisterAgent: lambda m, now: table.register(m.agent_id, m.priority),
@@ -472,7 +471,18 @@ class Scheduler:
             for _ in range(n):
                 msg = mailbox.popleft()
                 try:
-                    result = handlers[type(msg)](msg, now)
+                    # The two messages of every pair go to the table without a handler's frame.
+                    kind = type(msg)
+                    if kind is _Drop:
+                        table.drop(msg.lease_id, now)
+                        result = _PENDING
+                    elif kind is Request:
+                        if not msg.reply.done():  # else its caller is gone; a withdraw follows
+                            self._deciding = msg
+                            table.acquire(msg, now)
+                        result = _PENDING
+                    else:
+                        result = handlers[kind](msg, now)
                 except KlockError as exc:
                     self._fail(msg.reply, exc)
                 except Exception:
@@ -808,16 +818,6 @@ class Scheduler:
         return result
 
     # ---------------------------------------------------------------- handlers
-
-    def _on_acquire(self, msg: Request, now: float) -> object:
-        if not msg.reply.done():  # else its caller is gone; a withdraw is on its way
-            self._deciding = msg
-            self._table.acquire(msg, now)
-        return _PENDING
-
-    def _on_drop(self, msg: _Drop, now: float) -> object:
-        self._table.drop(msg.lease_id, now)
-        return _PENDING
 
     def _on_withdraw(self, msg: _Withdraw, now: float) -> object:
         self._table.withdraw(msg.request_id, msg.agent_id, msg.session_id, now)
