@@ -347,6 +347,7 @@ class LeaseBlock:
             session_id,
             self._intents,
             ttl=self._ttl,
+            wait=True,
             timeout=self._timeout,
             isolation=isolation,
         )
