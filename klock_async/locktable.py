@@ -826,8 +826,10 @@ class LockTable:
         """Re-decide the queues that overlap ``resources``, oldest first, until nothing changes.
 
         Per slot only the head of the queue can change: the waiters up to and including the
-        first one that wants the resource exclusively (every younger waiter of that slot
-        conflicts with it, and none of them may pass it).
+        first one that wants the resource exclusively (every younger waiter of another unit
+        conflicts with it, and none of them may pass it), and the other waiters of that one's
+        unit (a unit's requests never block each other; they share its age, so they follow it
+        in the queue).
         """
         if not self.queued:  # nothing waits: the common case after a release
             self._freed.clear()
@@ -840,11 +842,14 @@ class LockTable:
             for resource in dirty.values():
                 for slot in self._overlapping(resource):
                     waiters = slot.waiters
-                    for _, rid in slot.order:
+                    exclusive = None  # the age of the first exclusive waiter, once found
+                    for age, rid in slot.order:
+                        if exclusive is not None and age != exclusive:
+                            break
                         request, allowed = waiters[rid]
                         candidates[rid] = request
-                        if not allowed:
-                            break
+                        if not allowed and exclusive is None:
+                            exclusive = age
             dirty = {}
             if len(candidates) == 1:
                 ordered: Iterable[Request] = candidates.values()  # the common case: no sort

@@ -256,6 +256,18 @@ def test_a_resource_named_twice_is_queued_with_both_predicates() -> None:
     assert len(d.leases("both")) == 2
 
 
+def test_a_waiter_behind_an_exclusive_waiter_of_its_own_unit_is_granted_once_free() -> None:
+    """A queued request is re-decided when freed, also behind its own unit's exclusive waiter."""
+    d = Driver("w", "v", "u")
+    assert granted(d.ask("w-holds", "w", [("/f", "MUTATES")]))
+    assert granted(d.ask("v-holds", "v", [("/g", "MUTATES")]))
+    both = [("/f", "MUTATES"), ("/g", "MUTATES")]
+    assert d.ask("exclusive", "u", both, session="u") is None
+    assert d.ask("reader", "u", [("/f", "CONSUMES")], session="u") is None
+    d.release("w-holds")  # the reader waited for this lease only (its own unit never blocks it)
+    assert granted(d.answers["reader"])
+
+
 def test_all_or_nothing() -> None:
     """A multi-resource request is granted whole or waits whole."""
     d = Driver("a", "b")
