@@ -7,9 +7,10 @@ and the journal commit; tests drive it directly, on virtual time, and explore it
 
 Answers that are not the immediate result of a call (a queued request granted by a release, a
 request that dies because an older one passed it, a watcher told that a lease ended) are
-appended to :attr:`LockTable.answers` as ``(reply, value)`` pairs, where ``reply`` is whatever
+passed to :attr:`LockTable.answer` as ``(reply, value)`` pairs, where ``reply`` is whatever
 opaque handle the caller put on the request or watch (the actor's future) and ``value`` is the
-result or a :class:`~klock_async.errors.KlockError` instance. The driver drains the list.
+result or a :class:`~klock_async.errors.KlockError` instance. By default they are appended to
+:attr:`LockTable.answers`, which the driver drains; a driver may deliver each one instead.
 
 The rules (DESIGN.md, "Wait-Die, exactly"; the argument is in docs/kernel.md):
 
@@ -340,6 +341,9 @@ class LockTable:
         # Told of every refused stale write, observed or not (a warning for people).
         self.on_refused: Callable[[StaleWrite], None] | None = None
         self.answers: list[tuple[Any, Any]] = []
+        # Where each answer goes: kept in ``answers`` by default; a driver that can deliver
+        # at once (the actor, resolving a future) sets its own.
+        self.answer: Callable[[tuple[Any, Any]], None] = self.answers.append
         self.agents: dict[str, _Agent] = {}
         self.units: dict[tuple[str, str], _Unit] = {}
         self._retrying: dict[tuple[str, str], int] = {}
@@ -493,7 +497,7 @@ class LockTable:
     # ---------------------------------------------------------------- acquire
 
     def acquire(self, request: Request, now: float) -> None:
-        """Decide a new request; its answer (now or later) goes to :attr:`answers`.
+        """Decide a new request; its answer (now or later) goes to :attr:`answer`.
 
         Raises:
             UnknownAgentError: the agent was never registered (nothing changed).
@@ -523,7 +527,7 @@ class LockTable:
             if verdict.decision is rules.Decision.DIE:
                 self._die(request, blocker, now)
             else:
-                self.answers.append((request.reply, self._would_wait(request, blocker, now)))
+                self.answer((request.reply, self._would_wait(request, blocker, now)))
             self._unit_idle(unit)
             return
         if unit.leases and verdict.decision is rules.Decision.DIE:
@@ -684,7 +688,7 @@ class LockTable:
         self.counts["grants"] += 1
         if journal is not None:
             journal.record_counters(self.last_token, self.last_agent_ts)
-        self.answers.append((request.reply, tuple(answer)))
+        self.answer((request.reply, tuple(answer)))
         if unit.queued:
             self._now_holding(unit, now)
         return True
@@ -717,7 +721,7 @@ class LockTable:
                                 "request.withdrawn", request=request, reason="stale_write"
                             )
                     self.counts["causal_violations"] += 1
-                    self.answers.append((request.reply, self._violation(stale)))
+                    self.answer((request.reply, self._violation(stale)))
                     return False
         return True
 
@@ -742,15 +746,26 @@ class LockTable:
                 blocker=blocker.agent_id,
                 blocker_lease=blocker_lease,
             )
-        self.answers.append(
+        if unit is not None and unit.leases:
+            message = (
+                f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
+                f"{intent.resource} while its session holds other leases: older agent "
+                f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
+                "Release what this session holds and retry; the session keeps its age, "
+                "so it cannot starve."
+            )
+        else:  # empty-handed: only a request made with wait=False dies
+            message = (
+                f"agent {request.agent_id!r} asked for {intent.predicate.value} "
+                f"{intent.resource} with wait=False, and older agent {blocker.agent_id!r} "
+                f"holds or awaits a conflicting intent ({where}); nothing was queued. Retry "
+                "later, or acquire with wait=True to queue behind it."
+            )
+        self.answer(
             (
                 request.reply,
                 LeaseDied(
-                    f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
-                    f"{intent.resource} while its session holds other leases: older agent "
-                    f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
-                    "Release what this session holds and retry; the session keeps its age, "
-                    "so it cannot starve.",
+                    message,
                     agent_id=request.agent_id,
                     resource=str(intent.resource),
                     predicate=intent.predicate.value,
@@ -1016,7 +1031,7 @@ class LockTable:
             self._unqueue(request)
             if self.observer is not None:
                 self.observer("request.withdrawn", request=request, reason="evicted")
-            self.answers.append(
+            self.answer(
                 (
                     request.reply,
                     EvictedError(
@@ -1226,7 +1241,7 @@ class LockTable:
         if self.observer is not None:
             self.observer(f"lease.{state.value.lower()}", lease=lease)
         for reply in watchers or ():
-            self.answers.append((reply, info))
+            self.answer((reply, info))
         return info
 
     def retire(self, agent_ids: Iterable[str]) -> tuple[str, ...]:

@@ -272,7 +272,7 @@ class _ClockWrite:
     reply: asyncio.Future[Any]
 
 
-_PENDING = object()  # a handler's answer when the reply comes through the table's answers
+_PENDING = object()  # a handler's answer when the reply comes through the table's answer
 
 
 class Scheduler:
@@ -300,6 +300,7 @@ class Scheduler:
         self._events = EventBuffer()
         self._publisher = _Publisher(self._events)
         self._table.on_refused = lambda stale: _write_refused(self._events, stale)
+        self._table.answer = self._deliver  # answers are delivered as the table decides them
         # Client side: what the actor granted through this object and has not yet been told
         # released, each with its end mark (see release_nowait). Only client code touches it.
         self._held: dict[str, _Grant] = {}
@@ -369,7 +370,6 @@ class Scheduler:
         # Replies still in the outbox belong to a batch whose commit was cut short: they must
         # not claim a grant the journal may not hold (group commit answers only after commit).
         futures += [fut for fut, _, _ in self._outbox]
-        futures += [reply for reply, _ in self._table.answers]
         for fut in futures:
             if fut is not None and not fut.done():
                 fut.set_exception(error)
@@ -428,10 +428,8 @@ class Scheduler:
         futures = [fut for fut, _, _ in self._outbox]
         if self._deciding is not None:  # it may have left the queue without an answer
             futures.append(self._deciding.reply)
-        # Waiters, and answers the table decided but the actor did not deliver: the crash may
-        # have come in the middle of a hand-off.
+        # Waiters: the crash may have come in the middle of a hand-off.
         futures += [request.reply for request in self._table.queued.values()]
-        futures += [reply for reply, _ in self._table.answers]
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
@@ -446,7 +444,6 @@ class Scheduler:
         handlers = self._handlers
         table = self._table
         counts = table.counts
-        answers = table.answers
         while True:
             # Wait for a message, unless the timer fired while the actor awaited a commit.
             if not mailbox and (self._timer is not None or table.armed == _NEVER):
@@ -463,8 +460,6 @@ class Scheduler:
             if now >= table.armed:
                 table.expire(now)
                 table.next_deadline()
-                if answers:
-                    self._answer(answers)
             n = len(mailbox)
             counts["batches"] += 1
             counts["messages"] += n
@@ -493,8 +488,6 @@ class Scheduler:
                 else:
                     if result is not _PENDING:
                         self._reply(msg.reply, result)
-                if answers:
-                    self._answer(answers)
             self._deciding = None
             if table.rearm:
                 table.next_deadline()
@@ -512,14 +505,19 @@ class Scheduler:
             if self._outbox:
                 self._flush()
 
-    def _answer(self, answers: list[tuple[Any, Any]]) -> None:
-        """Deliver what the table decided besides the handlers' own results."""
-        for reply, value in answers:
+    def _deliver(self, answer: tuple[asyncio.Future[Any], Any]) -> None:
+        """Deliver what the table decides besides the handlers' own results, as it decides it."""
+        fut, value = answer
+        if self._journal is not None:  # group commit: after the batch's commit
             if isinstance(value, KlockError):
-                self._fail(reply, value)
+                self._outbox.append((fut, None, value))
             else:
-                self._reply(reply, value)
-        answers.clear()
+                self._outbox.append((fut, value, None))
+        elif not fut.done():
+            if isinstance(value, KlockError):
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
 
     def _arm(self, at: float, now: float) -> None:
         if self._timer is not None:
@@ -548,8 +546,6 @@ class Scheduler:
                     if isinstance(grant, tuple) and isinstance(grant[0], LeaseInfo):
                         granted.append(grant[0].id)  # an acquire's answer
             self._table.give_back(granted, now)
-            if self._table.answers:
-                self._answer(self._table.answers)
             return False
         get_logger().error("journal.failed", error=str(exc))
         error = KernelClosedError(

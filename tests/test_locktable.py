@@ -201,6 +201,27 @@ def test_wait_false_gets_the_classic_verdict() -> None:
     assert not d.table.queued
 
 
+def test_died_message_of_an_empty_handed_wait_false_request_names_no_held_leases() -> None:
+    """LeaseDied for a wait=False request of a unit that holds nothing says it did not wait."""
+    d = Driver("a", "b")
+    assert granted(d.ask("old", "a", [("/f", "MUTATES")]))
+    died = d.ask("young", "b", [("/f", "CONSUMES")], wait=False)
+    assert isinstance(died, LeaseDied)
+    assert "holds other leases" not in died.message
+    assert "wait=False" in died.message and "nothing was queued" in died.message
+
+
+def test_died_message_of_a_holding_request_says_what_its_session_holds() -> None:
+    """LeaseDied for a request of a unit that holds leases says so, with or without wait."""
+    d = Driver("a", "b")
+    assert granted(d.ask("old", "a", [("/f", "MUTATES")]))
+    assert granted(d.ask("s1", "b", [("/x", "MUTATES")], session="young"))
+    for wait in (True, False):
+        died = d.ask(f"s2-{wait}", "b", [("/f", "MUTATES")], session="young", wait=wait)
+        assert isinstance(died, LeaseDied)
+        assert "while its session holds other leases" in died.message
+
+
 # --- reentrancy and request shapes ------------------------------------------------------------
 
 
