@@ -10,7 +10,8 @@ that a crash could take back.
 What is stored, and why that is enough to continue where the previous run stopped:
 
 - ``agents``: every registered agent and its age (ages never change, so Wait-Die stays fair
-  across restarts);
+  across restarts); ``priorities``: the agents registered with an explicit priority, which
+  orders them before every automatic age;
 - ``leases``: the *active* leases only, with their wall-clock expiry. A lease that ends is
   deleted in the same transaction that records the end, so the table stays as small as the
   lease table in memory;
@@ -80,6 +81,10 @@ CREATE TABLE IF NOT EXISTS agent_clocks (
     agent_id TEXT PRIMARY KEY,
     clock TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS priorities (
+    agent_id TEXT PRIMARY KEY,
+    priority INTEGER NOT NULL
+);
 """
 
 _SYNCHRONOUS = ("FULL", "NORMAL")
@@ -95,6 +100,7 @@ class _Batch:
     agent_clocks: dict[str, VectorClock] = field(default_factory=dict)
     meta: dict[str, int] = field(default_factory=dict)
     retired: set[str] = field(default_factory=set)
+    priorities: dict[str, int] = field(default_factory=dict)  # of agents in ``agents``
 
     def __bool__(self) -> bool:
         return bool(
@@ -115,6 +121,7 @@ class _Batch:
             {**self.agent_clocks, **newer.agent_clocks},
             {**self.meta, **newer.meta},
             (self.retired - newer.agents.keys()) | newer.retired,
+            {**self.priorities, **newer.priorities},
         )
 
     def storable(self) -> _Batch:
@@ -130,6 +137,7 @@ class _Batch:
             {k: c for k, c in self.agent_clocks.items() if _fits(k, *_flat(c))},
             {k: v for k, v in self.meta.items() if _fits(v)},
             {k for k in self.retired if _fits(k)},
+            {k: p for k, p in self.priorities.items() if _fits(k, p)},
         )
 
 
@@ -276,6 +284,10 @@ class SqliteJournal:
             where = f"agents row {agent_id!r}"
             ages[_string(agent_id, where)] = _integer(ts, where)
             agents.append(AgentInfo(agent_id, ts))
+        priorities = {
+            _string(agent_id, "priorities row"): _integer(priority, f"priorities row {agent_id!r}")
+            for agent_id, priority in db.execute("SELECT agent_id, priority FROM priorities")
+        }
         leases = [
             self._lease(row, ages)
             for row in db.execute(
@@ -300,6 +312,7 @@ class SqliteJournal:
             path_clocks=path_clocks,
             agent_clocks=agent_clocks,
             conflict_count=meta.get("conflict_count", 0),
+            priorities=priorities,
         )
         return state, meta
 
@@ -328,14 +341,17 @@ class SqliteJournal:
             raise JournalError(f"{self.path}: {where} has a token or ttl that is not positive")
         return info
 
-    def record_agent(self, agent: AgentInfo) -> None:
-        """Buffer a registered agent."""
+    def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
+        """Buffer a registered agent, with its explicit priority if it was given one."""
         self._batch.agents[agent.agent_id] = agent
         self._batch.retired.discard(agent.agent_id)
+        if priority is not None:
+            self._batch.priorities[agent.agent_id] = priority
 
     def record_retired(self, agent_id: str) -> None:
         """Buffer the removal of a retired agent (it holds no lease)."""
         self._batch.agents.pop(agent_id, None)
+        self._batch.priorities.pop(agent_id, None)
         self._batch.retired.add(agent_id)
 
     def record_lease(self, lease: LeaseInfo) -> None:
@@ -496,10 +512,18 @@ class SqliteJournal:
         try:
             if batch.retired:
                 db.executemany("DELETE FROM agents WHERE id = ?", [(a,) for a in batch.retired])
+                db.executemany(
+                    "DELETE FROM priorities WHERE agent_id = ?", [(a,) for a in batch.retired]
+                )
             if batch.agents:
                 db.executemany(
                     "INSERT OR REPLACE INTO agents (id, ts) VALUES (?, ?)",
                     [(a.agent_id, a.ts) for a in batch.agents.values()],
+                )
+            if batch.priorities:
+                db.executemany(
+                    "INSERT OR REPLACE INTO priorities (agent_id, priority) VALUES (?, ?)",
+                    list(batch.priorities.items()),
                 )
             if active:
                 db.executemany(

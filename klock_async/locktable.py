@@ -106,6 +106,7 @@ class RecoveredState:
     path_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     agent_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     conflict_count: int = 0
+    priorities: dict[str, int] = field(default_factory=dict)  # agents' explicit priorities
 
 
 class Journal(Protocol):
@@ -119,8 +120,8 @@ class Journal(Protocol):
     def load(self) -> RecoveredState:
         """Read the state left by the previous run."""
 
-    def record_agent(self, agent: AgentInfo) -> None:
-        """Buffer a registered agent."""
+    def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
+        """Buffer a registered agent, with its explicit priority if it was given one."""
 
     def record_lease(self, lease: LeaseInfo) -> None:
         """Buffer a granted or changed lease (insert or replace by id)."""
@@ -394,7 +395,8 @@ class LockTable:
     def recover(self, state: RecoveredState, now: float) -> None:
         """Load the state a journal recovered (before any other call)."""
         for agent in state.agents:
-            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, None)
+            priority = state.priorities.get(agent.agent_id)
+            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, priority)
         self.last_agent_ts = state.last_agent_ts
         self.last_token = state.last_token
         # Units come back in grant order: their ages are fresh, and older grants stay older.
@@ -457,7 +459,7 @@ class LockTable:
         agent = self.agents[agent_id] = _Agent(agent_id, ts, priority)
         info = AgentInfo(agent.id, agent.ts)
         if self.journal is not None:
-            self.journal.record_agent(info)
+            self.journal.record_agent(info, priority)
             self.journal.record_counters(self.last_token, self.last_agent_ts)
         if self.observer is not None:
             self.observer("agent.registered", agent=agent.id, ts=agent.ts)
