@@ -69,7 +69,7 @@ IntentLike = tuple[Resource | str, Predicate | str] | Intent
 class RetryPolicy:
     """How a protected call retries after Wait-Die made it die.
 
-    Each retry keeps the agent's age (so it cannot starve), first releases what the dying
+    Each retry keeps the unit's age (so it cannot starve), first releases what the dying
     session held, then waits until the blocking lease ends, at most a capped, jittered
     exponential backoff: ``min(max_delay, base_delay * 2**attempt)`` times a factor in
     ``[0.5, 1]``. It never busy-polls.
