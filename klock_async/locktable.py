@@ -522,6 +522,18 @@ class LockTable:
             else:
                 self._unit_idle(unit)
             return
+        if request.wait and not unit.leases:
+            # Empty-handed: it queues whatever the verdict (the common case under contention).
+            self._enqueue(request, unit)
+            self.counts["waits"] += 1
+            if self.observer is not None:
+                oldest = rules.wait_die(request.ts, blockers).blocker
+                assert oldest is not None
+                self.observer("request.queued", request=request, blocker=oldest.agent_id)
+            self._passed(request)
+            if self._freed:
+                self._reevaluate((), now)
+            return
         verdict = rules.wait_die(request.ts, blockers)
         blocker = verdict.blocker
         assert blocker is not None
@@ -797,15 +809,20 @@ class LockTable:
         unit.queued[request.id] = request
         request.holding = holding = bool(unit.leases)
         self._holding += holding
-        by_resource: dict[str, list[Predicate]] = {}
-        for intent in request.intents:
-            by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+        intents = request.intents
+        if len(intents) == 1:  # the common case: the predicates it may share with are its own
+            allowed = {intents[0].resource.key: _COMPATIBLE[intents[0].predicate]}
+        else:
+            by_resource: dict[str, list[Predicate]] = {}
+            for intent in intents:
+                by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+            allowed = {key: _allowed(predicates) for key, predicates in by_resource.items()}
         entry = (request.ts, request.id)
-        for intent in request.intents:
+        for intent in intents:
             slot = self._slot(intent.resource)
             if request.id in slot.waiters:
                 continue  # a resource named twice: one entry, the predicates combined
-            slot.waiters[request.id] = (request, _allowed(by_resource[intent.resource.key]))
+            slot.waiters[request.id] = (request, allowed[intent.resource.key])
             slot.holding += holding
             order = slot.order
             if not order or order[-1] < entry:
@@ -853,8 +870,9 @@ class LockTable:
             return
         dirty = {resource.key: resource for resource in resources}
         while (dirty or self._freed) and self.queued:
-            dirty.update((r.key, r) for r in self._freed)
-            self._freed.clear()
+            if self._freed:
+                dirty.update((r.key, r) for r in self._freed)
+                self._freed.clear()
             candidates: dict[int, Request] = {}
             for resource in dirty.values():
                 for slot in self._overlapping(resource):
