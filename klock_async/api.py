@@ -391,7 +391,7 @@ class LeaseBlock:
         self._heartbeat = heartbeat
         self._leases: list[Lease] = []
         self._keepers: list[asyncio.Task[None]] = []
-        self._scheduled = False  # waiting in the kernel's keeper schedule
+        self._schedule: _KeeperSchedule | None = None  # where it waits for its keepers
 
     async def __aenter__(self) -> Lease:
         # acquire_many() without parsing again what lease_many() parsed and validated.
@@ -407,14 +407,17 @@ class LeaseBlock:
             timeout=self._timeout,
             isolation=isolation,
         )
-        self._leases = [Lease(backend, info, isolation) for info in infos]
+        if len(infos) == 1:  # the common case, without a comprehension's frame
+            self._leases = [Lease(backend, infos[0], isolation)]
+        else:
+            self._leases = [Lease(backend, info, isolation) for info in infos]
         if self._heartbeat:
-            owner._klock._keeper_schedule().add(self, self._ttl / 3)
-            self._scheduled = True
+            self._schedule = owner._klock._keeper_schedule()
+            self._schedule.add(self, self._ttl / 3)
         return self._leases[0]
 
     def _start_keepers(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduled = False
+        self._schedule = None
         self._keepers = [loop.create_task(self._keep(lease)) for lease in self._leases]
 
     @property
@@ -444,9 +447,9 @@ class LeaseBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._scheduled:
-            self._scheduled = False
-            self._owner._klock._keeper_schedule().discard(self, self._ttl / 3)
+        if self._schedule is not None:
+            self._schedule.discard(self, self._ttl / 3)
+            self._schedule = None
         if not self._keepers and self._release_one_way(clean=exc is None):
             return  # the common case: a short block, nothing to record, no await
         for keeper in self._keepers:

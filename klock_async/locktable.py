@@ -868,7 +868,9 @@ class LockTable:
         if not self.queued:  # nothing waits: the common case after a release
             self._freed.clear()
             return
-        dirty = {resource.key: resource for resource in resources}
+        dirty: dict[str, Resource] = {}
+        for resource in resources:  # a loop, not a comprehension: no frame of its own
+            dirty[resource.key] = resource
         while (dirty or self._freed) and self.queued:
             if self._freed:
                 dirty.update((r.key, r) for r in self._freed)
