@@ -515,7 +515,7 @@ class LockTable:
         blockers = self._blockers(request)
         if not blockers:
             if self._grant(request, unit, now):
-                if self.queued:
+                if self._holding:
                     self._passed(request)
                 if self._freed:
                     self._reevaluate((), now)
@@ -530,7 +530,8 @@ class LockTable:
                 oldest = rules.wait_die(request.ts, blockers).blocker
                 assert oldest is not None
                 self.observer("request.queued", request=request, blocker=oldest.agent_id)
-            self._passed(request)
+            if self._holding:
+                self._passed(request)
             if self._freed:
                 self._reevaluate((), now)
             return
@@ -845,7 +846,8 @@ class LockTable:
                     del order[0]  # the oldest leaves (the common case)
                 else:
                     del order[bisect.bisect_left(order, entry)]
-                self._drop_slot_if_empty(intent.resource)
+                if not order and not slot.leases:
+                    self._idle_slot(intent.resource)  # _drop_slot_if_empty(), inline
 
     def _set_holding(self, request: Request, holding: bool) -> None:
         """Reclassify a queued request (its unit came to hold leases, or let go of all)."""
@@ -910,9 +912,10 @@ class LockTable:
         unit = self.units[(request.agent_id, request.session_id)]
         if not blockers:
             granted = self._grant(request, unit, now)
-            if granted and self.queued:
+            if granted and self._holding:
                 self._passed(request)
-            self._unit_idle(unit)
+            if not unit.leases and not unit.queued:
+                del self.units[unit.key]  # _unit_idle(), inline
             # A grant frees only the unit's own other waiters (its leases do not block them):
             # those may sit behind it in a queue whose head alone was re-decided.
             return not granted or bool(unit.queued)
