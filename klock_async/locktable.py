@@ -870,6 +870,8 @@ class LockTable:
         if not self.queued:  # nothing waits: the common case after a release
             self._freed.clear()
             return
+        if type(resources) is tuple and len(resources) == 1 and self._hand_off(resources[0], now):
+            return
         dirty: dict[str, Resource] = {}
         for resource in resources:  # a loop, not a comprehension: no frame of its own
             dirty[resource.key] = resource
@@ -899,6 +901,46 @@ class LockTable:
                     continue
                 if self._redecide(request, now):
                     dirty.update((i.resource.key, i.resource) for i in request.intents)
+
+    def _hand_off(self, resource: Resource, now: float) -> bool:
+        """Re-evaluation's common case, decided directly; False (nothing done) when not it.
+
+        The case: ``resource`` has a queue and nothing above or below it, and the head of the
+        queue wants it alone and exclusively, with no other request of its unit behind it. Then
+        only the head can change (every other waiter conflicts with it and is younger), and
+        nothing older than it waits here: its blockers are the conflicting leases of other
+        units on the resource. Still blocked, it stays (a holding one was older than each of
+        them). Else it is granted, and what its grant may free is re-evaluated in general.
+        """
+        key = resource.key
+        slots = self._slots
+        slot = slots.get(key)
+        if (
+            slot is None
+            or not slot.order
+            or self._freed
+            or key in self._under
+            or not slots.keys().isdisjoint(resource.up)
+        ):
+            return False
+        order = slot.order
+        age, rid = order[0]
+        request, allowed = slot.waiters[rid]
+        if allowed or len(request.intents) != 1 or (len(order) > 1 and order[1][0] == age):
+            return False
+        unit_key = (request.agent_id, request.session_id)
+        for lease in slot.leases.values():
+            if lease.unit.key != unit_key:
+                return True  # still blocked: nothing changes
+        unit = self.units[unit_key]
+        granted = self._grant(request, unit, now)
+        if granted and self._holding:
+            self._passed(request)
+        if not unit.leases and not unit.queued:
+            del self.units[unit_key]  # _unit_idle(), inline
+        if not granted or unit.queued or self._freed:
+            self._reevaluate([resource], now)  # the general path
+        return True
 
     def _redecide(self, request: Request, now: float) -> bool:
         """Re-decide a queued request; True when it left the queue in a way that may free
