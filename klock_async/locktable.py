@@ -172,12 +172,14 @@ class Request:
 
 
 class _Agent:
-    __slots__ = ("id", "priority", "ts")
+    __slots__ = ("id", "priority", "rank", "ts")
 
     def __init__(self, agent_id: str, ts: int, priority: int | None) -> None:
         self.id = agent_id
         self.ts = ts
         self.priority = priority
+        # Its units' ages are rank | start order: an explicit priority ranks first.
+        self.rank = (_RANK_AUTO if priority is None else priority - PRIORITY_MIN) << _SEQ_BITS
 
 
 class _Unit:
@@ -483,12 +485,10 @@ class LockTable:
         unit = self.units.get(key)
         if unit is not None:
             return unit
-        age = self._retrying.pop(key, None)
+        age = self._retrying.pop(key, None) if self._retrying else None
         if age is None:
             self._last_unit += 1
-            priority = self.agents[agent_id].priority
-            rank = _RANK_AUTO if priority is None else priority - PRIORITY_MIN
-            age = rank << _SEQ_BITS | self._last_unit
+            age = self.agents[agent_id].rank | self._last_unit
         unit = self.units[key] = _Unit(key, age)
         return unit
 

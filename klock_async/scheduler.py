@@ -631,10 +631,15 @@ class Scheduler:
             timeout = validate_timeout(timeout)
         if not intents:
             raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
-        fut = self._future()
+        if self._task is None or self._closed:
+            self._post(self._future())  # not started or closed: raises the error that says so
+        fut: asyncio.Future[Any] = _Future(loop=self._loop)  # _future(), _post(): inline
         request_id = next(self._request_ids)
         msg = Request(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
-        self._post(msg)
+        self._mailbox.append(msg)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         try:
             if timeout is None:
                 grants = await fut
