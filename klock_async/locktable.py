@@ -670,12 +670,14 @@ class LockTable:
 
     def _grant(self, request: Request, unit: _Unit, now: float) -> bool:
         """Grant every intent of ``request``; False when a causal check refused it instead."""
-        if request.isolation is _SERIALIZABLE and not self._causally_fresh(request):
+        serializable = request.isolation is _SERIALIZABLE
+        if serializable and not self._causally_fresh(request):
             return False
         ttl = request.ttl
         deadline = now + ttl
         answer = []
         journal = self.journal
+        observer = self.observer
         for intent in request.intents:
             self.last_token += 1
             lease_id = new_lease_id()
@@ -690,13 +692,13 @@ class LockTable:
                 self._note_deadline(deadline, lease_id)
             info = lease.info()
             answer.append((info, lease.ended))
-            if request.isolation is _SERIALIZABLE and intent.predicate is _READ:
+            if serializable and intent.predicate is _READ:
                 reads = self._unmerged_reads.setdefault(request.agent_id, {})
                 reads[lease_id] = self.clocks.clock_of(str(intent.resource))
             if journal is not None:
                 journal.record_lease(info)
-            if self.observer is not None:
-                self.observer("lease.granted", lease=lease)
+            if observer is not None:
+                observer("lease.granted", lease=lease)
         if request.id in self.queued:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
@@ -1264,7 +1266,7 @@ class LockTable:
         ``remember``: a release its holder did not make itself), else None: a one-way release
         wants none, and building it was a tenth of the release's cost.
         """
-        reads = self._unmerged_reads.get(lease.agent_id)
+        reads = self._unmerged_reads.get(lease.agent_id) if self._unmerged_reads else None
         if reads is not None and lease.id in reads:
             clock = reads.pop(lease.id)
             if not reads:
@@ -1290,7 +1292,7 @@ class LockTable:
             else:  # its queued requests are empty-handed again: they never die
                 for request in unit.queued.values():
                     self._set_holding(request, False)
-        watchers = self._watchers.pop(lease_id, None)
+        watchers = self._watchers.pop(lease_id, None) if self._watchers else None
         info = None
         if watchers is not None or self.journal is not None or state is not _RELEASED or remember:
             info = lease.info(state)

@@ -726,7 +726,12 @@ class Scheduler:
         info, ended = held
         if ended or (agent_id is not None and agent_id != info.agent_id):
             return False
-        self._post(_Drop(lease_id))
+        if self._task is None or self._closed:
+            self._post(None)  # raises the error that says so
+        self._mailbox.append(_Drop(lease_id))  # _post(), inline: the hot path
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         del self._held[lease_id]
         return True
 
