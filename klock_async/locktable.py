@@ -1241,9 +1241,12 @@ class LockTable:
     def _attach(self, lease: _Lease) -> None:
         lease_id = lease.id
         self.leases[lease_id] = lease
-        slot = self._slots.get(lease.resource.key)
-        if slot is None or (not slot.leases and not slot.waiters):
+        key = lease.resource.key
+        slot = self._slots.get(key)
+        if slot is None:
             slot = self._slot(lease.resource)
+        elif not slot.leases and not slot.waiters:
+            del self._idle[key]  # an idle slot in use again (_slot(), inline)
         slot.leases[lease_id] = lease
         lease.unit.leases[lease_id] = lease
 
