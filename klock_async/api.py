@@ -58,6 +58,7 @@ _SERIALIZABLE = IsolationLevel.SERIALIZABLE
 _READ_COMMITTED = IsolationLevel.READ_COMMITTED
 _ACTIVE = LeaseState.ACTIVE
 _RELEASED = LeaseState.RELEASED
+_NEVER = float("inf")
 
 DEFAULT_TTL = 30.0
 """Seconds a lease lives without a heartbeat unless a ttl is given."""
@@ -69,7 +70,7 @@ IntentLike = tuple[Resource | str, Predicate | str] | Intent
 class RetryPolicy:
     """How a protected call retries after Wait-Die made it die.
 
-    Each retry keeps the agent's age (so it cannot starve), first releases what the dying
+    Each retry keeps the unit's age (so it cannot starve), first releases what the dying
     session held, then waits until the blocking lease ends, at most a capped, jittered
     exponential backoff: ``min(max_delay, base_delay * 2**attempt)`` times a factor in
     ``[0.5, 1]``. It never busy-polls.
@@ -308,6 +309,61 @@ async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
     return result
 
 
+class _KeeperSchedule:
+    """Starts the keepers of the lease blocks still open ttl/3 after they were entered.
+
+    One event-loop timer serves every block of a kernel: blocks wait in entry order, one queue
+    per interval (so each queue is in due order), the timer is armed for the earliest due time,
+    and a block that exits before its time just leaves its queue.
+    """
+
+    __slots__ = ("_at", "_due", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: dict[float, dict[LeaseBlock, float]] = {}  # interval -> {block: due time}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = _NEVER  # when the timer fires
+
+    def add(self, block: LeaseBlock, interval: float) -> None:
+        due = self._loop.time() + interval
+        queue = self._due.get(interval)
+        if queue is None:
+            queue = self._due[interval] = {}
+        queue[block] = due
+        if due < self._at:
+            self._arm(due)
+
+    def discard(self, block: LeaseBlock, interval: float) -> None:
+        queue = self._due.get(interval)
+        if queue is not None:
+            queue.pop(block, None)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._at = _NEVER
+        now = self._loop.time()
+        after = _NEVER
+        for interval, queue in list(self._due.items()):
+            while queue:
+                block, due = next(iter(queue.items()))
+                if due > now:
+                    after = min(after, due)
+                    break
+                del queue[block]
+                block._start_keepers(self._loop)
+            if not queue:
+                del self._due[interval]
+        if after != _NEVER:
+            self._arm(after)
+
+
 class LeaseBlock:
     """``async with agent.lease(...) as lease``: acquire, keep alive, release.
 
@@ -335,19 +391,33 @@ class LeaseBlock:
         self._heartbeat = heartbeat
         self._leases: list[Lease] = []
         self._keepers: list[asyncio.Task[None]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._schedule: _KeeperSchedule | None = None  # where it waits for its keepers
 
     async def __aenter__(self) -> Lease:
-        self._leases = await self._owner.acquire_many(
-            self._intents, ttl=self._ttl, session=self._session, timeout=self._timeout
+        # acquire_many() without parsing again what lease_many() parsed and validated.
+        owner = self._owner
+        session_id, isolation = owner._session_for(self._session)
+        backend = owner._klock._backend or owner._klock.backend  # the property raises if unset
+        infos = await backend.acquire(
+            owner._agent_id,
+            session_id,
+            self._intents,
+            ttl=self._ttl,
+            wait=True,
+            timeout=self._timeout,
+            isolation=isolation,
         )
+        if len(infos) == 1:  # the common case, without a comprehension's frame
+            self._leases = [Lease(backend, infos[0], isolation)]
+        else:
+            self._leases = [Lease(backend, info, isolation) for info in infos]
         if self._heartbeat:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._ttl / 3, self._start_keepers, loop)
+            self._schedule = owner._klock._keeper_schedule()
+            self._schedule.add(self, self._ttl / 3)
         return self._leases[0]
 
     def _start_keepers(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
+        self._schedule = None
         self._keepers = [loop.create_task(self._keep(lease)) for lease in self._leases]
 
     @property
@@ -377,9 +447,9 @@ class LeaseBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._schedule is not None:
+            self._schedule.discard(self, self._ttl / 3)
+            self._schedule = None
         if not self._keepers and self._release_one_way(clean=exc is None):
             return  # the common case: a short block, nothing to record, no await
         for keeper in self._keepers:
@@ -694,6 +764,15 @@ class Klock:
         self._backend = backend
         self._agents: dict[str, Agent] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._keepers: _KeeperSchedule | None = None
+
+    def _keeper_schedule(self) -> _KeeperSchedule:
+        """The schedule that starts lease blocks' keepers, in the running event loop."""
+        keepers = self._keepers
+        loop = asyncio.get_running_loop()
+        if keepers is None or keepers._loop is not loop:
+            keepers = self._keepers = _KeeperSchedule(loop)
+        return keepers
 
     @classmethod
     def connect(
@@ -967,11 +1046,13 @@ class Klock:
         # holds nothing when it asks, so the kernel queues it and never makes it die; a kernel
         # with another policy (an older server) may still refuse it with LeaseDied, and then
         # the retry policy applies.
-        session = agent.session(isolation=isolation)
+        session = Session(self, agent.id, isolation)
+        lease_ttl = validate_ttl(self.default_ttl if ttl is None else ttl)
         attempt = 0
         while True:
             try:
-                async with session.lease_many(intents, ttl=ttl):
+                # session.lease_many() without parsing again what the decorator parsed.
+                async with LeaseBlock(session, intents, lease_ttl, None, True):
                     return await call()
             except RetriesExhaustedError:
                 raise

@@ -7,9 +7,10 @@ and the journal commit; tests drive it directly, on virtual time, and explore it
 
 Answers that are not the immediate result of a call (a queued request granted by a release, a
 request that dies because an older one passed it, a watcher told that a lease ended) are
-appended to :attr:`LockTable.answers` as ``(reply, value)`` pairs, where ``reply`` is whatever
+passed to :attr:`LockTable.answer` as ``(reply, value)`` pairs, where ``reply`` is whatever
 opaque handle the caller put on the request or watch (the actor's future) and ``value`` is the
-result or a :class:`~klock_async.errors.KlockError` instance. The driver drains the list.
+result or a :class:`~klock_async.errors.KlockError` instance. By default they are appended to
+:attr:`LockTable.answers`, which the driver drains; a driver may deliver each one instead.
 
 The rules (DESIGN.md, "Wait-Die, exactly"; the argument is in docs/kernel.md):
 
@@ -105,6 +106,7 @@ class RecoveredState:
     path_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     agent_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     conflict_count: int = 0
+    priorities: dict[str, int] = field(default_factory=dict)  # agents' explicit priorities
 
 
 class Journal(Protocol):
@@ -118,8 +120,8 @@ class Journal(Protocol):
     def load(self) -> RecoveredState:
         """Read the state left by the previous run."""
 
-    def record_agent(self, agent: AgentInfo) -> None:
-        """Buffer a registered agent."""
+    def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
+        """Buffer a registered agent, with its explicit priority if it was given one."""
 
     def record_lease(self, lease: LeaseInfo) -> None:
         """Buffer a granted or changed lease (insert or replace by id)."""
@@ -170,12 +172,14 @@ class Request:
 
 
 class _Agent:
-    __slots__ = ("id", "priority", "ts")
+    __slots__ = ("id", "priority", "rank", "ts")
 
     def __init__(self, agent_id: str, ts: int, priority: int | None) -> None:
         self.id = agent_id
         self.ts = ts
         self.priority = priority
+        # Its units' ages are rank | start order: an explicit priority ranks first.
+        self.rank = (_RANK_AUTO if priority is None else priority - PRIORITY_MIN) << _SEQ_BITS
 
 
 class _Unit:
@@ -340,6 +344,9 @@ class LockTable:
         # Told of every refused stale write, observed or not (a warning for people).
         self.on_refused: Callable[[StaleWrite], None] | None = None
         self.answers: list[tuple[Any, Any]] = []
+        # Where each answer goes: kept in ``answers`` by default; a driver that can deliver
+        # at once (the actor, resolving a future) sets its own.
+        self.answer: Callable[[tuple[Any, Any]], None] = self.answers.append
         self.agents: dict[str, _Agent] = {}
         self.units: dict[tuple[str, str], _Unit] = {}
         self._retrying: dict[tuple[str, str], int] = {}
@@ -349,6 +356,7 @@ class LockTable:
         self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
         self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
         self.queued: dict[int, Request] = {}
+        self._holding = 0  # how many queued requests are of holding units
         self._freed: list[Resource] = []  # resources of requests that died while queued
         # Expiry: a heap of (deadline, lease id), and the deadlines noted at or after the
         # deadline the driver armed its timer for (they join the heap when it fires). A grant
@@ -389,7 +397,8 @@ class LockTable:
     def recover(self, state: RecoveredState, now: float) -> None:
         """Load the state a journal recovered (before any other call)."""
         for agent in state.agents:
-            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, None)
+            priority = state.priorities.get(agent.agent_id)
+            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, priority)
         self.last_agent_ts = state.last_agent_ts
         self.last_token = state.last_token
         # Units come back in grant order: their ages are fresh, and older grants stay older.
@@ -452,7 +461,7 @@ class LockTable:
         agent = self.agents[agent_id] = _Agent(agent_id, ts, priority)
         info = AgentInfo(agent.id, agent.ts)
         if self.journal is not None:
-            self.journal.record_agent(info)
+            self.journal.record_agent(info, priority)
             self.journal.record_counters(self.last_token, self.last_agent_ts)
         if self.observer is not None:
             self.observer("agent.registered", agent=agent.id, ts=agent.ts)
@@ -476,12 +485,10 @@ class LockTable:
         unit = self.units.get(key)
         if unit is not None:
             return unit
-        age = self._retrying.pop(key, None)
+        age = self._retrying.pop(key, None) if self._retrying else None
         if age is None:
             self._last_unit += 1
-            priority = self.agents[agent_id].priority
-            rank = _RANK_AUTO if priority is None else priority - PRIORITY_MIN
-            age = rank << _SEQ_BITS | self._last_unit
+            age = self.agents[agent_id].rank | self._last_unit
         unit = self.units[key] = _Unit(key, age)
         return unit
 
@@ -492,7 +499,7 @@ class LockTable:
     # ---------------------------------------------------------------- acquire
 
     def acquire(self, request: Request, now: float) -> None:
-        """Decide a new request; its answer (now or later) goes to :attr:`answers`.
+        """Decide a new request; its answer (now or later) goes to :attr:`answer`.
 
         Raises:
             UnknownAgentError: the agent was never registered (nothing changed).
@@ -508,12 +515,25 @@ class LockTable:
         blockers = self._blockers(request)
         if not blockers:
             if self._grant(request, unit, now):
-                if self.queued:
+                if self._holding:
                     self._passed(request)
                 if self._freed:
                     self._reevaluate((), now)
             else:
                 self._unit_idle(unit)
+            return
+        if request.wait and not unit.leases:
+            # Empty-handed: it queues whatever the verdict (the common case under contention).
+            self._enqueue(request, unit)
+            self.counts["waits"] += 1
+            if self.observer is not None:
+                oldest = rules.wait_die(request.ts, blockers).blocker
+                assert oldest is not None
+                self.observer("request.queued", request=request, blocker=oldest.agent_id)
+            if self._holding:
+                self._passed(request)
+            if self._freed:
+                self._reevaluate((), now)
             return
         verdict = rules.wait_die(request.ts, blockers)
         blocker = verdict.blocker
@@ -522,7 +542,7 @@ class LockTable:
             if verdict.decision is rules.Decision.DIE:
                 self._die(request, blocker, now)
             else:
-                self.answers.append((request.reply, self._would_wait(request, blocker, now)))
+                self.answer((request.reply, self._would_wait(request, blocker, now)))
             self._unit_idle(unit)
             return
         if unit.leases and verdict.decision is rules.Decision.DIE:
@@ -554,7 +574,10 @@ class LockTable:
     def _overlapping(self, resource: Resource) -> list[_Slot]:
         """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
         slots = self._slots
-        slot = slots.get(resource.key)
+        key = resource.key
+        slot = slots.get(key)
+        if key not in self._under and slots.keys().isdisjoint(resource.up):
+            return [] if slot is None else [slot]  # nothing above or below (the common case)
         found = [] if slot is None else [slot]
         for ancestor in resource.up:
             slot = slots.get(ancestor)
@@ -609,6 +632,8 @@ class LockTable:
         """``request`` was granted or queued ahead of younger waiters: those of holding units
         that conflict with it must die (a holding unit never waits for an older request).
         """
+        if not self._holding:
+            return  # no queued request of a holding unit: nobody can die (the common case)
         ts, unit_key = request.ts, (request.agent_id, request.session_id)
         doomed: dict[int, tuple[Request, Intent]] = {}
         for intent in request.intents:
@@ -645,12 +670,14 @@ class LockTable:
 
     def _grant(self, request: Request, unit: _Unit, now: float) -> bool:
         """Grant every intent of ``request``; False when a causal check refused it instead."""
-        if request.isolation is _SERIALIZABLE and not self._causally_fresh(request):
+        serializable = request.isolation is _SERIALIZABLE
+        if serializable and not self._causally_fresh(request):
             return False
         ttl = request.ttl
         deadline = now + ttl
         answer = []
         journal = self.journal
+        observer = self.observer
         for intent in request.intents:
             self.last_token += 1
             lease_id = new_lease_id()
@@ -665,20 +692,20 @@ class LockTable:
                 self._note_deadline(deadline, lease_id)
             info = lease.info()
             answer.append((info, lease.ended))
-            if request.isolation is _SERIALIZABLE and intent.predicate is _READ:
+            if serializable and intent.predicate is _READ:
                 reads = self._unmerged_reads.setdefault(request.agent_id, {})
                 reads[lease_id] = self.clocks.clock_of(str(intent.resource))
             if journal is not None:
                 journal.record_lease(info)
-            if self.observer is not None:
-                self.observer("lease.granted", lease=lease)
+            if observer is not None:
+                observer("lease.granted", lease=lease)
         if request.id in self.queued:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
         self.counts["grants"] += 1
         if journal is not None:
             journal.record_counters(self.last_token, self.last_agent_ts)
-        self.answers.append((request.reply, tuple(answer)))
+        self.answer((request.reply, tuple(answer)))
         if unit.queued:
             self._now_holding(unit, now)
         return True
@@ -711,7 +738,7 @@ class LockTable:
                                 "request.withdrawn", request=request, reason="stale_write"
                             )
                     self.counts["causal_violations"] += 1
-                    self.answers.append((request.reply, self._violation(stale)))
+                    self.answer((request.reply, self._violation(stale)))
                     return False
         return True
 
@@ -736,15 +763,26 @@ class LockTable:
                 blocker=blocker.agent_id,
                 blocker_lease=blocker_lease,
             )
-        self.answers.append(
+        if unit is not None and unit.leases:
+            message = (
+                f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
+                f"{intent.resource} while its session holds other leases: older agent "
+                f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
+                "Release what this session holds and retry; the session keeps its age, "
+                "so it cannot starve."
+            )
+        else:  # empty-handed: only a request made with wait=False dies
+            message = (
+                f"agent {request.agent_id!r} asked for {intent.predicate.value} "
+                f"{intent.resource} with wait=False, and older agent {blocker.agent_id!r} "
+                f"holds or awaits a conflicting intent ({where}); nothing was queued. Retry "
+                "later, or acquire with wait=True to queue behind it."
+            )
+        self.answer(
             (
                 request.reply,
                 LeaseDied(
-                    f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
-                    f"{intent.resource} while its session holds other leases: older agent "
-                    f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
-                    "Release what this session holds and retry; the session keeps its age, "
-                    "so it cannot starve.",
+                    message,
                     agent_id=request.agent_id,
                     resource=str(intent.resource),
                     predicate=intent.predicate.value,
@@ -773,15 +811,21 @@ class LockTable:
         self.queued[request.id] = request
         unit.queued[request.id] = request
         request.holding = holding = bool(unit.leases)
-        by_resource: dict[str, list[Predicate]] = {}
-        for intent in request.intents:
-            by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+        self._holding += holding
+        intents = request.intents
+        if len(intents) == 1:  # the common case: the predicates it may share with are its own
+            allowed = {intents[0].resource.key: _COMPATIBLE[intents[0].predicate]}
+        else:
+            by_resource: dict[str, list[Predicate]] = {}
+            for intent in intents:
+                by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+            allowed = {key: _allowed(predicates) for key, predicates in by_resource.items()}
         entry = (request.ts, request.id)
-        for intent in request.intents:
+        for intent in intents:
             slot = self._slot(intent.resource)
             if request.id in slot.waiters:
                 continue  # a resource named twice: one entry, the predicates combined
-            slot.waiters[request.id] = (request, _allowed(by_resource[intent.resource.key]))
+            slot.waiters[request.id] = (request, allowed[intent.resource.key])
             slot.holding += holding
             order = slot.order
             if not order or order[-1] < entry:
@@ -793,6 +837,7 @@ class LockTable:
         del self.queued[request.id]
         unit = self.units[(request.agent_id, request.session_id)]
         del unit.queued[request.id]
+        self._holding -= request.holding
         entry = (request.ts, request.id)
         for intent in request.intents:
             slot = self._slots.get(intent.resource.key)
@@ -803,13 +848,15 @@ class LockTable:
                     del order[0]  # the oldest leaves (the common case)
                 else:
                     del order[bisect.bisect_left(order, entry)]
-                self._drop_slot_if_empty(intent.resource)
+                if not order and not slot.leases:
+                    self._idle_slot(intent.resource)  # _drop_slot_if_empty(), inline
 
     def _set_holding(self, request: Request, holding: bool) -> None:
         """Reclassify a queued request (its unit came to hold leases, or let go of all)."""
         if request.holding is holding:
             return
         request.holding = holding
+        self._holding += 1 if holding else -1
         for key in {intent.resource.key for intent in request.intents}:
             self._slots[key].holding += 1 if holding else -1
 
@@ -817,47 +864,105 @@ class LockTable:
         """Re-decide the queues that overlap ``resources``, oldest first, until nothing changes.
 
         Per slot only the head of the queue can change: the waiters up to and including the
-        first one that wants the resource exclusively (every younger waiter of that slot
-        conflicts with it, and none of them may pass it).
+        first one that wants the resource exclusively (every younger waiter of another unit
+        conflicts with it, and none of them may pass it), and the other waiters of that one's
+        unit (a unit's requests never block each other; they share its age, so they follow it
+        in the queue).
         """
         if not self.queued:  # nothing waits: the common case after a release
             self._freed.clear()
             return
-        dirty = {resource.key: resource for resource in resources}
+        if type(resources) is tuple and len(resources) == 1 and self._hand_off(resources[0], now):
+            return
+        dirty: dict[str, Resource] = {}
+        for resource in resources:  # a loop, not a comprehension: no frame of its own
+            dirty[resource.key] = resource
         while (dirty or self._freed) and self.queued:
-            dirty.update((r.key, r) for r in self._freed)
-            self._freed.clear()
+            if self._freed:
+                dirty.update((r.key, r) for r in self._freed)
+                self._freed.clear()
             candidates: dict[int, Request] = {}
             for resource in dirty.values():
                 for slot in self._overlapping(resource):
                     waiters = slot.waiters
-                    for _, rid in slot.order:
+                    exclusive = None  # the age of the first exclusive waiter, once found
+                    for age, rid in slot.order:
+                        if exclusive is not None and age != exclusive:
+                            break
                         request, allowed = waiters[rid]
                         candidates[rid] = request
-                        if not allowed:
-                            break
+                        if not allowed and exclusive is None:
+                            exclusive = age
             dirty = {}
-            for request in sorted(candidates.values(), key=lambda r: (r.ts, r.id)):
+            if len(candidates) == 1:
+                ordered: Iterable[Request] = candidates.values()  # the common case: no sort
+            else:
+                ordered = sorted(candidates.values(), key=lambda r: (r.ts, r.id))
+            for request in ordered:
                 if request.id not in self.queued:
                     continue
                 if self._redecide(request, now):
                     dirty.update((i.resource.key, i.resource) for i in request.intents)
 
+    def _hand_off(self, resource: Resource, now: float) -> bool:
+        """Re-evaluation's common case, decided directly; False (nothing done) when not it.
+
+        The case: ``resource`` has a queue and nothing above or below it, and the head of the
+        queue wants it alone and exclusively, with no other request of its unit behind it. Then
+        only the head can change (every other waiter conflicts with it and is younger), and
+        nothing older than it waits here: its blockers are the conflicting leases of other
+        units on the resource. Still blocked, it stays (a holding one was older than each of
+        them). Else it is granted, and what its grant may free is re-evaluated in general.
+        """
+        key = resource.key
+        slots = self._slots
+        slot = slots.get(key)
+        if (
+            slot is None
+            or not slot.order
+            or self._freed
+            or key in self._under
+            or not slots.keys().isdisjoint(resource.up)
+        ):
+            return False
+        order = slot.order
+        age, rid = order[0]
+        request, allowed = slot.waiters[rid]
+        if allowed or len(request.intents) != 1 or (len(order) > 1 and order[1][0] == age):
+            return False
+        unit_key = (request.agent_id, request.session_id)
+        for lease in slot.leases.values():
+            if lease.unit.key != unit_key:
+                return True  # still blocked: nothing changes
+        unit = self.units[unit_key]
+        granted = self._grant(request, unit, now)
+        if granted and self._holding:
+            self._passed(request)
+        if not unit.leases and not unit.queued:
+            del self.units[unit_key]  # _unit_idle(), inline
+        if not granted or unit.queued or self._freed:
+            self._reevaluate([resource], now)  # the general path
+        return True
+
     def _redecide(self, request: Request, now: float) -> bool:
         """Re-decide a queued request; True when it left the queue in a way that may free
-        others (it died, or a causal check refused it).
+        others (it died, or a causal check refused it, or it was granted while other requests
+        of its unit wait).
 
-        A grant frees nobody: every waiter its queued entry blocked, its new leases block
-        alike (the same intents on the same resources).
+        A grant frees no other unit's waiter: every waiter of another unit its queued entry
+        blocked, its new leases block alike (the same intents on the same resources).
         """
         blockers = self._blockers(request)
         unit = self.units[(request.agent_id, request.session_id)]
         if not blockers:
             granted = self._grant(request, unit, now)
-            if granted and self.queued:
+            if granted and self._holding:
                 self._passed(request)
-            self._unit_idle(unit)
-            return True
+            if not unit.leases and not unit.queued:
+                del self.units[unit.key]  # _unit_idle(), inline
+            # A grant frees only the unit's own other waiters (its leases do not block them):
+            # those may sit behind it in a queue whose head alone was re-decided.
+            return not granted or bool(unit.queued)
         if request.holding:
             verdict = rules.wait_die(request.ts, blockers)
             if verdict.decision is rules.Decision.DIE:
@@ -995,7 +1100,7 @@ class LockTable:
             self._unqueue(request)
             if self.observer is not None:
                 self.observer("request.withdrawn", request=request, reason="evicted")
-            self.answers.append(
+            self.answer(
                 (
                     request.reply,
                     EvictedError(
@@ -1136,9 +1241,12 @@ class LockTable:
     def _attach(self, lease: _Lease) -> None:
         lease_id = lease.id
         self.leases[lease_id] = lease
-        slot = self._slots.get(lease.resource.key)
-        if slot is None or (not slot.leases and not slot.waiters):
+        key = lease.resource.key
+        slot = self._slots.get(key)
+        if slot is None:
             slot = self._slot(lease.resource)
+        elif not slot.leases and not slot.waiters:
+            del self._idle[key]  # an idle slot in use again (_slot(), inline)
         slot.leases[lease_id] = lease
         lease.unit.leases[lease_id] = lease
 
@@ -1161,7 +1269,7 @@ class LockTable:
         ``remember``: a release its holder did not make itself), else None: a one-way release
         wants none, and building it was a tenth of the release's cost.
         """
-        reads = self._unmerged_reads.get(lease.agent_id)
+        reads = self._unmerged_reads.get(lease.agent_id) if self._unmerged_reads else None
         if reads is not None and lease.id in reads:
             clock = reads.pop(lease.id)
             if not reads:
@@ -1187,7 +1295,7 @@ class LockTable:
             else:  # its queued requests are empty-handed again: they never die
                 for request in unit.queued.values():
                     self._set_holding(request, False)
-        watchers = self._watchers.pop(lease_id, None)
+        watchers = self._watchers.pop(lease_id, None) if self._watchers else None
         info = None
         if watchers is not None or self.journal is not None or state is not _RELEASED or remember:
             info = lease.info(state)
@@ -1205,7 +1313,7 @@ class LockTable:
         if self.observer is not None:
             self.observer(f"lease.{state.value.lower()}", lease=lease)
         for reply in watchers or ():
-            self.answers.append((reply, info))
+            self.answer((reply, info))
         return info
 
     def retire(self, agent_ids: Iterable[str]) -> tuple[str, ...]:
@@ -1401,6 +1509,7 @@ class LockTable:
                 assert self.queued[rid] is request
                 queued_ids.add(rid)
         assert len(self._idle) <= _IDLE_SLOTS
+        assert self._holding == sum(r.holding for r in self.queued.values())
         assert queued_ids == set(self.queued)
         for request in self.queued.values():
             unit = self.units[(request.agent_id, request.session_id)]

@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresJournal", "is_postgres_url", "redact"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: klock_priorities
 
 _TYPES: dict[str, tuple[str, ...]] = {
     "agents": ("text", "bigint"),
     "leases": ("text", "text", "text", "text", "text", "bigint", "float8", "float8"),
     "path_clocks": ("text", "text"),
     "agent_clocks": ("text", "text"),
+    "priorities": ("text", "bigint"),
 }
 _LEADER_COLUMNS = ("id", "term", "holder", "url", "expires_at")
 

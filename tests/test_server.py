@@ -749,7 +749,9 @@ def test_restart_keeps_leases_tokens_agents_and_clocks(tmp_path: Path) -> None:
         after = snapshot(http)
         assert after[1:] == before[1:]
         assert ok(http.get("/leases")) == [kept]
-        refused(http.post("/leases", json=lease_body("b", "/restart/kept")), 409, "lease_died")
+        # b's explicit priority still ranks it before every automatic age: older, it would wait.
+        kept_body = lease_body("b", "/restart/kept")
+        refused(http.post("/leases", json=kept_body), 409, "lease_would_wait")
         fresh_lease = ok(http.post("/leases", json=lease_body("b", "/restart/other")))
         assert fresh_lease["token"] > gone["token"] > kept["token"]
         assert ok(http.delete(f"/leases/{kept['id']}", params={"agent_id": "a"}))["released"]

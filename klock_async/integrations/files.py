@@ -9,8 +9,8 @@ of its own, so:
   agent's last ``read_file``, or the agent never read it at all) is refused with a
   :class:`~klock_async.errors.CausalViolationError` that tells the agent to read the file again.
   Creating a file nobody wrote through the tools is not stale;
-- Wait-Die deaths are retried with the kernel's :class:`~klock_async.api.RetryPolicy` (the agent
-  keeps its age, so it cannot starve).
+- Wait-Die deaths are retried with the kernel's :class:`~klock_async.api.RetryPolicy` (the call's
+  unit of work keeps its age, so it cannot starve).
 
 Paths are relative to the workspace root (absolute paths inside the root are accepted too).
 Anything that resolves outside the root (``..``, another absolute path, a symlink that leads

@@ -21,12 +21,12 @@ Needs the ``langchain`` extra (``pip install 'klock-async[langchain]'``).
         async def _arun(self, path: str, content: str) -> str: ...
 
 With a :class:`~klock_async.api.Klock` underneath, a waiting request waits in the kernel's queue
-(no polling), a Wait-Die death is retried ``max_retries`` times keeping the agent's age, and what
-still fails reaches the model as a :class:`KlockConflictError` (a LangChain ``ToolException``)
-whose message says what happened and what to do. :class:`KlockFileToolkit` gives an agent
-ready-made read, write, edit and list tools on a workspace (see
-:mod:`klock_async.integrations.files`), where a stale write comes back as "file changed since
-you read it; read it again".
+(no polling), a Wait-Die death is retried ``max_retries`` times keeping the age of the call's
+unit of work, and what still fails reaches the model as a :class:`KlockConflictError` (a
+LangChain ``ToolException``) whose message says what happened and what to do.
+:class:`KlockFileToolkit` gives an agent ready-made read, write, edit and list tools on a
+workspace (see :mod:`klock_async.integrations.files`), where a stale write comes back as "file
+changed since you read it; read it again".
 
 Errors raised to LangChain::
 
