@@ -547,7 +547,8 @@ class RemoteBackend:
         ttl: float,
         wait: bool = True,
         timeout: float | None = None,
-        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+        isolation: IsolationLevel | None = IsolationLevel.READ_COMMITTED,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
 
@@ -573,8 +574,11 @@ class RemoteBackend:
             "ttl_ms": ttl * 1000.0,
             "wait": wait,
             "timeout_ms": None if timeout is None else timeout * 1000.0,
-            "isolation": isolation.value,
         }
+        if isolation is not None:
+            body["isolation"] = isolation.value
+        if agent_view:
+            body["agent_view"] = True
         if wait:
             data = await self._poll(self._track(True), "POST", "/intents", body, timeout)
         else:
@@ -590,7 +594,7 @@ class RemoteBackend:
         return False
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
@@ -599,9 +603,10 @@ class RemoteBackend:
             NotLeaseOwnerError: ``agent_id`` is not the holder.
             TransportError: the server cannot be reached.
         """
-        target = f"/leases/{_segment(lease_id)}?record_write={'true' if record_write else 'false'}"
+        query = [] if record_write is None else [f"record_write={str(record_write).lower()}"]
         if agent_id is not None:
-            target += f"&agent_id={urllib.parse.quote(agent_id, safe='')}"
+            query.append(f"agent_id={urllib.parse.quote(agent_id, safe='')}")
+        target = f"/leases/{_segment(lease_id)}" + ("?" + "&".join(query) if query else "")
         data = await self._call("DELETE", target)
         return _lease(data)
 

@@ -281,15 +281,13 @@ def _ttl(body: Mapping[str, Any], default_ms: float | None = DEFAULT_TTL_MS) -> 
 _timeout = validation.timeout
 
 
-def _isolation(body: Mapping[str, Any]) -> IsolationLevel:
+def _isolation(body: Mapping[str, Any]) -> IsolationLevel | None:
+    """The request's isolation level; None (absent) joins the session as it is."""
     name = _optional(body, "isolation", str, "an isolation level name")
     if name is None:
-        return IsolationLevel.READ_COMMITTED
+        return None
     validation.limited(name, "isolation", validation.MAX_NAME_CHARS)
-    try:
-        return IsolationLevel.parse(name)
-    except ValueError as exc:
-        raise InvalidFieldError(str(exc)) from None
+    return IsolationLevel.parse(name)
 
 
 def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
@@ -900,6 +898,7 @@ class _Api:
         wait = _flag(body, "wait", False)
         timeout = _timeout(body)
         isolation = _isolation(body)
+        agent_view = _flag(body, "agent_view", False)
         backend = self.backend
         self.touch(agent_id)
 
@@ -912,6 +911,7 @@ class _Api:
                 wait=wait,
                 timeout=timeout,
                 isolation=isolation,
+                agent_view=agent_view,
             )
 
         if wait and timeout == 0:
@@ -958,7 +958,8 @@ class _Api:
     async def release(self, request: Request) -> Response:
         body = await self._body(request, required=False)
         agent_id = _query_agent(request, body)
-        record_write = _query_flag(request, "record_write", body)
+        given = "record_write" in request.query_params or body.get("record_write") is not None
+        record_write = _query_flag(request, "record_write", body) if given else None
         info = await self.backend.release(
             _path_lease_id(request, body), agent_id, record_write=record_write
         )

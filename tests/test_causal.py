@@ -1,0 +1,164 @@
+"""Tests for the causal layer: observed versions per (session, path) across the resource tree."""
+
+from __future__ import annotations
+
+import pytest
+
+from klock_async import (
+    CausalViolationError,
+    InvalidIsolationError,
+    IsolationLevel,
+    Klock,
+    KlockError,
+    LeaseLostError,
+    Session,
+)
+from klock_async.scheduler import Scheduler
+
+SER = IsolationLevel.SERIALIZABLE
+
+
+async def read(session: Session, path: str) -> None:
+    async with session.lease(path, "CONSUMES"):
+        pass
+
+
+async def write(session: Session, path: str) -> None:
+    async with session.lease(path, "MUTATES"):
+        pass
+
+
+async def two_agents(klock: Klock) -> tuple[Session, Session]:
+    a = await klock.register_agent("A")
+    b = await klock.register_agent("B")
+    return a.session(isolation=SER), b.session(isolation=SER)
+
+
+# --- one regression test per known hole -------------------------------------------------------
+
+
+async def test_observations_are_per_path_not_per_agent_clock() -> None:
+    """A read of another path written later does not count as a read of the first path."""
+    async with Klock() as klock:
+        sa, sb = await two_agents(klock)
+        await read(sa, "x")
+        await write(sb, "x")
+        await write(sb, "y")
+        await read(sa, "y")  # y's clock covers B's write of x
+        with pytest.raises(CausalViolationError):
+            await write(sa, "x")
+
+
+async def test_directory_write_makes_a_file_read_below_it_stale() -> None:
+    """A write of a directory is a write of every file below it."""
+    async with Klock() as klock:
+        sa, sb = await two_agents(klock)
+        await read(sa, "src/a")
+        await write(sb, "src")
+        with pytest.raises(CausalViolationError):
+            await write(sa, "src/a")
+
+
+async def test_file_write_makes_a_directory_read_stale() -> None:
+    """A write below a directory changes the directory's version."""
+    async with Klock() as klock:
+        sa, sb = await two_agents(klock)
+        await read(sa, "src")
+        await write(sb, "src/a")
+        with pytest.raises(CausalViolationError):
+            await write(sa, "src")
+
+
+async def test_directory_read_observes_the_files_below_it() -> None:
+    """After reading a directory, a write of a file below it from that read is accepted."""
+    async with Klock() as klock:
+        sa, sb = await two_agents(klock)
+        await write(sb, "src/a")
+        await read(sa, "src")
+        await write(sa, "src/a")
+
+
+async def test_session_exit_records_the_write_of_a_lease_it_releases() -> None:
+    """A writing lease released by leaving its session is recorded as a write."""
+    async with Klock() as klock:
+        a = await klock.register_agent("A")
+        b = await klock.register_agent("B")
+        sb = b.session(isolation=SER)
+        await read(sb, "x")
+        async with a.session(isolation=SER) as sa:
+            await sa.acquire("x", "MUTATES")
+        with pytest.raises(CausalViolationError):
+            await write(sb, "x")
+
+
+async def test_joining_a_session_by_id_keeps_its_isolation() -> None:
+    """An acquire in a SERIALIZABLE session named by its id is checked as SERIALIZABLE."""
+    async with Klock() as klock:
+        a = await klock.register_agent("A")
+        sa, sb = await two_agents(klock)
+        await read(sa, "x")
+        await write(sb, "x")
+        with pytest.raises(CausalViolationError):
+            await a.acquire("x", "MUTATES", session=sa.id)
+
+
+async def test_joining_an_unused_session_by_id_keeps_its_isolation() -> None:
+    """A SERIALIZABLE session joined by id before it asked for anything is still checked."""
+    async with Klock() as klock:
+        a = await klock.register_agent("A")
+        _, sb = await two_agents(klock)
+        await write(sb, "x")
+        async with a.session(isolation=SER) as sa:
+            with pytest.raises(CausalViolationError):
+                await a.acquire("x", "MUTATES", session=sa.id)
+
+
+async def test_two_sessions_of_one_agent_do_not_share_observations() -> None:
+    """Two sessions of one agent (two parallel tool calls) cannot lose each other's update."""
+    async with Klock() as klock:
+        a = await klock.register_agent("A")
+        s1, s2 = a.session(isolation=SER), a.session(isolation=SER)
+        await read(s1, "x")
+        await read(s2, "x")
+        await write(s1, "x")
+        with pytest.raises(CausalViolationError):
+            await write(s2, "x")
+
+
+async def test_expired_write_lease_counts_as_a_possible_write() -> None:
+    """A writing lease that expires counts as a write: later stale writes are refused."""
+    now = [1_000.0]
+    async with Klock(backend=Scheduler(clock=lambda: now[0])) as klock:
+        sa, sb = await two_agents(klock)
+        await read(sb, "x")
+        with pytest.raises(LeaseLostError, match="possible write") as lost:
+            async with sa.lease("x", "MUTATES", ttl=5):
+                now[0] += 10
+                await klock.statistics()  # any message runs the kernel at the clock's time
+        assert "read it again" in str(lost.value)
+        with pytest.raises(CausalViolationError):
+            await write(sb, "x")
+
+
+async def test_revoked_write_lease_counts_as_a_possible_write() -> None:
+    """A writing lease that is revoked counts as a write: later stale writes are refused."""
+    async with Klock() as klock:
+        sa, sb = await two_agents(klock)
+        await read(sb, "x")
+        lease = await sa.acquire("x", "MUTATES")
+        await klock.revoke(lease.id)
+        with pytest.raises(CausalViolationError):
+            await write(sb, "x")
+        with pytest.raises(CausalViolationError):  # the holder must read again too
+            await write(sa, "x")
+        await read(sa, "x")
+        await write(sa, "x")
+
+
+@pytest.mark.parametrize("value", ["bogus", "", 3])
+def test_bad_isolation_value_is_a_typed_error(value: object) -> None:
+    """IsolationLevel.parse refuses a bad value with InvalidIsolationError (a KlockError)."""
+    with pytest.raises(InvalidIsolationError, match="isolation level") as info:
+        IsolationLevel.parse(value)  # type: ignore[arg-type]
+    assert isinstance(info.value, KlockError)
+    assert info.value.code == "invalid_isolation"
