@@ -925,11 +925,11 @@ class LockTable:
             NotLeaseOwnerError: held by another agent.
         """
         lease = self.owned(lease_id, agent_id)
-        if record_write is not None and lease.predicate.writes:
-            if not record_write:  # the holder declares it wrote nothing
-                self.causal.held.pop(lease.id, None)
-            elif lease.id not in self.causal.held:  # a lease outside SERIALIZABLE: the agent's view
-                self.causal.hold_write(lease.id, (lease.agent_id, ""), lease.resource)
+        if record_write is False:  # the holder declares its work under the lease did not happen
+            self.causal.held.pop(lease.id, None)
+        elif record_write and lease.predicate.writes and lease.id not in self.causal.held:
+            # A lease outside SERIALIZABLE whose holder says it wrote: the agent's own view.
+            self.causal.hold_write(lease.id, (lease.agent_id, ""), lease.resource)
         info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
         self._reevaluate((lease.resource,), now)
         return info

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from serverutil import remote_kernel, serve_in_thread
 
 from klock_async import (
     CausalViolationError,
@@ -13,6 +15,7 @@ from klock_async import (
     LeaseLostError,
     Session,
 )
+from klock_async.integrations.langchain import klock_protected
 from klock_async.scheduler import Scheduler
 
 SER = IsolationLevel.SERIALIZABLE
@@ -162,3 +165,38 @@ def test_bad_isolation_value_is_a_typed_error(value: object) -> None:
         IsolationLevel.parse(value)  # type: ignore[arg-type]
     assert isinstance(info.value, KlockError)
     assert info.value.code == "invalid_isolation"
+
+
+def test_langchain_refuses_a_bad_isolation_with_the_same_error() -> None:
+    """klock_protected refuses a bad isolation with InvalidIsolationError at decoration time."""
+    with pytest.raises(InvalidIsolationError, match="bogus"):
+        klock_protected(
+            klock_client=Klock(),
+            agent_id="A",
+            session_id=None,
+            resource_type="FILE",
+            resource_path_extractor=lambda kw: str(kw["path"]),
+            isolation="bogus",
+        )
+
+
+def test_server_refuses_a_bad_isolation_with_the_same_code() -> None:
+    """POST /leases with an unknown isolation answers 400 with code invalid_isolation."""
+    with serve_in_thread() as server, httpx.Client(base_url=server.url) as http:
+        assert http.post("/agents", json={"agent_id": "A"}).status_code < 300
+        body = {"agent_id": "A", "resource": "x", "predicate": "MUTATES", "isolation": "bogus"}
+        answer = http.post("/leases", json=body)
+        assert answer.status_code == 400
+        assert answer.json()["code"] == "invalid_isolation"
+
+
+async def test_remote_join_by_id_keeps_the_isolation_the_server_knows() -> None:
+    """Over HTTP, an acquire naming a SERIALIZABLE session by id only is checked as one."""
+    async with remote_kernel() as klock:
+        sa, sb = await two_agents(klock)
+        await read(sa, "x")
+        await write(sb, "x")
+        other = Klock(backend=klock.backend)  # another process: it knows no Session object
+        a = await other.agent("A")
+        with pytest.raises(CausalViolationError):
+            await a.acquire("x", "MUTATES", session=sa.id)
