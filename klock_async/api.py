@@ -281,8 +281,8 @@ class Lease:
         possible = ""
         if self._isolation in (None, _SERIALIZABLE) and self.predicate.writes:
             possible = (
-                f" It counts as a possible write of {self.resource}: every session, this one "
-                "included, must read it again before writing it."
+                f" It counts as a possible write of {self.resource}: every other session must "
+                "read it again before writing it."
             )
         return LeaseLostError(
             f"lease on {self.predicate.value} {self.resource} (token {self.token}) was lost "

@@ -1337,10 +1337,11 @@ class LockTable:
         """A lease with a causal meaning ended: record its read or its write.
 
         A read counts when its holder released it. A write counts however the lease ended: a
-        release (explicit, block exit, session exit) is the holder's write, which its view
-        observes; an expiry or a revocation is a possible write that no view observed, since
-        nobody can tell whether the holder wrote before it lost the lease. A grant its caller
-        never received counts as nothing.
+        release (explicit, block exit, session exit) is the holder's write; an expiry or a
+        revocation is a possible write, since nobody can tell whether the holder wrote before
+        it lost the lease. Either way the holder's view observes it (it knows the content:
+        what it read, or what it wrote; nobody else could write meanwhile) and every other
+        view must read the path again. A grant its caller never received counts as nothing.
         """
         view, resource, at, writes = self.causal.held.pop(lease.id)
         if not seen:
@@ -1353,8 +1354,7 @@ class LockTable:
                 self.clocks.read(key, lease.agent_id)
                 self._journal_clocks(key, lease.agent_id)
             return
-        mine = view if state is LeaseState.RELEASED else None
-        self.causal.record_write(mine, resource)
+        self.causal.record_write(view, resource)
         clock = self.clocks.record(key, lease.agent_id)
         self._journal_clocks(key, lease.agent_id)
         self._written(key, lease.agent_id, clock, lease.session_id)

@@ -629,7 +629,8 @@ class Scheduler:
         fut = self._future()
         request_id = next(self._request_ids)
         msg = Request(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
-        msg.agent_view = agent_view
+        if agent_view:
+            msg.agent_view = True
         self._post(msg)
         try:
             if timeout is None:
