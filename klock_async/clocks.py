@@ -13,6 +13,11 @@ Distributed Systems", 1989): ``merge`` is the component-wise maximum, ``happens_
 strict component-wise order, and two clocks neither of which descends from the other are
 concurrent.
 
+The kernel orders writes with these clocks (``/clocks``, ``write.recorded``, the clocks in a
+``CausalViolationError``), but the check that refuses a stale write is per (session, path),
+across the resource tree: :mod:`klock_async.causal`. `VectorClockManager.check_write` is the
+clock-level comparison, kept for callers of the clocks alone.
+
 Everything here is pure: no async, no I/O, no logging. `VectorClock` is an immutable
 value, safe to share across threads; `VectorClockManager` is mutable state owned by the
 scheduler task alone.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from serverutil import remote_kernel, serve_in_thread
@@ -16,6 +18,7 @@ from klock_async import (
     Session,
 )
 from klock_async.integrations.langchain import klock_protected
+from klock_async.journal import SqliteJournal
 from klock_async.scheduler import Scheduler
 
 SER = IsolationLevel.SERIALIZABLE
@@ -197,3 +200,24 @@ async def test_remote_join_by_id_keeps_the_isolation_the_server_knows() -> None:
         a = await other.agent("A")
         with pytest.raises(CausalViolationError):
             await a.acquire("x", "MUTATES", session=sa.id)
+
+
+async def test_a_restart_makes_every_written_path_unseen(tmp_path: Path) -> None:
+    """After a restart every path written before must be read again before a write."""
+    db = tmp_path / "k.db"
+    async with Klock(backend=Scheduler(journal=SqliteJournal(db))) as klock:
+        sa, sb = await two_agents(klock)
+        await write(sb, "x")
+        await read(sa, "x")  # fresh before the restart; observations are not journaled
+        await sb.acquire("y", "MUTATES", ttl=600)  # still held at the restart
+    async with Klock(backend=Scheduler(journal=SqliteJournal(db))) as klock:
+        a = await klock.agent("A")
+        sa = a.session(isolation=SER)
+        with pytest.raises(CausalViolationError):
+            await write(sa, "x")
+        await read(sa, "x")
+        await write(sa, "x")
+        (held,) = await klock.leases()
+        await klock.revoke(held.id)  # its end counts as a write, whatever it was taken as
+        with pytest.raises(CausalViolationError):
+            await write(sa, "y")  # y had no version before: it has one now
