@@ -26,12 +26,30 @@ from dataclasses import dataclass
 
 from klock_async.model import Resource
 
-__all__ = ["ObservedVersions", "StaleVersion", "View"]
+__all__ = ["Hold", "ObservedVersions", "StaleVersion", "View"]
 
 View = tuple[str, str]
 """``(agent id, session id)``; the agent's own view has the session id ``""``."""
 
 _VIEW_MEMORY = 65536  # views (and SERIALIZABLE sessions) remembered, least recently used dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What the end of a lease records.
+
+    Attributes:
+        view: the view it observes or writes in; None for a writing lease recovered from a
+            journal (its isolation and view were not journaled).
+        resource: the leased resource.
+        seq: the sequence number at grant (what a read observes).
+        writes: a writing lease (records a write) or a read lease (records a read).
+    """
+
+    view: View | None
+    resource: Resource
+    seq: int
+    writes: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +73,31 @@ class ObservedVersions:
     Owned by the scheduler task alone; not thread-safe.
     """
 
-    __slots__ = ("_below", "_resources", "_sessions", "_views", "_written", "held", "seq")
+    __slots__ = (
+        "_below",
+        "_reads",
+        "_resources",
+        "_sessions",
+        "_views",
+        "_written",
+        "held",
+        "seq",
+    )
 
     # Invariants:
     # - seq only grows; every recorded write takes seq + 1;
     # - _written[k] <= seq, and _below[a] is exactly the written keys strictly below a;
     # - an observation never exceeds seq, and a view's observation of a key only grows;
-    # - held maps a lease id to what its end records (see hold_read / hold_write).
+    # - held maps a lease id to what its end records (see hold_read / hold_write), and
+    #   _reads[v] holds exactly the read entries of held whose view is v (none empty).
     seq: int
     _written: dict[str, int]
     _resources: dict[str, Resource]
     _below: dict[str, set[str]]
     _views: dict[View, dict[str, int]]
-    _sessions: dict[View, str]
-    held: dict[str, tuple[View | None, Resource, int, bool]]
+    _sessions: dict[View, None]
+    held: dict[str, Hold]
+    _reads: dict[View, dict[str, Hold]]
 
     def __init__(self) -> None:
         self.seq = 0
@@ -76,11 +105,9 @@ class ObservedVersions:
         self._resources = {}
         self._below = {}
         self._views = {}
-        self._sessions = {}
-        # lease id -> (view, resource, sequence number at grant, writes): a read under a
-        # held CONSUMES lease (observed when released), or a writing lease (recorded however
-        # it ends; ``view`` None for a lease recovered from a journal).
+        self._sessions = {}  # the SERIALIZABLE sessions, least recently declared first
         self.held = {}
+        self._reads = {}
 
     # ---------------------------------------------------------------- sessions
 
@@ -88,7 +115,7 @@ class ObservedVersions:
         """Remember that the session is SERIALIZABLE (for requests that join it by id)."""
         key = (agent_id, session_id)
         self._sessions.pop(key, None)
-        self._sessions[key] = session_id
+        self._sessions[key] = None
         if len(self._sessions) > _VIEW_MEMORY:
             del self._sessions[next(iter(self._sessions))]
 
@@ -124,10 +151,12 @@ class ObservedVersions:
         if not above and not below:
             return None  # nobody wrote it, above or below: no read needed
         seen = self._views.get(view, {})
-        if self.held:
-            pending = self.pending_reads(view)
-            if pending:
-                seen = {**seen, **{k: max(s, seen.get(k, 0)) for k, s in pending.items()}}
+        reads = self._reads.get(view)
+        if reads:  # reads under leases the view still holds count too
+            seen = dict(seen)
+            for hold in reads.values():
+                key = hold.resource.key
+                seen[key] = max(seen.get(key, 0), hold.seq)
         at = max((seen.get(k, 0) for k in (resource.key, *resource.up)), default=0)
         if above > at:
             return StaleVersion(resource.key, at, self.version(resource))
@@ -173,19 +202,45 @@ class ObservedVersions:
 
     def hold_read(self, lease_id: str, view: View, resource: Resource) -> None:
         """A SERIALIZABLE CONSUMES lease was granted: its release observes the version now."""
-        self.held[lease_id] = (view, resource, self.seq, False)
+        hold = self.held[lease_id] = Hold(view, resource, self.seq, writes=False)
+        self._reads.setdefault(view, {})[lease_id] = hold
 
     def hold_write(self, lease_id: str, view: View | None, resource: Resource) -> None:
         """A writing lease was granted whose end, however it comes, records a write."""
-        self.held[lease_id] = (view, resource, self.seq, True)
+        self.held[lease_id] = Hold(view, resource, self.seq, writes=True)
 
-    def pending_reads(self, view: View) -> dict[str, int]:
-        """The reads under read leases the view still holds (they count for its checks)."""
-        found: dict[str, int] = {}
-        for v, resource, seq, writes in self.held.values():
-            if v == view and not writes and seq > found.get(resource.key, 0):
-                found[resource.key] = seq
-        return found
+    def end_hold(self, lease_id: str) -> Hold | None:
+        """Forget what the lease's end records, and return it (None: nothing)."""
+        hold = self.held.pop(lease_id, None)
+        if hold is not None and not hold.writes:
+            assert hold.view is not None
+            reads = self._reads[hold.view]
+            del reads[lease_id]
+            if not reads:
+                del self._reads[hold.view]
+        return hold
+
+    def check_invariants(self) -> None:
+        """Assert the invariants listed on the class (for tests; walks all state).
+
+        Raises:
+            AssertionError: an invariant does not hold.
+        """
+        assert all(0 < seq <= self.seq for seq in self._written.values())
+        below: dict[str, set[str]] = {}
+        for key in self._written:
+            for ancestor in self._resources[key].up:
+                below.setdefault(ancestor, set()).add(key)
+        assert below == self._below
+        for seen in self._views.values():
+            assert all(0 < seq <= self.seq for seq in seen.values())
+        reads: dict[View, dict[str, Hold]] = {}
+        for lease_id, hold in self.held.items():
+            assert hold.seq <= self.seq
+            if not hold.writes:
+                assert hold.view is not None
+                reads.setdefault(hold.view, {})[lease_id] = hold
+        assert reads == self._reads
 
     def restore(self, paths: list[Resource]) -> None:
         """After a restart: every path written before counts as written by nobody now.

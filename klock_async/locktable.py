@@ -926,7 +926,7 @@ class LockTable:
         """
         lease = self.owned(lease_id, agent_id)
         if record_write is False:  # the holder declares its work under the lease did not happen
-            self.causal.held.pop(lease.id, None)
+            self.causal.end_hold(lease.id)
         elif record_write and lease.predicate.writes and lease.id not in self.causal.held:
             # A lease outside SERIALIZABLE whose holder says it wrote: the agent's own view.
             self.causal.hold_write(lease.id, (lease.agent_id, ""), lease.resource)
@@ -1343,14 +1343,16 @@ class LockTable:
         what it read, or what it wrote; nobody else could write meanwhile) and every other
         view must read the path again. A grant its caller never received counts as nothing.
         """
-        view, resource, at, writes = self.causal.held.pop(lease.id)
+        hold = self.causal.end_hold(lease.id)
+        assert hold is not None
         if not seen:
             return
+        view, resource = hold.view, hold.resource
         key = str(resource)
-        if not writes:
+        if not hold.writes:
             if state is LeaseState.RELEASED:
                 assert view is not None
-                self.causal.observe(view, resource, at)
+                self.causal.observe(view, resource, hold.seq)
                 self.clocks.read(key, lease.agent_id)
                 self._journal_clocks(key, lease.agent_id)
             return
@@ -1483,6 +1485,8 @@ class LockTable:
         entries = set(self._expiry) | set(self._later)
         for lease in self.leases.values():
             assert (lease.deadline, lease.id) in entries, f"no expiry entry for {lease.id}"
+        assert self.causal.held.keys() <= self.leases.keys(), "a causal hold outlived its lease"
+        self.causal.check_invariants()
         tokens = [lease.token for lease in self.leases.values()]
         assert len(tokens) == len(set(tokens))
         assert all(t <= self.last_token for t in tokens)

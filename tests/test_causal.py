@@ -15,8 +15,10 @@ from klock_async import (
     Klock,
     KlockError,
     LeaseLostError,
+    Resource,
     Session,
 )
+from klock_async.causal import ObservedVersions, View
 from klock_async.integrations.langchain import klock_protected
 from klock_async.journal import SqliteJournal
 from klock_async.scheduler import Scheduler
@@ -221,3 +223,83 @@ async def test_a_restart_makes_every_written_path_unseen(tmp_path: Path) -> None
         await klock.revoke(held.id)  # its end counts as a write, whatever it was taken as
         with pytest.raises(CausalViolationError):
             await write(sa, "y")  # y had no version before: it has one now
+
+
+async def test_tool_calls_of_an_agent_share_its_own_view() -> None:
+    """A protected read in one call links to the write of a session in the agent's own view."""
+    async with Klock() as klock:
+        a = await klock.register_agent("A")
+        _, sb = await two_agents(klock)
+        await write(sb, "x")
+
+        @klock.protected(agent="A", resource="x", predicate="CONSUMES", isolation=SER)
+        async def read_x() -> None:
+            pass
+
+        await read_x()
+        tools = Session(klock, a.id, SER, agent_view=True)  # as the file tools' holds run
+        await write(tools, "x")
+        own = a.session(isolation=SER)  # a session of its own shares nothing with them
+        with pytest.raises(CausalViolationError):
+            await write(own, "x")
+
+
+# --- the pure core: klock_async.causal.ObservedVersions ----------------------------------------
+
+V, W = ("A", "s1"), ("B", "s2")
+
+
+def r(path: str) -> Resource:
+    return Resource.parse(path)
+
+
+@pytest.mark.parametrize(
+    ("steps", "target", "stale"),
+    [
+        pytest.param([], "/f", None, id="never-written"),
+        pytest.param([("w", W, "/f")], "/f", "FILE:/f", id="written-unread"),
+        pytest.param([("w", W, "/f"), ("r", V, "/f")], "/f", None, id="read-after-write"),
+        pytest.param([("r", V, "/f"), ("w", W, "/f")], "/f", "FILE:/f", id="read-before-write"),
+        pytest.param([("w", W, "/d/f"), ("r", V, "/d")], "/d/f", None, id="dir-read-covers-file"),
+        pytest.param([("r", V, "/d/f"), ("w", W, "/d")], "/d/f", "FILE:/d/f", id="dir-write"),
+        pytest.param([("r", V, "/d"), ("w", W, "/d/f")], "/d", "FILE:/d/f", id="file-below"),
+        pytest.param([("w", W, "/d/f"), ("r", V, "/d/f")], "/d", None, id="file-below-read-since"),
+        pytest.param(
+            [("w", W, "/d"), ("r", V, "/d/f"), ("r", V, "/d/g")],
+            "/d",
+            "FILE:/d",
+            id="dir-written-files-read",
+        ),
+        pytest.param([("w", W, "/d/f")], "/d/g", None, id="sibling"),
+        pytest.param([("w", V, "/f")], "/f", None, id="own-write"),
+        pytest.param(
+            [("r", V, "/x"), ("w", W, "/x"), ("w", W, "/y"), ("r", V, "/y")],
+            "/x",
+            "FILE:/x",
+            id="other-path-read-later",
+        ),
+    ],
+)
+def test_check_table(steps: list[tuple[str, View, str]], target: str, stale: str | None) -> None:
+    """A write is stale exactly when a write at, above or below it was never observed."""
+    versions = ObservedVersions()
+    for op, view, path in steps:
+        if op == "r":
+            versions.observe(view, r(path))
+        else:
+            versions.record_write(view, r(path))
+    found = versions.check(V, r(target))
+    assert (found.path if found else None) == stale
+    versions.check_invariants()
+
+
+def test_held_reads_count_until_their_lease_ends() -> None:
+    """A read under a held lease counts for the view's checks, and is forgotten with the hold."""
+    versions = ObservedVersions()
+    versions.record_write(W, r("/f"))
+    versions.hold_read("lease", V, r("/f"))
+    assert versions.check(V, r("/f")) is None
+    hold = versions.end_hold("lease")
+    assert hold is not None and not hold.writes
+    assert versions.check(V, r("/f")) is not None  # the caller observes it, if it counts
+    versions.check_invariants()

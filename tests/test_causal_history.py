@@ -129,6 +129,10 @@ class Checker:
             await self.step(schedule, rng, step, i, path)
         for session in sessions:
             await session.release_all()
+        if n % 500 == 0:  # the walk over all state grows with every schedule run
+            backend = self.klock.backend
+            assert isinstance(backend, Scheduler)
+            backend.check_invariants()
 
     async def step(
         self, schedule: Schedule, rng: random.Random, step: str, i: int, path: str
