@@ -213,17 +213,16 @@ class Checker:
         return accepted
 
     async def cancel(self, schedule: Schedule, rng: random.Random, i: int, path: str) -> None:
-        """Another session writes ``path`` while view ``i`` asks for an overlapping path and
-        is cancelled, while it waits or just after the kernel answered it: the cancelled request counts as
-        nothing, the other write is checked and recorded as usual.
+        """Another session writes ``path`` while view ``i`` asks for an overlapping path and is
+        cancelled, while it waits or just after the kernel answered it: the cancelled request
+        counts as nothing, the other write is checked and recorded as usual.
         """
         j = rng.choice([k for k in range(3) if k != i])
         other = rng.choice(OVERLAPPING[path])
         predicate = rng.choice(("CONSUMES", "MUTATES"))
         granted_first = rng.random() < 0.5
-        schedule.history[-1] += f" {predicate} {other} while v{j} writes {path}" + (
-            " (cancelled after the kernel answered it)" if granted_first else " (cancelled while waiting)"
-        )
+        when = "after the kernel answered it" if granted_first else "while waiting"
+        schedule.history[-1] += f" {predicate} {other} while v{j} writes {path}, cancelled {when}"
         s, holder = schedule.sessions[i], schedule.sessions[j]
         fresh = schedule.model.fresh(j, path)
         try:
