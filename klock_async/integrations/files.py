@@ -404,6 +404,9 @@ class WorkspaceFiles:
                 agent_id=violation.agent_id,
                 agent_clock=violation.agent_clock,
                 path_clock=violation.path_clock,
+                session_id=violation.session_id,
+                seen_version=violation.seen_version,
+                version=violation.version,
             ) from None
 
     async def _still_inside(self, target: WorkspacePath) -> None:
