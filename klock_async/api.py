@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -117,7 +118,7 @@ class Lease:
     # the final snapshot is built when someone asks for it.
     __slots__ = ("_backend", "_info", "_isolation", "_state")
 
-    def __init__(self, backend: Backend, info: LeaseInfo, isolation: IsolationLevel) -> None:
+    def __init__(self, backend: Backend, info: LeaseInfo, isolation: IsolationLevel | None) -> None:
         self._backend = backend
         self._info = info
         self._isolation = isolation
@@ -242,8 +243,9 @@ class Lease:
         """Release the lease.
 
         Args:
-            record_write: record a causal write of the path (default: when the lease was taken
-                in a SERIALIZABLE session and its predicate writes).
+            record_write: None (the default): a writing lease taken SERIALIZABLE records a
+                causal write of its path; True records one also for a lease taken otherwise;
+                False records none (the holder wrote nothing).
 
         Raises:
             LeaseNotFoundError: released twice.
@@ -254,9 +256,7 @@ class Lease:
             if self._state is _RELEASED:
                 raise LeaseNotFoundError(f"lease {info.id!r} was released already")
             raise self._lost_error()
-        if record_write is None:
-            record_write = self._isolation is _SERIALIZABLE
-        if not record_write and self._backend.release_nowait(info.id, info.agent_id):
+        if record_write is None and self._backend.release_nowait(info.id, info.agent_id):
             self._state = _RELEASED
             return
         try:
@@ -279,10 +279,16 @@ class Lease:
 
     def _lost_error(self) -> LeaseLostError:
         state = self._state.value
+        possible = ""
+        if self._isolation in (None, _SERIALIZABLE) and self.predicate.writes:
+            possible = (
+                f" It counts as a possible write of {self.resource}: every other session must "
+                "read it again before writing it."
+            )
         return LeaseLostError(
             f"lease on {self.predicate.value} {self.resource} (token {self.token}) was lost "
-            f"({state.lower()}) while held: work done after that was not protected. Heartbeat "
-            "more often or use a longer ttl, then re-read and redo the change.",
+            f"({state.lower()}) while held: work done after that was not protected.{possible} "
+            "Heartbeat more often or use a longer ttl, then read it again and redo the change.",
             lease_id=self.id,
             state=state,
         )
@@ -396,7 +402,7 @@ class LeaseBlock:
     async def __aenter__(self) -> Lease:
         # acquire_many() without parsing again what lease_many() parsed and validated.
         owner = self._owner
-        session_id, isolation = owner._session_for(self._session)
+        session_id, isolation, agent_view = owner._session_for(self._session)
         backend = owner._klock._backend or owner._klock.backend  # the property raises if unset
         infos = await backend.acquire(
             owner._agent_id,
@@ -406,6 +412,7 @@ class LeaseBlock:
             wait=True,
             timeout=self._timeout,
             isolation=isolation,
+            agent_view=agent_view,
         )
         if len(infos) == 1:  # the common case, without a comprehension's frame
             self._leases = [Lease(backend, infos[0], isolation)]
@@ -464,13 +471,13 @@ class LeaseBlock:
     def _release_one_way(self, *, clean: bool) -> bool:
         """Release every lease without waiting, where the backend can; True when all went.
 
-        A lease that needs an answer (a causal write to record, a lease the backend saw end,
-        a remote backend) is left to :meth:`_release`, which skips those released here.
+        A lease that needs an answer (a block that raised, a lease the backend saw end, a
+        remote backend) is left to :meth:`_release`, which skips those released here.
         """
+        if not clean:
+            return False  # a block that raised declares that it wrote nothing: needs an answer
         for lease in self._leases:
             if lease._state is not _ACTIVE:
-                return False
-            if clean and lease._isolation is _SERIALIZABLE:
                 return False
             info = lease._info
             if not lease._backend.release_nowait(info.id, info.agent_id):
@@ -489,7 +496,7 @@ class LeaseBlock:
             if lease.state is not LeaseState.ACTIVE and not lease.lost:
                 continue
             try:
-                await lease.release(record_write=clean and lease._isolation.requires_vector_clocks)
+                await lease.release(record_write=None if clean else False)
             except LeaseLostError as error:
                 lost = lost or error
             except LeaseNotFoundError:
@@ -504,21 +511,31 @@ class _Acquirer:
         self._klock = klock
         self._agent_id = agent_id
 
-    def _session_for_call(self) -> tuple[str, IsolationLevel]:
+    def _session_for_call(self) -> tuple[str, IsolationLevel | None, bool]:
         raise NotImplementedError
 
-    def _session_for(self, session: Session | str | None) -> tuple[str, IsolationLevel]:
+    def _session_for(
+        self, session: Session | str | None
+    ) -> tuple[str, IsolationLevel | None, bool]:
+        """The session id, isolation level and view of a request (see ``Backend.acquire``).
+
+        A session named by its id keeps its isolation: the live ``Session`` of that id when
+        this process has one, else whatever the kernel knows of it (isolation None).
+        """
         if session is None:
             return self._session_for_call()
+        if isinstance(session, str) and session.strip():
+            known = self._klock._sessions.get((self._agent_id, session))
+            if known is None:
+                return session, None, False
+            session = known
         if isinstance(session, Session):
             if session.agent_id != self._agent_id:
                 raise InvalidRequestError(
                     f"session {session.id} belongs to agent {session.agent_id!r}, "
                     f"not {self._agent_id!r}; an agent acquires only in its own sessions"
                 )
-            return session.id, session.isolation
-        if isinstance(session, str) and session.strip():
-            return session, IsolationLevel.READ_COMMITTED
+            return session.id, session.isolation, session._agent_view
         raise InvalidRequestError(
             f"session must be a Session, a non-empty session id or None, not {session!r}"
         )
@@ -561,9 +578,9 @@ class _Acquirer:
         if ttl is None:
             ttl = self._klock.default_ttl
         if session is None:
-            session_id, isolation = self._session_for_call()
+            session_id, isolation, agent_view = self._session_for_call()
         else:
-            session_id, isolation = self._session_for(session)
+            session_id, isolation, agent_view = self._session_for(session)
         backend = self._klock._backend or self._klock.backend  # the property raises if unset
         (info,) = await backend.acquire(
             self._agent_id,
@@ -573,6 +590,7 @@ class _Acquirer:
             wait=wait,
             timeout=timeout,
             isolation=isolation,
+            agent_view=agent_view,
         )
         return Lease(backend, info, isolation)
 
@@ -592,7 +610,7 @@ class _Acquirer:
         """
         parsed = parse_intents(intents)
         ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
-        session_id, isolation = self._session_for(session)
+        session_id, isolation, agent_view = self._session_for(session)
         infos = await self._klock.backend.acquire(
             self._agent_id,
             session_id,
@@ -601,6 +619,7 @@ class _Acquirer:
             wait=wait,
             timeout=timeout,
             isolation=isolation,
+            agent_view=agent_view,
         )
         return [Lease(self._klock.backend, info, isolation) for info in infos]
 
@@ -668,8 +687,8 @@ class Agent(_Acquirer):
         """The agent's age: lower is older."""
         return self._info.ts
 
-    def _session_for_call(self) -> tuple[str, IsolationLevel]:
-        return new_session_id(), _READ_COMMITTED
+    def _session_for_call(self) -> tuple[str, IsolationLevel | None, bool]:
+        return new_session_id(), _READ_COMMITTED, False
 
     def session(
         self,
@@ -683,13 +702,16 @@ class Agent(_Acquirer):
         session holds, also when ``LeaseDied`` escapes (as Wait-Die requires of a dying
         transaction).
 
+        A SERIALIZABLE session is a unit of work of its own: what it read and wrote is not
+        shared with the agent's other sessions (see docs/causal.md).
+
         Raises:
-            ValueError: unknown isolation level.
+            InvalidIsolationError: unknown isolation level.
         """
         return Session(self._klock, self.id, IsolationLevel.parse(isolation), session_id)
 
     async def read(self, path: str) -> VectorClock:
-        """Record a read of ``path`` (its clock merges into this agent's clock)."""
+        """Record a read of ``path`` in the agent's own view (its clock merges into the agent's)."""
         return await self._klock.read(path, self.id)
 
     async def write(self, path: str, *, strict: bool = True) -> VectorClock:
@@ -715,10 +737,16 @@ class Session(_Acquirer):
         agent_id: str,
         isolation: IsolationLevel,
         session_id: str | None = None,
+        *,
+        agent_view: bool = False,
     ) -> None:
         super().__init__(klock, agent_id)
         self.id = session_id or new_session_id()
         self.isolation = isolation
+        # Observe and check in the agent's own view (tool calls that name no session).
+        self._agent_view = agent_view
+        if isolation is _SERIALIZABLE and not agent_view:
+            klock._sessions[(agent_id, self.id)] = self  # joinable by id, while it lives
 
     def __repr__(self) -> str:
         return f"<Session {self.id} agent={self._agent_id!r} {self.isolation.value}>"
@@ -728,8 +756,8 @@ class Session(_Acquirer):
         """The agent that owns the session."""
         return self._agent_id
 
-    def _session_for_call(self) -> tuple[str, IsolationLevel]:
-        return self.id, self.isolation
+    def _session_for_call(self) -> tuple[str, IsolationLevel | None, bool]:
+        return self.id, self.isolation, self._agent_view
 
     async def release_all(self) -> int:
         """Release every lease the session holds; return how many."""
@@ -763,6 +791,11 @@ class Klock:
         self.default_ttl = validate_ttl(default_ttl)
         self._backend = backend
         self._agents: dict[str, Agent] = {}
+        # The live SERIALIZABLE sessions of this process, by (agent, id): a request that names
+        # one by its id keeps its isolation even before the kernel heard of the session.
+        self._sessions: weakref.WeakValueDictionary[tuple[str, str], Session] = (
+            weakref.WeakValueDictionary()
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keepers: _KeeperSchedule | None = None
 
@@ -1046,7 +1079,9 @@ class Klock:
         # holds nothing when it asks, so the kernel queues it and never makes it die; a kernel
         # with another policy (an older server) may still refuse it with LeaseDied, and then
         # the retry policy applies.
-        session = Session(self, agent.id, isolation)
+        # The call's reads and writes belong to the agent's own view, shared by its tool calls:
+        # a read in one call and the write in the next are linked.
+        session = Session(self, agent.id, isolation, agent_view=True)
         lease_ttl = validate_ttl(self.default_ttl if ttl is None else ttl)
         attempt = 0
         while True:
@@ -1078,6 +1113,9 @@ class Klock:
                     agent_id=violation.agent_id,
                     agent_clock=violation.agent_clock,
                     path_clock=violation.path_clock,
+                    session_id=violation.session_id,
+                    seen_version=violation.seen_version,
+                    version=violation.version,
                 ) from None
 
     async def _wait_for_blocker(self, died: LeaseDied, cap: float) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from klock_async import rules
 from klock_async.backend import ClockStatus
+from klock_async.causal import ObservedVersions, StaleVersion, View
 from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock, VectorClockManager
 from klock_async.errors import (
     AgentExistsError,
@@ -75,6 +76,7 @@ _SEQ_MASK = 2**_SEQ_BITS - 1
 
 _READ = Predicate.CONSUMES
 _SERIALIZABLE = IsolationLevel.SERIALIZABLE
+_READ_COMMITTED = IsolationLevel.READ_COMMITTED
 _RELEASED = LeaseState.RELEASED
 _COMPATIBLE = rules.COMPATIBLE
 # Predicates that conflict with every predicate: nothing younger can pass a waiter holding one.
@@ -165,10 +167,11 @@ class Request:
     intents: tuple[Intent, ...]
     ttl: float
     wait: bool
-    isolation: IsolationLevel
+    isolation: IsolationLevel | None  # None: the session's own (set on arrival)
     reply: Any
     ts: int = 0  # the unit's age (lower is older), set on arrival
     holding: bool = False  # queued while its unit held leases (set while queued)
+    agent_view: bool = False  # observe in the agent's own view, not the session's
 
 
 class _Agent:
@@ -296,6 +299,11 @@ class _Slot:
         self.waiters: dict[int, tuple[Request, frozenset[Predicate]]] = {}
 
 
+def _view(agent_id: str, session_id: str, agent_view: bool) -> View:
+    """The view a request observes and checks in: its session's, or the agent's own."""
+    return (agent_id, "" if agent_view else session_id)
+
+
 def _allowed(predicates: Iterable[Predicate]) -> frozenset[Predicate]:
     allowed: frozenset[Predicate] | None = None
     for predicate in predicates:
@@ -368,10 +376,8 @@ class LockTable:
         self.armed = _NEVER  # the deadline the driver's timer is armed for
         self.rearm = False  # a deadline fell before ``armed``: call next_deadline()
         self._watchers: dict[str, list[Any]] = {}
-        # agent -> {lease id: the path clock at the grant of a SERIALIZABLE CONSUMES it holds}.
-        # The read joins the agent's clock when its holder releases the lease, not at grant: a
-        # grant its caller never saw (withdrawn after a cancel) must not count as a read.
-        self._unmerged_reads: dict[str, dict[str, VectorClock]] = {}
+        # What SERIALIZABLE views observed, and the leases whose end is a read or a write.
+        self.causal = ObservedVersions()
         self._lost: dict[str, LeaseInfo] = {}  # the last _LOST_MEMORY leases ended by others
         self.clocks = VectorClockManager()
         self.last_token = 0
@@ -422,6 +428,7 @@ class LockTable:
         self.clocks = VectorClockManager.restore(
             state.path_clocks, state.agent_clocks, state.conflict_count
         )
+        self._recover_versions(state)
 
     # ---------------------------------------------------------------- agents and units
 
@@ -506,6 +513,8 @@ class LockTable:
         """
         if request.agent_id not in self.agents:
             self._agent(request.agent_id)
+        if request.isolation is not _READ_COMMITTED:
+            self._join(request)
         unit = self._unit(request.agent_id, request.session_id)
         request.ts = unit.age
         if unit.leases and self._covered(request, unit):
@@ -692,9 +701,8 @@ class LockTable:
                 self._note_deadline(deadline, lease_id)
             info = lease.info()
             answer.append((info, lease.ended))
-            if serializable and intent.predicate is _READ:
-                reads = self._unmerged_reads.setdefault(request.agent_id, {})
-                reads[lease_id] = self.clocks.clock_of(str(intent.resource))
+            if serializable:
+                self._hold_causal(request, lease_id, intent)
             if journal is not None:
                 journal.record_lease(info)
             if observer is not None:
@@ -725,11 +733,10 @@ class LockTable:
                 self._kill(other, verdict.blocker, now)
 
     def _causally_fresh(self, request: Request) -> bool:
+        view = _view(request.agent_id, request.session_id, request.agent_view)
         for intent in request.intents:
             if intent.predicate.writes:
-                stale = self.clocks.check_write(
-                    str(intent.resource), request.agent_id, self._held_reads(request.agent_id)
-                )
+                stale = self.causal.check(view, intent.resource)
                 if stale is not None:
                     if request.id in self.queued:
                         self._unqueue(request)
@@ -738,7 +745,7 @@ class LockTable:
                                 "request.withdrawn", request=request, reason="stale_write"
                             )
                     self.counts["causal_violations"] += 1
-                    self.answer((request.reply, self._violation(stale)))
+                    self.answer((request.reply, self._violation(stale, view)))
                     return False
         return True
 
@@ -1014,7 +1021,7 @@ class LockTable:
         return lease
 
     def release(
-        self, lease_id: str, agent_id: str | None, record_write: bool, now: float
+        self, lease_id: str, agent_id: str | None, record_write: bool | None, now: float
     ) -> LeaseInfo:
         """End a lease its holder lets go of; record a causal write when asked.
 
@@ -1023,14 +1030,11 @@ class LockTable:
             NotLeaseOwnerError: held by another agent.
         """
         lease = self.owned(lease_id, agent_id)
-        if record_write and lease.predicate.writes:
-            held_reads = self._held_reads(lease.agent_id)
-            if held_reads is not None:  # the write was made from what those leases let it read
-                self.clocks.observe(lease.agent_id, held_reads)
-            result = self.clocks.write(str(lease.resource), lease.agent_id, strict=False)
-            self._journal_clocks(str(lease.resource), lease.agent_id)
-            assert not isinstance(result, StaleWrite)
-            self._written(str(lease.resource), lease.agent_id, result, lease.session_id)
+        if record_write is False:  # the holder declares its work under the lease did not happen
+            self.causal.end_hold(lease.id)
+        elif record_write and lease.predicate.writes and lease.id not in self.causal.held:
+            # A lease outside SERIALIZABLE whose holder says it wrote: the agent's own view.
+            self.causal.hold_write(lease.id, (lease.agent_id, ""), lease.resource)
         info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
         self._reevaluate((lease.resource,), now)
         return info
@@ -1250,16 +1254,6 @@ class LockTable:
         slot.leases[lease_id] = lease
         lease.unit.leases[lease_id] = lease
 
-    def _held_reads(self, agent_id: str) -> VectorClock | None:
-        """The versions read under SERIALIZABLE CONSUMES leases the agent still holds."""
-        reads = self._unmerged_reads.get(agent_id)
-        if not reads:
-            return None
-        seen = VectorClock()
-        for clock in reads.values():
-            seen = seen.merge(clock)
-        return seen
-
     def _end(
         self, lease: _Lease, state: LeaseState, *, seen: bool = True, remember: bool = False
     ) -> LeaseInfo | None:
@@ -1269,14 +1263,9 @@ class LockTable:
         ``remember``: a release its holder did not make itself), else None: a one-way release
         wants none, and building it was a tenth of the release's cost.
         """
-        reads = self._unmerged_reads.get(lease.agent_id) if self._unmerged_reads else None
-        if reads is not None and lease.id in reads:
-            clock = reads.pop(lease.id)
-            if not reads:
-                del self._unmerged_reads[lease.agent_id]
-            if seen and state is LeaseState.RELEASED:
-                self.clocks.observe(lease.agent_id, clock)
-                self._journal_clocks(str(lease.resource), lease.agent_id)
+        held = self.causal.held
+        if held and lease.id in held:
+            self._causal_end(lease, state, seen)
         lease_id = lease.id
         del self.leases[lease_id]
         resource = lease.resource
@@ -1355,7 +1344,9 @@ class LockTable:
             InvalidResourceError: bad path.
         """
         self._agent(agent_id)
-        key = str(Resource.parse(path))
+        resource = Resource.parse(path)
+        key = str(resource)
+        self.causal.observe((agent_id, ""), resource)
         clock = self.clocks.read(key, agent_id)
         self._journal_clocks(key, agent_id)
         return clock
@@ -1369,11 +1360,17 @@ class LockTable:
             InvalidResourceError: bad path.
         """
         self._agent(agent_id)
-        key = str(Resource.parse(path))
-        result = self.clocks.write(key, agent_id, strict=strict)
-        if isinstance(result, StaleWrite):
+        resource = Resource.parse(path)
+        key = str(resource)
+        view = (agent_id, "")
+        stale = self.causal.check(view, resource)
+        if stale is not None and strict:
             self.counts["causal_violations"] += 1
-            raise self._violation(result)
+            raise self._violation(stale, view)
+        if stale is not None:
+            self.clocks.note_conflict()
+        self.causal.record_write(view, resource)
+        result = self.clocks.record(key, agent_id)
         self._journal_clocks(key, agent_id)
         self._written(key, agent_id, result)
         return result
@@ -1400,18 +1397,87 @@ class LockTable:
                 self.clocks.conflict_count,
             )
 
-    def _violation(self, stale: StaleWrite) -> CausalViolationError:
+    def _violation(self, stale: StaleVersion, view: View) -> CausalViolationError:
+        agent_id, session_id = view
+        agent_clock = self.clocks.agent_clock(agent_id)
+        path_clock = self.clocks.clock_of(stale.path)
         if self.on_refused is not None:
-            self.on_refused(stale)
+            self.on_refused(StaleWrite(stale.path, agent_id, agent_clock, path_clock))
+        seen = f"version {stale.seen}" if stale.seen else "no version"
+        where = f"session {session_id!r} of agent" if session_id else "agent"
         return CausalViolationError(
-            f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
-            f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
-            f"{stale.path_clock.as_dict()}); read it again, redo the change, then write",
+            f"{where} {agent_id!r} would overwrite version {stale.latest} of {stale.path}, "
+            f"having read {seen} of it (vector clocks: the agent's {agent_clock.as_dict()}, "
+            f"the path's {path_clock.as_dict()}); read it again, redo the change, then write",
             path=stale.path,
-            agent_id=stale.agent_id,
-            agent_clock=stale.agent_clock.as_dict(),
-            path_clock=stale.path_clock.as_dict(),
+            agent_id=agent_id,
+            agent_clock=agent_clock.as_dict(),
+            path_clock=path_clock.as_dict(),
+            session_id=session_id or None,
+            seen_version=stale.seen,
+            version=stale.latest,
         )
+
+    # ---------------------------------------------------------------- causal (SERIALIZABLE)
+
+    def _join(self, request: Request) -> None:
+        """Settle the isolation of a request that did not say READ_COMMITTED.
+
+        A request that names no level joins its session as it is: SERIALIZABLE when a request
+        of that session said so. A SERIALIZABLE request in its own view declares its session.
+        """
+        causal = self.causal
+        if request.isolation is None:
+            serializable = causal.is_serializable(request.agent_id, request.session_id)
+            request.isolation = _SERIALIZABLE if serializable else _READ_COMMITTED
+        elif request.isolation is _SERIALIZABLE and not request.agent_view:
+            causal.declare(request.agent_id, request.session_id)
+
+    def _hold_causal(self, request: Request, lease_id: str, intent: Intent) -> None:
+        """A SERIALIZABLE lease was granted: note what its end records."""
+        view = _view(request.agent_id, request.session_id, request.agent_view)
+        if intent.predicate.writes:
+            self.causal.hold_write(lease_id, view, intent.resource)
+        elif intent.predicate is _READ:
+            self.causal.hold_read(lease_id, view, intent.resource)
+
+    def _causal_end(self, lease: _Lease, state: LeaseState, seen: bool) -> None:
+        """A lease with a causal meaning ended: record its read or its write.
+
+        A read counts when its holder released it. A write counts however the lease ended: a
+        release (explicit, block exit, session exit) is the holder's write; an expiry or a
+        revocation is a possible write, since nobody can tell whether the holder wrote before
+        it lost the lease. Either way the holder's view observes it (it knows the content:
+        what it read, or what it wrote; nobody else could write meanwhile) and every other
+        view must read the path again. A grant its caller never received counts as nothing.
+        """
+        hold = self.causal.end_hold(lease.id)
+        assert hold is not None
+        if not seen:
+            return
+        view, resource = hold.view, hold.resource
+        key = str(resource)
+        if not hold.writes:
+            if state is LeaseState.RELEASED:
+                assert view is not None
+                self.causal.observe(view, resource, hold.seq)
+                self.clocks.read(key, lease.agent_id)
+                self._journal_clocks(key, lease.agent_id)
+            return
+        self.causal.record_write(view, resource)
+        clock = self.clocks.record(key, lease.agent_id)
+        self._journal_clocks(key, lease.agent_id)
+        self._written(key, lease.agent_id, clock, lease.session_id)
+
+    def _recover_versions(self, state: RecoveredState) -> None:
+        """Versions and observations are not journaled: after a restart every path written
+        before counts as written again, seen by no view, and every active writing lease as a
+        write to be recorded when it ends (its isolation was not journaled either).
+        """
+        self.causal.restore([Resource.parse(path) for path in state.path_clocks])
+        for lease in self.leases.values():
+            if lease.predicate.writes:
+                self.causal.hold_write(lease.id, None, lease.resource)
 
     # ---------------------------------------------------------------- snapshots
 
@@ -1528,6 +1594,8 @@ class LockTable:
         entries = set(self._expiry) | set(self._later)
         for lease in self.leases.values():
             assert (lease.deadline, lease.id) in entries, f"no expiry entry for {lease.id}"
+        assert self.causal.held.keys() <= self.leases.keys(), "a causal hold outlived its lease"
+        self.causal.check_invariants()
         tokens = [lease.token for lease in self.leases.values()]
         assert len(tokens) == len(set(tokens))
         assert all(t <= self.last_token for t in tokens)

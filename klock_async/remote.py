@@ -756,7 +756,8 @@ class RemoteBackend:
         ttl: float,
         wait: bool = True,
         timeout: float | None = None,
-        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+        isolation: IsolationLevel | None = IsolationLevel.READ_COMMITTED,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
 
@@ -782,8 +783,11 @@ class RemoteBackend:
             "ttl_ms": ttl * 1000.0,
             "wait": wait,
             "timeout_ms": None if timeout is None else timeout * 1000.0,
-            "isolation": isolation.value,
         }
+        if isolation is not None:
+            body["isolation"] = isolation.value
+        if agent_view:
+            body["agent_view"] = True
         if wait:
             data = await self._poll(self._track(True), "POST", "/intents", body, timeout, agent_id)
         else:
@@ -799,7 +803,7 @@ class RemoteBackend:
         return False
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
@@ -808,10 +812,11 @@ class RemoteBackend:
             NotLeaseOwnerError: ``agent_id`` is not the holder.
             TransportError: the server cannot be reached.
         """
-        target = f"/leases/{_segment(lease_id)}?record_write={'true' if record_write else 'false'}"
+        query = [] if record_write is None else [f"record_write={str(record_write).lower()}"]
         holder = self._holder(lease_id, agent_id)
         if holder is not None:  # named, the server checks the holder without a lookup
-            target += f"&agent_id={urllib.parse.quote(holder, safe='')}"
+            query.append(f"agent_id={urllib.parse.quote(holder, safe='')}")
+        target = f"/leases/{_segment(lease_id)}" + ("?" + "&".join(query) if query else "")
         try:
             data = await self._call("DELETE", target, agent_id=holder)
         except LeaseError:

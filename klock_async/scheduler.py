@@ -200,7 +200,7 @@ class _Withdraw:
 class _Release:
     lease_id: str
     agent_id: str | None
-    record_write: bool
+    record_write: bool | None
     reply: asyncio.Future[Any]
 
 
@@ -614,7 +614,8 @@ class Scheduler:
         ttl: float,
         wait: bool = True,
         timeout: float | None = None,
-        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+        isolation: IsolationLevel | None = IsolationLevel.READ_COMMITTED,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
 
@@ -636,6 +637,8 @@ class Scheduler:
         fut: asyncio.Future[Any] = _Future(loop=self._loop)  # _future(), _post(): inline
         request_id = next(self._request_ids)
         msg = Request(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
+        if agent_view:
+            msg.agent_view = True
         self._mailbox.append(msg)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -691,16 +694,16 @@ class Scheduler:
             self._post(_Withdraw(request_id, agent_id, session_id))
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
-        Without ``record_write``, a release that :meth:`release_nowait` can make is made that
+        With ``record_write`` None, a release that :meth:`release_nowait` can make is made that
         way, and answered with the snapshot the grant (or the last heartbeat) gave, in state
         RELEASED.
         """
         held = self._held.get(lease_id)
-        if held is not None and not record_write and self.release_nowait(lease_id, agent_id):
+        if held is not None and record_write is None and self.release_nowait(lease_id, agent_id):
             return replace(held[0], state=LeaseState.RELEASED)
         fut = self._future()  # what _ask does, without its closure and extra coroutine
         self._post(_Release(lease_id, agent_id, record_write, fut))

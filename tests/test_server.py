@@ -466,7 +466,7 @@ BAD_REQUESTS = [
         "/leases",
         {"AGENT": "iso", "isolation": "STRICT"},
         400,
-        "invalid_field",
+        "invalid_isolation",
         id="unknown-isolation",
     ),
     pytest.param(
@@ -788,7 +788,9 @@ def test_sync_does_not_wait_for_a_refused_request(http: httpx.Client) -> None:
     rid = fresh("request")
     body = lease_body(register(http), "/sync/refused", wait=True, isolation="NONSENSE")
     refused(
-        http.post("/leases", json=body, headers={"x-klock-request-id": rid}), 400, "invalid_field"
+        http.post("/leases", json=body, headers={"x-klock-request-id": rid}),
+        400,
+        "invalid_isolation",
     )
     assert "requests_waiting" in ok(
         http.post("/sync", json={"requests": [rid], "timeout_ms": 5000})

@@ -417,10 +417,7 @@ def klock_protected(
     """
     rtype = ResourceType.parse(resource_type)
     pred = Predicate.parse(predicate)
-    try:
-        level = IsolationLevel.parse(isolation)
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
+    level = IsolationLevel.parse(isolation)
     if not isinstance(agent_id, str) or not agent_id.strip():
         raise InvalidRequestError("agent_id must be a non-empty string naming the agent")
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
