@@ -77,7 +77,8 @@ def test_empty_database_is_initialised(pg_url: str, postgres_cluster: Cluster) -
         "WHERE schemaname = 'public'",
     )
     assert tables == (
-        "klock_agent_clocks,klock_agents,klock_leader,klock_leases,klock_meta,klock_path_clocks"
+        "klock_agent_clocks,klock_agents,klock_leader,klock_leases,klock_meta,klock_path_clocks,"
+        "klock_priorities"
     )
 
 
