@@ -6,7 +6,9 @@ event-loop checkpoint (``await asyncio.sleep(0)``); in the same run, the same ca
 ``asyncio.Lock`` from a dict keyed by path instead. Per size and implementation the table
 prints the calls completed, failed (an exception such as ``RetriesExhaustedError``) and left
 unfinished when the phase's time budget ran out; pairs per second (completed calls over the
-phase's wall time); klock's rate over the lock's; deaths per grant (``klock.statistics()``:
+phase's wall time); klock's rate over the lock's; the process's CPU time per completed call
+(``time.process_time()`` over the phase: what a call costs, whatever else runs on the machine);
+deaths per grant (``klock.statistics()``:
 ``deaths / grants``); and the p50 / p99 latency of a completed call, from its start to its
 return, retries included. A last row divides the largest size's rate by the smallest's.
 
@@ -71,6 +73,7 @@ class Phase:
     unfinished: int
     seconds: float
     latencies: tuple[float, ...]
+    cpu: float = 0.0  # the process's CPU seconds over the phase (time.process_time)
     grants: int | None = None
     deaths: int | None = None
     failure: str = ""  # the first failure's type and message, for the notes
@@ -79,6 +82,11 @@ class Phase:
     def rate(self) -> float:
         """Completed calls per second of the phase's wall time."""
         return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_pair(self) -> float | None:
+        """CPU seconds of the whole process per completed call (None when none completed)."""
+        return self.cpu / self.completed if self.completed else None
 
     @property
     def deaths_per_grant(self) -> float | None:
@@ -144,9 +152,11 @@ async def _drive(
     ]
     gc.collect()
     started = _clock()
+    cpu_started = time.process_time()
     go.set()
     _, pending = await asyncio.wait(tasks, timeout=budget)
     seconds = _clock() - started
+    cpu = time.process_time() - cpu_started
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -160,6 +170,7 @@ async def _drive(
         unfinished=calls - len(latencies) - len(failures),
         seconds=seconds,
         latencies=tuple(latencies),
+        cpu=cpu,
         failure=f"{type(first).__name__}: {first}" if first is not None else "",
     )
 
@@ -201,6 +212,7 @@ async def klock_phase(agents: int, calls: int, budget: float) -> Phase:
         unfinished=phase.unfinished,
         seconds=phase.seconds,
         latencies=phase.latencies,
+        cpu=phase.cpu,
         grants=stats.grants,
         deaths=stats.deaths,
         failure=phase.failure,
@@ -229,6 +241,7 @@ def _ms(seconds: float | None) -> str:
 
 def _row(phase: Phase, ratio: str) -> tuple[str, ...]:
     dpg = phase.deaths_per_grant
+    cpu = phase.cpu_per_pair
     return (
         str(phase.agents),
         phase.implementation,
@@ -237,6 +250,7 @@ def _row(phase: Phase, ratio: str) -> tuple[str, ...]:
         f"{phase.unfinished:,}",
         f"{phase.rate:,.0f}",
         ratio,
+        "-" if cpu is None else f"{cpu * 1e6:.1f} us",
         "-" if dpg is None else f"{dpg:.2f}",
         _ms(phase.percentile(0.50)),
         _ms(phase.percentile(0.99)),
@@ -277,6 +291,7 @@ def render(pairs: Sequence[tuple[Phase, Phase]], calls: int, budget: float, comm
         "unfinished",
         "pairs/s",
         "x lock",
+        "CPU/pair",
         "deaths/grant",
         "p50",
         "p99",

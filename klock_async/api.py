@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -58,6 +59,7 @@ _SERIALIZABLE = IsolationLevel.SERIALIZABLE
 _READ_COMMITTED = IsolationLevel.READ_COMMITTED
 _ACTIVE = LeaseState.ACTIVE
 _RELEASED = LeaseState.RELEASED
+_NEVER = float("inf")
 
 DEFAULT_TTL = 30.0
 """Seconds a lease lives without a heartbeat unless a ttl is given."""
@@ -69,7 +71,7 @@ IntentLike = tuple[Resource | str, Predicate | str] | Intent
 class RetryPolicy:
     """How a protected call retries after Wait-Die made it die.
 
-    Each retry keeps the agent's age (so it cannot starve), first releases what the dying
+    Each retry keeps the unit's age (so it cannot starve), first releases what the dying
     session held, then waits until the blocking lease ends, at most a capped, jittered
     exponential backoff: ``min(max_delay, base_delay * 2**attempt)`` times a factor in
     ``[0.5, 1]``. It never busy-polls.
@@ -116,7 +118,7 @@ class Lease:
     # the final snapshot is built when someone asks for it.
     __slots__ = ("_backend", "_info", "_isolation", "_state")
 
-    def __init__(self, backend: Backend, info: LeaseInfo, isolation: IsolationLevel) -> None:
+    def __init__(self, backend: Backend, info: LeaseInfo, isolation: IsolationLevel | None) -> None:
         self._backend = backend
         self._info = info
         self._isolation = isolation
@@ -241,8 +243,9 @@ class Lease:
         """Release the lease.
 
         Args:
-            record_write: record a causal write of the path (default: when the lease was taken
-                in a SERIALIZABLE session and its predicate writes).
+            record_write: None (the default): a writing lease taken SERIALIZABLE records a
+                causal write of its path; True records one also for a lease taken otherwise;
+                False records none (the holder wrote nothing).
 
         Raises:
             LeaseNotFoundError: released twice.
@@ -253,9 +256,7 @@ class Lease:
             if self._state is _RELEASED:
                 raise LeaseNotFoundError(f"lease {info.id!r} was released already")
             raise self._lost_error()
-        if record_write is None:
-            record_write = self._isolation is _SERIALIZABLE
-        if not record_write and self._backend.release_nowait(info.id, info.agent_id):
+        if record_write is None and self._backend.release_nowait(info.id, info.agent_id):
             self._state = _RELEASED
             return
         try:
@@ -278,10 +279,16 @@ class Lease:
 
     def _lost_error(self) -> LeaseLostError:
         state = self._state.value
+        possible = ""
+        if self._isolation in (None, _SERIALIZABLE) and self.predicate.writes:
+            possible = (
+                f" It counts as a possible write of {self.resource}: every other session must "
+                "read it again before writing it."
+            )
         return LeaseLostError(
             f"lease on {self.predicate.value} {self.resource} (token {self.token}) was lost "
-            f"({state.lower()}) while held: work done after that was not protected. Heartbeat "
-            "more often or use a longer ttl, then re-read and redo the change.",
+            f"({state.lower()}) while held: work done after that was not protected.{possible} "
+            "Heartbeat more often or use a longer ttl, then read it again and redo the change.",
             lease_id=self.id,
             state=state,
         )
@@ -306,6 +313,61 @@ async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+class _KeeperSchedule:
+    """Starts the keepers of the lease blocks still open ttl/3 after they were entered.
+
+    One event-loop timer serves every block of a kernel: blocks wait in entry order, one queue
+    per interval (so each queue is in due order), the timer is armed for the earliest due time,
+    and a block that exits before its time just leaves its queue.
+    """
+
+    __slots__ = ("_at", "_due", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._due: dict[float, dict[LeaseBlock, float]] = {}  # interval -> {block: due time}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = _NEVER  # when the timer fires
+
+    def add(self, block: LeaseBlock, interval: float) -> None:
+        due = self._loop.time() + interval
+        queue = self._due.get(interval)
+        if queue is None:
+            queue = self._due[interval] = {}
+        queue[block] = due
+        if due < self._at:
+            self._arm(due)
+
+    def discard(self, block: LeaseBlock, interval: float) -> None:
+        queue = self._due.get(interval)
+        if queue is not None:
+            queue.pop(block, None)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._at = _NEVER
+        now = self._loop.time()
+        after = _NEVER
+        for interval, queue in list(self._due.items()):
+            while queue:
+                block, due = next(iter(queue.items()))
+                if due > now:
+                    after = min(after, due)
+                    break
+                del queue[block]
+                block._start_keepers(self._loop)
+            if not queue:
+                del self._due[interval]
+        if after != _NEVER:
+            self._arm(after)
 
 
 class LeaseBlock:
@@ -335,19 +397,34 @@ class LeaseBlock:
         self._heartbeat = heartbeat
         self._leases: list[Lease] = []
         self._keepers: list[asyncio.Task[None]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._schedule: _KeeperSchedule | None = None  # where it waits for its keepers
 
     async def __aenter__(self) -> Lease:
-        self._leases = await self._owner.acquire_many(
-            self._intents, ttl=self._ttl, session=self._session, timeout=self._timeout
+        # acquire_many() without parsing again what lease_many() parsed and validated.
+        owner = self._owner
+        session_id, isolation, agent_view = owner._session_for(self._session)
+        backend = owner._klock._backend or owner._klock.backend  # the property raises if unset
+        infos = await backend.acquire(
+            owner._agent_id,
+            session_id,
+            self._intents,
+            ttl=self._ttl,
+            wait=True,
+            timeout=self._timeout,
+            isolation=isolation,
+            agent_view=agent_view,
         )
+        if len(infos) == 1:  # the common case, without a comprehension's frame
+            self._leases = [Lease(backend, infos[0], isolation)]
+        else:
+            self._leases = [Lease(backend, info, isolation) for info in infos]
         if self._heartbeat:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._ttl / 3, self._start_keepers, loop)
+            self._schedule = owner._klock._keeper_schedule()
+            self._schedule.add(self, self._ttl / 3)
         return self._leases[0]
 
     def _start_keepers(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
+        self._schedule = None
         self._keepers = [loop.create_task(self._keep(lease)) for lease in self._leases]
 
     @property
@@ -377,9 +454,9 @@ class LeaseBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._schedule is not None:
+            self._schedule.discard(self, self._ttl / 3)
+            self._schedule = None
         if not self._keepers and self._release_one_way(clean=exc is None):
             return  # the common case: a short block, nothing to record, no await
         for keeper in self._keepers:
@@ -394,13 +471,13 @@ class LeaseBlock:
     def _release_one_way(self, *, clean: bool) -> bool:
         """Release every lease without waiting, where the backend can; True when all went.
 
-        A lease that needs an answer (a causal write to record, a lease the backend saw end,
-        a remote backend) is left to :meth:`_release`, which skips those released here.
+        A lease that needs an answer (a block that raised, a lease the backend saw end, a
+        remote backend) is left to :meth:`_release`, which skips those released here.
         """
+        if not clean:
+            return False  # a block that raised declares that it wrote nothing: needs an answer
         for lease in self._leases:
             if lease._state is not _ACTIVE:
-                return False
-            if clean and lease._isolation is _SERIALIZABLE:
                 return False
             info = lease._info
             if not lease._backend.release_nowait(info.id, info.agent_id):
@@ -419,7 +496,7 @@ class LeaseBlock:
             if lease.state is not LeaseState.ACTIVE and not lease.lost:
                 continue
             try:
-                await lease.release(record_write=clean and lease._isolation.requires_vector_clocks)
+                await lease.release(record_write=None if clean else False)
             except LeaseLostError as error:
                 lost = lost or error
             except LeaseNotFoundError:
@@ -434,21 +511,31 @@ class _Acquirer:
         self._klock = klock
         self._agent_id = agent_id
 
-    def _session_for_call(self) -> tuple[str, IsolationLevel]:
+    def _session_for_call(self) -> tuple[str, IsolationLevel | None, bool]:
         raise NotImplementedError
 
-    def _session_for(self, session: Session | str | None) -> tuple[str, IsolationLevel]:
+    def _session_for(
+        self, session: Session | str | None
+    ) -> tuple[str, IsolationLevel | None, bool]:
+        """The session id, isolation level and view of a request (see ``Backend.acquire``).
+
+        A session named by its id keeps its isolation: the live ``Session`` of that id when
+        this process has one, else whatever the kernel knows of it (isolation None).
+        """
         if session is None:
             return self._session_for_call()
+        if isinstance(session, str) and session.strip():
+            known = self._klock._sessions.get((self._agent_id, session))
+            if known is None:
+                return session, None, False
+            session = known
         if isinstance(session, Session):
             if session.agent_id != self._agent_id:
                 raise InvalidRequestError(
                     f"session {session.id} belongs to agent {session.agent_id!r}, "
                     f"not {self._agent_id!r}; an agent acquires only in its own sessions"
                 )
-            return session.id, session.isolation
-        if isinstance(session, str) and session.strip():
-            return session, IsolationLevel.READ_COMMITTED
+            return session.id, session.isolation, session._agent_view
         raise InvalidRequestError(
             f"session must be a Session, a non-empty session id or None, not {session!r}"
         )
@@ -491,9 +578,9 @@ class _Acquirer:
         if ttl is None:
             ttl = self._klock.default_ttl
         if session is None:
-            session_id, isolation = self._session_for_call()
+            session_id, isolation, agent_view = self._session_for_call()
         else:
-            session_id, isolation = self._session_for(session)
+            session_id, isolation, agent_view = self._session_for(session)
         backend = self._klock._backend or self._klock.backend  # the property raises if unset
         (info,) = await backend.acquire(
             self._agent_id,
@@ -503,6 +590,7 @@ class _Acquirer:
             wait=wait,
             timeout=timeout,
             isolation=isolation,
+            agent_view=agent_view,
         )
         return Lease(backend, info, isolation)
 
@@ -522,7 +610,7 @@ class _Acquirer:
         """
         parsed = parse_intents(intents)
         ttl = validate_ttl(self._klock.default_ttl if ttl is None else ttl)
-        session_id, isolation = self._session_for(session)
+        session_id, isolation, agent_view = self._session_for(session)
         infos = await self._klock.backend.acquire(
             self._agent_id,
             session_id,
@@ -531,6 +619,7 @@ class _Acquirer:
             wait=wait,
             timeout=timeout,
             isolation=isolation,
+            agent_view=agent_view,
         )
         return [Lease(self._klock.backend, info, isolation) for info in infos]
 
@@ -598,8 +687,8 @@ class Agent(_Acquirer):
         """The agent's age: lower is older."""
         return self._info.ts
 
-    def _session_for_call(self) -> tuple[str, IsolationLevel]:
-        return new_session_id(), _READ_COMMITTED
+    def _session_for_call(self) -> tuple[str, IsolationLevel | None, bool]:
+        return new_session_id(), _READ_COMMITTED, False
 
     def session(
         self,
@@ -613,13 +702,16 @@ class Agent(_Acquirer):
         session holds, also when ``LeaseDied`` escapes (as Wait-Die requires of a dying
         transaction).
 
+        A SERIALIZABLE session is a unit of work of its own: what it read and wrote is not
+        shared with the agent's other sessions (see docs/causal.md).
+
         Raises:
-            ValueError: unknown isolation level.
+            InvalidIsolationError: unknown isolation level.
         """
         return Session(self._klock, self.id, IsolationLevel.parse(isolation), session_id)
 
     async def read(self, path: str) -> VectorClock:
-        """Record a read of ``path`` (its clock merges into this agent's clock)."""
+        """Record a read of ``path`` in the agent's own view (its clock merges into the agent's)."""
         return await self._klock.read(path, self.id)
 
     async def write(self, path: str, *, strict: bool = True) -> VectorClock:
@@ -645,10 +737,16 @@ class Session(_Acquirer):
         agent_id: str,
         isolation: IsolationLevel,
         session_id: str | None = None,
+        *,
+        agent_view: bool = False,
     ) -> None:
         super().__init__(klock, agent_id)
         self.id = session_id or new_session_id()
         self.isolation = isolation
+        # Observe and check in the agent's own view (tool calls that name no session).
+        self._agent_view = agent_view
+        if isolation is _SERIALIZABLE and not agent_view:
+            klock._sessions[(agent_id, self.id)] = self  # joinable by id, while it lives
 
     def __repr__(self) -> str:
         return f"<Session {self.id} agent={self._agent_id!r} {self.isolation.value}>"
@@ -658,8 +756,8 @@ class Session(_Acquirer):
         """The agent that owns the session."""
         return self._agent_id
 
-    def _session_for_call(self) -> tuple[str, IsolationLevel]:
-        return self.id, self.isolation
+    def _session_for_call(self) -> tuple[str, IsolationLevel | None, bool]:
+        return self.id, self.isolation, self._agent_view
 
     async def release_all(self) -> int:
         """Release every lease the session holds; return how many."""
@@ -693,7 +791,21 @@ class Klock:
         self.default_ttl = validate_ttl(default_ttl)
         self._backend = backend
         self._agents: dict[str, Agent] = {}
+        # The live SERIALIZABLE sessions of this process, by (agent, id): a request that names
+        # one by its id keeps its isolation even before the kernel heard of the session.
+        self._sessions: weakref.WeakValueDictionary[tuple[str, str], Session] = (
+            weakref.WeakValueDictionary()
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._keepers: _KeeperSchedule | None = None
+
+    def _keeper_schedule(self) -> _KeeperSchedule:
+        """The schedule that starts lease blocks' keepers, in the running event loop."""
+        keepers = self._keepers
+        loop = asyncio.get_running_loop()
+        if keepers is None or keepers._loop is not loop:
+            keepers = self._keepers = _KeeperSchedule(loop)
+        return keepers
 
     @classmethod
     def connect(
@@ -986,11 +1098,15 @@ class Klock:
         # holds nothing when it asks, so the kernel queues it and never makes it die; a kernel
         # with another policy (an older server) may still refuse it with LeaseDied, and then
         # the retry policy applies.
-        session = agent.session(isolation=isolation)
+        # The call's reads and writes belong to the agent's own view, shared by its tool calls:
+        # a read in one call and the write in the next are linked.
+        session = Session(self, agent.id, isolation, agent_view=True)
+        lease_ttl = validate_ttl(self.default_ttl if ttl is None else ttl)
         attempt = 0
         while True:
             try:
-                async with session.lease_many(intents, ttl=ttl):
+                # session.lease_many() without parsing again what the decorator parsed.
+                async with LeaseBlock(session, intents, lease_ttl, None, True):
                     return await call()
             except RetriesExhaustedError:
                 raise
@@ -1016,6 +1132,9 @@ class Klock:
                     agent_id=violation.agent_id,
                     agent_clock=violation.agent_clock,
                     path_clock=violation.path_clock,
+                    session_id=violation.session_id,
+                    seen_version=violation.seen_version,
+                    version=violation.version,
                 ) from None
 
     async def _wait_for_blocker(self, died: LeaseDied, cap: float) -> None:

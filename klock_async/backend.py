@@ -52,9 +52,15 @@ class Backend(Protocol):
         ttl: float,
         wait: bool,
         timeout: float | None,
-        isolation: IsolationLevel,
+        isolation: IsolationLevel | None,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Grant all ``intents`` together (one lease each, same order) or raise.
+
+        ``isolation`` None joins the session as it is (SERIALIZABLE when a request of it said
+        so, else READ_COMMITTED). ``agent_view``: a SERIALIZABLE request observes and is checked
+        in the agent's own view (shared by its tool calls that name no session), not the
+        session's.
 
         Raises ``LeaseDied`` on DIE, ``LeaseWouldWait`` when ``wait`` is false and the verdict
         is WAIT, ``AcquireTimeoutError`` when ``timeout`` runs out (the request is withdrawn),
@@ -63,9 +69,14 @@ class Backend(Protocol):
         """
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
-        """End an active lease; with ``record_write`` also record a causal write of its path."""
+        """End an active lease.
+
+        A writing lease taken SERIALIZABLE records a causal write of its path when it ends;
+        ``record_write`` True records one also for a lease taken otherwise, False records none
+        (the holder declares it wrote nothing, e.g. its work failed before it wrote).
+        """
 
     def release_nowait(self, lease_id: str, agent_id: str) -> bool:
         """Release without waiting for an answer, when the backend can vouch it will succeed.

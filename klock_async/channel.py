@@ -561,7 +561,9 @@ async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
     assert ttl is not None
     wait = _flag(args, "wait", False)
     timeout = _timeout(args)
-    isolation = _LEVELS.get(args.get("isolation")) or _isolation(args)  # type: ignore[arg-type]
+    level = args.get("isolation")
+    isolation = None if level is None else _LEVELS.get(level) or _isolation(args)
+    agent_view = _flag(args, "agent_view", False)
     _authorize(hub, session, Action.ACQUIRE, agent_id)
     api = hub.api
     backend = api.backend
@@ -569,7 +571,14 @@ async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
 
     def call() -> Awaitable[tuple[LeaseInfo, ...]]:
         return backend.acquire(
-            agent_id, session_id, intents, ttl=ttl, wait=wait, timeout=timeout, isolation=isolation
+            agent_id,
+            session_id,
+            intents,
+            ttl=ttl,
+            wait=wait,
+            timeout=timeout,
+            isolation=isolation,
+            agent_view=agent_view,
         )
 
     if wait and timeout == 0:
@@ -607,7 +616,8 @@ async def _holder(
 async def _release(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     lease_id = validation.ident(args, "lease_id")
     agent_id = await _holder(hub, session, args, Action.RELEASE, lease_id)
-    record_write = _flag(args, "record_write", False)
+    # Absent: the kernel decides (a SERIALIZABLE writing lease records its write).
+    record_write = _flag(args, "record_write", False) if "record_write" in args else None
     info = await hub.api.backend.release(lease_id, agent_id, record_write=record_write)
     session.leases.pop(lease_id, None)
     return _lease_wire(info)

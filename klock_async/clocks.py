@@ -13,6 +13,11 @@ Distributed Systems", 1989): ``merge`` is the component-wise maximum, ``happens_
 strict component-wise order, and two clocks neither of which descends from the other are
 concurrent.
 
+The kernel orders writes with these clocks (``/clocks``, ``write.recorded``, the clocks in a
+``CausalViolationError``), but the check that refuses a stale write is per (session, path),
+across the resource tree: :mod:`klock_async.causal`. `VectorClockManager.check_write` is the
+clock-level comparison, kept for callers of the clocks alone.
+
 Everything here is pure: no async, no I/O, no logging. `VectorClock` is an immutable
 value, safe to share across threads; `VectorClockManager` is mutable state owned by the
 scheduler task alone.
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NoReturn
 
+from klock_async.errors import InvalidIsolationError
 from klock_async.model import IdentityHashEnum
 
 __all__ = ["IsolationLevel", "StaleWrite", "VectorClock", "VectorClockManager"]
@@ -266,7 +272,8 @@ class IsolationLevel(IdentityHashEnum):
             The matching member.
 
         Raises:
-            ValueError: If ``value`` names no level. There is no default.
+            InvalidIsolationError: If ``value`` names no level (also a ``ValueError``). There
+                is no default.
         """
         if isinstance(value, IsolationLevel):
             return value
@@ -275,7 +282,9 @@ class IsolationLevel(IdentityHashEnum):
             if member is not None:
                 return member
         valid = ", ".join(cls.__members__)
-        raise ValueError(f"unknown isolation level {value!r}; use one of {valid} (any case)")
+        raise InvalidIsolationError(
+            f"unknown isolation level {value!r}; use one of {valid} (any case)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +444,28 @@ class VectorClockManager:
             self._conflict_count += 1
             # Merge so the path's clock keeps growing even over an unseen version.
             agent_clock = agent_clock.merge(stale.path_clock)
+        new_clock = agent_clock.tick(agent_id)
+        self._agents[agent_id] = new_clock
+        self._paths[path] = new_clock
+        return new_clock
+
+    def note_conflict(self) -> None:
+        """Count a write let through over a version its writer never saw."""
+        self._conflict_count += 1
+
+    def record(self, path: str, agent_id: str) -> VectorClock:
+        """Record a write already found fresh (by the observed versions): never a conflict.
+
+        The writer's clock, merged with the path's clock and ticked for the writer, becomes
+        both the agent's and the path's clock.
+
+        Returns:
+            The new clock of the agent and the path.
+        """
+        agent_clock = self._agents.get(agent_id, _EMPTY)
+        path_clock = self._paths.get(path)
+        if path_clock is not None:
+            agent_clock = agent_clock.merge(path_clock)
         new_clock = agent_clock.tick(agent_id)
         self._agents[agent_id] = new_clock
         self._paths[path] = new_clock

@@ -7,6 +7,7 @@ Our exception hierarchy::
     │   ├── InvalidPredicateError
     │   ├── InvalidResourceError
     │   ├── InvalidTTLError
+    │   ├── InvalidIsolationError      unknown isolation level
     │   ├── MalformedJSONError         (HTTP) the body is not a JSON object
     │   ├── MissingFieldError          (HTTP) a required field is absent
     │   ├── InvalidFieldError          (HTTP) a field has the wrong type or value
@@ -64,6 +65,7 @@ __all__ = [
     "IdentityError",
     "InvalidCredentialError",
     "InvalidFieldError",
+    "InvalidIsolationError",
     "InvalidPredicateError",
     "InvalidRequestError",
     "InvalidResourceError",
@@ -137,6 +139,12 @@ class InvalidTTLError(InvalidRequestError):
     """The ttl is not a positive number."""
 
     code = "invalid_ttl"
+
+
+class InvalidIsolationError(InvalidRequestError):
+    """Unknown isolation level name (on every surface: sessions, decorators, HTTP, LangChain)."""
+
+    code = "invalid_isolation"
 
 
 class UnknownAgentError(KlockError, LookupError):
@@ -270,9 +278,12 @@ class AcquireTimeoutError(KlockError, TimeoutError):
 
 
 class CausalViolationError(KlockError):
-    """A write would overwrite a version of ``path`` that the agent never read.
+    """A write would overwrite a version of ``path`` that the writing session never read.
 
-    Read the resource again (which merges its clock into yours), redo the change, then write.
+    Read the path again (in the same session), redo the change, then write. ``path`` is the
+    path written, or the path below it whose newer version was never read; ``seen_version``
+    is the version of it the session read (0: never) and ``version`` the latest one.
+    ``agent_clock`` and ``path_clock`` are the vector clocks, for ordering.
     """
 
     code = "causal_violation"
@@ -286,12 +297,18 @@ class CausalViolationError(KlockError):
         agent_id: str,
         agent_clock: Mapping[str, int],
         path_clock: Mapping[str, int],
+        session_id: str | None = None,
+        seen_version: int = 0,
+        version: int = 0,
     ) -> None:
         super().__init__(message)
         self.path = path
         self.agent_id = agent_id
         self.agent_clock = dict(agent_clock)
         self.path_clock = dict(path_clock)
+        self.session_id = session_id
+        self.seen_version = seen_version
+        self.version = version
 
     def details(self) -> dict[str, Any]:
         return {
@@ -299,6 +316,9 @@ class CausalViolationError(KlockError):
             "agent_id": self.agent_id,
             "agent_clock": self.agent_clock,
             "path_clock": self.path_clock,
+            "session_id": self.session_id,
+            "seen_version": self.seen_version,
+            "version": self.version,
         }
 
 

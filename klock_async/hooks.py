@@ -308,11 +308,15 @@ class HookCore:
     # ------------------------------------------------------------------ events
 
     async def _end(self, session: str) -> HookAnswer:
+        # Each edit's write was recorded after the tool call: the holds it leaves record none.
+        released = 0
+        for lease_id in list(self.leases.of(session).values()):
+            with contextlib.suppress(LeaseNotFoundError):  # its hold ran out already
+                await self.backend.release(lease_id, session, record_write=False)
+                released += 1
         self.leases.forget(session)
-        try:
-            released = await self.backend.release_session(session, session)
-        except UnknownAgentError:
-            released = 0  # a session that never edited anything
+        with contextlib.suppress(UnknownAgentError):  # a session that never edited anything
+            released += await self.backend.release_session(session, session)
         _log.info("hook.session_end", agent=session, released=released)
         return HookAnswer()
 
@@ -425,6 +429,7 @@ class HookCore:
                 wait=False,
                 timeout=None,
                 isolation=isolation,
+                agent_view=True,  # reads and writes are recorded in the agent's own view
             )
         except (LeaseDied, LeaseWouldWait):
             if options.wait <= 0:
@@ -448,6 +453,7 @@ class HookCore:
                     wait=True,
                     timeout=max(deadline - clock(), 1e-3),
                     isolation=isolation,
+                    agent_view=True,
                 )
             except LeaseDied as died:
                 if died.blocker_lease_id is None or await self._holds_any(session):

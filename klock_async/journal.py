@@ -16,7 +16,8 @@ method, an entry in :data:`TABLES` with its rows and its parsing in :func:`recov
 What is stored, and why that is enough to continue where the previous run stopped:
 
 - ``agents``: every registered agent and its age (ages never change, so Wait-Die stays fair
-  across restarts);
+  across restarts); ``priorities``: the agents registered with an explicit priority, which
+  orders them before every automatic age;
 - ``leases``: the *active* leases only, with their wall-clock expiry. A lease that ends is
   deleted in the same transaction that records the end, so the table stays as small as the
   lease table in memory;
@@ -55,10 +56,13 @@ from klock_async.scheduler import RecoveredState
 
 __all__ = ["TABLES", "BufferedJournal", "Change", "SqliteJournal", "backup", "recover"]
 
-_TABLES = ("meta", "agents", "leases", "path_clocks", "agent_clocks")
+_TABLES = ("meta", "agents", "leases", "path_clocks", "agent_clocks", "priorities")
 _INT64 = 2**63
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+_ADDED_IN = {"priorities": 2}
+"""Tables added after the first schema, with the version that added them (an older journal
+lacks them and gets them created empty)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -96,6 +100,10 @@ CREATE TABLE IF NOT EXISTS agent_clocks (
     agent_id TEXT PRIMARY KEY,
     clock TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS priorities (
+    agent_id TEXT PRIMARY KEY,
+    priority INTEGER NOT NULL
+);
 """
 
 _SYNCHRONOUS = ("FULL", "NORMAL")
@@ -118,6 +126,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     # (its id and the digest of its resume secret) and the digest of an agent's credential.
     "client_sessions": ("agent_id", "client_id", "digest"),
     "credentials": ("agent_id", "digest"),
+    "priorities": ("agent_id", "priority"),
 }
 """The journal's record tables and their columns, the key first (``meta`` is apart: counters)."""
 
@@ -145,6 +154,7 @@ class _Batch:
     clients: dict[str, tuple[str, str] | None] = field(default_factory=dict)
     # agent -> digest of its credential; None: forgotten
     credentials: dict[str, str | None] = field(default_factory=dict)
+    priorities: dict[str, int] = field(default_factory=dict)  # of agents in ``agents``
 
     def __bool__(self) -> bool:
         return bool(
@@ -156,6 +166,7 @@ class _Batch:
             or self.retired
             or self.clients
             or self.credentials
+            or self.priorities
         )
 
     def under(self, newer: _Batch) -> _Batch:
@@ -169,6 +180,7 @@ class _Batch:
             (self.retired - newer.agents.keys()) | newer.retired,
             {**self.clients, **newer.clients},
             {**self.credentials, **newer.credentials},
+            {**self.priorities, **newer.priorities},
         )
 
     def storable(self) -> _Batch:
@@ -186,6 +198,7 @@ class _Batch:
             {k for k in self.retired if _fits(k)},
             {k: c for k, c in self.clients.items() if _fits(k, *(c or ()))},
             {k: d for k, d in self.credentials.items() if _fits(k, d or "")},
+            {k: p for k, p in self.priorities.items() if _fits(k, p)},
         )
 
     def changes(self) -> list[Change]:
@@ -224,6 +237,13 @@ class _Batch:
                 "credentials",
                 [(a, d) for a, d in self.credentials.items() if d is not None],
                 [a for a, d in self.credentials.items() if d is None],
+            ),
+            Change(
+                "priorities",
+                list(self.priorities.items()),
+                # A retired agent's priority leaves with it; one registered again without a
+                # priority keeps none from before.
+                [a for a in (self.retired | self.agents.keys()) if a not in self.priorities],
             ),
         ]
 
@@ -269,15 +289,21 @@ class BufferedJournal:
         """How many transactions were written (empty batches write none)."""
         return self._commits
 
-    def record_agent(self, agent: AgentInfo) -> None:
-        """Buffer a registered agent."""
-        self._batch.agents[agent.agent_id] = agent
-        self._batch.retired.discard(agent.agent_id)
+    def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
+        """Buffer a registered agent, with its explicit priority if it was given one."""
+        batch = self._batch
+        batch.agents[agent.agent_id] = agent
+        batch.retired.discard(agent.agent_id)
+        if priority is None:
+            batch.priorities.pop(agent.agent_id, None)
+        else:
+            batch.priorities[agent.agent_id] = priority
 
     def record_retired(self, agent_id: str) -> None:
         """Buffer the removal of a retired agent (it holds no lease), with its credential and
         client session: its id is free again."""
         self._batch.agents.pop(agent_id, None)
+        self._batch.priorities.pop(agent_id, None)
         self._batch.retired.add(agent_id)
         self._batch.credentials[agent_id] = None
         self._batch.clients[agent_id] = None
@@ -384,6 +410,16 @@ def recover(
         _string(agent_id, "agent_clocks row"): _clock(clock, f"agent_clocks row {agent_id!r}")
         for agent_id, clock in rows["agent_clocks"]
     }
+    priorities = {
+        _string(agent_id, "priorities row"): _integer(priority, f"priorities row {agent_id!r}")
+        for agent_id, priority in rows.get("priorities", ())  # absent from older journals
+    }
+    unknown = sorted(priorities.keys() - ages.keys())
+    if unknown:
+        raise JournalError(
+            f"{source}: priorities row {unknown[0]!r} belongs to no row in 'agents'; the journal "
+            "is damaged: restore it from a backup"
+        )
     highest_lease_token = max((lease.token for lease in leases), default=0)
     return RecoveredState(
         agents=agents,
@@ -393,6 +429,7 @@ def recover(
         path_clocks=path_clocks,
         agent_clocks=agent_clocks,
         conflict_count=meta.get("conflict_count", 0),
+        priorities=priorities,
     )
 
 
@@ -626,7 +663,10 @@ class SqliteJournal(BufferedJournal):
                     f"{self.path} is a SQLite database but not a klock journal (no 'meta' "
                     "table); pass --init to add the journal's tables to it"
                 )
-            missing = [t for t in _TABLES if t not in tables]
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            missing = [
+                t for t in _TABLES if t not in tables and _ADDED_IN.get(t, 0) <= max(version, 1)
+            ]
             if "meta" in tables and missing:
                 raise JournalError(
                     f"{self.path} is a damaged journal: table {missing[0]!r} is missing, and "
@@ -635,7 +675,7 @@ class SqliteJournal(BufferedJournal):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            if version < _SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             if not tables or "meta" not in tables:
                 db.execute(

@@ -7,9 +7,10 @@ and the journal commit; tests drive it directly, on virtual time, and explore it
 
 Answers that are not the immediate result of a call (a queued request granted by a release, a
 request that dies because an older one passed it, a watcher told that a lease ended) are
-appended to :attr:`LockTable.answers` as ``(reply, value)`` pairs, where ``reply`` is whatever
+passed to :attr:`LockTable.answer` as ``(reply, value)`` pairs, where ``reply`` is whatever
 opaque handle the caller put on the request or watch (the actor's future) and ``value`` is the
-result or a :class:`~klock_async.errors.KlockError` instance. The driver drains the list.
+result or a :class:`~klock_async.errors.KlockError` instance. By default they are appended to
+:attr:`LockTable.answers`, which the driver drains; a driver may deliver each one instead.
 
 The rules (DESIGN.md, "Wait-Die, exactly"; the argument is in docs/kernel.md):
 
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 
 from klock_async import rules
 from klock_async.backend import ClockStatus
+from klock_async.causal import ObservedVersions, StaleVersion, View
 from klock_async.clocks import IsolationLevel, StaleWrite, VectorClock, VectorClockManager
 from klock_async.errors import (
     AgentExistsError,
@@ -75,6 +77,7 @@ _SEQ_MASK = 2**_SEQ_BITS - 1
 
 _READ = Predicate.CONSUMES
 _SERIALIZABLE = IsolationLevel.SERIALIZABLE
+_READ_COMMITTED = IsolationLevel.READ_COMMITTED
 _RELEASED = LeaseState.RELEASED
 _COMPATIBLE = rules.COMPATIBLE
 # Predicates that conflict with every predicate: nothing younger can pass a waiter holding one.
@@ -106,6 +109,7 @@ class RecoveredState:
     path_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     agent_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     conflict_count: int = 0
+    priorities: dict[str, int] = field(default_factory=dict)  # agents' explicit priorities
 
 
 class Journal(Protocol):
@@ -119,8 +123,8 @@ class Journal(Protocol):
     def load(self) -> RecoveredState:
         """Read the state left by the previous run."""
 
-    def record_agent(self, agent: AgentInfo) -> None:
-        """Buffer a registered agent."""
+    def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
+        """Buffer a registered agent, with its explicit priority if it was given one."""
 
     def record_lease(self, lease: LeaseInfo) -> None:
         """Buffer a granted or changed lease (insert or replace by id)."""
@@ -164,19 +168,22 @@ class Request:
     intents: tuple[Intent, ...]
     ttl: float
     wait: bool
-    isolation: IsolationLevel
+    isolation: IsolationLevel | None  # None: the session's own (set on arrival)
     reply: Any
     ts: int = 0  # the unit's age (lower is older), set on arrival
     holding: bool = False  # queued while its unit held leases (set while queued)
+    agent_view: bool = False  # observe in the agent's own view, not the session's
 
 
 class _Agent:
-    __slots__ = ("id", "priority", "ts")
+    __slots__ = ("id", "priority", "rank", "ts")
 
     def __init__(self, agent_id: str, ts: int, priority: int | None) -> None:
         self.id = agent_id
         self.ts = ts
         self.priority = priority
+        # Its units' ages are rank | start order: an explicit priority ranks first.
+        self.rank = (_RANK_AUTO if priority is None else priority - PRIORITY_MIN) << _SEQ_BITS
 
 
 class _Unit:
@@ -293,6 +300,11 @@ class _Slot:
         self.waiters: dict[int, tuple[Request, frozenset[Predicate]]] = {}
 
 
+def _view(agent_id: str, session_id: str, agent_view: bool) -> View:
+    """The view a request observes and checks in: its session's, or the agent's own."""
+    return (agent_id, "" if agent_view else session_id)
+
+
 def _allowed(predicates: Iterable[Predicate]) -> frozenset[Predicate]:
     allowed: frozenset[Predicate] | None = None
     for predicate in predicates:
@@ -341,6 +353,9 @@ class LockTable:
         # Told of every refused stale write, observed or not (a warning for people).
         self.on_refused: Callable[[StaleWrite], None] | None = None
         self.answers: list[tuple[Any, Any]] = []
+        # Where each answer goes: kept in ``answers`` by default; a driver that can deliver
+        # at once (the actor, resolving a future) sets its own.
+        self.answer: Callable[[tuple[Any, Any]], None] = self.answers.append
         self.agents: dict[str, _Agent] = {}
         self.units: dict[tuple[str, str], _Unit] = {}
         self._retrying: dict[tuple[str, str], int] = {}
@@ -350,6 +365,7 @@ class LockTable:
         self._under: dict[str, set[str]] = {}  # key -> keys with a slot strictly below it
         self._idle: dict[str, Resource] = {}  # empty slots kept for reuse, oldest first
         self.queued: dict[int, Request] = {}
+        self._holding = 0  # how many queued requests are of holding units
         self._freed: list[Resource] = []  # resources of requests that died while queued
         # Expiry: a heap of (deadline, lease id), and the deadlines noted at or after the
         # deadline the driver armed its timer for (they join the heap when it fires). A grant
@@ -361,10 +377,8 @@ class LockTable:
         self.armed = _NEVER  # the deadline the driver's timer is armed for
         self.rearm = False  # a deadline fell before ``armed``: call next_deadline()
         self._watchers: dict[str, list[Any]] = {}
-        # agent -> {lease id: the path clock at the grant of a SERIALIZABLE CONSUMES it holds}.
-        # The read joins the agent's clock when its holder releases the lease, not at grant: a
-        # grant its caller never saw (withdrawn after a cancel) must not count as a read.
-        self._unmerged_reads: dict[str, dict[str, VectorClock]] = {}
+        # What SERIALIZABLE views observed, and the leases whose end is a read or a write.
+        self.causal = ObservedVersions()
         self._lost: dict[str, LeaseInfo] = {}  # the last _LOST_MEMORY leases ended by others
         self.clocks = VectorClockManager()
         self.last_token = 0
@@ -390,7 +404,8 @@ class LockTable:
     def recover(self, state: RecoveredState, now: float) -> None:
         """Load the state a journal recovered (before any other call)."""
         for agent in state.agents:
-            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, None)
+            priority = state.priorities.get(agent.agent_id)
+            self.agents[agent.agent_id] = _Agent(agent.agent_id, agent.ts, priority)
         self.last_agent_ts = state.last_agent_ts
         self.last_token = state.last_token
         # Units come back in grant order: their ages are fresh, and older grants stay older.
@@ -414,6 +429,7 @@ class LockTable:
         self.clocks = VectorClockManager.restore(
             state.path_clocks, state.agent_clocks, state.conflict_count
         )
+        self._recover_versions(state)
 
     # ---------------------------------------------------------------- agents and units
 
@@ -453,7 +469,7 @@ class LockTable:
         agent = self.agents[agent_id] = _Agent(agent_id, ts, priority)
         info = AgentInfo(agent.id, agent.ts)
         if self.journal is not None:
-            self.journal.record_agent(info)
+            self.journal.record_agent(info, priority)
             self.journal.record_counters(self.last_token, self.last_agent_ts)
         if self.observer is not None:
             self.observer("agent.registered", agent=agent.id, ts=agent.ts)
@@ -477,12 +493,10 @@ class LockTable:
         unit = self.units.get(key)
         if unit is not None:
             return unit
-        age = self._retrying.pop(key, None)
+        age = self._retrying.pop(key, None) if self._retrying else None
         if age is None:
             self._last_unit += 1
-            priority = self.agents[agent_id].priority
-            rank = _RANK_AUTO if priority is None else priority - PRIORITY_MIN
-            age = rank << _SEQ_BITS | self._last_unit
+            age = self.agents[agent_id].rank | self._last_unit
         unit = self.units[key] = _Unit(key, age)
         return unit
 
@@ -493,13 +507,15 @@ class LockTable:
     # ---------------------------------------------------------------- acquire
 
     def acquire(self, request: Request, now: float) -> None:
-        """Decide a new request; its answer (now or later) goes to :attr:`answers`.
+        """Decide a new request; its answer (now or later) goes to :attr:`answer`.
 
         Raises:
             UnknownAgentError: the agent was never registered (nothing changed).
         """
         if request.agent_id not in self.agents:
             self._agent(request.agent_id)
+        if request.isolation is not _READ_COMMITTED:
+            self._join(request)
         unit = self._unit(request.agent_id, request.session_id)
         request.ts = unit.age
         if unit.leases and self._covered(request, unit):
@@ -509,12 +525,25 @@ class LockTable:
         blockers = self._blockers(request)
         if not blockers:
             if self._grant(request, unit, now):
-                if self.queued:
+                if self._holding:
                     self._passed(request)
                 if self._freed:
                     self._reevaluate((), now)
             else:
                 self._unit_idle(unit)
+            return
+        if request.wait and not unit.leases:
+            # Empty-handed: it queues whatever the verdict (the common case under contention).
+            self._enqueue(request, unit)
+            self.counts["waits"] += 1
+            if self.observer is not None:
+                oldest = rules.wait_die(request.ts, blockers).blocker
+                assert oldest is not None
+                self.observer("request.queued", request=request, blocker=oldest.agent_id)
+            if self._holding:
+                self._passed(request)
+            if self._freed:
+                self._reevaluate((), now)
             return
         verdict = rules.wait_die(request.ts, blockers)
         blocker = verdict.blocker
@@ -523,7 +552,7 @@ class LockTable:
             if verdict.decision is rules.Decision.DIE:
                 self._die(request, blocker, now)
             else:
-                self.answers.append((request.reply, self._would_wait(request, blocker, now)))
+                self.answer((request.reply, self._would_wait(request, blocker, now)))
             self._unit_idle(unit)
             return
         if unit.leases and verdict.decision is rules.Decision.DIE:
@@ -555,7 +584,10 @@ class LockTable:
     def _overlapping(self, resource: Resource) -> list[_Slot]:
         """Slots of ``resource``, its ancestors and its descendants (per-resource indexes)."""
         slots = self._slots
-        slot = slots.get(resource.key)
+        key = resource.key
+        slot = slots.get(key)
+        if key not in self._under and slots.keys().isdisjoint(resource.up):
+            return [] if slot is None else [slot]  # nothing above or below (the common case)
         found = [] if slot is None else [slot]
         for ancestor in resource.up:
             slot = slots.get(ancestor)
@@ -610,6 +642,8 @@ class LockTable:
         """``request`` was granted or queued ahead of younger waiters: those of holding units
         that conflict with it must die (a holding unit never waits for an older request).
         """
+        if not self._holding:
+            return  # no queued request of a holding unit: nobody can die (the common case)
         ts, unit_key = request.ts, (request.agent_id, request.session_id)
         doomed: dict[int, tuple[Request, Intent]] = {}
         for intent in request.intents:
@@ -646,12 +680,14 @@ class LockTable:
 
     def _grant(self, request: Request, unit: _Unit, now: float) -> bool:
         """Grant every intent of ``request``; False when a causal check refused it instead."""
-        if request.isolation is _SERIALIZABLE and not self._causally_fresh(request):
+        serializable = request.isolation is _SERIALIZABLE
+        if serializable and not self._causally_fresh(request):
             return False
         ttl = request.ttl
         deadline = now + ttl
         answer = []
         journal = self.journal
+        observer = self.observer
         for intent in request.intents:
             self.last_token += 1
             lease_id = new_lease_id()
@@ -666,20 +702,19 @@ class LockTable:
                 self._note_deadline(deadline, lease_id)
             info = lease.info()
             answer.append((info, lease.ended))
-            if request.isolation is _SERIALIZABLE and intent.predicate is _READ:
-                reads = self._unmerged_reads.setdefault(request.agent_id, {})
-                reads[lease_id] = self.clocks.clock_of(str(intent.resource))
+            if serializable:
+                self._hold_causal(request, lease_id, intent)
             if journal is not None:
                 journal.record_lease(info)
-            if self.observer is not None:
-                self.observer("lease.granted", lease=lease)
+            if observer is not None:
+                observer("lease.granted", lease=lease)
         if request.id in self.queued:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
         self.counts["grants"] += 1
         if journal is not None:
             journal.record_counters(self.last_token, self.last_agent_ts)
-        self.answers.append((request.reply, tuple(answer)))
+        self.answer((request.reply, tuple(answer)))
         if unit.queued:
             self._now_holding(unit, now)
         return True
@@ -699,11 +734,10 @@ class LockTable:
                 self._kill(other, verdict.blocker, now)
 
     def _causally_fresh(self, request: Request) -> bool:
+        view = _view(request.agent_id, request.session_id, request.agent_view)
         for intent in request.intents:
             if intent.predicate.writes:
-                stale = self.clocks.check_write(
-                    str(intent.resource), request.agent_id, self._held_reads(request.agent_id)
-                )
+                stale = self.causal.check(view, intent.resource)
                 if stale is not None:
                     if request.id in self.queued:
                         self._unqueue(request)
@@ -712,7 +746,7 @@ class LockTable:
                                 "request.withdrawn", request=request, reason="stale_write"
                             )
                     self.counts["causal_violations"] += 1
-                    self.answers.append((request.reply, self._violation(stale)))
+                    self.answer((request.reply, self._violation(stale, view)))
                     return False
         return True
 
@@ -737,15 +771,26 @@ class LockTable:
                 blocker=blocker.agent_id,
                 blocker_lease=blocker_lease,
             )
-        self.answers.append(
+        if unit is not None and unit.leases:
+            message = (
+                f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
+                f"{intent.resource} while its session holds other leases: older agent "
+                f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
+                "Release what this session holds and retry; the session keeps its age, "
+                "so it cannot starve."
+            )
+        else:  # empty-handed: only a request made with wait=False dies
+            message = (
+                f"agent {request.agent_id!r} asked for {intent.predicate.value} "
+                f"{intent.resource} with wait=False, and older agent {blocker.agent_id!r} "
+                f"holds or awaits a conflicting intent ({where}); nothing was queued. Retry "
+                "later, or acquire with wait=True to queue behind it."
+            )
+        self.answer(
             (
                 request.reply,
                 LeaseDied(
-                    f"agent {request.agent_id!r} may not wait for {intent.predicate.value} "
-                    f"{intent.resource} while its session holds other leases: older agent "
-                    f"{blocker.agent_id!r} holds or awaits a conflicting intent ({where}). "
-                    "Release what this session holds and retry; the session keeps its age, "
-                    "so it cannot starve.",
+                    message,
                     agent_id=request.agent_id,
                     resource=str(intent.resource),
                     predicate=intent.predicate.value,
@@ -774,15 +819,21 @@ class LockTable:
         self.queued[request.id] = request
         unit.queued[request.id] = request
         request.holding = holding = bool(unit.leases)
-        by_resource: dict[str, list[Predicate]] = {}
-        for intent in request.intents:
-            by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+        self._holding += holding
+        intents = request.intents
+        if len(intents) == 1:  # the common case: the predicates it may share with are its own
+            allowed = {intents[0].resource.key: _COMPATIBLE[intents[0].predicate]}
+        else:
+            by_resource: dict[str, list[Predicate]] = {}
+            for intent in intents:
+                by_resource.setdefault(intent.resource.key, []).append(intent.predicate)
+            allowed = {key: _allowed(predicates) for key, predicates in by_resource.items()}
         entry = (request.ts, request.id)
-        for intent in request.intents:
+        for intent in intents:
             slot = self._slot(intent.resource)
             if request.id in slot.waiters:
                 continue  # a resource named twice: one entry, the predicates combined
-            slot.waiters[request.id] = (request, _allowed(by_resource[intent.resource.key]))
+            slot.waiters[request.id] = (request, allowed[intent.resource.key])
             slot.holding += holding
             order = slot.order
             if not order or order[-1] < entry:
@@ -794,6 +845,7 @@ class LockTable:
         del self.queued[request.id]
         unit = self.units[(request.agent_id, request.session_id)]
         del unit.queued[request.id]
+        self._holding -= request.holding
         entry = (request.ts, request.id)
         for intent in request.intents:
             slot = self._slots.get(intent.resource.key)
@@ -804,13 +856,15 @@ class LockTable:
                     del order[0]  # the oldest leaves (the common case)
                 else:
                     del order[bisect.bisect_left(order, entry)]
-                self._drop_slot_if_empty(intent.resource)
+                if not order and not slot.leases:
+                    self._idle_slot(intent.resource)  # _drop_slot_if_empty(), inline
 
     def _set_holding(self, request: Request, holding: bool) -> None:
         """Reclassify a queued request (its unit came to hold leases, or let go of all)."""
         if request.holding is holding:
             return
         request.holding = holding
+        self._holding += 1 if holding else -1
         for key in {intent.resource.key for intent in request.intents}:
             self._slots[key].holding += 1 if holding else -1
 
@@ -818,47 +872,105 @@ class LockTable:
         """Re-decide the queues that overlap ``resources``, oldest first, until nothing changes.
 
         Per slot only the head of the queue can change: the waiters up to and including the
-        first one that wants the resource exclusively (every younger waiter of that slot
-        conflicts with it, and none of them may pass it).
+        first one that wants the resource exclusively (every younger waiter of another unit
+        conflicts with it, and none of them may pass it), and the other waiters of that one's
+        unit (a unit's requests never block each other; they share its age, so they follow it
+        in the queue).
         """
         if not self.queued:  # nothing waits: the common case after a release
             self._freed.clear()
             return
-        dirty = {resource.key: resource for resource in resources}
+        if type(resources) is tuple and len(resources) == 1 and self._hand_off(resources[0], now):
+            return
+        dirty: dict[str, Resource] = {}
+        for resource in resources:  # a loop, not a comprehension: no frame of its own
+            dirty[resource.key] = resource
         while (dirty or self._freed) and self.queued:
-            dirty.update((r.key, r) for r in self._freed)
-            self._freed.clear()
+            if self._freed:
+                dirty.update((r.key, r) for r in self._freed)
+                self._freed.clear()
             candidates: dict[int, Request] = {}
             for resource in dirty.values():
                 for slot in self._overlapping(resource):
                     waiters = slot.waiters
-                    for _, rid in slot.order:
+                    exclusive = None  # the age of the first exclusive waiter, once found
+                    for age, rid in slot.order:
+                        if exclusive is not None and age != exclusive:
+                            break
                         request, allowed = waiters[rid]
                         candidates[rid] = request
-                        if not allowed:
-                            break
+                        if not allowed and exclusive is None:
+                            exclusive = age
             dirty = {}
-            for request in sorted(candidates.values(), key=lambda r: (r.ts, r.id)):
+            if len(candidates) == 1:
+                ordered: Iterable[Request] = candidates.values()  # the common case: no sort
+            else:
+                ordered = sorted(candidates.values(), key=lambda r: (r.ts, r.id))
+            for request in ordered:
                 if request.id not in self.queued:
                     continue
                 if self._redecide(request, now):
                     dirty.update((i.resource.key, i.resource) for i in request.intents)
 
+    def _hand_off(self, resource: Resource, now: float) -> bool:
+        """Re-evaluation's common case, decided directly; False (nothing done) when not it.
+
+        The case: ``resource`` has a queue and nothing above or below it, and the head of the
+        queue wants it alone and exclusively, with no other request of its unit behind it. Then
+        only the head can change (every other waiter conflicts with it and is younger), and
+        nothing older than it waits here: its blockers are the conflicting leases of other
+        units on the resource. Still blocked, it stays (a holding one was older than each of
+        them). Else it is granted, and what its grant may free is re-evaluated in general.
+        """
+        key = resource.key
+        slots = self._slots
+        slot = slots.get(key)
+        if (
+            slot is None
+            or not slot.order
+            or self._freed
+            or key in self._under
+            or not slots.keys().isdisjoint(resource.up)
+        ):
+            return False
+        order = slot.order
+        age, rid = order[0]
+        request, allowed = slot.waiters[rid]
+        if allowed or len(request.intents) != 1 or (len(order) > 1 and order[1][0] == age):
+            return False
+        unit_key = (request.agent_id, request.session_id)
+        for lease in slot.leases.values():
+            if lease.unit.key != unit_key:
+                return True  # still blocked: nothing changes
+        unit = self.units[unit_key]
+        granted = self._grant(request, unit, now)
+        if granted and self._holding:
+            self._passed(request)
+        if not unit.leases and not unit.queued:
+            del self.units[unit_key]  # _unit_idle(), inline
+        if not granted or unit.queued or self._freed:
+            self._reevaluate([resource], now)  # the general path
+        return True
+
     def _redecide(self, request: Request, now: float) -> bool:
         """Re-decide a queued request; True when it left the queue in a way that may free
-        others (it died, or a causal check refused it).
+        others (it died, or a causal check refused it, or it was granted while other requests
+        of its unit wait).
 
-        A grant frees nobody: every waiter its queued entry blocked, its new leases block
-        alike (the same intents on the same resources).
+        A grant frees no other unit's waiter: every waiter of another unit its queued entry
+        blocked, its new leases block alike (the same intents on the same resources).
         """
         blockers = self._blockers(request)
         unit = self.units[(request.agent_id, request.session_id)]
         if not blockers:
             granted = self._grant(request, unit, now)
-            if granted and self.queued:
+            if granted and self._holding:
                 self._passed(request)
-            self._unit_idle(unit)
-            return True
+            if not unit.leases and not unit.queued:
+                del self.units[unit.key]  # _unit_idle(), inline
+            # A grant frees only the unit's own other waiters (its leases do not block them):
+            # those may sit behind it in a queue whose head alone was re-decided.
+            return not granted or bool(unit.queued)
         if request.holding:
             verdict = rules.wait_die(request.ts, blockers)
             if verdict.decision is rules.Decision.DIE:
@@ -910,7 +1022,7 @@ class LockTable:
         return lease
 
     def release(
-        self, lease_id: str, agent_id: str | None, record_write: bool, now: float
+        self, lease_id: str, agent_id: str | None, record_write: bool | None, now: float
     ) -> LeaseInfo:
         """End a lease its holder lets go of; record a causal write when asked.
 
@@ -919,14 +1031,11 @@ class LockTable:
             NotLeaseOwnerError: held by another agent.
         """
         lease = self.owned(lease_id, agent_id)
-        if record_write and lease.predicate.writes:
-            held_reads = self._held_reads(lease.agent_id)
-            if held_reads is not None:  # the write was made from what those leases let it read
-                self.clocks.observe(lease.agent_id, held_reads)
-            result = self.clocks.write(str(lease.resource), lease.agent_id, strict=False)
-            self._journal_clocks(str(lease.resource), lease.agent_id)
-            assert not isinstance(result, StaleWrite)
-            self._written(str(lease.resource), lease.agent_id, result, lease.session_id)
+        if record_write is False:  # the holder declares its work under the lease did not happen
+            self.causal.end_hold(lease.id)
+        elif record_write and lease.predicate.writes and lease.id not in self.causal.held:
+            # A lease outside SERIALIZABLE whose holder says it wrote: the agent's own view.
+            self.causal.hold_write(lease.id, (lease.agent_id, ""), lease.resource)
         info = self._end(lease, LeaseState.RELEASED) or lease.info(LeaseState.RELEASED)
         self._reevaluate((lease.resource,), now)
         return info
@@ -996,7 +1105,7 @@ class LockTable:
             self._unqueue(request)
             if self.observer is not None:
                 self.observer("request.withdrawn", request=request, reason="evicted")
-            self.answers.append(
+            self.answer(
                 (
                     request.reply,
                     EvictedError(
@@ -1174,21 +1283,14 @@ class LockTable:
     def _attach(self, lease: _Lease) -> None:
         lease_id = lease.id
         self.leases[lease_id] = lease
-        slot = self._slots.get(lease.resource.key)
-        if slot is None or (not slot.leases and not slot.waiters):
+        key = lease.resource.key
+        slot = self._slots.get(key)
+        if slot is None:
             slot = self._slot(lease.resource)
+        elif not slot.leases and not slot.waiters:
+            del self._idle[key]  # an idle slot in use again (_slot(), inline)
         slot.leases[lease_id] = lease
         lease.unit.leases[lease_id] = lease
-
-    def _held_reads(self, agent_id: str) -> VectorClock | None:
-        """The versions read under SERIALIZABLE CONSUMES leases the agent still holds."""
-        reads = self._unmerged_reads.get(agent_id)
-        if not reads:
-            return None
-        seen = VectorClock()
-        for clock in reads.values():
-            seen = seen.merge(clock)
-        return seen
 
     def _end(
         self,
@@ -1205,14 +1307,9 @@ class LockTable:
         ``remember``: a release its holder did not make itself), else None: a one-way release
         wants none, and building it was a tenth of the release's cost.
         """
-        reads = self._unmerged_reads.get(lease.agent_id)
-        if reads is not None and lease.id in reads:
-            clock = reads.pop(lease.id)
-            if not reads:
-                del self._unmerged_reads[lease.agent_id]
-            if seen and state is LeaseState.RELEASED:
-                self.clocks.observe(lease.agent_id, clock)
-                self._journal_clocks(str(lease.resource), lease.agent_id)
+        held = self.causal.held
+        if held and lease.id in held:
+            self._causal_end(lease, state, seen)
         lease_id = lease.id
         del self.leases[lease_id]
         resource = lease.resource
@@ -1231,7 +1328,7 @@ class LockTable:
             else:  # its queued requests are empty-handed again: they never die
                 for request in unit.queued.values():
                     self._set_holding(request, False)
-        watchers = self._watchers.pop(lease_id, None)
+        watchers = self._watchers.pop(lease_id, None) if self._watchers else None
         info = None
         if watchers is not None or self.journal is not None or state is not _RELEASED or remember:
             info = lease.info(state)
@@ -1252,7 +1349,7 @@ class LockTable:
             else:
                 self.observer(f"lease.{state.value.lower()}", lease=lease, reason=reason)
         for reply in watchers or ():
-            self.answers.append((reply, info))
+            self.answer((reply, info))
         return info
 
     def retire(self, agent_ids: Iterable[str]) -> tuple[str, ...]:
@@ -1294,7 +1391,9 @@ class LockTable:
             InvalidResourceError: bad path.
         """
         self._agent(agent_id)
-        key = str(Resource.parse(path))
+        resource = Resource.parse(path)
+        key = str(resource)
+        self.causal.observe((agent_id, ""), resource)
         clock = self.clocks.read(key, agent_id)
         self._journal_clocks(key, agent_id)
         return clock
@@ -1308,11 +1407,17 @@ class LockTable:
             InvalidResourceError: bad path.
         """
         self._agent(agent_id)
-        key = str(Resource.parse(path))
-        result = self.clocks.write(key, agent_id, strict=strict)
-        if isinstance(result, StaleWrite):
+        resource = Resource.parse(path)
+        key = str(resource)
+        view = (agent_id, "")
+        stale = self.causal.check(view, resource)
+        if stale is not None and strict:
             self.counts["causal_violations"] += 1
-            raise self._violation(result)
+            raise self._violation(stale, view)
+        if stale is not None:
+            self.clocks.note_conflict()
+        self.causal.record_write(view, resource)
+        result = self.clocks.record(key, agent_id)
         self._journal_clocks(key, agent_id)
         self._written(key, agent_id, result)
         return result
@@ -1339,18 +1444,87 @@ class LockTable:
                 self.clocks.conflict_count,
             )
 
-    def _violation(self, stale: StaleWrite) -> CausalViolationError:
+    def _violation(self, stale: StaleVersion, view: View) -> CausalViolationError:
+        agent_id, session_id = view
+        agent_clock = self.clocks.agent_clock(agent_id)
+        path_clock = self.clocks.clock_of(stale.path)
         if self.on_refused is not None:
-            self.on_refused(stale)
+            self.on_refused(StaleWrite(stale.path, agent_id, agent_clock, path_clock))
+        seen = f"version {stale.seen}" if stale.seen else "no version"
+        where = f"session {session_id!r} of agent" if session_id else "agent"
         return CausalViolationError(
-            f"agent {stale.agent_id!r} would overwrite a version of {stale.path} it never read "
-            f"(its clock {stale.agent_clock.as_dict()}, the path's clock "
-            f"{stale.path_clock.as_dict()}); read it again, redo the change, then write",
+            f"{where} {agent_id!r} would overwrite version {stale.latest} of {stale.path}, "
+            f"having read {seen} of it (vector clocks: the agent's {agent_clock.as_dict()}, "
+            f"the path's {path_clock.as_dict()}); read it again, redo the change, then write",
             path=stale.path,
-            agent_id=stale.agent_id,
-            agent_clock=stale.agent_clock.as_dict(),
-            path_clock=stale.path_clock.as_dict(),
+            agent_id=agent_id,
+            agent_clock=agent_clock.as_dict(),
+            path_clock=path_clock.as_dict(),
+            session_id=session_id or None,
+            seen_version=stale.seen,
+            version=stale.latest,
         )
+
+    # ---------------------------------------------------------------- causal (SERIALIZABLE)
+
+    def _join(self, request: Request) -> None:
+        """Settle the isolation of a request that did not say READ_COMMITTED.
+
+        A request that names no level joins its session as it is: SERIALIZABLE when a request
+        of that session said so. A SERIALIZABLE request in its own view declares its session.
+        """
+        causal = self.causal
+        if request.isolation is None:
+            serializable = causal.is_serializable(request.agent_id, request.session_id)
+            request.isolation = _SERIALIZABLE if serializable else _READ_COMMITTED
+        elif request.isolation is _SERIALIZABLE and not request.agent_view:
+            causal.declare(request.agent_id, request.session_id)
+
+    def _hold_causal(self, request: Request, lease_id: str, intent: Intent) -> None:
+        """A SERIALIZABLE lease was granted: note what its end records."""
+        view = _view(request.agent_id, request.session_id, request.agent_view)
+        if intent.predicate.writes:
+            self.causal.hold_write(lease_id, view, intent.resource)
+        elif intent.predicate is _READ:
+            self.causal.hold_read(lease_id, view, intent.resource)
+
+    def _causal_end(self, lease: _Lease, state: LeaseState, seen: bool) -> None:
+        """A lease with a causal meaning ended: record its read or its write.
+
+        A read counts when its holder released it. A write counts however the lease ended: a
+        release (explicit, block exit, session exit) is the holder's write; an expiry or a
+        revocation is a possible write, since nobody can tell whether the holder wrote before
+        it lost the lease. Either way the holder's view observes it (it knows the content:
+        what it read, or what it wrote; nobody else could write meanwhile) and every other
+        view must read the path again. A grant its caller never received counts as nothing.
+        """
+        hold = self.causal.end_hold(lease.id)
+        assert hold is not None
+        if not seen:
+            return
+        view, resource = hold.view, hold.resource
+        key = str(resource)
+        if not hold.writes:
+            if state is LeaseState.RELEASED:
+                assert view is not None
+                self.causal.observe(view, resource, hold.seq)
+                self.clocks.read(key, lease.agent_id)
+                self._journal_clocks(key, lease.agent_id)
+            return
+        self.causal.record_write(view, resource)
+        clock = self.clocks.record(key, lease.agent_id)
+        self._journal_clocks(key, lease.agent_id)
+        self._written(key, lease.agent_id, clock, lease.session_id)
+
+    def _recover_versions(self, state: RecoveredState) -> None:
+        """Versions and observations are not journaled: after a restart every path written
+        before counts as written again, seen by no view, and every active writing lease as a
+        write to be recorded when it ends (its isolation was not journaled either).
+        """
+        self.causal.restore([Resource.parse(path) for path in state.path_clocks])
+        for lease in self.leases.values():
+            if lease.predicate.writes:
+                self.causal.hold_write(lease.id, None, lease.resource)
 
     # ---------------------------------------------------------------- snapshots
 
@@ -1448,6 +1622,7 @@ class LockTable:
                 assert self.queued[rid] is request
                 queued_ids.add(rid)
         assert len(self._idle) <= _IDLE_SLOTS
+        assert self._holding == sum(r.holding for r in self.queued.values())
         assert queued_ids == set(self.queued)
         for request in self.queued.values():
             unit = self.units[(request.agent_id, request.session_id)]
@@ -1466,6 +1641,8 @@ class LockTable:
         entries = set(self._expiry) | set(self._later)
         for lease in self.leases.values():
             assert (lease.deadline, lease.id) in entries, f"no expiry entry for {lease.id}"
+        assert self.causal.held.keys() <= self.leases.keys(), "a causal hold outlived its lease"
+        self.causal.check_invariants()
         tokens = [lease.token for lease in self.leases.values()]
         assert len(tokens) == len(set(tokens))
         assert all(t <= self.last_token for t in tokens)

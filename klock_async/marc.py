@@ -13,15 +13,15 @@ The same plan (which file each edit touches, how long each agent thinks) runs in
 2. :attr:`Mode.PER_CALL_LEASES`: each tool call holds its own lease (``read_file`` under
    CONSUMES, ``write_file`` under MUTATES). Two writes never interleave, yet edits are still
    lost, because the read and the write are separate calls.
-3. :attr:`Mode.SERIALIZABLE`: the same protected tools in SERIALIZABLE isolation. The kernel's
-   vector clocks refuse a write of a version the agent never read
+3. :attr:`Mode.SERIALIZABLE`: the same protected tools in SERIALIZABLE isolation. The kernel
+   refuses a write of a version the agent never read
    (:class:`~klock_async.errors.CausalViolationError`); the agent re-reads and redoes the edit.
    Wait-Die deaths are retried by the decorator's retry policy. Nothing is lost.
 4. :attr:`Mode.GLOBAL_LOCK`: one ``asyncio.Lock`` held around every whole edit, outside the
    kernel. Correct, but serial: the baseline the makespans are compared with.
 5. :attr:`Mode.DECLARED_UP_FRONT`: each edit declares its file before reading it: it takes
    MUTATES on the file, reads, thinks and writes under that one lease (read for update), and
-   the read and the write are recorded on the kernel's vector clocks as a SERIALIZABLE edit's
+   the read and the write are recorded in the agent's own view as a SERIALIZABLE edit's
    are. Nobody can write the file in between, so no write is refused and no thinking is
    redone; edits of different files run in parallel.
 
@@ -404,8 +404,8 @@ class _DeclaredEdits:
     """Mode 5: each edit holds MUTATES on its file from before its read until after its write.
 
     Every agent takes its holds in one session of its own, kept across edits and retries (the
-    unit's age is kept). The read is recorded on the clocks under the hold, and the release
-    records the write, as a SERIALIZABLE edit's leases do; the hold itself is taken
+    unit's age is kept). The read is recorded in the agent's own view under the hold, and the
+    release records the write, as a SERIALIZABLE edit's leases do; the hold itself is taken
     READ_COMMITTED, because taking it is not a write: the file is read under it.
     """
 
@@ -434,7 +434,7 @@ class _DeclaredEdits:
             await lease.release(record_write=written)
 
     async def read_file(self, agent: str, path: str) -> list[str]:
-        """Record the read on the clocks, then read (the caller holds the file)."""
+        """Record the read in the agent's own view, then read (the caller holds the file)."""
         await self._klock.read(path, agent)
         return await self._repo.read_file(agent, path)
 

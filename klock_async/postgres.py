@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresJournal", "is_postgres_url", "redact"]
 
-SCHEMA_VERSION = 2  # 2: client_sessions and credentials
+SCHEMA_VERSION = 2  # 2: client_sessions, credentials and priorities
 
 _TYPES: dict[str, tuple[str, ...]] = {
     "agents": ("text", "bigint"),
@@ -46,6 +46,7 @@ _TYPES: dict[str, tuple[str, ...]] = {
     "agent_clocks": ("text", "text"),
     "client_sessions": ("text", "text", "text"),
     "credentials": ("text", "text"),
+    "priorities": ("text", "bigint"),
 }
 _LEADER_COLUMNS = ("id", "term", "holder", "url", "expires_at")
 

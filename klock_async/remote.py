@@ -765,7 +765,8 @@ class RemoteBackend:
         ttl: float,
         wait: bool = True,
         timeout: float | None = None,
-        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+        isolation: IsolationLevel | None = IsolationLevel.READ_COMMITTED,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
 
@@ -791,8 +792,11 @@ class RemoteBackend:
             "ttl_ms": ttl * 1000.0,
             "wait": wait,
             "timeout_ms": None if timeout is None else timeout * 1000.0,
-            "isolation": isolation.value,
         }
+        if isolation is not None:
+            body["isolation"] = isolation.value
+        if agent_view:
+            body["agent_view"] = True
         if wait:
             data = await self._poll(self._track(True), "POST", "/intents", body, timeout, agent_id)
         else:
@@ -808,7 +812,7 @@ class RemoteBackend:
         return False
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
@@ -817,10 +821,11 @@ class RemoteBackend:
             NotLeaseOwnerError: ``agent_id`` is not the holder.
             TransportError: the server cannot be reached.
         """
-        target = f"/leases/{_segment(lease_id)}?record_write={'true' if record_write else 'false'}"
+        query = [] if record_write is None else [f"record_write={str(record_write).lower()}"]
         holder = self._holder(lease_id, agent_id)
         if holder is not None:  # named, the server checks the holder without a lookup
-            target += f"&agent_id={urllib.parse.quote(holder, safe='')}"
+            query.append(f"agent_id={urllib.parse.quote(holder, safe='')}")
+        target = f"/leases/{_segment(lease_id)}" + ("?" + "&".join(query) if query else "")
         try:
             data = await self._call("DELETE", target, agent_id=holder)
         except LeaseError:
@@ -1576,7 +1581,8 @@ class ChannelBackend:
         ttl: float,
         wait: bool = True,
         timeout: float | None = None,
-        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+        isolation: IsolationLevel | None = None,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
 
@@ -1602,8 +1608,11 @@ class ChannelBackend:
             "ttl_ms": ttl * 1000.0,
             "wait": wait,
             "timeout_ms": None if timeout is None else timeout * 1000.0,
-            "isolation": isolation.value,
         }
+        if isolation is not None:  # absent: join the session as the server knows it
+            args["isolation"] = isolation.value
+        if agent_view:
+            args["agent_view"] = True
         if wait:
             data = await self._long("acquire", args)
         else:
@@ -1618,7 +1627,7 @@ class ChannelBackend:
         return False
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
@@ -1628,7 +1637,9 @@ class ChannelBackend:
             TransportError: the server cannot be reached.
         """
         holder = agent_id if agent_id is not None else self._held.get(lease_id)
-        args: dict[str, Any] = {"lease_id": _segment(lease_id), "record_write": record_write}
+        args: dict[str, Any] = {"lease_id": _segment(lease_id)}
+        if record_write is not None:  # absent: the kernel decides
+            args["record_write"] = record_write
         if holder is not None:
             args["agent_id"] = holder
         data = await self._call("release", args)

@@ -200,7 +200,7 @@ class _Withdraw:
 class _Release:
     lease_id: str
     agent_id: str | None
-    record_write: bool
+    record_write: bool | None
     reply: asyncio.Future[Any]
 
 
@@ -280,7 +280,7 @@ class _ClockWrite:
     reply: asyncio.Future[Any]
 
 
-_PENDING = object()  # a handler's answer when the reply comes through the table's answers
+_PENDING = object()  # a handler's answer when the reply comes through the table's answer
 
 
 class Scheduler:
@@ -308,6 +308,7 @@ class Scheduler:
         self._events = EventBuffer()
         self._publisher = _Publisher(self._events)
         self._table.on_refused = lambda stale: _write_refused(self._events, stale)
+        self._table.answer = self._deliver  # answers are delivered as the table decides them
         # Client side: what the actor granted through this object and has not yet been told
         # released, each with its end mark (see release_nowait). Only client code touches it.
         self._held: dict[str, _Grant] = {}
@@ -325,10 +326,9 @@ class Scheduler:
         self._closed = False
         self._request_ids = itertools.count(1)
         table = self._table
+        # Handlers of every message but the two of each pair (Request, _Drop: see _serve).
         self._handlers: dict[type, Callable[[Any, float], Any]] = {
-            Request: self._on_acquire,
             _Release: lambda m, now: table.release(m.lease_id, m.agent_id, m.record_write, now),
-            _Drop: self._on_drop,
             _Heartbeat: lambda m, now: table.heartbeat(m.lease_id, m.agent_id, m.ttl, now),
             _Withdraw: self._on_withdraw,
             _RegisterAgent: lambda m, now: table.register(m.agent_id, m.priority),
@@ -381,7 +381,6 @@ class Scheduler:
         # Replies still in the outbox belong to a batch whose commit was cut short: they must
         # not claim a grant the journal may not hold (group commit answers only after commit).
         futures += [fut for fut, _, _ in self._outbox]
-        futures += [reply for reply, _ in self._table.answers]
         for fut in futures:
             if fut is not None and not fut.done():
                 fut.set_exception(error)
@@ -440,10 +439,8 @@ class Scheduler:
         futures = [fut for fut, _, _ in self._outbox]
         if self._deciding is not None:  # it may have left the queue without an answer
             futures.append(self._deciding.reply)
-        # Waiters, and answers the table decided but the actor did not deliver: the crash may
-        # have come in the middle of a hand-off.
+        # Waiters: the crash may have come in the middle of a hand-off.
         futures += [request.reply for request in self._table.queued.values()]
-        futures += [reply for reply, _ in self._table.answers]
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
@@ -458,7 +455,6 @@ class Scheduler:
         handlers = self._handlers
         table = self._table
         counts = table.counts
-        answers = table.answers
         while True:
             # Wait for a message, unless the timer fired while the actor awaited a commit.
             if not mailbox and (self._timer is not None or table.armed == _NEVER):
@@ -475,15 +471,24 @@ class Scheduler:
             if now >= table.armed:
                 table.expire(now)
                 table.next_deadline()
-                if answers:
-                    self._answer(answers)
             n = len(mailbox)
             counts["batches"] += 1
             counts["messages"] += n
             for _ in range(n):
                 msg = mailbox.popleft()
                 try:
-                    result = handlers[type(msg)](msg, now)
+                    # The two messages of every pair go to the table without a handler's frame.
+                    kind = type(msg)
+                    if kind is _Drop:
+                        table.drop(msg.lease_id, now)
+                        result = _PENDING
+                    elif kind is Request:
+                        if not msg.reply.done():  # else its caller is gone; a withdraw follows
+                            self._deciding = msg
+                            table.acquire(msg, now)
+                        result = _PENDING
+                    else:
+                        result = handlers[kind](msg, now)
                 except KlockError as exc:
                     self._fail(msg.reply, exc)
                 except Exception:
@@ -494,8 +499,6 @@ class Scheduler:
                 else:
                     if result is not _PENDING:
                         self._reply(msg.reply, result)
-                if answers:
-                    self._answer(answers)
             self._deciding = None
             if table.rearm:
                 table.next_deadline()
@@ -513,14 +516,19 @@ class Scheduler:
             if self._outbox:
                 self._flush()
 
-    def _answer(self, answers: list[tuple[Any, Any]]) -> None:
-        """Deliver what the table decided besides the handlers' own results."""
-        for reply, value in answers:
+    def _deliver(self, answer: tuple[asyncio.Future[Any], Any]) -> None:
+        """Deliver what the table decides besides the handlers' own results, as it decides it."""
+        fut, value = answer
+        if self._journal is not None:  # group commit: after the batch's commit
             if isinstance(value, KlockError):
-                self._fail(reply, value)
+                self._outbox.append((fut, None, value))
             else:
-                self._reply(reply, value)
-        answers.clear()
+                self._outbox.append((fut, value, None))
+        elif not fut.done():
+            if isinstance(value, KlockError):
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
 
     def _arm(self, at: float, now: float) -> None:
         if self._timer is not None:
@@ -549,8 +557,6 @@ class Scheduler:
                     if isinstance(grant, tuple) and isinstance(grant[0], LeaseInfo):
                         granted.append(grant[0].id)  # an acquire's answer
             self._table.give_back(granted, now)
-            if self._table.answers:
-                self._answer(self._table.answers)
             return False
         get_logger().error("journal.failed", error=str(exc))
         error = KernelClosedError(
@@ -619,7 +625,8 @@ class Scheduler:
         ttl: float,
         wait: bool = True,
         timeout: float | None = None,
-        isolation: IsolationLevel = IsolationLevel.READ_COMMITTED,
+        isolation: IsolationLevel | None = IsolationLevel.READ_COMMITTED,
+        agent_view: bool = False,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
 
@@ -636,10 +643,17 @@ class Scheduler:
             timeout = validate_timeout(timeout)
         if not intents:
             raise InvalidResourceError("a request needs at least one (resource, predicate) pair")
-        fut = self._future()
+        if self._task is None or self._closed:
+            self._post(self._future())  # not started or closed: raises the error that says so
+        fut: asyncio.Future[Any] = _Future(loop=self._loop)  # _future(), _post(): inline
         request_id = next(self._request_ids)
         msg = Request(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
-        self._post(msg)
+        if agent_view:
+            msg.agent_view = True
+        self._mailbox.append(msg)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         try:
             if timeout is None:
                 grants = await fut
@@ -691,16 +705,16 @@ class Scheduler:
             self._post(_Withdraw(request_id, agent_id, session_id))
 
     async def release(
-        self, lease_id: str, agent_id: str | None = None, *, record_write: bool = False
+        self, lease_id: str, agent_id: str | None = None, *, record_write: bool | None = None
     ) -> LeaseInfo:
         """End a lease; see :class:`~klock_async.backend.Backend`.
 
-        Without ``record_write``, a release that :meth:`release_nowait` can make is made that
+        With ``record_write`` None, a release that :meth:`release_nowait` can make is made that
         way, and answered with the snapshot the grant (or the last heartbeat) gave, in state
         RELEASED.
         """
         held = self._held.get(lease_id)
-        if held is not None and not record_write and self.release_nowait(lease_id, agent_id):
+        if held is not None and record_write is None and self.release_nowait(lease_id, agent_id):
             return replace(held[0], state=LeaseState.RELEASED)
         fut = self._future()  # what _ask does, without its closure and extra coroutine
         self._post(_Release(lease_id, agent_id, record_write, fut))
@@ -726,7 +740,12 @@ class Scheduler:
         info, ended = held
         if ended or (agent_id is not None and agent_id != info.agent_id):
             return False
-        self._post(_Drop(lease_id))
+        if self._task is None or self._closed:
+            self._post(None)  # raises the error that says so
+        self._mailbox.append(_Drop(lease_id))  # _post(), inline: the hot path
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         del self._held[lease_id]
         return True
 
@@ -819,16 +838,6 @@ class Scheduler:
         return result
 
     # ---------------------------------------------------------------- handlers
-
-    def _on_acquire(self, msg: Request, now: float) -> object:
-        if not msg.reply.done():  # else its caller is gone; a withdraw is on its way
-            self._deciding = msg
-            self._table.acquire(msg, now)
-        return _PENDING
-
-    def _on_drop(self, msg: _Drop, now: float) -> object:
-        self._table.drop(msg.lease_id, now)
-        return _PENDING
 
     def _on_withdraw(self, msg: _Withdraw, now: float) -> object:
         self._table.withdraw(msg.request_id, msg.agent_id, msg.session_id, now)

@@ -295,15 +295,13 @@ def _ttl(body: Mapping[str, Any], default_ms: float | None = DEFAULT_TTL_MS) -> 
 _timeout = validation.timeout
 
 
-def _isolation(body: Mapping[str, Any]) -> IsolationLevel:
+def _isolation(body: Mapping[str, Any]) -> IsolationLevel | None:
+    """The request's isolation level; None (absent) joins the session as it is."""
     name = _optional(body, "isolation", str, "an isolation level name")
     if name is None:
-        return IsolationLevel.READ_COMMITTED
+        return None
     validation.limited(name, "isolation", validation.MAX_NAME_CHARS)
-    try:
-        return IsolationLevel.parse(name)
-    except ValueError as exc:
-        raise InvalidFieldError(str(exc)) from None
+    return IsolationLevel.parse(name)
 
 
 def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
@@ -1197,6 +1195,7 @@ class _Api:
         timeout = _timeout(body)
         isolation = _isolation(body)
         self._check_client(request, agent_id)
+        agent_view = _flag(body, "agent_view", False)
         backend = self.backend
         self.touch(agent_id)
 
@@ -1209,6 +1208,7 @@ class _Api:
                 wait=wait,
                 timeout=timeout,
                 isolation=isolation,
+                agent_view=agent_view,
             )
 
         if wait and timeout == 0:
@@ -1263,7 +1263,8 @@ class _Api:
         body = await self._body(request, required=False)
         lease_id = _path_lease_id(request, body)
         declared = _query_agent(request, body)
-        record_write = _query_flag(request, "record_write", body)
+        given = "record_write" in request.query_params or body.get("record_write") is not None
+        record_write = _query_flag(request, "record_write", body) if given else None
         agent_id = await self._acting_agent(request, Action.RELEASE, lease_id, declared)
         self._check_client(request, agent_id)
         info = await self.backend.release(lease_id, agent_id, record_write=record_write)

@@ -137,6 +137,7 @@ _ACQUIRE_COMMON: dict[str, Any] = {
     "wait": _FLAG,
     "timeout_ms": _TIMEOUT,
     "isolation": {**_NAME, "type": ["string", "null"]},
+    "agent_view": {**_FLAG, "description": "observe in the agent's own view (tool calls)"},
 }
 
 

@@ -129,6 +129,22 @@ async def test_lease_block_heartbeats_by_itself() -> None:
         assert (stats.expiries, stats.releases, stats.leases_active) == (0, 1, 0)
 
 
+async def test_lease_blocks_of_several_ttls_share_the_keeper_schedule() -> None:
+    """Blocks of different ttls open together are each heartbeated; one that left early is not."""
+    async with Klock() as klock:
+        agent = await klock.register_agent("coder")
+        async with agent.lease("/short", "MUTATES", ttl=0.6):
+            pass  # left long before its keeper was due: nothing starts for it
+        async with (
+            agent.lease("/a", "MUTATES", ttl=0.6) as a,
+            agent.lease("/b", "MUTATES", ttl=0.9) as b,
+        ):
+            await anyio.sleep(1.8)  # simulated work, twice the longer ttl
+            assert a.state is LeaseState.ACTIVE and b.state is LeaseState.ACTIVE
+        stats = await klock.statistics()
+        assert (stats.expiries, stats.releases, stats.leases_active) == (0, 3, 0)
+
+
 async def test_lease_block_detects_revocation() -> None:
     """A revoked lease is reported by wait_lost, and leaving the block raises LeaseLostError."""
     async with Klock() as klock:

@@ -80,7 +80,7 @@ class _GatedJournal:
     def load(self) -> RecoveredState:
         return RecoveredState()
 
-    def record_agent(self, agent: AgentInfo) -> None:
+    def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
         self._buffer.append(agent)
 
     def record_lease(self, lease: LeaseInfo) -> None:

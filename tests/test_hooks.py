@@ -574,3 +574,18 @@ async def _run_against_model(ops: list[tuple[str, str, str]]) -> None:
 def test_hooks_match_the_model(ops: list[tuple[str, str, str]]) -> None:
     """Edits are allowed exactly when nobody else holds the file and its latest version was seen."""
     asyncio.run(_run_against_model(ops))
+
+
+def test_edit_of_a_file_another_session_wrote_and_this_one_never_read_is_refused() -> None:
+    """A session's edit of a file that another session wrote since is refused unless it read it."""
+    asyncio.run(
+        _run_against_model(
+            [
+                ("edit", "s1", "/w/a.py"),
+                ("edit", "s1", "/w/b.py"),
+                ("read", "s2", "/w/b.py"),
+                ("end", "s1", "/w/a.py"),
+                ("edit", "s2", "/w/a.py"),
+            ]
+        )
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from klock_async import JournalUnavailableError, Klock
+from klock_async import JournalError, JournalUnavailableError, Klock
 from klock_async.clocks import VectorClock
 from klock_async.journal import SqliteJournal
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
@@ -167,6 +167,45 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     journal = SqliteJournal(path)
     with pytest.raises(sqlite3.DatabaseError, match="newer"):
+        journal.load()
+    journal.close()
+
+
+async def test_older_journal_without_priorities_opens_and_gains_the_table(
+    tmp_path: Path,
+) -> None:
+    """A journal of schema 1 (no priorities table) keeps its agents and stores priorities after."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_agent(AgentInfo("old", 1))
+    await journal.commit()
+    journal.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE priorities")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path)
+    state = journal.load()
+    assert (state.agents, state.priorities) == ([AgentInfo("old", 1)], {})
+    journal.record_agent(AgentInfo("vip", 2), priority=500)
+    await journal.commit()
+    journal.close()
+    assert _load(path).priorities == {"vip": 500}
+    assert _rows(path, "PRAGMA user_version") == [(2,)]
+
+
+def test_current_journal_without_priorities_is_damaged(tmp_path: Path) -> None:
+    """A journal of the current schema that lacks the priorities table is refused."""
+    path = tmp_path / "k.db"
+    SqliteJournal(path).load()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE priorities")
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path, accept_unclosed=True)
+    with pytest.raises(JournalError, match="'priorities' is missing"):
         journal.load()
     journal.close()
 

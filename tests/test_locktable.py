@@ -201,6 +201,27 @@ def test_wait_false_gets_the_classic_verdict() -> None:
     assert not d.table.queued
 
 
+def test_died_message_of_an_empty_handed_wait_false_request_names_no_held_leases() -> None:
+    """LeaseDied for a wait=False request of a unit that holds nothing says it did not wait."""
+    d = Driver("a", "b")
+    assert granted(d.ask("old", "a", [("/f", "MUTATES")]))
+    died = d.ask("young", "b", [("/f", "CONSUMES")], wait=False)
+    assert isinstance(died, LeaseDied)
+    assert "holds other leases" not in died.message
+    assert "wait=False" in died.message and "nothing was queued" in died.message
+
+
+def test_died_message_of_a_holding_request_says_what_its_session_holds() -> None:
+    """LeaseDied for a request of a unit that holds leases says so, with or without wait."""
+    d = Driver("a", "b")
+    assert granted(d.ask("old", "a", [("/f", "MUTATES")]))
+    assert granted(d.ask("s1", "b", [("/x", "MUTATES")], session="young"))
+    for wait in (True, False):
+        died = d.ask(f"s2-{wait}", "b", [("/f", "MUTATES")], session="young", wait=wait)
+        assert isinstance(died, LeaseDied)
+        assert "while its session holds other leases" in died.message
+
+
 # --- reentrancy and request shapes ------------------------------------------------------------
 
 
@@ -254,6 +275,18 @@ def test_a_resource_named_twice_is_queued_with_both_predicates() -> None:
     d.release("holder")
     assert granted(d.answers["both"]) and "reader" not in d.answers
     assert len(d.leases("both")) == 2
+
+
+def test_a_waiter_behind_an_exclusive_waiter_of_its_own_unit_is_granted_once_free() -> None:
+    """A queued request is re-decided when freed, also behind its own unit's exclusive waiter."""
+    d = Driver("w", "v", "u")
+    assert granted(d.ask("w-holds", "w", [("/f", "MUTATES")]))
+    assert granted(d.ask("v-holds", "v", [("/g", "MUTATES")]))
+    both = [("/f", "MUTATES"), ("/g", "MUTATES")]
+    assert d.ask("exclusive", "u", both, session="u") is None
+    assert d.ask("reader", "u", [("/f", "CONSUMES")], session="u") is None
+    d.release("w-holds")  # the reader waited for this lease only (its own unit never blocks it)
+    assert granted(d.answers["reader"])
 
 
 def test_all_or_nothing() -> None:

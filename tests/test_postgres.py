@@ -80,6 +80,26 @@ async def test_committed_batch_is_read_back_by_the_next_leader(pg_url: str) -> N
     assert state.path_clocks == {"FILE:/p": {"a": 1}, "FILE:/q": {"b": 2}}
 
 
+async def test_explicit_priorities_are_read_back_by_the_next_leader(pg_url: str) -> None:
+    """Explicit priorities come back to the next leader; a retired agent's leaves with it."""
+    lease, journal = await _leading(pg_url)
+    journal.load()
+    journal.record_agent(AgentInfo("vip", 1), priority=500)
+    journal.record_agent(AgentInfo("gone", 2), priority=400)
+    journal.record_agent(AgentInfo("auto", 3))
+    await journal.commit()
+    journal.record_retired("gone")
+    await journal.commit()
+    await journal.aclose()
+    await lease.resign()
+
+    lease2, again = await _leading(pg_url)
+    state = again.load()
+    await again.aclose()
+    await lease2.aclose()
+    assert state.priorities == {"vip": 500}
+
+
 async def test_commit_after_another_replica_took_over_writes_nothing(
     pg_url: str, postgres_cluster: Cluster
 ) -> None:
@@ -144,6 +164,7 @@ async def test_older_journal_gets_the_tables_added_since(
     )
     assert version == str(SCHEMA_VERSION)
     assert postgres_cluster.sql(pg_url, "SELECT count(*) FROM klock_agent_clocks") == "0"
+    assert postgres_cluster.sql(pg_url, "SELECT count(*) FROM klock_priorities") == "0"
 
 
 _STEPS = st.lists(

@@ -92,6 +92,36 @@ async def test_agent_ages_are_kept(tmp_path: Path) -> None:
         assert (await klock.register_agent("third")).ts == 501  # after every explicit age
 
 
+async def test_explicit_priority_still_ranks_first_after_a_restart(tmp_path: Path) -> None:
+    """A recovered agent's explicit priority still orders it before every automatic age."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        await klock.register_agent("auto")
+        await klock.register_agent("vip", priority=500)
+    async with _klock(db) as klock:
+        auto, vip = await klock.agent("auto"), await klock.agent("vip")
+        held = await auto.acquire("src/a.py", "MUTATES", ttl=600)
+        with pytest.raises(LeaseWouldWait):  # older than the holder: it would wait, not die
+            await vip.acquire("src/a.py", "MUTATES", wait=False)
+        await held.release()
+
+
+async def test_a_retired_agents_priority_is_forgotten(tmp_path: Path) -> None:
+    """Retiring an agent drops its explicit priority from the journal with it."""
+    db = tmp_path / "k.db"
+    async with _klock(db) as klock:
+        await klock.register_agent("vip", priority=500)
+        assert await klock.backend.retire_idle_agents(["vip"]) == ("vip",)  # type: ignore[attr-defined]
+    async with _klock(db) as klock:
+        await klock.register_agent("vip")  # again, without a priority: an automatic age
+    async with _klock(db) as klock:
+        auto, vip = await klock.register_agent("auto"), await klock.agent("vip")
+        held = await auto.acquire("src/a.py", "MUTATES", ttl=600)
+        with pytest.raises(LeaseDied):  # younger than the holder's unit: it dies
+            await vip.acquire("src/a.py", "MUTATES", wait=False)
+        await held.release()
+
+
 async def test_recovered_lease_still_excludes(tmp_path: Path) -> None:
     """A lease granted before the restart still blocks conflicting requests after it."""
     db = tmp_path / "k.db"

@@ -78,7 +78,7 @@ def test_empty_database_is_initialised(pg_url: str, postgres_cluster: Cluster) -
     )
     assert tables == (
         "klock_agent_clocks,klock_agents,klock_client_sessions,klock_credentials,klock_leader,"
-        "klock_leases,klock_meta,klock_path_clocks"
+        "klock_leases,klock_meta,klock_path_clocks,klock_priorities"
     )
 
 

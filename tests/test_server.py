@@ -466,7 +466,7 @@ BAD_REQUESTS = [
         "/leases",
         {"AGENT": "iso", "isolation": "STRICT"},
         400,
-        "invalid_field",
+        "invalid_isolation",
         id="unknown-isolation",
     ),
     pytest.param(
@@ -749,7 +749,9 @@ def test_restart_keeps_leases_tokens_agents_and_clocks(tmp_path: Path) -> None:
         after = snapshot(http)
         assert after[1:] == before[1:]
         assert ok(http.get("/leases")) == [kept]
-        refused(http.post("/leases", json=lease_body("b", "/restart/kept")), 409, "lease_died")
+        # b's explicit priority still ranks it before every automatic age: older, it would wait.
+        kept_body = lease_body("b", "/restart/kept")
+        refused(http.post("/leases", json=kept_body), 409, "lease_would_wait")
         fresh_lease = ok(http.post("/leases", json=lease_body("b", "/restart/other")))
         assert fresh_lease["token"] > gone["token"] > kept["token"]
         assert ok(http.delete(f"/leases/{kept['id']}", params={"agent_id": "a"}))["released"]
@@ -786,7 +788,9 @@ def test_sync_does_not_wait_for_a_refused_request(http: httpx.Client) -> None:
     rid = fresh("request")
     body = lease_body(register(http), "/sync/refused", wait=True, isolation="NONSENSE")
     refused(
-        http.post("/leases", json=body, headers={"x-klock-request-id": rid}), 400, "invalid_field"
+        http.post("/leases", json=body, headers={"x-klock-request-id": rid}),
+        400,
+        "invalid_isolation",
     )
     assert "requests_waiting" in ok(
         http.post("/sync", json={"requests": [rid], "timeout_ms": 5000})

@@ -9,8 +9,8 @@ of its own, so:
   agent's last ``read_file``, or the agent never read it at all) is refused with a
   :class:`~klock_async.errors.CausalViolationError` that tells the agent to read the file again.
   Creating a file nobody wrote through the tools is not stale;
-- Wait-Die deaths are retried with the kernel's :class:`~klock_async.api.RetryPolicy` (the agent
-  keeps its age, so it cannot starve).
+- Wait-Die deaths are retried with the kernel's :class:`~klock_async.api.RetryPolicy` (the call's
+  unit of work keeps its age, so it cannot starve).
 
 Paths are relative to the workspace root (absolute paths inside the root are accepted too).
 Anything that resolves outside the root (``..``, another absolute path, a symlink that leads
@@ -404,6 +404,9 @@ class WorkspaceFiles:
                 agent_id=violation.agent_id,
                 agent_clock=violation.agent_clock,
                 path_clock=violation.path_clock,
+                session_id=violation.session_id,
+                seen_version=violation.seen_version,
+                version=violation.version,
             ) from None
 
     async def _still_inside(self, target: WorkspacePath) -> None:
@@ -554,11 +557,11 @@ class ReadForUpdate:
 
     Holds are taken in one session of the agent (READ_COMMITTED: taking a hold is not a write,
     the file is read under it), and the agent's tool calls on a held file run in the same
-    session with SERIALIZABLE isolation (:meth:`session_for`), so the read and the write are
-    recorded on the vector clocks as every file tool's are. While the session holds nothing, a
-    Wait-Die death is retried once the blocking lease has ended (the session, and its age, are
-    kept); once it holds something, a death is raised: the agent must give up what it holds
-    before it waits for more.
+    session with SERIALIZABLE isolation (:meth:`session_for`), observing in the agent's own
+    view, so the read and the write are recorded as every file tool's are. While the session
+    holds nothing, a Wait-Die death is retried once the blocking lease has ended (the session,
+    and its age, are kept); once it holds something, a death is raised: the agent must give up
+    what it holds before it waits for more.
 
     Args:
         files: the agent's workspace tools.
@@ -598,6 +601,7 @@ class ReadForUpdate:
             files.agent_id,
             IsolationLevel.SERIALIZABLE,
             session_id=self._holds_session.id,
+            agent_view=True,  # reads and writes count in the agent's own view, as every tool's
         )
         self._retry = retry or RetryPolicy()
         self._holds_others = holds_others or (lambda: False)

@@ -21,12 +21,12 @@ Needs the ``langchain`` extra (``pip install 'klock-async[langchain]'``).
         async def _arun(self, path: str, content: str) -> str: ...
 
 With a :class:`~klock_async.api.Klock` underneath, a waiting request waits in the kernel's queue
-(no polling), a Wait-Die death is retried ``max_retries`` times keeping the agent's age, and what
-still fails reaches the model as a :class:`KlockConflictError` (a LangChain ``ToolException``)
-whose message says what happened and what to do. :class:`KlockFileToolkit` gives an agent
-ready-made read, write, edit and list tools on a workspace (see
-:mod:`klock_async.integrations.files`), where a stale write comes back as "file changed since
-you read it; read it again".
+(no polling), a Wait-Die death is retried ``max_retries`` times keeping the age of the call's
+unit of work, and what still fails reaches the model as a :class:`KlockConflictError` (a
+LangChain ``ToolException``) whose message says what happened and what to do.
+:class:`KlockFileToolkit` gives an agent ready-made read, write, edit and list tools on a
+workspace (see :mod:`klock_async.integrations.files`), where a stale write comes back as "file
+changed since you read it; read it again".
 
 Errors raised to LangChain::
 
@@ -417,10 +417,7 @@ def klock_protected(
     """
     rtype = ResourceType.parse(resource_type)
     pred = Predicate.parse(predicate)
-    try:
-        level = IsolationLevel.parse(isolation)
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
+    level = IsolationLevel.parse(isolation)
     if not isinstance(agent_id, str) or not agent_id.strip():
         raise InvalidRequestError("agent_id must be a non-empty string naming the agent")
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:

@@ -139,8 +139,12 @@ class AgentTools:
         # a lease is not a write, so it is not checked against the clocks), file tools run in
         # the same session SERIALIZABLE (their reads and writes are checked as everywhere).
         self._leases = agent.session(isolation=IsolationLevel.READ_COMMITTED)
-        self.session: Session = agent.session(
-            isolation=IsolationLevel.SERIALIZABLE, session_id=self._leases.id
+        self.session = Session(
+            klock,
+            agent.id,
+            IsolationLevel.SERIALIZABLE,
+            session_id=self._leases.id,
+            agent_view=True,  # reads and writes count in the agent's own view, as every tool's
         )
         self._held: dict[str, Lease] = {}
         self.updates = ReadForUpdate(
