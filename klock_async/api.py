@@ -815,6 +815,7 @@ class Klock:
         token: str | None = None,
         timeout: float = 30.0,
         grace: float | None = None,
+        operator_token: str | None = None,
     ) -> Klock:
         """A facade over a ``klock serve`` server at ``url`` (needs the ``server`` extra).
 
@@ -832,6 +833,8 @@ class Klock:
             grace: seconds the server keeps this client's leases after the channel broke
                 (the client reconnects by itself within it); None: the server's
                 ``--grace``, which also bounds it.
+            operator_token: the server's ``--operator-token``, for :meth:`revoke` and
+                :meth:`evict` of any agent's leases (sent once, when the channel opens).
 
         Raises:
             ImportError: the server extra is missing (``pip install 'klock-async[server]'``).
@@ -844,7 +847,11 @@ class Klock:
             raise ImportError(
                 "Klock.connect needs the server extra: pip install 'klock-async[server]'"
             ) from exc
-        return cls(backend=ChannelBackend(url, token=token, timeout=timeout, grace=grace))
+        return cls(
+            backend=ChannelBackend(
+                url, token=token, timeout=timeout, grace=grace, operator_token=operator_token
+            )
+        )
 
     @property
     def backend(self) -> Backend:

@@ -400,6 +400,22 @@ async def test_operator_token_in_hello_covers_revoke_and_evict() -> None:
     assert again.id
 
 
+async def test_connect_takes_the_operator_token() -> None:
+    """Klock.connect(operator_token=...) revokes and evicts another client's agents."""
+    with serve_in_thread(operator_token="op-secret") as server:
+        async with Klock.connect(server.url) as mine:
+            owner = await mine.register_agent("owner")
+            lease = await owner.acquire("/own.py", "MUTATES", ttl=300)
+            async with Klock.connect(server.url, operator_token="op-secret") as operator:
+                revoked = await operator.revoke(lease.id)
+                evicted = await operator.evict("owner")
+            async with Klock.connect(server.url) as plain:
+                with pytest.raises(OperatorRequiredError):
+                    await plain.evict("owner")
+    assert revoked.id == lease.id
+    assert evicted == 0  # revoked already: nothing left to evict
+
+
 # ------------------------------------------------------------------------------ the wire
 
 
