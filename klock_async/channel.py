@@ -45,7 +45,6 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from klock_async import validation
-from klock_async.clocks import IsolationLevel
 from klock_async.errors import (
     ClientGoneError,
     ForeignAgentError,
@@ -65,7 +64,6 @@ from klock_async.server import (
     _clock_json,
     _flag,
     _intents,
-    _isolation,
     _ok,
     _statistics_json,
     _timeout,
@@ -531,9 +529,6 @@ async def _register(hub: ChannelHub, session: ClientSession, args: dict[str, Any
     }
 
 
-_LEVELS = {level.value: level for level in IsolationLevel}
-
-
 def _one_intent(args: dict[str, Any]) -> tuple[Intent, ...]:
     """The intents of an acquire; one ``{"resource", "predicate"}`` pair (the common call)
     through the kernel's cache of parsed pairs, anything else through the REST parser."""
@@ -557,30 +552,11 @@ async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]
     agent_id = validation.name_field(args, "agent_id")
     session_id = validation.optional_ident(args, "session_id") or uuid.uuid4().hex
     intents = _one_intent(args)
-    ttl = _ttl(args)
-    assert ttl is not None
-    wait = _flag(args, "wait", False)
-    timeout = _timeout(args)
-    level = args.get("isolation")
-    isolation = None if level is None else _LEVELS.get(level) or _isolation(args)
-    agent_view = _flag(args, "agent_view", False)
-    _authorize(hub, session, Action.ACQUIRE, agent_id)
     api = hub.api
+    call, wait, timeout = api.acquire_call(args, agent_id, session_id, intents)
+    _authorize(hub, session, Action.ACQUIRE, agent_id)
     backend = api.backend
     api.touch(agent_id)
-
-    def call() -> Awaitable[tuple[LeaseInfo, ...]]:
-        return backend.acquire(
-            agent_id,
-            session_id,
-            intents,
-            ttl=ttl,
-            wait=wait,
-            timeout=timeout,
-            isolation=isolation,
-            agent_view=agent_view,
-        )
-
     if wait and timeout == 0:
         infos = await api._decided_now(call, agent_id, intents)
     else:

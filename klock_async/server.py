@@ -295,8 +295,14 @@ def _ttl(body: Mapping[str, Any], default_ms: float | None = DEFAULT_TTL_MS) -> 
 _timeout = validation.timeout
 
 
+_LEVELS = {level.value: level for level in IsolationLevel}
+
+
 def _isolation(body: Mapping[str, Any]) -> IsolationLevel | None:
     """The request's isolation level; None (absent) joins the session as it is."""
+    name = body.get("isolation")
+    if type(name) is str and name in _LEVELS:  # the common case, spelled exactly
+        return _LEVELS[name]
     name = _optional(body, "isolation", str, "an isolation level name")
     if name is None:
         return None
@@ -1189,31 +1195,10 @@ class _Api:
         session_id: str,
         intents: tuple[Intent, ...],
     ) -> tuple[LeaseInfo, ...]:
-        ttl = _ttl(body)
-        assert ttl is not None
-        wait = _flag(body, "wait", False)
-        timeout = _timeout(body)
-        isolation = _isolation(body)
+        call, wait, timeout = self.acquire_call(body, agent_id, session_id, intents)
         self._check_client(request, agent_id)
-        agent_view = _flag(body, "agent_view", False)
-        backend = self.backend
         self.touch(agent_id)
-
-        def call() -> Awaitable[tuple[LeaseInfo, ...]]:
-            return backend.acquire(
-                agent_id,
-                session_id,
-                intents,
-                ttl=ttl,
-                wait=wait,
-                timeout=timeout,
-                isolation=isolation,
-                agent_view=agent_view,
-            )
-
         if wait and timeout == 0:
-            # Decided now, not timed out by the journal's commit: waits for no timer.
-            timeout = None
             return await self._decided_now(call, agent_id, intents)
         if wait:
             request_id = request.headers.get(self.REQUEST_ID_HEADER)
@@ -1225,6 +1210,44 @@ class _Api:
             finally:
                 self._poll_agents.pop(request_id, None)
         return await call()
+
+    def acquire_call(
+        self,
+        body: Mapping[str, Any],
+        agent_id: str,
+        session_id: str,
+        intents: tuple[Intent, ...],
+    ) -> tuple[Callable[[], Awaitable[tuple[LeaseInfo, ...]]], bool, float | None]:
+        """Parse the options every acquire has (REST and channel alike) and bind the kernel
+        call; return it with the request's ``wait`` and ``timeout``.
+
+        Raises:
+            InvalidRequestError: a bad option; nothing changed.
+        """
+        ttl = _ttl(body)
+        assert ttl is not None
+        wait = _flag(body, "wait", False)
+        timeout = _timeout(body)
+        isolation = _isolation(body)
+        agent_view = _flag(body, "agent_view", False)
+        backend = self.backend
+        # No time to wait: decided now by _decided_now, which withdraws it if queued; a timer
+        # of zero would be used up by the journal's commit alone.
+        kernel_timeout = None if wait and timeout == 0 else timeout
+
+        def call() -> Awaitable[tuple[LeaseInfo, ...]]:
+            return backend.acquire(
+                agent_id,
+                session_id,
+                intents,
+                ttl=ttl,
+                wait=wait,
+                timeout=kernel_timeout,
+                isolation=isolation,
+                agent_view=agent_view,
+            )
+
+        return call, wait, timeout
 
     async def _decided_now(
         self,
