@@ -19,7 +19,7 @@ import abc
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -141,7 +141,9 @@ class EventBuffer:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         self.capacity = capacity
-        self._events: deque[Event] = deque(maxlen=capacity)
+        # Events, and events not built yet: (id, at, render, args), built by render(id, at,
+        # *args) when first read (see defer).
+        self._events: deque[Event | _Deferred] = deque(maxlen=capacity)
         self._next_id = 1
         self._dropped = 0
         self._retain = retain
@@ -169,23 +171,46 @@ class EventBuffer:
         if not self.recording:
             return
         data = {k: fields.pop(k) for k in [k for k in fields if k not in _ATTRIBUTES]}
-        event = Event(self._next_id, name, time.time(), agent_id, **fields, data=data)
+        self._append(Event(self._next_id, name, time.time(), agent_id, **fields, data=data))
+
+    def defer(self, render: Callable[..., Event], *args: Any) -> None:
+        """Record one event now, built by ``render(id, at, *args)`` only when read.
+
+        The kernel's hot path records the change (a lease and the event's name) and leaves
+        the building of the event, its strings and its dictionary, to the readers: most
+        recorded events are pushed out of the buffer unread. ``args`` must not change
+        afterwards in what ``render`` reads of them.
+        """
+        if self.recording:
+            self._append((self._next_id, time.time(), render, args))
+
+    def _append(self, entry: Event | _Deferred) -> None:
         self._next_id += 1
-        if len(self._events) == self.capacity:
+        events = self._events
+        if len(events) == self.capacity:
             self._dropped += 1
-        self._events.append(event)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        events.append(entry)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def snapshot(self, after: int = 0) -> list[Event]:
         """The buffered events with an id greater than ``after``, oldest first."""
         events = self._events
-        if not events or events[-1].id <= after:
+        if not events or self._next_id - 1 <= after:
             return []
-        start = max(0, after - events[0].id + 1)
-        return [events[i] for i in range(start, len(events))]
+        first = events[0]
+        first_id = first[0] if type(first) is tuple else first.id  # type: ignore[union-attr]
+        out = []
+        for i in range(max(0, after - first_id + 1), len(events)):
+            entry = events[i]
+            if type(entry) is tuple:
+                event_id, at, render, args = entry
+                entry = events[i] = render(event_id, at, *args)
+            out.append(entry)
+        return out  # type: ignore[return-value]
 
     def stream(self, after: int | None = None) -> EventStream:
         """A reader of the events published from now on, or after the event with id ``after``.
@@ -220,6 +245,9 @@ class EventBuffer:
         self._waiters.append(waiter)
         await waiter
 
+
+# An event recorded by EventBuffer.defer: (id, at, render, args).
+_Deferred = tuple[int, float, Callable[..., Event], tuple[Any, ...]]
 
 _ATTRIBUTES = frozenset(("session_id", "resource", "predicate", "lease_id", "token", "request_id"))
 

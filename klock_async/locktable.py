@@ -286,6 +286,21 @@ _new_object = object.__new__
 ) = _INFO_SETTERS = tuple(LeaseInfo.__dict__[name].__set__ for name in _INFO_FIELDS)
 
 
+def with_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
+    """``dataclasses.replace(info, state=state)``, in a fraction of its time (see above)."""
+    copy: LeaseInfo = _new_object(LeaseInfo)
+    _set_id(copy, info.id)
+    _set_agent_id(copy, info.agent_id)
+    _set_session_id(copy, info.session_id)
+    _set_resource(copy, info.resource)
+    _set_predicate(copy, info.predicate)
+    _set_token(copy, info.token)
+    _set_ttl(copy, info.ttl)
+    _set_expires_at(copy, info.expires_at)
+    _set_state(copy, state)
+    return copy
+
+
 class _Slot:
     """Everything attached to one resource: its active leases and its queue, oldest first."""
 

@@ -17,7 +17,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from klock_async import events as ev
@@ -30,7 +30,7 @@ from klock_async.errors import (
     KernelClosedError,
     KlockError,
 )
-from klock_async.events import EventBuffer, EventStream
+from klock_async.events import Event, EventBuffer, EventStream
 from klock_async.locktable import (
     _IDLE_SLOTS,
     _LATER_SWEEP,
@@ -39,6 +39,7 @@ from klock_async.locktable import (
     RecoveredState,
     Request,
     _Lease,
+    with_state,
 )
 from klock_async.logging import get_logger, info_logger
 from klock_async.model import (
@@ -113,6 +114,25 @@ def _lease_event(
     )
 
 
+def _lease_as_event(
+    event_id: int, at: float, name: str, lease: _Lease, fields: dict[str, Any]
+) -> Event:
+    """The event :func:`_lease_event` publishes, built later (see ``EventBuffer.defer``)."""
+    return Event(
+        event_id,
+        name,
+        at,
+        lease.agent_id,
+        session_id=lease.session_id,
+        resource=str(lease.resource),
+        predicate=lease.predicate.value,
+        lease_id=lease.id,
+        token=lease.token,
+        request_id=lease.request_id or None,
+        data=fields,
+    )
+
+
 def _request_event(
     logger: Any | None, events: EventBuffer, name: str, request: Request, **fields: Any
 ) -> None:
@@ -167,7 +187,10 @@ class _Publisher:
         if lease is not None:
             if name in _WITH_TTL:
                 fields["ttl_ms"] = to_ms(lease.ttl)
-            _lease_event(self.logger, self.events, name, lease, **fields)
+            if self.logger is None:  # recorded only: built when read (a lease's fields stay)
+                self.events.defer(_lease_as_event, name, lease, fields)
+            else:
+                _lease_event(self.logger, self.events, name, lease, **fields)
         elif request is not None:
             if "blocker" in fields:
                 fields["blocker_agent_id"] = fields.pop("blocker")
@@ -715,7 +738,7 @@ class Scheduler:
         """
         held = self._held.get(lease_id)
         if held is not None and record_write is None and self.release_nowait(lease_id, agent_id):
-            return replace(held[0], state=LeaseState.RELEASED)
+            return with_state(held[0], LeaseState.RELEASED)
         fut = self._future()  # what _ask does, without its closure and extra coroutine
         self._post(_Release(lease_id, agent_id, record_write, fut))
         result: LeaseInfo = await fut

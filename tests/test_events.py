@@ -70,6 +70,34 @@ async def test_every_state_change_is_an_event() -> None:
         assert Event.from_dict(event.as_dict()) == replace(event, at=round(event.at * 1000) / 1000)
 
 
+async def test_lease_events_recorded_unread_are_built_in_full_when_read() -> None:
+    """A lease event is recorded as the lease and built when read: with every field the
+    change had at the time (the ttl of the grant, not of a later heartbeat)."""
+    async with Klock() as klock:
+        backend = klock.backend
+        assert isinstance(backend, Scheduler)
+        backend.event_buffer.retain()  # recorded with nobody reading, as a server does
+        agent = await klock.register_agent("coder")
+        lease = await agent.acquire("/f", "MUTATES", ttl=30)
+        await lease.heartbeat(ttl=60)
+        await lease.release()
+        await klock.statistics()  # after the one-way release in the mailbox
+        events = backend.event_buffer.snapshot()
+    by_name = {event.name: event for event in events}
+    for name, ttl_ms in (
+        ("lease.granted", 30_000),
+        ("lease.heartbeated", 60_000),
+        ("lease.released", None),
+    ):
+        event = by_name[name]
+        assert (event.agent_id, event.resource, event.predicate) == ("coder", "FILE:/f", "MUTATES")
+        assert (event.lease_id, event.token) == (lease.id, lease.token)
+        assert event.session_id == lease.info.session_id
+        assert event.request_id is not None and event.request_id > 0
+        assert event.data == ({} if ttl_ms is None else {"ttl_ms": ttl_ms})
+    assert backend.event_buffer.snapshot() == events  # built once, read the same again
+
+
 async def test_a_kernel_nobody_watches_records_nothing() -> None:
     """Without a reader, the buffer stays off and empty however many leases come and go."""
     async with Klock() as klock:
