@@ -25,6 +25,7 @@ import socket
 import ssl
 import urllib.parse
 import urllib.request
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -1085,11 +1086,20 @@ class _RemoteEvents(EventStream):
             await client.aclose()
 
 
+def _lease_id(lease_id: str) -> str:
+    """A lease id as a call names it.
+
+    Raises:
+        InvalidRequestError: not a non-empty string.
+    """
+    if type(lease_id) is not str or not lease_id:
+        raise InvalidRequestError(f"a lease id is a non-empty string, got {lease_id!r}")
+    return lease_id
+
+
 def _segment(lease_id: str) -> str:
     """A lease id as one URL path segment (ids are URL-safe; anything else is escaped)."""
-    if not isinstance(lease_id, str) or not lease_id:
-        raise InvalidRequestError(f"a lease id is a non-empty string, got {lease_id!r}")
-    return urllib.parse.quote(lease_id, safe="")
+    return urllib.parse.quote(_lease_id(lease_id), safe="")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1188,6 +1198,10 @@ class ChannelBackend:
         self._held: dict[str, str] = {}  # lease id -> agent, for releases that name none
         self._reconnects = 0
         self._ws: Any = None  # the open connection
+        # The answer deadlines of calls that do not wait by design, in the order they were
+        # sent (so also of their deadlines): one timer, at the oldest, serves them all.
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<ChannelBackend {self.url} client={self.client_id}>"
@@ -1238,6 +1252,10 @@ class ChannelBackend:
             return
         self._closed = True
         self._fail_all(KernelClosedError("the connection to the klock server was closed"))
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
@@ -1507,24 +1525,54 @@ class ChannelBackend:
         return call_id, future
 
     async def _call(self, op: str, args: dict[str, Any]) -> Any:
-        """Send one call and return its answer's data, or raise its typed error."""
+        """Send one call and return its answer's data, or raise its typed error (a
+        :class:`TransportError` when no answer comes within the backend's timeout)."""
         call_id, future = self._send(op, args)
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await future
-        except TimeoutError:
-            self._calls.pop(call_id, None)
-            raise TransportError(
-                f"the klock server at {self.url} did not answer {op} within "
-                f"{self._timeout:g}s; it may be overloaded or stuck"
-            ) from None
+        calls = self._calls
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in calls:  # answered
+            deadlines.popleft()
+        loop = asyncio.get_running_loop()
+        deadlines.append((loop.time() + self._timeout, call_id))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._overdue)
+        return await future
+
+    def _overdue(self) -> None:
+        """Fail the calls whose answer is overdue; wait for the next deadline."""
+        self._deadline_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        calls = self._calls
+        deadlines = self._deadlines
+        while deadlines:
+            at, call_id = deadlines[0]
+            pending = calls.get(call_id)
+            if pending is not None and not pending.future.done():
+                if at > now:
+                    self._deadline_timer = loop.call_at(at, self._overdue)
+                    return
+                del calls[call_id]
+                pending.future.set_exception(
+                    TransportError(
+                        f"the klock server at {self.url} did not answer "
+                        f"{pending.message['op']} within {self._timeout:g}s; it may be "
+                        "overloaded or stuck"
+                    )
+                )
+            deadlines.popleft()
 
     async def _long(self, op: str, args: dict[str, Any]) -> Any:
         """A call that may wait long: cancelling the caller withdraws it on the server."""
         call_id, future = self._send(op, args)
         try:
-            return await asyncio.shield(future)
+            return await future
         except asyncio.CancelledError:
+            pending = self._calls.get(call_id)
+            if pending is not None and pending.future.cancelled():
+                # The caller's cancellation cancelled the future: the answer, which tells
+                # whether the call was granted before its withdrawal, goes to a new one.
+                future = pending.future = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._abandon(call_id, future))
             raise
 
@@ -1637,7 +1685,7 @@ class ChannelBackend:
             TransportError: the server cannot be reached.
         """
         holder = agent_id if agent_id is not None else self._held.get(lease_id)
-        args: dict[str, Any] = {"lease_id": _segment(lease_id)}
+        args: dict[str, Any] = {"lease_id": _lease_id(lease_id)}
         if record_write is not None:  # absent: the kernel decides
             args["record_write"] = record_write
         if holder is not None:
@@ -1658,7 +1706,7 @@ class ChannelBackend:
             TransportError: the server cannot be reached.
         """
         holder = agent_id if agent_id is not None else self._held.get(lease_id)
-        args: dict[str, Any] = {"lease_id": _segment(lease_id)}
+        args: dict[str, Any] = {"lease_id": _lease_id(lease_id)}
         if holder is not None:
             args["agent_id"] = holder
         if ttl is not None:
@@ -1680,7 +1728,7 @@ class ChannelBackend:
         if timeout is not None and not timeout >= 0:
             raise InvalidRequestError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
         args = {
-            "lease_id": _segment(lease_id),
+            "lease_id": _lease_id(lease_id),
             "timeout_ms": None if timeout is None else timeout * 1000.0,
         }
         data = await self._long("wait_ended", args)
@@ -1688,7 +1736,7 @@ class ChannelBackend:
 
     async def revoke(self, lease_id: str) -> LeaseInfo:
         """Revoke a lease; see :class:`~klock_async.backend.Backend`."""
-        return _lease(await self._call("revoke", {"lease_id": _segment(lease_id)}))
+        return _lease(await self._call("revoke", {"lease_id": _lease_id(lease_id)}))
 
     async def evict(self, agent_id: str) -> int:
         """Revoke an agent's leases; see :class:`~klock_async.backend.Backend`."""

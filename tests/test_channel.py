@@ -668,3 +668,23 @@ async def test_resume_resends_kept_answers_and_reports_lost_ones() -> None:
     assert answers[0]["data"]["resumed"] and answers[0]["data"]["unknown"] == [400]
     assert answers[302]["ok"]
     assert answers[1]["error"]["code"] == "transport_error"
+
+
+async def test_a_call_the_server_does_not_answer_fails_after_the_timeout() -> None:
+    """Calls sent to a stopped server (SIGSTOP) fail with TransportError once their own
+    timeout has passed, each from when it was sent; the channel serves again after SIGCONT."""
+    with serve_subprocess() as server:
+        async with Klock.connect(server.url, timeout=0.5) as klock:
+            await klock.register_agent("patient")
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                first = asyncio.create_task(klock.statistics())
+                await asyncio.sleep(0.2)  # the second call is sent later: its deadline too
+                second = asyncio.create_task(klock.statistics())
+                with pytest.raises(TransportError, match="did not answer statistics"):
+                    await first
+                with pytest.raises(TransportError, match="did not answer statistics"):
+                    await second
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert (await klock.statistics()).agents == 1
