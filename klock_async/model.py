@@ -11,7 +11,7 @@ import enum
 import functools
 import posixpath
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from klock_async.errors import (
     InvalidPredicateError,
@@ -34,10 +34,12 @@ __all__ = [
     "Statistics",
     "WaitFor",
     "WaiterInfo",
+    "lease_info",
     "parse_intents",
     "to_ms",
     "validate_timeout",
     "validate_ttl",
+    "with_state",
 ]
 
 
@@ -354,6 +356,74 @@ class LeaseInfo:
     ttl: float
     expires_at: float
     state: LeaseState = LeaseState.ACTIVE
+
+
+# A LeaseInfo is built at every grant (the kernel) and every answer (the channel's client).
+# The frozen dataclass's generated __init__ sets each field through object.__setattr__ (about
+# 1.3 us for nine fields); the slots' own descriptors build the same frozen value in half the
+# time. The check keeps lease_info() in step with the fields of LeaseInfo.
+if tuple(f.name for f in fields(LeaseInfo)) != (
+    "id",
+    "agent_id",
+    "session_id",
+    "resource",
+    "predicate",
+    "token",
+    "ttl",
+    "expires_at",
+    "state",
+):  # pragma: no cover - a guard
+    raise TypeError("LeaseInfo's fields changed: update lease_info()")
+_new_object = object.__new__
+_set_id = LeaseInfo.__dict__["id"].__set__
+_set_agent_id = LeaseInfo.__dict__["agent_id"].__set__
+_set_session_id = LeaseInfo.__dict__["session_id"].__set__
+_set_resource = LeaseInfo.__dict__["resource"].__set__
+_set_predicate = LeaseInfo.__dict__["predicate"].__set__
+_set_token = LeaseInfo.__dict__["token"].__set__
+_set_ttl = LeaseInfo.__dict__["ttl"].__set__
+_set_expires_at = LeaseInfo.__dict__["expires_at"].__set__
+_set_state = LeaseInfo.__dict__["state"].__set__
+
+
+def lease_info(
+    lease_id: str,
+    agent_id: str,
+    session_id: str,
+    resource: Resource,
+    predicate: Predicate,
+    token: int,
+    ttl: float,
+    expires_at: float,
+    state: LeaseState,
+) -> LeaseInfo:
+    """``LeaseInfo(...)`` of trusted values (no checks are made either way), faster."""
+    info: LeaseInfo = _new_object(LeaseInfo)
+    _set_id(info, lease_id)
+    _set_agent_id(info, agent_id)
+    _set_session_id(info, session_id)
+    _set_resource(info, resource)
+    _set_predicate(info, predicate)
+    _set_token(info, token)
+    _set_ttl(info, ttl)
+    _set_expires_at(info, expires_at)
+    _set_state(info, state)
+    return info
+
+
+def with_state(info: LeaseInfo, state: LeaseState) -> LeaseInfo:
+    """``dataclasses.replace(info, state=state)``, faster."""
+    return lease_info(
+        info.id,
+        info.agent_id,
+        info.session_id,
+        info.resource,
+        info.predicate,
+        info.token,
+        info.ttl,
+        info.expires_at,
+        state,
+    )
 
 
 @dataclass(frozen=True, slots=True)

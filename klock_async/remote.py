@@ -56,6 +56,7 @@ from klock_async.model import (
     Statistics,
     WaiterInfo,
     WaitFor,
+    lease_info,
     validate_timeout,
     validate_ttl,
 )
@@ -83,16 +84,16 @@ def _resource(type_name: str, path: str) -> Resource:
 
 
 def _lease(data: Mapping[str, Any]) -> LeaseInfo:
-    return LeaseInfo(
-        id=data["lease_id"],
-        agent_id=data["agent_id"],
-        session_id=data["session_id"],
-        resource=_resource(data["resource_type"], data["resource_path"]),
-        predicate=_PREDICATES[data["predicate"]],
-        token=data["token"],
-        ttl=data["ttl_ms"] / 1000.0,
-        expires_at=data["expires_at_ms"] / 1000.0,
-        state=_STATES[data["state"]],
+    return lease_info(
+        data["lease_id"],
+        data["agent_id"],
+        data["session_id"],
+        _resource(data["resource_type"], data["resource_path"]),
+        _PREDICATES[data["predicate"]],
+        data["token"],
+        data["ttl_ms"] / 1000.0,
+        data["expires_at_ms"] / 1000.0,
+        _STATES[data["state"]],
     )
 
 

@@ -39,7 +39,6 @@ from klock_async.locktable import (
     RecoveredState,
     Request,
     _Lease,
-    with_state,
 )
 from klock_async.logging import get_logger, info_logger
 from klock_async.model import (
@@ -52,6 +51,7 @@ from klock_async.model import (
     to_ms,
     validate_timeout,
     validate_ttl,
+    with_state,
 )
 
 __all__ = ["Journal", "RecoveredState", "Scheduler"]
