@@ -93,6 +93,11 @@ def _digest(secret: str) -> str:
 
 
 _encode = orjson.dumps  # answers go out as binary frames of UTF-8 JSON
+# Answers written as soon as this many are queued, rather than at the end of the turn: the
+# client starts on them while the server decides the rest (benchmarks/server.py, 2 cores:
+# 100 agents 21,600 pairs/s against 11,800 with one frame per turn; 10 agents 11,700 against
+# 9,200).
+_CHUNK = 8
 
 
 def _lease_wire(info: LeaseInfo) -> dict[str, Any]:
@@ -313,25 +318,33 @@ class ClientSessions:
 
 
 class _Connection:
-    """A channel's WebSocket: the answers of one event-loop turn written as one frame.
+    """A channel's WebSocket: answers written as one frame per event-loop turn, or per
+    ``_CHUNK`` answers when a turn has more (see :meth:`push`).
 
-    The frame is written at the end of the turn that queued the first answer, by a send
-    stepped at once (see :class:`_Step`): no writer task to wake.
+    A frame is written by a send stepped at once (see :class:`_Step`): no writer task to wake.
     """
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
         self.out: list[dict[str, Any]] = []
-        self.flushing = False  # a flush is scheduled, or a send is under way
+        self.scheduled = False  # a flush at the end of this turn is scheduled
+        self.sending = False  # a send is under way (it writes what is queued meanwhile)
         self.closing = False
         self.closing_code = 1001
         self.closing_reason = ""
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def push(self, payload: dict[str, Any]) -> None:
-        self.out.append(payload)
-        if not self.flushing:
-            self.flushing = True
+        """Queue an answer. A full chunk is written at once: the client works on it while
+        the server decides the rest of the turn's calls (the two processes overlap)."""
+        out = self.out
+        out.append(payload)
+        if self.sending:
+            return
+        if len(out) >= _CHUNK:
+            _Step(self._write())
+        elif not self.scheduled:
+            self.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def close(self, code: int = 1001, reason: str = "replaced by a newer connection") -> None:
@@ -339,16 +352,19 @@ class _Connection:
         self.closing = True
         self.closing_code = code
         self.closing_reason = reason
-        if not self.flushing:
-            self.flushing = True
+        if not self.sending and not self.scheduled:
+            self.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        _Step(self._write())
+        self.scheduled = False
+        if not self.sending and (self.out or self.closing):
+            _Step(self._write())
 
     async def _write(self) -> None:
         """Write what is queued (a JSON array when more than one answer), then close if asked."""
         websocket = self.websocket
+        self.sending = True
         try:
             while self.out:
                 out, self.out = self.out, []
@@ -359,7 +375,7 @@ class _Connection:
         except Exception:  # the connection is gone: its receive loop ends it
             self.ended()
         finally:
-            self.flushing = False
+            self.sending = False
 
     def ended(self) -> None:
         if not self.done.done():

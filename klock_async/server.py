@@ -1868,15 +1868,20 @@ class _CorkedWrites(asyncio.Transport):
     ``asyncio.Transport`` interface is passed on explicitly.
     """
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_loop", "_pending", "_through", "_transport")
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
         self._pending: bytes | None = None
+        # Once upgraded (a WebSocket: its frames are written whole), writes go straight on.
+        self._through = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._through:
+            self._transport.write(data)
+            return
         pending = self._pending
         if pending is None:
             self._pending = bytes(data)
@@ -1916,6 +1921,7 @@ class _CorkedWrites(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._flush()
+        self._through = True  # uvicorn hands an upgraded connection to another protocol
         self._transport.set_protocol(protocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:

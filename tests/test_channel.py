@@ -688,3 +688,19 @@ async def test_a_call_the_server_does_not_answer_fails_after_the_timeout() -> No
             finally:
                 server.process.send_signal(signal.SIGCONT)
             assert (await klock.statistics()).agents == 1
+
+
+async def test_a_turn_of_many_answers_is_written_in_chunks() -> None:
+    """Twenty calls in one frame are answered in several frames of at most eight answers
+    (the client can start on the first while the server decides the rest), every call once."""
+    with serve_in_thread() as server:
+        async with raw_channel(server.url) as ws:
+            await call(ws, {"id": 0, "op": "hello"})
+            await ws.send(json.dumps([{"id": i, "op": "statistics"} for i in range(1, 21)]))
+            frames: list[list[Any]] = []
+            while sum(len(frame) for frame in frames) < 20:
+                value = json.loads(await ws.recv())
+                frames.append(value if isinstance(value, list) else [value])
+    assert sorted(a["id"] for frame in frames for a in frame) == list(range(1, 21))
+    assert all(a["ok"] for frame in frames for a in frame)
+    assert len(frames) >= 3 and max(len(frame) for frame in frames) <= 8
