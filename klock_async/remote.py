@@ -26,8 +26,8 @@ import ssl
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from klock_async.backend import ClockStatus
 from klock_async.clocks import IsolationLevel, VectorClock
@@ -60,6 +60,9 @@ from klock_async.model import (
     validate_timeout,
     validate_ttl,
 )
+
+if TYPE_CHECKING:
+    from klock_async.websocket import Wire
 
 __all__ = ["ChannelBackend", "RemoteBackend"]
 
@@ -1110,6 +1113,9 @@ _PING_INTERVAL = 1.0  # seconds between the client's pings; one unanswered for a
 _RECONNECT_FIRST = 0.02  # seconds before the first reconnect attempt, doubled up to _MAX
 _RECONNECT_MAX = 0.5
 _CHANNEL_FRAME = 1 << 24  # largest frame read (a full leases list of a big server)
+# Calls written as soon as this many are queued, rather than at the end of the turn: the
+# server starts on them while the client goes on (as the server does with its answers).
+_CHUNK = 8
 
 
 class _Pending:
@@ -1191,14 +1197,16 @@ class ChannelBackend:
         self._secret: str | None = None
         self._ids = itertools.count(1)
         self._calls: dict[int, _Pending] = {}
-        self._out: list[dict[str, Any]] = []
-        self._wake: asyncio.Event | None = None
+        self._out: list[dict[str, Any]] = []  # calls of this turn, not written yet
+        self._flushing = False  # a write at the end of the turn is scheduled
+        self._encode: Callable[[Any], bytes] = _dumps  # orjson's, once connected
+        self._decode: Callable[[bytes | str], Any] = json.loads
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self._gone: KlockError | None = None  # why every call fails from now on
         self._held: dict[str, str] = {}  # lease id -> agent, for releases that name none
         self._reconnects = 0
-        self._ws: Any = None  # the open connection
+        self._ws: Wire | None = None  # the open connection
         # The answer deadlines of calls that do not wait by design, in the order they were
         # sent (so also of their deadlines): one timer, at the oldest, serves them all.
         self._deadlines: deque[tuple[float, int]] = deque()
@@ -1234,7 +1242,6 @@ class ChannelBackend:
             return
         if self._closed:
             raise KernelClosedError("this channel was closed; create a new backend")
-        self._wake = asyncio.Event()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._runner = asyncio.get_running_loop().create_task(self._run(ready))
         try:
@@ -1272,24 +1279,21 @@ class ChannelBackend:
 
     # ---------------------------------------------------------------- the connection
 
-    async def _connect(self) -> Any:
-        from websockets.asyncio.client import connect
+    async def _connect(self) -> Wire:
+        from klock_async.websocket import open_wire
 
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
-        return await connect(
+        headers = {"User-Agent": "klock-async"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return await open_wire(
             self._ws_url,
-            additional_headers=headers,
-            compression=None,
-            open_timeout=self._timeout,
-            ping_interval=_PING_INTERVAL,
-            ping_timeout=_PING_INTERVAL,
-            close_timeout=1.0,
+            headers=headers,
+            timeout=self._timeout,
             max_size=_CHANNEL_FRAME,
-            max_queue=None,
-            user_agent_header="klock-async",
+            ping_interval=_PING_INTERVAL,
         )
 
-    async def _hello(self, ws: Any) -> list[int]:
+    async def _hello(self, ws: Wire) -> list[int]:
         """Open or resume the session; return the ids of the calls to send (again)."""
         pending = sorted(self._calls)
         args: dict[str, Any] = {"pending": pending}
@@ -1300,7 +1304,7 @@ class ChannelBackend:
             args["grace_ms"] = self._grace * 1000.0
         if self._operator is not None:
             args["operator_token"] = self._operator
-        await ws.send(_dumps_text({"id": 0, "op": "hello", "args": args}))
+        ws.write(_dumps_text({"id": 0, "op": "hello", "args": args}).encode())
         async with asyncio.timeout(self._timeout):
             value = json.loads(await ws.recv())
         # The answer to hello may come with kept answers of calls made before the break.
@@ -1418,8 +1422,10 @@ class ChannelBackend:
                 delay = _RECONNECT_FIRST
                 self._out = [self._calls[i].message for i in unknown]
                 self._ws = ws
-                await self._serve(ws)
-                self._ws = None
+                try:
+                    await self._serve(ws)
+                finally:
+                    self._ws = None
                 if self._closed:
                     return
                 lost_at = loop.time()
@@ -1452,34 +1458,33 @@ class ChannelBackend:
             "is 'klock serve' running there?"
         )
 
-    async def _serve(self, ws: Any) -> None:
-        """Read answers and write calls until the connection ends."""
+    async def _serve(self, ws: Wire) -> None:
+        """Take answers as they arrive and send what is queued, until the connection ends."""
         import orjson
 
-        writer = asyncio.get_running_loop().create_task(self._write(ws))
+        self._encode, self._decode = orjson.dumps, orjson.loads
+        ws.serve(self._received)
+        self._flush()  # the calls to send (again) after the hello
+        await asyncio.shield(ws.closed)  # a cancelled caller leaves it to the wire's close
+
+    def _received(self, data: bytes | str) -> None:
         try:
-            async for text in ws:
-                value = orjson.loads(text)
-                for answer in value if isinstance(value, list) else (value,):
-                    self._answer(answer)
-        except Exception as exc:  # the connection broke (or the server sent nonsense)
-            get_logger().debug("channel.read_failed", error=repr(exc))
-        finally:
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            value = self._decode(data)
+            for answer in value if type(value) is list else (value,):
+                self._answer(answer)
+        except Exception as exc:  # the server sent nonsense: start over on a new connection
+            get_logger().warning("channel.bad_answer", error=repr(exc), url=self.url)
+            ws = self._ws
+            if ws is not None:
+                asyncio.get_running_loop().create_task(ws.close())
 
-    async def _write(self, ws: Any) -> None:
-        import orjson
-
-        wake = self._wake
-        assert wake is not None
-        while True:
-            if not self._out:
-                wake.clear()
-                await wake.wait()
-            out, self._out = self._out, []
-            await ws.send(orjson.dumps(out[0] if len(out) == 1 else out))  # a binary frame
+    def _flush(self) -> None:
+        """Write the calls queued in this turn as one frame (a JSON array when several)."""
+        self._flushing = False
+        out, self._out = self._out, []
+        ws = self._ws
+        if out and ws is not None:  # else: resent after the next hello (see _hello)
+            ws.write(self._encode(out[0] if len(out) == 1 else out))
 
     def _answer(self, answer: dict[str, Any]) -> None:
         pending = self._calls.pop(answer["id"], None) if answer.get("id") is not None else None
@@ -1519,10 +1524,13 @@ class ChannelBackend:
         message = {"id": call_id, "op": op, "args": args}
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = _Pending(message, future)
-        self._out.append(message)
-        wake = self._wake
-        if wake is not None and len(self._out) == 1:
-            wake.set()
+        out = self._out
+        out.append(message)
+        if len(out) >= _CHUNK:  # the server starts on these while this turn goes on
+            self._flush()
+        elif not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return call_id, future
 
     async def _call(self, op: str, args: dict[str, Any]) -> Any:

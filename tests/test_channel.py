@@ -173,7 +173,7 @@ async def test_channel_resumes_after_a_break_within_grace() -> None:
             waiting = asyncio.create_task(older.acquire("/resume/b.py", "MUTATES", ttl=300))
             await backend.barrier()
             client_id = backend.client_id
-            backend._ws.transport.abort()  # the network breaks
+            backend._ws.abort()  # the network breaks
             stats = asyncio.create_task(backend.statistics())  # sent once it is back
             await blocker.release()
             granted = await waiting
@@ -200,7 +200,7 @@ async def test_closed_channel_withdraws_queued_requests_after_grace() -> None:
                 agent = await doomed.register_agent("queued")
                 queued = asyncio.create_task(agent.acquire("/gone/a.py", "MUTATES", ttl=300))
                 await gone.barrier()
-                gone._ws.transport.abort()  # the connection is gone...
+                gone._ws.abort()  # the connection is gone...
                 assert gone._runner is not None
                 gone._runner.cancel()  # ...and the client never comes back
                 seen = await events_until(klock, "request.withdrawn", "queued")
@@ -518,7 +518,7 @@ async def test_resume_of_an_unknown_session_fails_every_call() -> None:
         async with Klock(backend=backend) as klock:
             await klock.register_agent("lost")
             backend.client_id = "forgotten"  # as if the server had ended it
-            backend._ws.transport.abort()
+            backend._ws.abort()
             with pytest.raises(ClientGoneError):
                 await backend.statistics()
             with pytest.raises(ClientGoneError):

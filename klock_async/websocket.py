@@ -1,0 +1,378 @@
+"""The session channel's WebSocket, client side.
+
+Two implementations of one small interface (:class:`Wire`): frames are written the moment the
+caller has one, and messages are handed to a callback as they arrive.
+
+- :class:`DirectWire`: websockets' Sans-I/O protocol on an asyncio transport, for servers
+  reached directly. A message is handled in the transport's own callback, and a frame goes
+  out in the caller's step: no reader or writer task to wake per frame (one turn of the event
+  loop less each way; docs/benchmarks.md has the figures).
+- :class:`LibraryWire`: websockets' own asyncio client, for servers reached through a proxy
+  (``HTTPS_PROXY``, ``ALL_PROXY``, ...), which it speaks to.
+
+Both keep the connection alive with pings: one not answered within the ping interval ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+__all__ = ["DirectWire", "LibraryWire", "Wire", "open_wire", "proxied"]
+
+OnMessage = Callable[[bytes | str], None]
+_CLOSE_SECONDS = 1.0  # how long a closing handshake may take before the connection is cut
+
+
+class Wire:
+    """One WebSocket connection of the channel.
+
+    Messages received before :meth:`serve` are kept for :meth:`recv`; from :meth:`serve` on,
+    each goes to the callback as it arrives. :attr:`closed` is done once the connection is
+    gone, however it ended.
+    """
+
+    closed: asyncio.Future[None]
+
+    def write(self, data: bytes) -> None:
+        """Send one binary frame now (dropped once the connection is closing)."""
+        raise NotImplementedError
+
+    async def recv(self) -> bytes | str:
+        """The next message, before :meth:`serve` was called."""
+        raise NotImplementedError
+
+    def serve(self, on_message: OnMessage) -> None:
+        """Hand every message from now on (and those kept) to ``on_message``."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close the connection (a closing handshake, cut short after a second)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Cut the connection at once, without a closing handshake (as a broken network)."""
+        raise NotImplementedError
+
+
+class DirectWire(asyncio.Protocol, Wire):
+    """A WebSocket on websockets' Sans-I/O :class:`~websockets.client.ClientProtocol`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        max_size: int,
+        ping_interval: float,
+    ) -> None:
+        self._uri = parse_uri(url)
+        self._protocol = ClientProtocol(self._uri, max_size=max_size)
+        self._headers = headers
+        self._ping_interval = ping_interval
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.closed = loop.create_future()
+        self._kept: list[bytes | str] = []
+        self._arrived: asyncio.Future[None] | None = None
+        self._on_message: OnMessage | None = None
+        self._parts: list[bytes] = []  # a fragmented message so far
+        self._ping: bytes | None = None  # the ping waiting for its pong
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._cut: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        request = self._protocol.connect()
+        for name, value in self._headers.items():
+            if name in request.headers:  # e.g. websockets' own User-Agent
+                del request.headers[name]
+            request.headers[name] = value
+        self._protocol.send_request(request)
+        self._send_pending()
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self._protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._send_pending()
+        for event in events:
+            if type(event) is Frame:
+                self._frame(event)
+            elif isinstance(event, Response):
+                self._opened()
+        if protocol.close_expected() and self._cut is None:
+            self._cut_later()
+
+    def eof_received(self) -> bool | None:
+        self._protocol.receive_eof()
+        self._send_pending()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        for timer in (self._keepalive, self._cut):
+            if timer is not None:
+                timer.cancel()
+        self._keepalive = self._cut = None
+        if not self.opened.done():
+            self.opened.set_exception(
+                self._protocol.handshake_exc
+                or ConnectionError(f"the connection closed during the handshake ({exc!r})")
+            )
+            self.opened.exception()  # retrieved: open_wire raises it
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake()
+
+    # ------------------------------------------------------------ Wire
+
+    def write(self, data: bytes) -> None:
+        if self._protocol.state is State.OPEN and self._transport is not None:
+            self._protocol.send_binary(data)
+            self._send_pending()
+
+    async def recv(self) -> bytes | str:
+        while not self._kept:
+            if self.closed.done():
+                raise ConnectionError("the WebSocket closed before an answer came")
+            self._arrived = self._loop.create_future()
+            await self._arrived
+        return self._kept.pop(0)
+
+    def serve(self, on_message: OnMessage) -> None:
+        kept, self._kept = self._kept, []
+        self._on_message = on_message
+        for message in kept:
+            on_message(message)
+
+    async def close(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_close(1000)
+            self._send_pending()
+        try:
+            if not self.closed.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_CLOSE_SECONDS):
+                        await asyncio.shield(self.closed)
+        finally:
+            if self._transport is not None:  # no answer in time (or the closer was cancelled)
+                self._transport.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # ------------------------------------------------------------ internals
+
+    def _opened(self) -> None:
+        if self.opened.done():
+            return
+        failure = self._protocol.handshake_exc
+        if failure is not None:
+            self.opened.set_exception(failure)
+            self.opened.exception()
+            return
+        self.opened.set_result(None)
+        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.BINARY or opcode is Opcode.TEXT or opcode is Opcode.CONT:
+            if not frame.fin:
+                self._parts.append(bytes(frame.data))
+                return
+            data = bytes(frame.data)
+            if self._parts:
+                data = b"".join((*self._parts, data))
+                self._parts = []
+            on_message = self._on_message
+            if on_message is not None:
+                on_message(data)
+            else:
+                self._kept.append(data)
+                self._wake()
+        elif opcode is Opcode.PONG and bytes(frame.data) == self._ping:
+            self._ping = None
+
+    def _wake(self) -> None:
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
+
+    def _send_pending(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        chunks = self._protocol.data_to_send()
+        if not chunks:
+            return
+        if chunks[-1] == b"":  # the end of the stream: half-close
+            data = b"".join(chunks[:-1])
+            if data:
+                transport.write(data)
+            if transport.can_write_eof():
+                transport.write_eof()
+            return
+        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _beat(self) -> None:
+        """Every ping interval: a ping still unanswered ends the connection; else ping."""
+        self._keepalive = None
+        transport = self._transport
+        if transport is None:
+            return
+        if self._ping is not None:
+            transport.abort()  # the peer is gone (or cut off): the owner reconnects
+            return
+        if self._protocol.state is State.OPEN:
+            self._ping = os.urandom(4)
+            self._protocol.send_ping(self._ping)
+            self._send_pending()
+        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+
+    def _cut_later(self) -> None:
+        def cut() -> None:
+            if self._transport is not None:
+                self._transport.abort()
+
+        self._cut = self._loop.call_later(_CLOSE_SECONDS, cut)
+
+
+class LibraryWire(Wire):
+    """A WebSocket on websockets' asyncio client (which speaks to proxies)."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self._out: list[bytes] = []
+        self._more = asyncio.Event()
+        self._writer = loop.create_task(self._write())
+        self._reader: asyncio.Task[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._more.set()
+
+    async def recv(self) -> bytes | str:
+        message: bytes | str = await self._connection.recv()
+        return message
+
+    def serve(self, on_message: OnMessage) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read(on_message))
+
+    async def close(self) -> None:
+        for task in (self._writer, self._reader):
+            if task is not None:
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await self._connection.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def abort(self) -> None:
+        self._connection.transport.abort()
+
+    async def _read(self, on_message: OnMessage) -> None:
+        try:
+            async for message in self._connection:
+                on_message(message)
+        except Exception:  # the connection broke: closed says so
+            pass
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._more.wait()
+                self._more.clear()
+                out, self._out = self._out, []
+                for data in out:
+                    await self._connection.send(data)
+        except Exception:  # the connection broke: the reader ends too
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+
+def proxied(url: str) -> bool:
+    """Whether websockets would reach ``url`` through a proxy of the environment (``ws``,
+    ``socks``, ``https`` or ``http`` ones, unless ``NO_PROXY`` says otherwise). A loopback
+    server never is: no proxy can reach this machine's loopback."""
+    uri = parse_uri(url)
+    if uri.host == "localhost" or uri.host.startswith("127.") or uri.host in ("::1", "[::1]"):
+        return False
+    if urllib.request.proxy_bypass(f"{uri.host}:{uri.port}"):
+        return False
+    proxies = urllib.request.getproxies()
+    schemes = ("wss", "socks", "https") if uri.secure else ("ws", "socks", "https", "http")
+    return any(proxies.get(scheme) for scheme in schemes)
+
+
+async def open_wire(
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    timeout: float,
+    max_size: int,
+    ping_interval: float,
+) -> Wire:
+    """Open the channel's WebSocket to ``url`` (``ws://`` or ``wss://``).
+
+    Raises:
+        websockets.exceptions.InvalidStatus: the server refused the upgrade (e.g. 401).
+        OSError, TimeoutError: the server cannot be reached in ``timeout`` seconds.
+    """
+    if proxied(url):
+        from websockets.asyncio.client import connect
+
+        connection = await connect(
+            url,
+            additional_headers={k: v for k, v in headers.items() if k != "User-Agent"},
+            compression=None,
+            open_timeout=timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_interval,
+            close_timeout=_CLOSE_SECONDS,
+            max_size=max_size,
+            max_queue=None,
+            user_agent_header=headers.get("User-Agent"),
+        )
+        return LibraryWire(connection)
+    wire = DirectWire(url, headers=headers, max_size=max_size, ping_interval=ping_interval)
+    uri = parse_uri(url)
+    context = ssl.create_default_context() if uri.secure else None
+    loop = asyncio.get_running_loop()
+    transport: Any = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                lambda: wire, uri.host, uri.port, ssl=context
+            )
+            await wire.opened
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    return wire
