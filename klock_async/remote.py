@@ -1476,11 +1476,14 @@ class ChannelBackend:
             get_logger().warning("channel.bad_answer", error=repr(exc), url=self.url)
             ws = self._ws
             if ws is not None:
-                asyncio.get_running_loop().create_task(ws.close())
+                ws.abort()
 
     def _flush(self) -> None:
         """Write the calls queued in this turn as one frame (a JSON array when several)."""
         self._flushing = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         out, self._out = self._out, []
         ws = self._ws
         if out and ws is not None:  # else: resent after the next hello (see _hello)
@@ -1527,7 +1530,7 @@ class ChannelBackend:
         out = self._out
         out.append(message)
         if len(out) >= _CHUNK:  # the server starts on these while this turn goes on
-            self._flush()
+            self._write_out()
         elif not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
