@@ -58,7 +58,7 @@ from klock_async.errors import (
 from klock_async.identity import Action, Caller, new_credential
 from klock_async.identity import digest as credential_digest
 from klock_async.logging import get_logger
-from klock_async.model import Intent, LeaseInfo, Resource
+from klock_async.model import Intent, LeaseInfo, LeaseState, Predicate, Resource, ResourceType
 from klock_async.server import (
     _agent_json,
     _clock_json,
@@ -100,19 +100,26 @@ _encode = orjson.dumps  # answers go out as binary frames of UTF-8 JSON
 _CHUNK = 8
 
 
+# An enum's .value is a Python-level property; these lookups hash members by identity, in C.
+_TYPE_NAMES = {member: member.value for member in ResourceType}
+_PREDICATE_NAMES = {member: member.value for member in Predicate}
+_STATE_NAMES = {member: member.value for member in LeaseState}
+
+
 def _lease_wire(info: LeaseInfo) -> dict[str, Any]:
     """A lease as the channel sends it: the REST form without its Klock v1 duplicates."""
+    resource = info.resource
     return {
         "lease_id": info.id,
         "agent_id": info.agent_id,
         "session_id": info.session_id,
-        "resource_type": info.resource.type.value,
-        "resource_path": info.resource.path,
-        "predicate": info.predicate.value,
+        "resource_type": _TYPE_NAMES[resource.type],
+        "resource_path": resource.path,
+        "predicate": _PREDICATE_NAMES[info.predicate],
         "token": info.token,
         "ttl_ms": info.ttl * 1000.0,
         "expires_at_ms": info.expires_at * 1000.0,
-        "state": info.state.value,
+        "state": _STATE_NAMES[info.state],
     }
 
 
