@@ -1,0 +1,235 @@
+"""Request keys in the pure lock table: an acquire and its resends are decided once.
+
+A client gives each acquire a key and sends the same key with every resend of it (after a
+failover or a broken connection); the table answers a resend with what the key already named.
+Driven directly on virtual time; the invariants are checked after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from klock_async.clocks import IsolationLevel
+from klock_async.errors import (
+    LeaseDied,
+    LeaseWouldWait,
+    RequestKeyReusedError,
+    RequestSupersededError,
+    UnknownAgentError,
+)
+from klock_async.locktable import LockTable, Request
+from klock_async.model import Intent, LeaseInfo
+
+Pairs = list[tuple[str, str]]
+
+
+class Driver:
+    """Numbers requests, collects answers by reply name, checks the invariants."""
+
+    def __init__(self, *agents: str) -> None:
+        self.table = LockTable()
+        self.now = 0.0
+        self.ids = 0
+        self.answers: dict[str, Any] = {}
+        for agent in agents:
+            self.table.register(agent, None)
+
+    def ask(
+        self,
+        name: str,
+        agent: str,
+        pairs: Pairs,
+        *,
+        key: str | None,
+        session: str = "s",
+        wait: bool = True,
+    ) -> Any:
+        self.ids += 1
+        request = Request(
+            self.ids,
+            agent,
+            session,
+            tuple(Intent.of(r, p) for r, p in pairs),
+            10.0,
+            wait,
+            IsolationLevel.READ_COMMITTED,
+            name,
+        )
+        request.key = key
+        self.table.acquire(request, self.now)
+        self.drain()
+        return self.answers.get(name)
+
+    def drain(self) -> None:
+        for reply, value in self.table.answers:
+            self.answers[reply] = value
+        self.table.answers.clear()
+        self.table.check_invariants()
+
+    def leases(self, name: str) -> list[LeaseInfo]:
+        answer = self.answers[name]
+        assert isinstance(answer, tuple), answer
+        return [info for info, _ in answer]
+
+
+def test_same_key_twice_answers_the_same_grant() -> None:
+    """A resend of a granted acquire gets the same leases (ids, tokens); nothing new is held."""
+    d = Driver("a")
+    d.ask("first", "a", [("x", "MUTATES"), ("y", "CONSUMES")], key="k1")
+    d.ask("again", "a", [("x", "MUTATES"), ("y", "CONSUMES")], key="k1")
+    assert d.leases("again") == d.leases("first")
+    assert len(d.table.leases) == 2
+    assert d.table.last_token == 2
+    assert d.table.counts["grants"] == 1
+
+
+def test_keys_are_per_agent() -> None:
+    """Two agents may use the same key: each gets a grant of its own."""
+    d = Driver("a", "b")
+    d.ask("a1", "a", [("x", "CONSUMES")], key="k1")
+    d.ask("b1", "b", [("x", "CONSUMES")], key="k1")
+    assert d.leases("a1")[0].id != d.leases("b1")[0].id
+
+
+def test_same_key_while_queued_takes_the_queued_place() -> None:
+    """A resend of a queued acquire replaces it: the earlier call is answered superseded, the
+    resend waits in its place and is granted once; one lease, one token."""
+    d = Driver("holder", "a")
+    d.ask("held", "holder", [("x", "MUTATES")], key=None, session="h")
+    assert d.ask("first", "a", [("x", "MUTATES")], key="k1") is None
+    assert d.ask("again", "a", [("x", "MUTATES")], key="k1") is None
+    assert isinstance(d.answers["first"], RequestSupersededError)
+    assert len(d.table.queued) == 1
+    d.table.release(d.leases("held")[0].id, None, False, d.now)
+    d.drain()
+    (lease,) = d.leases("again")
+    assert [x.id for x in d.table.leases.values()] == [lease.id]
+    assert d.ask("third", "a", [("x", "MUTATES")], key="k1") is not None
+    assert d.leases("third") == [lease]
+
+
+def test_resend_without_wait_of_a_queued_acquire_is_decided_anew() -> None:
+    """A resend with wait=False of a queued acquire withdraws it and is decided as new."""
+    d = Driver("holder", "a")
+    d.ask("held", "holder", [("x", "MUTATES")], key=None, session="h")
+    assert d.ask("first", "a", [("x", "MUTATES")], key="k1") is None
+    answer = d.ask("again", "a", [("x", "MUTATES")], key="k1", wait=False)
+    assert isinstance(d.answers["first"], RequestSupersededError)
+    assert isinstance(answer, LeaseDied | LeaseWouldWait)
+    assert not d.table.queued
+
+
+@pytest.mark.parametrize(
+    ("pairs", "session"),
+    [
+        pytest.param([("x", "CONSUMES")], "s", id="other-predicate"),
+        pytest.param([("z", "MUTATES")], "s", id="other-resource"),
+        pytest.param([("x", "MUTATES"), ("z", "MUTATES")], "s", id="more-intents"),
+        pytest.param([("x", "MUTATES")], "other", id="other-session"),
+    ],
+)
+def test_key_reused_for_another_request_is_refused(pairs: Pairs, session: str) -> None:
+    """A key that names a grant of other intents (or another session) is refused; nothing
+    changes."""
+    d = Driver("a")
+    d.ask("first", "a", [("x", "MUTATES")], key="k1")
+    before = (dict(d.table.leases), d.table.last_token, dict(d.table.counts))
+    with pytest.raises(RequestKeyReusedError):
+        d.ask("again", "a", pairs, key="k1", session=session)
+    assert (dict(d.table.leases), d.table.last_token, dict(d.table.counts)) == before
+    d.table.check_invariants()
+
+
+def test_key_reused_for_another_queued_request_is_refused() -> None:
+    """A key that names a queued request of other intents is refused; the request stays."""
+    d = Driver("holder", "a")
+    d.ask("held", "holder", [("x", "MUTATES")], key=None, session="h")
+    d.ask("first", "a", [("x", "MUTATES")], key="k1")
+    with pytest.raises(RequestKeyReusedError):
+        d.ask("again", "a", [("y", "MUTATES")], key="k1")
+    assert "first" not in d.answers
+    assert len(d.table.queued) == 1
+
+
+def test_unknown_agent_with_a_key_changes_nothing() -> None:
+    """An unknown agent is refused before its key is looked at."""
+    d = Driver("a")
+    with pytest.raises(UnknownAgentError):
+        d.ask("first", "ghost", [("x", "MUTATES")], key="k1")
+    assert not d.table.units
+
+
+def test_key_is_forgotten_when_its_grant_ends() -> None:
+    """Once every lease of a keyed grant ended, the key asks for a new grant."""
+    d = Driver("a")
+    d.ask("first", "a", [("x", "MUTATES")], key="k1")
+    d.table.release(d.leases("first")[0].id, None, False, d.now)
+    d.ask("again", "a", [("x", "MUTATES")], key="k1")
+    assert d.leases("again")[0].token == d.leases("first")[0].token + 1
+
+
+def test_partly_ended_grant_spends_its_key() -> None:
+    """When one lease of a keyed grant ends, the key no longer names the rest of it."""
+    d = Driver("a")
+    d.ask("first", "a", [("x", "MUTATES"), ("y", "MUTATES")], key="k1")
+    x, y = d.leases("first")
+    d.table.release(x.id, None, False, d.now)
+    d.drain()
+    assert d.table.leases[y.id].key is None
+    d.ask("again", "a", [("x", "MUTATES"), ("y", "MUTATES")], key="k1")
+    assert {info.id for info in d.leases("again")}.isdisjoint({x.id, y.id})
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["ask", "ask", "ask-nowait", "release", "expire"]),
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["k1", "k2"]),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_duplicated_acquires_never_hold_two_grants_for_one_key(
+    ops: list[tuple[str, str, str]],
+) -> None:
+    """Any interleaving of duplicated acquires, releases and expiries: at most one grant per
+    (agent, key) is held, and every answer to a key names that grant."""
+    d = Driver("a", "b")
+    resource = {"k1": "x", "k2": "y"}
+    step = 0
+    for op, agent, key in ops:
+        step += 1
+        if op.startswith("ask"):
+            name = f"{agent}-{key}-{step}"
+            d.ask(name, agent, [(resource[key], "MUTATES")], key=key, wait=op == "ask")
+        elif op == "release":
+            for lease in list(d.table.leases.values()):
+                if lease.agent_id == agent and lease.key == key:
+                    d.table.release(lease.id, None, False, d.now)
+            d.drain()
+        else:
+            d.now += 11.0
+            d.table.expire(d.now)
+            d.drain()
+        held: dict[tuple[str, str | None], list[str]] = {}
+        for lease in d.table.leases.values():
+            if lease.key is not None:
+                held.setdefault((lease.agent_id, lease.key), []).append(lease.id)
+        assert all(len(ids) == 1 for ids in held.values()), held
+        for (owner, k), ids in held.items():
+            # Nothing but that one lease was granted for the key and is still active.
+            granted = {
+                info.id
+                for name, answer in d.answers.items()
+                if name.startswith(f"{owner}-{k}-") and isinstance(answer, tuple)
+                for info, _ in answer
+                if info.id in d.table.leases
+            }
+            assert granted == set(ids)
