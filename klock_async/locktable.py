@@ -606,8 +606,9 @@ class LockTable:
         if isinstance(found, Request):
             session_id, intents = found.session_id, _signature(found.intents)
         else:
-            session_id, intents = found[0].session_id, _signature(
-                Intent(lease.resource, lease.predicate) for lease in found
+            session_id, intents = (
+                found[0].session_id,
+                _signature(Intent(lease.resource, lease.predicate) for lease in found),
             )
         if session_id != request.session_id or intents != _signature(request.intents):
             raise RequestKeyReusedError(

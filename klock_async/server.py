@@ -43,6 +43,7 @@ from klock_async.errors import (
     AcquireTimeoutError,
     BodyTooLargeError,
     InvalidFieldError,
+    InvalidRequestError,
     KernelClosedError,
     KlockError,
     LeaseDied,
@@ -71,6 +72,7 @@ from klock_async.model import (
     ResourceType,
     Statistics,
     WaiterInfo,
+    validate_request_key,
 )
 from klock_async.postgres import PostgresJournal, is_postgres_url, prepare_schema, redact
 from klock_async.scheduler import Journal, Scheduler
@@ -308,6 +310,28 @@ def _isolation(body: Mapping[str, Any]) -> IsolationLevel | None:
         return None
     validation.limited(name, "isolation", validation.MAX_NAME_CHARS)
     return IsolationLevel.parse(name)
+
+
+def _request_key(body: Mapping[str, Any]) -> str | None:
+    """An acquire's ``request_key`` (None: absent).
+
+    Raises:
+        InvalidFieldError: not a request key.
+    """
+    try:
+        return validate_request_key(body.get("request_key"))
+    except InvalidRequestError as exc:
+        raise InvalidFieldError(f"field 'request_key': {exc.message}") from None
+
+
+def session_of(body: Mapping[str, Any]) -> str:
+    """An acquire's session: the one it names; else, with a request key, one named after the
+    key (so that its resends land in the same session); else a new one."""
+    session_id = _optional_text(body, "session_id")
+    if session_id:
+        return session_id
+    key = _request_key(body)
+    return uuid.uuid4().hex if key is None else f"key-{key}"
 
 
 def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
@@ -1165,7 +1189,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.ACQUIRE, agent_id)
-        session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
+        session_id = session_of(body)
         intent = _intent(body, "the request", alone=False)
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
         return _ok(_lease_json(infos[0]))
@@ -1174,7 +1198,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.ACQUIRE, agent_id)
-        session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
+        session_id = session_of(body)
         intents = _intents(body)
         infos = await self._acquire(request, body, agent_id, session_id, intents)
         return _ok(
@@ -1230,6 +1254,7 @@ class _Api:
         timeout = _timeout(body)
         isolation = _isolation(body)
         agent_view = _flag(body, "agent_view", False)
+        request_key = _request_key(body)
         backend = self.backend
         # No time to wait: decided now by _decided_now, which withdraws it if queued; a timer
         # of zero would be used up by the journal's commit alone.
@@ -1245,6 +1270,7 @@ class _Api:
                 timeout=kernel_timeout,
                 isolation=isolation,
                 agent_view=agent_view,
+                request_key=request_key,
             )
 
         return call, wait, timeout

@@ -7,6 +7,9 @@ Driven directly on virtual time; the invariants are checked after every step.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,14 +18,17 @@ from hypothesis import strategies as st
 
 from klock_async.clocks import IsolationLevel
 from klock_async.errors import (
+    InvalidRequestError,
     LeaseDied,
     LeaseWouldWait,
     RequestKeyReusedError,
     RequestSupersededError,
     UnknownAgentError,
 )
+from klock_async.journal import SqliteJournal
 from klock_async.locktable import LockTable, Request
 from klock_async.model import Intent, LeaseInfo
+from klock_async.scheduler import Scheduler
 
 Pairs = list[tuple[str, str]]
 
@@ -203,9 +209,7 @@ def test_duplicated_acquires_never_hold_two_grants_for_one_key(
     (agent, key) is held, and every answer to a key names that grant."""
     d = Driver("a", "b")
     resource = {"k1": "x", "k2": "y"}
-    step = 0
-    for op, agent, key in ops:
-        step += 1
+    for step, (op, agent, key) in enumerate(ops):
         if op.startswith("ask"):
             name = f"{agent}-{key}-{step}"
             d.ask(name, agent, [(resource[key], "MUTATES")], key=key, wait=op == "ask")
@@ -233,3 +237,54 @@ def test_duplicated_acquires_never_hold_two_grants_for_one_key(
                 if info.id in d.table.leases
             }
             assert granted == set(ids)
+
+
+# ------------------------------------------------------------------ the scheduler and journal
+
+
+@contextlib.asynccontextmanager
+async def _kernel(path: Path | None = None) -> AsyncIterator[Scheduler]:
+    kernel = Scheduler(journal=None if path is None else SqliteJournal(path))
+    await kernel.start()
+    try:
+        yield kernel
+    finally:
+        await kernel.aclose()
+
+
+async def test_key_is_decided_by_the_scheduler_and_survives_a_restart(tmp_path: Path) -> None:
+    """A keyed grant journaled to SQLite answers a resend of its acquire after a restart."""
+    path = tmp_path / "k.db"
+    intents = [Intent.of("src/a.py", "MUTATES"), Intent.of("src/b.py", "CONSUMES")]
+    async with _kernel(path) as kernel:
+        await kernel.register_agent("a", None)
+        first = await kernel.acquire("a", "s", intents, ttl=600.0, request_key="k" * 22)
+        again = await kernel.acquire("a", "s", intents, ttl=600.0, request_key="k" * 22)
+    async with _kernel(path) as kernel:
+        resent = await kernel.acquire("a", "s", intents, ttl=600.0, request_key="k" * 22)
+        with pytest.raises(RequestKeyReusedError):
+            await kernel.acquire("a", "s", intents[:1], ttl=600.0, request_key="k" * 22)
+        leases = await kernel.leases()
+        stats = await kernel.statistics()
+    assert first == again == resent
+    assert {x.id for x in leases} == {x.id for x in first}
+    assert stats.grants == 0  # after the restart: nothing granted again
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("short", id="too-short"),
+        pytest.param("x" * 65, id="too-long"),
+        pytest.param("has space here", id="space"),
+        pytest.param("slash/in/the/key", id="slash"),
+        pytest.param(12345678, id="not-text"),
+    ],
+)
+async def test_malformed_request_key_is_refused(key: Any) -> None:
+    """A request key that is not 8 to 64 of A-Z a-z 0-9 - _ is refused; nothing changes."""
+    async with _kernel() as kernel:
+        await kernel.register_agent("a", None)
+        with pytest.raises(InvalidRequestError, match="request key"):
+            await kernel.acquire("a", "s", [Intent.of("x", "MUTATES")], ttl=5.0, request_key=key)
+        assert await kernel.leases() == ()
