@@ -13,7 +13,9 @@ keeps one :class:`ServerList` and asks it where to send a request, and tells it 
 Which requests may be sent again is the transport's decision (:func:`may_resend`): any request
 a replica refused as a follower, or that never reached a server (the connection was refused);
 after a connection broke mid-request, only requests that change nothing or that are the same
-when done twice.
+when done twice: reads, heartbeats, acquires that carry a request key (the server answers a
+resend with the grant the key already got) and releases (a resend that finds the lease gone
+counts as done).
 """
 
 from __future__ import annotations
@@ -53,16 +55,21 @@ def parse_urls(urls: str | Sequence[str]) -> list[str]:
     return found
 
 
-def may_resend(method: str, path: str, *, reached: bool) -> bool:
-    """Whether a request may be sent again to another server.
+def may_resend(method: str, path: str, *, reached: bool, keyed: bool = False) -> bool:
+    """Whether a request may be sent again, to the same server or another one.
 
     ``reached`` is False when the request certainly never reached a server (the connection
     was refused, or a follower refused it); then anything may be resent. Otherwise only
-    reads and heartbeats (done twice, they are done once) are.
+    requests that done twice are done once: reads, heartbeats, an acquire that carries a
+    request key (``keyed``: the server answers its resend with the grant the key got, and
+    grants nothing twice), and a release (the transport counts "lease not found" in answer
+    to its resend as done).
     """
-    if not reached:
+    if not reached or method == "GET" or path.endswith("/heartbeat"):
         return True
-    return method == "GET" or path.endswith("/heartbeat")
+    if method == "DELETE":
+        return path.startswith("/leases/")
+    return keyed and method == "POST" and path in ("/intents", "/leases")
 
 
 class ServerList:

@@ -617,6 +617,9 @@ class LockTable:
                 "new key with each acquire, and the same key only with its resends"
             )
         if isinstance(found, list):  # granted before: the same leases, nothing granted again
+            for lease in found:
+                lease.request_id = request.id  # the resend's now: the first call's withdrawal
+                # (its caller left) must not give back what the resend was answered
             self.answer((request.reply, tuple((lease.info(), lease.ended) for lease in found)))
             return True
         # Queued: the resend takes the earlier request's place, which is answered superseded.

@@ -971,11 +971,15 @@ class _Api:
         assert declared.optional is not required, request.scope["klock.route"]
         return validation.parse_body(raw, request.headers.get("content-type"), declared)
 
-    async def _long_poll(self, request: Request, call: Callable[[], Awaitable[T]]) -> T:
+    async def _long_poll(
+        self, request: Request, call: Callable[[], Awaitable[T]], *, give_back: bool = True
+    ) -> T:
         """Run a call that may wait long; withdraw it when the client leaves or we shut down.
 
         The call runs in a child task whose first step marks the request as arrived and posts
-        it to the scheduler, so ``POST /sync`` can order itself after it.
+        it to the scheduler, so ``POST /sync`` can order itself after it. A grant that crossed
+        the client's leaving is given back, unless ``give_back`` is false (a keyed acquire: its
+        resend is answered with that grant).
         """
         closing = self._closing
         if closing is None or closing.done():
@@ -1018,12 +1022,12 @@ class _Api:
         if work.cancelled():
             raise _ClientGone()  # withdrawn by POST /withdraw
         if work.done():
-            if gone.done() and not gone.cancelled() and work.exception() is None:
+            if gone.done() and not gone.cancelled() and work.exception() is None and give_back:
                 await self._give_back(work.result())  # granted just as the client left
             return work.result()
         work.cancel()
         await asyncio.wait((work,))  # the scheduler has the withdrawal once the call ended
-        if not work.cancelled() and work.exception() is None:
+        if not work.cancelled() and work.exception() is None and give_back:
             await self._give_back(work.result())  # granted while being withdrawn
         if closing.done():
             raise KernelClosedError("the server shut down while the request was waiting")
@@ -1225,12 +1229,14 @@ class _Api:
         if wait and timeout == 0:
             return await self._decided_now(call, agent_id, intents)
         if wait:
+            # A keyed acquire granted as its connection closed keeps the grant for its resend.
+            give_back = body.get("request_key") is None
             request_id = request.headers.get(self.REQUEST_ID_HEADER)
             if request_id is None or not self.identities.credentialed(agent_id):
-                return await self._long_poll(request, call)
+                return await self._long_poll(request, call, give_back=give_back)
             self._poll_agents[request_id] = agent_id  # only this agent may withdraw it
             try:
-                return await self._long_poll(request, call)
+                return await self._long_poll(request, call, give_back=give_back)
             finally:
                 self._poll_agents.pop(request_id, None)
         return await call()

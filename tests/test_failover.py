@@ -63,18 +63,26 @@ def test_backoff_only_after_every_server_was_tried() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "reached", "resend"),
+    ("method", "path", "reached", "keyed", "resend"),
     [
-        pytest.param("POST", "/intents", False, True, id="acquire-never-sent"),
-        pytest.param("POST", "/intents", True, False, id="acquire-maybe-done"),
-        pytest.param("DELETE", "/leases/x", True, False, id="release-maybe-done"),
-        pytest.param("POST", "/leases/x/heartbeat", True, True, id="heartbeat"),
-        pytest.param("GET", "/leases", True, True, id="read"),
+        pytest.param("POST", "/intents", False, False, True, id="acquire-never-sent"),
+        pytest.param("POST", "/intents", True, False, False, id="acquire-maybe-done"),
+        pytest.param("POST", "/intents", True, True, True, id="keyed-acquire-maybe-done"),
+        pytest.param("POST", "/leases", True, True, True, id="keyed-v1-acquire-maybe-done"),
+        pytest.param("DELETE", "/leases/x", True, False, True, id="release-maybe-done"),
+        pytest.param("POST", "/leases/x/heartbeat", True, False, True, id="heartbeat"),
+        pytest.param("GET", "/leases", True, False, True, id="read"),
+        pytest.param("POST", "/agents", True, False, False, id="register-maybe-done"),
+        pytest.param("POST", "/leases/x/revoke", True, False, False, id="revoke-maybe-done"),
     ],
 )
-def test_only_safe_requests_are_resent(method: str, path: str, reached: bool, resend: bool) -> None:
-    """A request that may have been done is resent only if doing it twice is doing it once."""
-    assert may_resend(method, path, reached=reached) is resend
+def test_only_safe_requests_are_resent(
+    method: str, path: str, reached: bool, keyed: bool, resend: bool
+) -> None:
+    """A request that may have been done is resent only if doing it twice is doing it once:
+    reads, heartbeats, acquires that carry a request key, and releases (whose resend, finding
+    the lease gone, counts as done)."""
+    assert may_resend(method, path, reached=reached, keyed=keyed) is resend
 
 
 def test_blocking_client_moves_past_a_server_that_is_down() -> None:

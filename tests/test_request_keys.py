@@ -93,6 +93,20 @@ def test_same_key_twice_answers_the_same_grant() -> None:
     assert d.table.counts["grants"] == 1
 
 
+def test_withdrawal_of_the_first_call_keeps_what_its_resend_was_answered() -> None:
+    """The first call's caller leaves after its resend was answered: the grant stays."""
+    d = Driver("a")
+    d.ask("first", "a", [("x", "MUTATES")], key="k1")
+    first_id = d.ids
+    d.ask("again", "a", [("x", "MUTATES")], key="k1")
+    d.table.withdraw(first_id, "a", "s", d.now)
+    d.drain()
+    assert [x.id for x in d.table.leases.values()] == [d.leases("again")[0].id]
+    d.table.withdraw(d.ids, "a", "s", d.now)  # the resend's caller leaves too: given back
+    d.drain()
+    assert not d.table.leases
+
+
 def test_keys_are_per_agent() -> None:
     """Two agents may use the same key: each gets a grant of its own."""
     d = Driver("a", "b")
