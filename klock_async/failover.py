@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from klock_async.errors import InvalidRequestError
 
-__all__ = ["ServerList", "may_resend", "parse_urls"]
+__all__ = ["ServerList", "first_leader", "may_resend", "parse_urls"]
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 0.5
@@ -70,6 +70,49 @@ def may_resend(method: str, path: str, *, reached: bool, keyed: bool = False) ->
     if method == "DELETE":
         return path.startswith("/leases/")
     return keyed and method == "POST" and path in ("/intents", "/leases")
+
+
+def first_leader(
+    urls: str | Sequence[str], *, token: str | None = None, timeout: float = 5.0
+) -> str:
+    """The leader among ``urls``, for a command that talks to one server (``klock status``).
+
+    Asks each URL in turn for ``GET /health``: the first that answers 200 leads; a follower
+    names the leader (503 ``not_leader``, ``details.leader``), which is taken at its word. One
+    URL is returned as it is, without a request. When no URL answers, the first one is
+    returned: the caller's own request then says what failed.
+
+    Raises:
+        InvalidRequestError: no URL, or one that is not ``http(s)://...``.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    servers = parse_urls(urls)
+    if len(servers) == 1:
+        return servers[0]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for url in servers:
+        request = urllib.request.Request(f"{url}/health", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return url
+        except urllib.error.HTTPError as exc:
+            with exc:
+                try:
+                    body = json.loads(exc.read())
+                except ValueError:
+                    continue
+            details = body.get("details") if isinstance(body, dict) else None
+            leader = details.get("leader") if isinstance(details, dict) else None
+            if isinstance(leader, str) and leader.startswith(("http://", "https://")):
+                return leader.rstrip("/")
+            if exc.code != 503:
+                return url  # it answers, and is no follower (a wrong token, say): let it say so
+        except (OSError, ValueError):
+            continue  # unreachable: the next one
+    return servers[0]
 
 
 class ServerList:

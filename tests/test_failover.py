@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from serverutil import serve_in_thread
 
 from klock_async import InvalidRequestError
 from klock_async.compat import KlockHttpClient
-from klock_async.failover import ServerList, may_resend, parse_urls
+from klock_async.failover import ServerList, first_leader, may_resend, parse_urls
 
 
 def _closed_port_url() -> str:
@@ -95,3 +96,25 @@ def test_blocking_client_moves_past_a_server_that_is_down() -> None:
         finally:
             client.close()
     assert result["success"] is True
+
+
+def test_first_leader_skips_a_server_that_is_down() -> None:
+    """Among several URLs the first that answers is taken; one URL is taken as it is."""
+    closed = _closed_port_url()
+    with serve_in_thread() as server:
+        assert first_leader(f"{closed},{server.url}") == server.url
+    assert first_leader(closed) == closed
+    assert first_leader(f"{closed},{_closed_port_url()}") == closed  # none answers: the first
+
+
+def test_hook_command_moves_past_a_server_that_is_down(tmp_path: Path) -> None:
+    """klock hook given two URLs in KLOCK_SERVER_URL, the first refusing connections, asks
+    the second."""
+    from test_hooks import edit, hook, pre
+
+    with serve_in_thread() as server:
+        result = hook(
+            f"{_closed_port_url()},{server.url}",
+            pre("s1", "Edit", edit(tmp_path / "app.py"), tmp_path),
+        )
+    assert result.returncode == 0, result.stderr

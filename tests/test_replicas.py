@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pgutil import READY_TIMEOUT, Cluster, Replica
@@ -518,3 +520,53 @@ async def test_leader_killed_under_load_clients_see_no_error(pg_url: str) -> Non
     assert left == ()  # every grant was released once: none was granted twice for one call
     for resource, tokens in grants.items():
         assert tokens == sorted(set(tokens)), resource
+
+
+# ------------------------------------------------------------------ one-server commands
+
+
+def test_status_hook_and_init_find_the_leader_among_the_replicas(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """klock status, klock hook and klock init --http, given the follower first in a
+    comma-separated list (as KLOCK_SERVER_URL may hold), talk to the leader."""
+    from test_hooks import edit, hook, pre
+
+    with _replica(pg_url) as leader:
+        leader.wait_for("leader.elected")
+        leader.wait_for("server.started")
+        with _replica(pg_url) as follower:
+            follower.wait_for("leader.following")
+            urls = f"{follower.url},{leader.url}"
+            status = subprocess.run(
+                [sys.executable, "-m", "klock_async", "status", "--server", urls],
+                capture_output=True,
+                text=True,
+                timeout=READY_TIMEOUT,
+                env={**os.environ, "COLUMNS": "200"},
+            )
+            checked = hook(urls, pre("s1", "Edit", edit(tmp_path / "app.py"), tmp_path))
+            init = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "klock_async",
+                    "init",
+                    "claude-code",
+                    "--project-dir",
+                    str(tmp_path),
+                    "--http",
+                    "--server",
+                    urls,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=READY_TIMEOUT,
+            )
+    assert status.returncode == 0, status.stderr
+    assert leader.url in status.stdout
+    assert checked.returncode == 0, checked.stderr
+    assert init.returncode == 0, init.stderr
+    settings = json.loads((tmp_path / ".claude" / "settings.json").read_text(encoding="utf-8"))
+    entry = settings["hooks"]["PreToolUse"][0]["hooks"][0]
+    assert entry["url"] == f"{leader.url}/hooks/claude-code"
