@@ -71,9 +71,18 @@ _PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most
 _LEASES_KEPT = 65_536  # most lease entries a client keeps (oldest dropped)
 
 
-def _request_key() -> str:
-    """A new request key: names one acquire and its resends (see ``validate_request_key``)."""
-    return secrets.token_urlsafe(16)
+class _RequestKeys:
+    """New request keys, one per acquire (see ``validate_request_key``): a random prefix per
+    client (96 bits, drawn once) and a count, unique without a random draw per acquire."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_urlsafe(12) + "-"
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return self._prefix + str(next(self._count))
 
 
 # Enum members by value: a dict lookup costs a fraction of calling the enum class.
@@ -444,6 +453,7 @@ class RemoteBackend:
         # its snapshot for a resent release that finds it gone.
         self._credentials: dict[str, str] = {}
         self._leases: dict[str, LeaseInfo] = {}
+        self._request_key = _RequestKeys()
 
     def __repr__(self) -> str:
         return f"<RemoteBackend {self.url}>"
@@ -828,7 +838,7 @@ class RemoteBackend:
         if agent_view:
             body["agent_view"] = True
         # The same key on every resend of this call: the server grants it once.
-        body["request_key"] = _request_key()
+        body["request_key"] = self._request_key()
         if wait:
             data = await self._poll(self._track(True), "POST", "/intents", body, timeout, agent_id)
         else:
@@ -1229,6 +1239,7 @@ class ChannelBackend:
         # Leases granted here: their agent, for releases that name none, and their snapshot
         # for a resent release that finds the lease gone.
         self._held: dict[str, LeaseInfo] = {}
+        self._request_key = _RequestKeys()
         self._reconnects = 0
         self._ws: Any = None  # the open connection
 
@@ -1665,7 +1676,7 @@ class ChannelBackend:
         if agent_view:
             args["agent_view"] = True
         # Resent as it is to a new leader: the server grants the key once.
-        args["request_key"] = _request_key()
+        args["request_key"] = self._request_key()
         if wait:
             data = await self._long("acquire", args)
         else:

@@ -302,3 +302,14 @@ async def test_malformed_request_key_is_refused(key: Any) -> None:
         with pytest.raises(InvalidRequestError, match="request key"):
             await kernel.acquire("a", "s", [Intent.of("x", "MUTATES")], ttl=5.0, request_key=key)
         assert await kernel.leases() == ()
+
+
+def test_clients_make_valid_keys_of_their_own() -> None:
+    """Each client's keys are valid request keys, new for every acquire, and its own."""
+    from klock_async.model import validate_request_key
+    from klock_async.remote import _RequestKeys
+
+    first, second = _RequestKeys(), _RequestKeys()
+    keys = [first() for _ in range(3)] + [second() for _ in range(3)]
+    assert len(set(keys)) == 6
+    assert all(validate_request_key(key) == key for key in keys)
