@@ -573,7 +573,8 @@ class RemoteBackend:
                     if self._closed or not may_resend(method, path, reached=reached, keyed=keyed):
                         raise
                     if len(self.servers) == 1:
-                        if resent or not reached:
+                        broke = isinstance(exc.__cause__, OSError | EOFError)  # not a timeout
+                        if resent or not reached or not broke:
                             raise
                         resent = True  # a lone server: once more, on a new connection
                         continue

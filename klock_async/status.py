@@ -205,7 +205,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = first_leader(args.server, token=token)  # among replicas: the leader
     except InvalidRequestError as exc:
-        print(f"klock {args.command}: --server: {exc.message}", file=sys.stderr)
+        print(
+            f"klock {args.command}: --server must be an http(s) URL, or several separated by "
+            f"commas ({exc.message})",
+            file=sys.stderr,
+        )
         return 2
     client = _Client(server, token, f"klock {args.command}")
     view = View()
