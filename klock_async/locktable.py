@@ -794,7 +794,7 @@ class LockTable:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
         if request.key is not None:
-            self._key_granted(request, unit)
+            self._key_granted(request, answer)
         self.counts["grants"] += 1
         if journal is not None:
             journal.record_counters(self.last_token, self.last_agent_ts)
@@ -803,10 +803,10 @@ class LockTable:
             self._now_holding(unit, now)
         return True
 
-    def _key_granted(self, request: Request, unit: _Unit) -> None:
+    def _key_granted(self, request: Request, answer: list[tuple[LeaseInfo, Any]]) -> None:
         """Its key names the grant's leases from now on (journaled with them)."""
         assert request.key is not None
-        grant = [lease for lease in unit.leases.values() if lease.request_id == request.id]
+        grant = [self.leases[info.id] for info, _ in answer]
         for lease in grant:
             lease.key = request.key
         self._keys[(request.agent_id, request.key)] = grant
