@@ -7,7 +7,9 @@ Driven directly on virtual time; the invariants are checked after every step.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -313,3 +315,74 @@ def test_clients_make_valid_keys_of_their_own() -> None:
     keys = [first() for _ in range(3)] + [second() for _ in range(3)]
     assert len(set(keys)) == 6
     assert all(validate_request_key(key) == key for key in keys)
+
+
+# ------------------------------------------------------------------ over HTTP and the channel
+
+
+def test_rest_acquire_with_a_key_is_granted_once() -> None:
+    """POST /intents with a request_key: a resend answers the same lease; a malformed key is
+    400 invalid_field and a key reused for other intents 409 request_key_reused; without a
+    session_id the session is named after the key."""
+    import httpx
+    from serverutil import serve_in_thread
+
+    body = {
+        "agent_id": "a",
+        "intents": [{"resource": "x", "predicate": "MUTATES"}],
+        "request_key": "rest-key-000001",
+    }
+    with serve_in_thread() as server, httpx.Client(base_url=server.url) as http:
+        http.post("/agents", json={"agent_id": "a"})
+        first = http.post("/intents", json=body)
+        again = http.post("/intents", json=body)
+        bad = http.post("/intents", json={**body, "request_key": "no spaces allowed"})
+        other = http.post(
+            "/intents", json={**body, "intents": [{"resource": "y", "predicate": "MUTATES"}]}
+        )
+        leases = http.get("/leases").json()["data"]
+    assert first.status_code == again.status_code == 200
+    assert again.json()["data"]["leases"] == first.json()["data"]["leases"]
+    assert first.json()["data"]["session_id"] == "key-rest-key-000001"
+    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_field")
+    assert (other.status_code, other.json()["code"]) == (409, "request_key_reused")
+    assert [lease["lease_id"] for lease in leases] == [
+        lease["lease_id"] for lease in first.json()["data"]["leases"]
+    ]
+
+
+async def test_channel_acquire_with_a_key_is_granted_once() -> None:
+    """The channel's acquire takes the same request_key: a resend answers the same lease."""
+    from serverutil import serve_in_thread
+    from websockets.asyncio.client import connect
+
+    stack = contextlib.ExitStack()
+    server = await asyncio.to_thread(stack.enter_context, serve_in_thread())
+    args = {
+        "agent_id": "a",
+        "session_id": "s",
+        "intents": [{"resource": "x", "predicate": "MUTATES"}],
+        "request_key": "channel-key-0001",
+    }
+    try:
+        async with connect("ws://" + server.url.split("://", 1)[1] + "/channel") as ws:
+            calls = [
+                {"id": 0, "op": "hello", "args": {}},
+                {"id": 1, "op": "register", "args": {"agent_id": "a"}},
+                {"id": 2, "op": "acquire", "args": args},
+                {"id": 3, "op": "acquire", "args": args},
+            ]
+            answers = {}
+            for call in calls:
+                await ws.send(json.dumps(call))
+                while call["id"] not in answers:
+                    for answer in _items(json.loads(await ws.recv())):
+                        answers[answer["id"]] = answer
+    finally:
+        await asyncio.to_thread(stack.close)
+    assert answers[2]["ok"] and answers[3]["ok"], answers
+    assert answers[3]["data"]["leases"] == answers[2]["data"]["leases"]
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
