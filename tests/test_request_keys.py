@@ -386,3 +386,90 @@ async def test_channel_acquire_with_a_key_is_granted_once() -> None:
 
 def _items(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
+
+
+# ------------------------------------------------------------------ a connection that breaks
+
+
+class _AnswerDropper:
+    """A TCP relay in front of a real server that, once per listed request kind, forwards the
+    request, reads the server's whole answer and then closes the client's connection without
+    it: the request was done, and its client never hears of it."""
+
+    def __init__(self, target: str, drop: list[str]) -> None:
+        host, port = target.split("://", 1)[1].split(":")
+        self._target = (host, int(port))
+        self._drop = drop
+        self.dropped: list[str] = []
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> _AnswerDropper:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @staticmethod
+    async def _message(reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        return head + (await reader.readexactly(length) if length else b"")
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        try:
+            while True:
+                request = await self._message(reader)
+                up_writer.write(request)
+                answer = await self._message(up_reader)
+                line = request.split(b"\r\n", 1)[0].decode()
+                kind = next((k for k in self._drop if line.startswith(k)), None)
+                if kind is not None:
+                    self._drop.remove(kind)
+                    self.dropped.append(line)
+                    writer.transport.abort()  # done by the server, never answered
+                    return
+                writer.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            up_writer.close()
+            writer.close()
+
+
+async def test_lone_server_resends_what_a_broken_connection_lost() -> None:
+    """A lone server: the answers to an acquire and to a release are lost with their
+    connections; the client sends each once more, and gets the same lease (granted once),
+    then counts the release whose resend finds the lease gone as done."""
+    from serverutil import serve_in_thread
+
+    from klock_async.remote import RemoteBackend
+
+    stack = contextlib.ExitStack()
+    server = await asyncio.to_thread(stack.enter_context, serve_in_thread())
+    try:
+        async with _AnswerDropper(server.url, ["POST /intents", "DELETE /leases/"]) as relay:
+            backend = RemoteBackend(relay.url, timeout=10.0)
+            await backend.start()
+            await backend.register_agent("a", None)
+            (lease,) = await backend.acquire("a", "s", [Intent.of("x", "MUTATES")], ttl=60.0)
+            held = await backend.leases()
+            released = await backend.release(lease.id, "a")
+            left = await backend.leases()
+            stats = await backend.statistics()
+            await backend.aclose()
+            dropped = relay.dropped
+    finally:
+        await asyncio.to_thread(stack.close)
+    assert [x.split(" ")[0] for x in dropped] == ["POST", "DELETE"]
+    assert [x.id for x in held] == [lease.id]
+    assert (released.id, released.state.value) == (lease.id, "RELEASED")
+    assert left == ()
+    assert stats.grants == 1
