@@ -635,8 +635,7 @@ class LockTable:
                 ),
             )
         )
-        if not request.wait:  # it is not to queue: decided as new, after a withdrawal
-            self._unit_idle(self.units[(found.agent_id, found.session_id)])
+        if not request.wait:  # it is not to queue: decided as new (its unit keeps its age)
             self._reevaluate([i.resource for i in found.intents], now)
             return False
         if request.isolation is not _READ_COMMITTED:
