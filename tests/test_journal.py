@@ -444,3 +444,17 @@ async def test_older_journal_gains_the_request_key_column(tmp_path: Path) -> Non
     journal.close()
     assert _load(path).request_keys == {"new": "k"}
     assert _rows(path, "PRAGMA user_version") == [(3,)]
+
+
+def test_current_journal_without_the_request_key_column_is_damaged(tmp_path: Path) -> None:
+    """A journal of the current schema whose leases table lacks request_key is refused."""
+    path = tmp_path / "k.db"
+    _load(path)
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE leases DROP COLUMN request_key")
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path)
+    with pytest.raises(JournalError, match="lacks its column 'request_key'"):
+        journal.load()
+    journal.close()

@@ -241,19 +241,18 @@ async def test_request_key_survives_a_failover(pg_url: str) -> None:
 async def test_older_journal_gains_the_request_key_column(
     pg_url: str, postgres_cluster: Cluster
 ) -> None:
-    """A journal of schema 2 (leases without request keys) gains the column, keeping its rows."""
+    """A journal of schema 2 (leases without request keys) gains the column, keeping its rows;
+    one of schema 3 without it is refused."""
     await prepare_schema(pg_url)
-    postgres_cluster.sql(pg_url, "INSERT INTO klock_agents VALUES ('a', 1)")
+    postgres_cluster.sql(pg_url, "ALTER TABLE klock_leases DROP COLUMN request_key")
+    with pytest.raises(JournalError, match="klock_leases has columns"):
+        await prepare_schema(pg_url)
     postgres_cluster.sql(
         pg_url,
-        "ALTER TABLE klock_leases DROP COLUMN request_key; "
+        "INSERT INTO klock_agents VALUES ('a', 1); "
         "INSERT INTO klock_leases VALUES ('old', 'a', 's', 'FILE:/o', 'MUTATES', 1, 30, 9e9); "
         "UPDATE klock_meta SET value = 2 WHERE key = 'schema_version'",
     )
-    with pytest.raises(JournalError, match="klock_leases has columns"):
-        postgres_cluster.sql(pg_url, "UPDATE klock_meta SET value = 3 WHERE key = 'schema_version'")
-        await prepare_schema(pg_url)
-    postgres_cluster.sql(pg_url, "UPDATE klock_meta SET value = 2 WHERE key = 'schema_version'")
     lease, journal = await _leading(pg_url)
     state = journal.load()
     journal.record_lease(_lease("new", 2), "k")
