@@ -1155,12 +1155,11 @@ _CHANNEL_FRAME = 1 << 24  # largest frame read (a full leases list of a big serv
 class _Pending:
     """A call sent on the channel and not answered yet."""
 
-    __slots__ = ("future", "message", "resent")
+    __slots__ = ("future", "message")
 
     def __init__(self, message: dict[str, Any], future: asyncio.Future[Any]) -> None:
         self.message = message
         self.future = future
-        self.resent = False  # sent again to a server that never received it: may be done
 
 
 class ChannelBackend:
@@ -1241,6 +1240,7 @@ class ChannelBackend:
         # for a resent release that finds the lease gone.
         self._held: dict[str, LeaseInfo] = {}
         self._request_key = _RequestKeys()
+        self._resent: set[str] = set()  # leases whose release was sent again to a new server
         self._reconnects = 0
         self._ws: Any = None  # the open connection
 
@@ -1354,8 +1354,8 @@ class ChannelBackend:
         unknown = set(data["unknown"])
         for call_id in unknown:
             resent = self._calls.get(call_id)
-            if resent is not None:  # sent before the break (to a server that is gone)
-                resent.resent = True
+            if resent is not None and resent.message["op"] == "release":  # it may be done
+                self._resent.add(resent.message["args"]["lease_id"])
         last = pending[-1] if pending else 0
         return [i for i in sorted(self._calls) if i in unknown or i > last]
 
@@ -1568,10 +1568,6 @@ class ChannelBackend:
     async def _call(self, op: str, args: dict[str, Any]) -> Any:
         """Send one call and return its answer's data, or raise its typed error."""
         call_id, future = self._send(op, args)
-        return await self._answer_of(op, call_id, future)
-
-    async def _answer_of(self, op: str, call_id: int, future: asyncio.Future[Any]) -> Any:
-        """The answer to a call sent, within ``timeout``."""
         try:
             async with asyncio.timeout(self._timeout):
                 return await future
@@ -1708,14 +1704,16 @@ class ChannelBackend:
             args["record_write"] = record_write
         if holder is not None:
             args["agent_id"] = holder
-        call_id, future = self._send("release", args)
-        call = self._calls[call_id]
         try:
-            data = await self._answer_of("release", call_id, future)
+            data = await self._call("release", args)
         except LeaseNotFoundError:
-            if not call.resent or known is None:
+            resent = args["lease_id"] in self._resent
+            self._resent.discard(args["lease_id"])
+            if not resent or known is None:
                 raise
             data = None  # resent to a new leader: the first send released it
+        if self._resent:
+            self._resent.discard(args["lease_id"])
         self._held.pop(lease_id, None)
         if data is None:
             assert known is not None
