@@ -570,3 +570,29 @@ def test_status_hook_and_init_find_the_leader_among_the_replicas(
     settings = json.loads((tmp_path / ".claude" / "settings.json").read_text(encoding="utf-8"))
     entry = settings["hooks"]["PreToolUse"][0]["hooks"][0]
     assert entry["url"] == f"{leader.url}/hooks/claude-code"
+
+
+async def test_channel_release_resent_to_the_new_leader_counts_as_done(pg_url: str) -> None:
+    """A release sent to a leader that never handled it (paused, then replaced and killed) is
+    resent on the new leader; there the lease has run out (its ttl is shorter than the
+    takeover), and "lease not found" in answer to the resend counts as done."""
+    with _replica(pg_url) as first:
+        first.wait_for("leader.elected")
+        with _replica(pg_url) as second:
+            await asyncio.to_thread(second.wait_for, "leader.following")
+            backend = ChannelBackend([first.url, second.url], timeout=10.0)
+            await backend.start()
+            await backend.register_agent("a", None)
+            (lease,) = await backend.acquire("a", "s", [Intent.of("x", "MUTATES")], ttl=0.05)
+            first.process.send_signal(signal.SIGSTOP)
+            try:
+                release = asyncio.create_task(backend.release(lease.id, "a"))
+                await asyncio.to_thread(second.wait_for, "leader.elected")
+            finally:
+                first.process.send_signal(signal.SIGKILL)
+                first.process.send_signal(signal.SIGCONT)
+            released = await release
+            leases = await backend.leases()
+            await backend.aclose()
+    assert (released.id, released.state.value) == (lease.id, "RELEASED")
+    assert leases == ()
