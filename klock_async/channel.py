@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import hmac
 import secrets
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from klock_async.server import (
     _timeout,
     _ttl,
     _waiter_json,
+    session_of,
 )
 
 if TYPE_CHECKING:
@@ -573,7 +573,7 @@ def _one_intent(args: dict[str, Any]) -> tuple[Intent, ...]:
 
 async def _acquire(hub: ChannelHub, session: ClientSession, args: dict[str, Any]) -> Any:
     agent_id = validation.name_field(args, "agent_id")
-    session_id = validation.optional_ident(args, "session_id") or uuid.uuid4().hex
+    session_id = session_of(args)
     intents = _one_intent(args)
     api = hub.api
     call, wait, timeout = api.acquire_call(args, agent_id, session_id, intents)

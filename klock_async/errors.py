@@ -14,7 +14,8 @@ Our exception hierarchy::
     │   ├── BodyTooLargeError          (HTTP) the body exceeds the server's limit
     │   ├── UnsupportedMediaTypeError  (HTTP) a body that is not ``application/json``
     │   ├── HostNotAllowedError        (HTTP) a ``Host`` the server does not serve
-    │   └── OriginNotAllowedError      (HTTP) a request from a foreign web page (``Origin``)
+    │   ├── OriginNotAllowedError      (HTTP) a request from a foreign web page (``Origin``)
+    │   └── RequestKeyReusedError      an acquire's request key names another request
     ├── UnknownAgentError              the agent id was never registered
     ├── AgentExistsError               registering an id again with another priority
     ├── LeaseError
@@ -27,6 +28,7 @@ Our exception hierarchy::
     ├── AcquireTimeoutError            the wait ran out; nothing is held (also a TimeoutError)
     ├── CausalViolationError           a write would overwrite a version never read
     ├── EvictedError                   the agent was evicted while its request waited
+    ├── RequestSupersededError         a resend of a queued acquire (same key) took its place
     ├── ClientGoneError                a client session outlived its grace period
     ├── ForeignAgentError              the agent belongs to another client session
     ├── KernelClosedError              the kernel shut down before answering
@@ -87,6 +89,8 @@ __all__ = [
     "NotYourAgentError",
     "OperatorRequiredError",
     "OriginNotAllowedError",
+    "RequestKeyReusedError",
+    "RequestSupersededError",
     "RetriesExhaustedError",
     "StrictIdentityError",
     "TransportError",
@@ -344,6 +348,16 @@ class ForeignAgentError(KlockError):
     status = 403
 
 
+class RequestSupersededError(KlockError):
+    """A resend of a queued acquire (the same request key) took its place in the queue.
+
+    Answered to the earlier call only: the resend waits in its place and gets the grant.
+    """
+
+    code = "request_superseded"
+    status = 409
+
+
 class KernelClosedError(KlockError):
     """The kernel shut down (or was not started) before it could answer."""
 
@@ -458,6 +472,16 @@ class OriginNotAllowedError(InvalidRequestError):
 
     code = "origin_not_allowed"
     status = 403
+
+
+class RequestKeyReusedError(InvalidRequestError):
+    """An acquire's request key names a request of other intents, or of another session.
+
+    A request key identifies one acquire and its resends; choose a new one for each acquire.
+    """
+
+    code = "request_key_reused"
+    status = 409
 
 
 class IdentityError(KlockError):

@@ -13,7 +13,9 @@ keeps one :class:`ServerList` and asks it where to send a request, and tells it 
 Which requests may be sent again is the transport's decision (:func:`may_resend`): any request
 a replica refused as a follower, or that never reached a server (the connection was refused);
 after a connection broke mid-request, only requests that change nothing or that are the same
-when done twice.
+when done twice: reads, heartbeats, acquires that carry a request key (the server answers a
+resend with the grant the key already got) and releases (a resend that finds the lease gone
+counts as done).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 from klock_async.errors import InvalidRequestError
 
-__all__ = ["ServerList", "may_resend", "parse_urls"]
+__all__ = ["ServerList", "first_leader", "may_resend", "parse_urls"]
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 0.5
@@ -53,16 +55,64 @@ def parse_urls(urls: str | Sequence[str]) -> list[str]:
     return found
 
 
-def may_resend(method: str, path: str, *, reached: bool) -> bool:
-    """Whether a request may be sent again to another server.
+def may_resend(method: str, path: str, *, reached: bool, keyed: bool = False) -> bool:
+    """Whether a request may be sent again, to the same server or another one.
 
     ``reached`` is False when the request certainly never reached a server (the connection
     was refused, or a follower refused it); then anything may be resent. Otherwise only
-    reads and heartbeats (done twice, they are done once) are.
+    requests that done twice are done once: reads, heartbeats, an acquire that carries a
+    request key (``keyed``: the server answers its resend with the grant the key got, and
+    grants nothing twice), and a release (the transport counts "lease not found" in answer
+    to its resend as done).
     """
-    if not reached:
+    if not reached or method == "GET" or path.endswith("/heartbeat"):
         return True
-    return method == "GET" or path.endswith("/heartbeat")
+    if method == "DELETE":
+        return path.startswith("/leases/")
+    return keyed and method == "POST" and path in ("/intents", "/leases")
+
+
+def first_leader(
+    urls: str | Sequence[str], *, token: str | None = None, timeout: float = 5.0
+) -> str:
+    """The leader among ``urls``, for a command that talks to one server (``klock status``).
+
+    Asks each URL in turn for ``GET /health``: the first that answers 200 leads; a follower
+    names the leader (503 ``not_leader``, ``details.leader``), which is taken at its word. One
+    URL is returned as it is, without a request. When no URL answers, the first one is
+    returned: the caller's own request then says what failed.
+
+    Raises:
+        InvalidRequestError: no URL, or one that is not ``http(s)://...``.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    servers = parse_urls(urls)
+    if len(servers) == 1:
+        return servers[0]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for url in servers:
+        request = urllib.request.Request(f"{url}/health", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return url
+        except urllib.error.HTTPError as exc:
+            with exc:
+                try:
+                    body = json.loads(exc.read())
+                except ValueError:
+                    continue
+            details = body.get("details") if isinstance(body, dict) else None
+            leader = details.get("leader") if isinstance(details, dict) else None
+            if isinstance(leader, str) and leader.startswith(("http://", "https://")):
+                return leader.rstrip("/")
+            if exc.code != 503:
+                return url  # it answers, and is no follower (a wrong token, say): let it say so
+        except (OSError, ValueError):
+            continue  # unreachable: the next one
+    return servers[0]
 
 
 class ServerList:

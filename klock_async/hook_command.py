@@ -2,9 +2,10 @@
 
 The harness (Claude Code, Gemini CLI) runs this command around every tool call with the event
 as JSON on stdin. It forwards the event to ``POST /hooks/NAME?mode=command`` on the server
-named by ``--server`` / ``KLOCK_SERVER_URL`` (or the local one on ``127.0.0.1:--local-port``,
-started detached when none answers), where :mod:`klock_async.hooks` decides, and turns the
-answer into the harness's exit-code contract:
+named by ``--server`` / ``KLOCK_SERVER_URL`` (several replicas separated by commas: the first
+that answers, or the leader a follower names; without one, the local server on
+``127.0.0.1:--local-port``, started detached when none answers), where
+:mod:`klock_async.hooks` decides, and turns the answer into the harness's exit-code contract:
 
 - allowed: exit 0 (stdout: ``{"systemMessage": ...}`` when there is a warning for the user);
 - refused: exit 2, the one-sentence reason on stderr (shown to the model);
@@ -68,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         default=None,
-        help="URL of 'klock serve' (default: $KLOCK_SERVER_URL, else the local one)",
+        help="URL of 'klock serve', or the URLs of its replicas separated by commas "
+        "(default: $KLOCK_SERVER_URL, else the local one)",
     )
     parser.add_argument(
         "--token", default=None, help="bearer token of the server (default: $KLOCK_TOKEN)"
@@ -179,15 +181,50 @@ def _start_local_server(port: int) -> str:
     return f"http://127.0.0.1:{port}"  # another hook may have won the race to start it
 
 
+def _named_leader(payload: bytes) -> str | None:
+    """The leader a follower's refusal (``not_leader``) names, if any."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    details = body.get("details") if isinstance(body, dict) else None
+    leader = details.get("leader") if isinstance(details, dict) else None
+    return leader if isinstance(leader, str) and leader.startswith("http://") else None
+
+
+def _post_to_leader(
+    urls: list[str], path: str, event: bytes, token: str | None, timeout: float
+) -> tuple[int, bytes]:
+    """POST to the first of several replicas that answers, or to the leader a follower names.
+
+    Raises:
+        ConnectionRefusedError: none of them accepts connections.
+    """
+    for url in urls:
+        try:
+            status, payload = post(url, path, event, token, timeout)
+        except ConnectionRefusedError:
+            continue
+        if status in (307, 503):
+            leader = _named_leader(payload)
+            if leader is not None:
+                return post(leader, path, event, token, timeout)
+            if status == 503 and b'"not_leader"' in payload:
+                continue  # an election is under way there: ask the next
+        return status, payload
+    raise ConnectionRefusedError
+
+
 def _ask(args: argparse.Namespace, event: bytes) -> dict[str, Any]:
     url = args.server or os.environ.get("KLOCK_SERVER_URL") or ""
+    urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]  # replicas
     token = args.token or os.environ.get("KLOCK_TOKEN") or None
     wait = 30.0 if args.wait is None else args.wait
     path = f"/hooks/{args.harness}?{_query(args)}"
     timeout = wait + SLACK
     try:
-        status, payload = post(
-            url or f"http://127.0.0.1:{args.local_port}", path, event, token, timeout
+        status, payload = _post_to_leader(
+            urls or [f"http://127.0.0.1:{args.local_port}"], path, event, token, timeout
         )
     except ConnectionRefusedError:
         if url:

@@ -82,11 +82,30 @@ def _ours(hook: Any) -> bool:
     return hook.get("type") == "http" and isinstance(url, str) and "/hooks/claude-code" in url
 
 
+def _server(urls: str) -> str:
+    """The one URL an HTTP hook names: among several replicas, the one that leads now."""
+    from klock_async.errors import InvalidRequestError
+    from klock_async.failover import first_leader
+
+    try:
+        base = first_leader(urls, token=os.environ.get("KLOCK_TOKEN") or None)
+    except InvalidRequestError as exc:
+        print(f"klock init: --server: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if "," in urls.strip().strip(","):
+        print(
+            f"klock init: an HTTP hook names one server; {base} leads now. Without --http, "
+            "'klock hook' follows the leader of every URL in KLOCK_SERVER_URL",
+            file=sys.stderr,
+        )
+    return base
+
+
 def _hook_entry(args: argparse.Namespace) -> dict[str, Any]:
     wait = 30.0 if args.wait is None else args.wait
     timeout = int(wait) + SLACK
     if args.http:
-        base = (args.server or os.environ.get("KLOCK_SERVER_URL") or DEFAULT_URL).rstrip("/")
+        base = _server(args.server or os.environ.get("KLOCK_SERVER_URL") or DEFAULT_URL)
         query = []
         for name in ("wait", "hold"):
             value = getattr(args, name)

@@ -18,7 +18,9 @@ What is stored, and why that is enough to continue where the previous run stoppe
 - ``agents``: every registered agent and its age (ages never change, so Wait-Die stays fair
   across restarts); ``priorities``: the agents registered with an explicit priority, which
   orders them before every automatic age;
-- ``leases``: the *active* leases only, with their wall-clock expiry. A lease that ends is
+- ``leases``: the *active* leases only, with their wall-clock expiry and the request key of
+  the acquire that was granted them (written by the grant's own commit, so a resend of that
+  acquire after a restart or failover is answered with the same leases). A lease that ends is
   deleted in the same transaction that records the end, so the table stays as small as the
   lease table in memory;
 - ``meta``: the highest fencing token and agent age ever handed out, and the count of
@@ -54,15 +56,26 @@ from klock_async.errors import (
 from klock_async.model import AgentInfo, LeaseInfo, LeaseState, Predicate, Resource
 from klock_async.scheduler import RecoveredState
 
-__all__ = ["TABLES", "BufferedJournal", "Change", "SqliteJournal", "backup", "recover"]
+__all__ = [
+    "COLUMNS_ADDED_IN",
+    "TABLES",
+    "BufferedJournal",
+    "Change",
+    "SqliteJournal",
+    "backup",
+    "recover",
+]
 
 _TABLES = ("meta", "agents", "leases", "path_clocks", "agent_clocks", "priorities")
 _INT64 = 2**63
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _ADDED_IN = {"priorities": 2}
 """Tables added after the first schema, with the version that added them (an older journal
 lacks them and gets them created empty)."""
+COLUMNS_ADDED_IN = {("leases", "request_key"): 3}
+"""Columns added after the first schema, with the version that added them (an older journal
+lacks them and gets them added, empty: NULL, in every row). Both databases use it."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -81,7 +94,8 @@ CREATE TABLE IF NOT EXISTS leases (
     predicate TEXT NOT NULL,
     token INTEGER NOT NULL,
     ttl REAL NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    request_key TEXT
 );
 CREATE TABLE IF NOT EXISTS client_sessions (
     agent_id TEXT PRIMARY KEY,
@@ -119,6 +133,7 @@ TABLES: dict[str, tuple[str, ...]] = {
         "token",
         "ttl",
         "expires_at",
+        "request_key",
     ),
     "path_clocks": ("path", "clock"),
     "agent_clocks": ("agent_id", "clock"),
@@ -146,6 +161,7 @@ class _Batch:
 
     agents: dict[str, AgentInfo] = field(default_factory=dict)
     leases: dict[str, LeaseInfo] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # lease id -> request key (of ``leases``)
     path_clocks: dict[str, VectorClock] = field(default_factory=dict)
     agent_clocks: dict[str, VectorClock] = field(default_factory=dict)
     meta: dict[str, int] = field(default_factory=dict)
@@ -174,6 +190,7 @@ class _Batch:
         return _Batch(
             {**self.agents, **newer.agents},
             {**self.leases, **newer.leases},
+            {k: v for k, v in self.keys.items() if k not in newer.leases} | newer.keys,
             {**self.path_clocks, **newer.path_clocks},
             {**self.agent_clocks, **newer.agent_clocks},
             {**self.meta, **newer.meta},
@@ -192,6 +209,7 @@ class _Batch:
                 for k, x in self.leases.items()
                 if _fits(x.id, x.agent_id, x.session_id, str(x.resource), x.token)
             },
+            {k: v for k, v in self.keys.items() if _fits(v)},
             {k: c for k, c in self.path_clocks.items() if _fits(k, *_flat(c))},
             {k: c for k, c in self.agent_clocks.items() if _fits(k, *_flat(c))},
             {k: v for k, v in self.meta.items() if _fits(v)},
@@ -217,6 +235,7 @@ class _Batch:
                         lease.token,
                         lease.ttl,
                         lease.expires_at,
+                        self.keys.get(lease.id),
                     )
                 )
             else:
@@ -308,9 +327,15 @@ class BufferedJournal:
         self._batch.credentials[agent_id] = None
         self._batch.clients[agent_id] = None
 
-    def record_lease(self, lease: LeaseInfo) -> None:
-        """Buffer a granted, extended or ended lease (an ended one is deleted on commit)."""
-        self._batch.leases[lease.id] = lease
+    def record_lease(self, lease: LeaseInfo, request_key: str | None = None) -> None:
+        """Buffer a granted, extended or ended lease (an ended one is deleted on commit), with
+        the request key of the acquire it was granted to (None: none, or no longer)."""
+        batch = self._batch
+        batch.leases[lease.id] = lease
+        if request_key is not None:
+            batch.keys[lease.id] = request_key
+        elif batch.keys:
+            batch.keys.pop(lease.id, None)
 
     def record_clocks(
         self,
@@ -401,7 +426,8 @@ def recover(
         where = f"agents row {agent_id!r}"
         ages[_string(agent_id, where)] = _integer(ts, where)
         agents.append(AgentInfo(agent_id, ts))  # type: ignore[arg-type]  # checked just above
-    leases = sorted((_lease(source, row, ages) for row in rows["leases"]), key=_by_token)
+    keys: dict[str, str] = {}
+    leases = sorted((_lease(source, row, ages, keys) for row in rows["leases"]), key=_by_token)
     path_clocks = {
         _string(path, "path_clocks row"): _clock(clock, f"path_clocks row {path!r}")
         for path, clock in rows["path_clocks"]
@@ -430,6 +456,7 @@ def recover(
         agent_clocks=agent_clocks,
         conflict_count=meta.get("conflict_count", 0),
         priorities=priorities,
+        request_keys=keys,
     )
 
 
@@ -437,9 +464,13 @@ def _by_token(lease: LeaseInfo) -> int:
     return lease.token
 
 
-def _lease(source: object, row: Sequence[object], ages: dict[str, int]) -> LeaseInfo:
-    lease_id, agent_id, session_id, resource, predicate, token, ttl, expires_at = row
+def _lease(
+    source: object, row: Sequence[object], ages: dict[str, int], keys: dict[str, str]
+) -> LeaseInfo:
+    lease_id, agent_id, session_id, resource, predicate, token, ttl, expires_at, key = row
     where = f"leases row {lease_id!r}"
+    if key is not None:
+        keys[_string(lease_id, where)] = _string(key, where)
     try:
         info = LeaseInfo(
             id=_string(lease_id, where),
@@ -675,6 +706,16 @@ class SqliteJournal(BufferedJournal):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for (table, column), added in COLUMNS_ADDED_IN.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column in have:
+                    continue
+                if version and version >= added:
+                    raise JournalError(
+                        f"{self.path} is a damaged journal: table {table!r} lacks its column "
+                        f"{column!r}; restore the file from a backup"
+                    )
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")  # older: empty
             if version < _SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             if not tables or "meta" not in tables:

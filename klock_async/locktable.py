@@ -50,6 +50,8 @@ from klock_async.errors import (
     LeaseNotFoundError,
     LeaseWouldWait,
     NotLeaseOwnerError,
+    RequestKeyReusedError,
+    RequestSupersededError,
     UnknownAgentError,
 )
 from klock_async.ids import new_lease_id
@@ -111,6 +113,7 @@ class RecoveredState:
     agent_clocks: dict[str, dict[str, int]] = field(default_factory=dict)
     conflict_count: int = 0
     priorities: dict[str, int] = field(default_factory=dict)  # agents' explicit priorities
+    request_keys: dict[str, str] = field(default_factory=dict)  # lease id -> its request key
 
 
 class Journal(Protocol):
@@ -127,8 +130,9 @@ class Journal(Protocol):
     def record_agent(self, agent: AgentInfo, priority: int | None = None) -> None:
         """Buffer a registered agent, with its explicit priority if it was given one."""
 
-    def record_lease(self, lease: LeaseInfo) -> None:
-        """Buffer a granted or changed lease (insert or replace by id)."""
+    def record_lease(self, lease: LeaseInfo, request_key: str | None = None) -> None:
+        """Buffer a granted or changed lease (insert or replace by id), with the request key
+        of the acquire that was granted it (None: none, or no longer)."""
 
     def record_clocks(
         self,
@@ -174,6 +178,7 @@ class Request:
     ts: int = 0  # the unit's age (lower is older), set on arrival
     holding: bool = False  # queued while its unit held leases (set while queued)
     agent_view: bool = False  # observe in the agent's own view, not the session's
+    key: str | None = None  # the client's request key: its resends are answered, not redone
 
 
 class _Agent:
@@ -205,6 +210,7 @@ class _Lease:
         "deadline",
         "ended",
         "id",
+        "key",
         "predicate",
         "request_id",
         "resource",
@@ -236,6 +242,7 @@ class _Lease:
         self.ttl = ttl
         self.deadline = deadline  # also its expires_at: the table's time is the wall clock
         self.request_id = request_id
+        self.key: str | None = None  # the request key of its grant, while it names the grant
         # The end mark: empty while active; the table appends the final state when the lease
         # ends, and nothing else writes to it. The client side reads it (release_nowait).
         self.ended: list[LeaseState] = []
@@ -290,6 +297,11 @@ def _covers(held: Predicate, wanted: Predicate) -> bool:
     return _COMPATIBLE[held] <= _COMPATIBLE[wanted]
 
 
+def _signature(intents: Iterable[Intent]) -> tuple[tuple[str, Predicate], ...]:
+    """What a request key must name again on a resend: the intents, in order."""
+    return tuple((intent.resource.key, intent.predicate) for intent in intents)
+
+
 Observer = Callable[..., None]
 """``observer(event, lease=..., request=..., **fields)``: told of every state change."""
 
@@ -314,6 +326,8 @@ class LockTable:
     # - a slot exists only while it has leases or waiters, or is one of the last _IDLE_SLOTS
     #   emptied (in _idle, in the order they emptied);
     # - _last_token only grows; each grant takes the next value.
+    # - _keys[(agent, key)] is either the one queued request of that agent with that key, or
+    #   the leases of one grant, all active and carrying the key; no other lease carries it.
 
     def __init__(self, *, journal: Journal | None = None, observer: Observer | None = None) -> None:
         self.journal = journal
@@ -345,6 +359,8 @@ class LockTable:
         self.armed = _NEVER  # the deadline the driver's timer is armed for
         self.rearm = False  # a deadline fell before ``armed``: call next_deadline()
         self._watchers: dict[str, list[Any]] = {}
+        # Request keys: (agent, key) -> its queued request, or the leases of its grant.
+        self._keys: dict[tuple[str, str], Request | list[_Lease]] = {}
         # What SERIALIZABLE views observed, and the leases whose end is a read or a write.
         self.causal = ObservedVersions()
         self._lost: dict[str, LeaseInfo] = {}  # the last _LOST_MEMORY leases ended by others
@@ -391,6 +407,12 @@ class LockTable:
                 info.expires_at, 0,
             )  # fmt: skip
             self._attach(lease)
+            key = state.request_keys.get(info.id)
+            if key is not None:
+                lease.key = key
+                grant = self._keys.setdefault((info.agent_id, key), [])
+                assert isinstance(grant, list)
+                grant.append(lease)
             # A lease that expired while the server was down ends on the first expiry.
             self._note_deadline(lease.deadline, lease.id)
             self.last_token = max(self.last_token, info.token)
@@ -477,11 +499,19 @@ class LockTable:
     def acquire(self, request: Request, now: float) -> None:
         """Decide a new request; its answer (now or later) goes to :attr:`answer`.
 
+        A request with a :attr:`Request.key` that names a grant of the same agent is answered
+        with that grant's leases; one that names a queued request takes its place (the earlier
+        one is answered :class:`RequestSupersededError`).
+
         Raises:
             UnknownAgentError: the agent was never registered (nothing changed).
+            RequestKeyReusedError: the key names a request of other intents or another
+                session (nothing changed).
         """
         if request.agent_id not in self.agents:
             self._agent(request.agent_id)
+        if request.key is not None and self._keyed(request, now):
+            return
         if request.isolation is not _READ_COMMITTED:
             self._join(request)
         unit = self._unit(request.agent_id, request.session_id)
@@ -534,6 +564,54 @@ class LockTable:
         self._passed(request)
         if self._freed:
             self._reevaluate((), now)
+
+    def _keyed(self, request: Request, now: float) -> bool:
+        """Decide a request by its key: True when answered, False to decide it as new."""
+        assert request.key is not None
+        found = self._keys.get((request.agent_id, request.key))
+        if found is None:
+            return False
+        if isinstance(found, Request):
+            session_id, intents = found.session_id, _signature(found.intents)
+        else:
+            session_id, intents = (
+                found[0].session_id,
+                _signature(Intent(lease.resource, lease.predicate) for lease in found),
+            )
+        if session_id != request.session_id or intents != _signature(request.intents):
+            raise RequestKeyReusedError(
+                f"request key {request.key!r} of agent {request.agent_id!r} names another "
+                f"request (session {session_id!r}, other intents); nothing was changed. Send a "
+                "new key with each acquire, and the same key only with its resends"
+            )
+        if isinstance(found, list):  # granted before: the same leases, nothing granted again
+            for lease in found:
+                lease.request_id = request.id  # the resend's now: the first call's withdrawal
+                # (its caller left) must not give back what the resend was answered
+            self.answer((request.reply, tuple((lease.info(), lease.ended) for lease in found)))
+            return True
+        # Queued: the resend takes the earlier request's place, which is answered superseded.
+        self._unqueue(found)
+        if self.observer is not None:
+            self.observer("request.withdrawn", request=found, reason="superseded")
+        self.answer(
+            (
+                found.reply,
+                RequestSupersededError(
+                    f"a resend of this acquire (request key {request.key!r}) took its place; "
+                    "the resend gets the answer"
+                ),
+            )
+        )
+        if not request.wait:  # it is not to queue: decided as new (its unit keeps its age)
+            self._reevaluate([i.resource for i in found.intents], now)
+            return False
+        if request.isolation is not _READ_COMMITTED:
+            self._join(request)
+        unit = self._unit(request.agent_id, request.session_id)
+        request.ts = unit.age
+        self._enqueue(request, unit)  # the same unit, age and intents: the same place
+        return True
 
     def _covered(self, request: Request, unit: _Unit) -> bool:
         """Whether the unit's own leases already cover every intent of ``request``."""
@@ -673,12 +751,17 @@ class LockTable:
             if serializable:
                 self._hold_causal(request, lease_id, intent)
             if journal is not None:
-                journal.record_lease(info)
+                if request.key is None:
+                    journal.record_lease(info)
+                else:
+                    journal.record_lease(info, request.key)
             if observer is not None:
                 observer("lease.granted", lease=lease)
         if request.id in self.queued:
             # Only now: a waiter's slots hold its new leases, so none is dropped and rebuilt.
             self._unqueue(request)
+        if request.key is not None:
+            self._key_granted(request, answer)
         self.counts["grants"] += 1
         if journal is not None:
             journal.record_counters(self.last_token, self.last_agent_ts)
@@ -686,6 +769,25 @@ class LockTable:
         if unit.queued:
             self._now_holding(unit, now)
         return True
+
+    def _key_granted(self, request: Request, answer: list[tuple[LeaseInfo, Any]]) -> None:
+        """Its key names the grant's leases from now on (journaled with them)."""
+        assert request.key is not None
+        grant = [self.leases[info.id] for info, _ in answer]
+        for lease in grant:
+            lease.key = request.key
+        self._keys[(request.agent_id, request.key)] = grant
+
+    def _key_ended(self, lease: _Lease) -> None:
+        """A lease of a keyed grant ended: the key is spent, and names none of the rest."""
+        assert lease.key is not None
+        grant = self._keys.pop((lease.agent_id, lease.key), None)
+        lease.key = None
+        for other in grant if isinstance(grant, list) else ():
+            if other.key is not None:
+                other.key = None
+                if self.journal is not None:
+                    self.journal.record_lease(other.info())  # without its key
 
     def _now_holding(self, unit: _Unit, now: float) -> None:
         """The unit was granted leases while other requests of it wait (two concurrent calls in
@@ -786,6 +888,8 @@ class LockTable:
     def _enqueue(self, request: Request, unit: _Unit) -> None:
         self.queued[request.id] = request
         unit.queued[request.id] = request
+        if request.key is not None:
+            self._keys[(request.agent_id, request.key)] = request
         request.holding = holding = bool(unit.leases)
         self._holding += holding
         intents = request.intents
@@ -813,6 +917,8 @@ class LockTable:
         del self.queued[request.id]
         unit = self.units[(request.agent_id, request.session_id)]
         del unit.queued[request.id]
+        if request.key is not None and self._keys.get((request.agent_id, request.key)) is request:
+            del self._keys[(request.agent_id, request.key)]
         self._holding -= request.holding
         entry = (request.ts, request.id)
         for intent in request.intents:
@@ -1032,7 +1138,10 @@ class LockTable:
         self._note_deadline(lease.deadline, lease.id)
         info = lease.info()
         if self.journal is not None:
-            self.journal.record_lease(info)
+            if lease.key is None:
+                self.journal.record_lease(info)
+            else:
+                self.journal.record_lease(info, lease.key)
         if self.observer is not None:
             self.observer("lease.heartbeated", lease=lease)
         return info
@@ -1288,6 +1397,8 @@ class LockTable:
             idle[resource.key] = resource  # _idle_slot(), inline
             if len(idle) > _IDLE_SLOTS:
                 self._forget_slot(idle.pop(next(iter(idle))))
+        if lease.key is not None:
+            self._key_ended(lease)
         unit = lease.unit
         del unit.leases[lease_id]
         if not unit.leases:
@@ -1611,6 +1722,18 @@ class LockTable:
             assert (lease.deadline, lease.id) in entries, f"no expiry entry for {lease.id}"
         assert self.causal.held.keys() <= self.leases.keys(), "a causal hold outlived its lease"
         self.causal.check_invariants()
+        keyed = 0
+        for (agent_id, key), found in self._keys.items():
+            if isinstance(found, Request):
+                assert self.queued.get(found.id) is found and found.key == key
+                assert found.agent_id == agent_id
+            else:
+                assert found, f"key {key!r} names no lease"
+                for lease in found:
+                    assert self.leases.get(lease.id) is lease and lease.key == key
+                    assert lease.agent_id == agent_id
+                keyed += len(found)
+        assert keyed == sum(lease.key is not None for lease in self.leases.values())
         tokens = [lease.token for lease in self.leases.values()]
         assert len(tokens) == len(set(tokens))
         assert all(t <= self.last_token for t in tokens)

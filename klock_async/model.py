@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import posixpath
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
@@ -37,6 +38,7 @@ __all__ = [
     "lease_info",
     "parse_intents",
     "to_ms",
+    "validate_request_key",
     "validate_timeout",
     "validate_ttl",
     "with_state",
@@ -283,6 +285,27 @@ MIN_PRIORITY = -(2**62)
 MAX_PRIORITY = 2**62
 """Explicit agent priorities lie in [MIN_PRIORITY, MAX_PRIORITY]: the ages counted after the
 largest one stay far within the signed 64-bit integers a journal stores."""
+
+
+_REQUEST_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def validate_request_key(key: str | None) -> str | None:
+    """Return an acquire's request key (None: the acquire has none).
+
+    A request key names one acquire and its resends: 8 to 64 characters of ``A-Z``, ``a-z``,
+    ``0-9``, ``-`` and ``_`` (``secrets.token_urlsafe(16)`` makes a good one).
+
+    Raises:
+        InvalidRequestError: anything else.
+    """
+    if key is None or (type(key) is str and _REQUEST_KEY.fullmatch(key) is not None):
+        return key
+    shown = repr(key) if len(repr(key)) <= 80 else repr(key)[:77] + "..."
+    raise InvalidRequestError(
+        "a request key is 8 to 64 characters of A-Z, a-z, 0-9, '-' and '_' (e.g. "
+        f"secrets.token_urlsafe(16)), got {shown}; send a new random key with each acquire"
+    )
 
 
 def validate_ttl(ttl: float) -> float:

@@ -29,7 +29,14 @@ from klock_async.errors import (
     KlockError,
     LeadershipLostError,
 )
-from klock_async.journal import TABLES, BufferedJournal, _Batch, _integer, recover
+from klock_async.journal import (
+    COLUMNS_ADDED_IN,
+    TABLES,
+    BufferedJournal,
+    _Batch,
+    _integer,
+    recover,
+)
 from klock_async.scheduler import RecoveredState
 
 if TYPE_CHECKING:
@@ -37,11 +44,11 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresJournal", "is_postgres_url", "redact"]
 
-SCHEMA_VERSION = 2  # 2: client_sessions, credentials and priorities
+SCHEMA_VERSION = 3  # 2: client_sessions, credentials and priorities; 3: leases.request_key
 
 _TYPES: dict[str, tuple[str, ...]] = {
     "agents": ("text", "bigint"),
-    "leases": ("text", "text", "text", "text", "text", "bigint", "float8", "float8"),
+    "leases": ("text", "text", "text", "text", "text", "bigint", "float8", "float8", "text"),
     "path_clocks": ("text", "text"),
     "agent_clocks": ("text", "text"),
     "client_sessions": ("text", "text", "text"),
@@ -57,7 +64,10 @@ def _schema() -> dict[str, list[str]]:
         "klock_meta": ["CREATE TABLE klock_meta (key text PRIMARY KEY, value bigint NOT NULL)"]
     }
     for table, columns in TABLES.items():
-        typed = [f"{c} {t} NOT NULL" for c, t in zip(columns, _TYPES[table], strict=True)]
+        typed = [
+            f"{c} {t}" if (table, c) in COLUMNS_ADDED_IN else f"{c} {t} NOT NULL"
+            for c, t in zip(columns, _TYPES[table], strict=True)
+        ]
         typed[0] = f"{columns[0]} {_TYPES[table][0]} PRIMARY KEY"
         statements[f"klock_{table}"] = [f"CREATE TABLE klock_{table} ({', '.join(typed)})"]
     # The leader lease (klock_async.leader): one row, its term raised by every takeover.
@@ -201,7 +211,9 @@ async def _check_or_create(conn: asyncpg.Connection, url: str, init: bool) -> No
                 f"{where} is a damaged klock journal: table {table} is missing, and with it "
                 "leases or tokens; restore the database from a backup"
             )
-        elif tuple(found[table]) != columns:
+        elif tuple(found[table]) != columns and not await _add_columns(
+            conn, table, found[table], version
+        ):
             raise JournalError(
                 f"{where}: table {table} has columns ({', '.join(found[table])}), not a klock "
                 f"journal's ({', '.join(columns)}); use another database"
@@ -210,6 +222,22 @@ async def _check_or_create(conn: asyncpg.Connection, url: str, init: bool) -> No
         await conn.execute(
             "UPDATE klock_meta SET value = $1 WHERE key = 'schema_version'", SCHEMA_VERSION
         )
+
+
+async def _add_columns(
+    conn: asyncpg.Connection, table: str, found: list[str], version: int
+) -> bool:
+    """Add the columns an older journal's ``table`` lacks; False if it differs otherwise."""
+    name = table.removeprefix("klock_")
+    added = [
+        column for (t, column), since in COLUMNS_ADDED_IN.items() if t == name and version < since
+    ]
+    if tuple(found) + tuple(added) != TABLES[name]:
+        return False
+    types = dict(zip(TABLES[name], _TYPES[name], strict=True))
+    for column in added:
+        await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {types[column]}")
+    return True
 
 
 class PostgresJournal(BufferedJournal):

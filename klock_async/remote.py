@@ -38,6 +38,7 @@ from klock_async.errors import (
     KernelClosedError,
     KlockError,
     LeaseError,
+    LeaseNotFoundError,
     NotLeaderError,
     TransportError,
     error_from_payload,
@@ -59,6 +60,7 @@ from klock_async.model import (
     lease_info,
     validate_timeout,
     validate_ttl,
+    with_state,
 )
 
 if TYPE_CHECKING:
@@ -71,7 +73,21 @@ _CREDENTIAL = "klock-credential"
 _OPERATOR = "klock-operator-token"
 _ABANDON_SECONDS = 5.0  # longest a cancelled acquire waits for the server to confirm
 _PAGE = 1000  # items per page of GET /leases and GET /agents (the server's most)
-_LEASES_KEPT = 65_536  # most lease -> agent entries a client keeps (oldest dropped)
+_LEASES_KEPT = 65_536  # most lease entries a client keeps (oldest dropped)
+
+
+class _RequestKeys:
+    """New request keys, one per acquire (see ``validate_request_key``): a random prefix per
+    client (96 bits, drawn once) and a count, unique without a random draw per acquire."""
+
+    __slots__ = ("_count", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_urlsafe(12) + "-"
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return self._prefix + str(next(self._count))
 
 
 # Enum members by value: a dict lookup costs a fraction of calling the enum class.
@@ -438,9 +454,11 @@ class RemoteBackend:
         self._inflight: dict[str, tuple[bool, asyncio.Future[None]]] = {}
         self._polls: set[asyncio.Task[Any]] = set()
         # The credentials the server handed out for the agents this client registered, and
-        # the agent of each lease granted here (a release may name no agent: the v1 API).
+        # each lease granted here: its agent (a release may name no agent: the v1 API), and
+        # its snapshot for a resent release that finds it gone.
         self._credentials: dict[str, str] = {}
-        self._lease_agents: dict[str, str] = {}
+        self._leases: dict[str, LeaseInfo] = {}
+        self._request_key = _RequestKeys()
 
     def __repr__(self) -> str:
         return f"<RemoteBackend {self.url}>"
@@ -526,12 +544,19 @@ class RemoteBackend:
         request_id: str | None = None,
         agent_id: str | None = None,
         operator: bool = False,
+        keyed: bool = False,
     ) -> Any:
         """Send one request and return the envelope's ``data``, or raise the typed error.
 
         ``wait_for`` is how long the server may keep the request by design (None: forever);
         ``agent_id`` the agent it acts for, whose credential it carries (if it has one);
-        ``operator``: an operator action, which carries the operator token (if given).
+        ``operator``: an operator action, which carries the operator token (if given);
+        ``keyed``: an acquire that carries a request key.
+
+        A request that may be sent again (:func:`~klock_async.failover.may_resend`) is, when
+        the connection broke: to the next replica, or once more to a lone server. A release
+        resent that way and answered "lease not found" was done by its first send: it returns
+        None.
         """
         rid = request_id or self._track(long_poll)
         read = None if wait_for is None else wait_for + self._timeout
@@ -539,6 +564,7 @@ class RemoteBackend:
         payload = None if body is None else _dumps(body)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout  # for finding a leader, on top of the answer
+        resent = False  # sent again after a connection broke: it may have been done
         try:
             while True:
                 wire = self._check_open()
@@ -549,11 +575,18 @@ class RemoteBackend:
                     )
                 except TransportError as exc:  # no answer: try the next replica, if any
                     reached = not isinstance(exc.__cause__, ConnectionRefusedError)
-                    if len(self.servers) == 1 or self._closed:
+                    if self._closed or not may_resend(method, path, reached=reached, keyed=keyed):
                         raise
+                    if len(self.servers) == 1:
+                        broke = isinstance(exc.__cause__, OSError | EOFError)  # not a timeout
+                        if resent or not reached or not broke:
+                            raise
+                        resent = True  # a lone server: once more, on a new connection
+                        continue
                     await self._switch(wire, url, None)
-                    if loop.time() > deadline or not may_resend(method, path, reached=reached):
+                    if loop.time() > deadline:
                         raise
+                    resent = resent or reached
                     continue
                 try:
                     result = self._unwrap(status, content, method, path)
@@ -562,6 +595,10 @@ class RemoteBackend:
                         raise
                     await self._switch(wire, url, exc.leader)
                     continue
+                except LeaseNotFoundError:
+                    if resent and method == "DELETE":
+                        return None  # the release's first send released it
+                    raise
                 self.servers.answered()
                 return result
         finally:
@@ -662,6 +699,7 @@ class RemoteBackend:
                 wait_for=wait_for,
                 request_id=rid,
                 agent_id=agent_id,
+                keyed="request_key" in body,
             )
         )
         self._polls.add(inner)
@@ -752,14 +790,17 @@ class RemoteBackend:
 
     def _granted(self, data: Mapping[str, Any]) -> LeaseInfo:
         info = _lease(data)
-        agents = self._lease_agents
-        agents[info.id] = info.agent_id
-        if len(agents) > _LEASES_KEPT:  # leases that ended without a release from here
-            del agents[next(iter(agents))]
+        leases = self._leases
+        leases[info.id] = info
+        if len(leases) > _LEASES_KEPT:  # leases that ended without a release from here
+            del leases[next(iter(leases))]
         return info
 
     def _holder(self, lease_id: str, agent_id: str | None) -> str | None:
-        return self._lease_agents.get(lease_id) if agent_id is None else agent_id
+        if agent_id is not None:
+            return agent_id
+        info = self._leases.get(lease_id)
+        return None if info is None else info.agent_id
 
     async def acquire(
         self,
@@ -802,10 +843,12 @@ class RemoteBackend:
             body["isolation"] = isolation.value
         if agent_view:
             body["agent_view"] = True
+        # The same key on every resend of this call: the server grants it once.
+        body["request_key"] = self._request_key()
         if wait:
             data = await self._poll(self._track(True), "POST", "/intents", body, timeout, agent_id)
         else:
-            data = await self._call("POST", "/intents", body, agent_id=agent_id)
+            data = await self._call("POST", "/intents", body, agent_id=agent_id, keyed=True)
         return tuple(self._granted(lease) for lease in data["leases"])
 
     def release_nowait(self, lease_id: str, agent_id: str) -> bool:
@@ -834,9 +877,16 @@ class RemoteBackend:
         try:
             data = await self._call("DELETE", target, agent_id=holder)
         except LeaseError:
-            self._lease_agents.pop(lease_id, None)
+            self._leases.pop(lease_id, None)
             raise
-        self._lease_agents.pop(lease_id, None)
+        known = self._leases.pop(lease_id, None)
+        if data is None:  # resent after the connection broke, and done by the first send
+            if known is None:
+                raise LeaseNotFoundError(
+                    f"lease {lease_id!r} is not active: the connection broke while it was "
+                    "being released, and the server no longer has it (released then, or ended)"
+                )
+            return with_state(known, LeaseState.RELEASED)
         return _lease(data)
 
     async def heartbeat(
@@ -902,7 +952,8 @@ class RemoteBackend:
             LeaseNotFoundError: not active.
             TransportError: the server cannot be reached.
         """
-        holder = self._lease_agents.pop(lease_id, None)
+        known = self._leases.pop(lease_id, None)
+        holder = None if known is None else known.agent_id
         return _lease(
             await self._call(
                 "POST", f"/leases/{_segment(lease_id)}/revoke", agent_id=holder, operator=True
@@ -1204,7 +1255,11 @@ class ChannelBackend:
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self._gone: KlockError | None = None  # why every call fails from now on
-        self._held: dict[str, str] = {}  # lease id -> agent, for releases that name none
+        # Leases granted here: their agent, for releases that name none, and their snapshot
+        # for a resent release that finds the lease gone.
+        self._held: dict[str, LeaseInfo] = {}
+        self._request_key = _RequestKeys()
+        self._resent: set[str] = set()  # leases whose release was sent again to a new server
         self._reconnects = 0
         self._ws: Wire | None = None  # the open connection
         # The answer deadlines of calls that do not wait by design, in the order they were
@@ -1320,6 +1375,10 @@ class ChannelBackend:
             self._answer(item)
         # What the server never received, and what was called while the hello was out.
         unknown = set(data["unknown"])
+        for call_id in unknown:
+            resent = self._calls.get(call_id)
+            if resent is not None and resent.message["op"] == "release":  # it may be done
+                self._resent.add(resent.message["args"]["lease_id"])
         last = pending[-1] if pending else 0
         return [i for i in sorted(self._calls) if i in unknown or i > last]
 
@@ -1673,13 +1732,15 @@ class ChannelBackend:
             args["isolation"] = isolation.value
         if agent_view:
             args["agent_view"] = True
+        # Resent as it is to a new leader: the server grants the key once.
+        args["request_key"] = self._request_key()
         if wait:
             data = await self._long("acquire", args)
         else:
             data = await self._call("acquire", args)
         leases = tuple(_lease(lease) for lease in data["leases"])
         for info in leases:
-            self._held[info.id] = info.agent_id
+            self._held[info.id] = info
         return leases
 
     def release_nowait(self, lease_id: str, agent_id: str) -> bool:
@@ -1696,14 +1757,27 @@ class ChannelBackend:
             NotLeaseOwnerError: ``agent_id`` is not the holder.
             TransportError: the server cannot be reached.
         """
-        holder = agent_id if agent_id is not None else self._held.get(lease_id)
+        known = self._held.get(lease_id)
+        holder = agent_id if agent_id is not None or known is None else known.agent_id
         args: dict[str, Any] = {"lease_id": _lease_id(lease_id)}
         if record_write is not None:  # absent: the kernel decides
             args["record_write"] = record_write
         if holder is not None:
             args["agent_id"] = holder
-        data = await self._call("release", args)
+        try:
+            data = await self._call("release", args)
+        except LeaseNotFoundError:
+            resent = args["lease_id"] in self._resent
+            self._resent.discard(args["lease_id"])
+            if not resent or known is None:
+                raise
+            data = None  # resent to a new leader: the first send released it
+        if self._resent:
+            self._resent.discard(args["lease_id"])
         self._held.pop(lease_id, None)
+        if data is None:
+            assert known is not None
+            return with_state(known, LeaseState.RELEASED)
         return _lease(data)
 
     async def heartbeat(
@@ -1717,7 +1791,8 @@ class ChannelBackend:
             InvalidTTLError: bad ttl.
             TransportError: the server cannot be reached.
         """
-        holder = agent_id if agent_id is not None else self._held.get(lease_id)
+        known = self._held.get(lease_id)
+        holder = agent_id if agent_id is not None or known is None else known.agent_id
         args: dict[str, Any] = {"lease_id": _lease_id(lease_id)}
         if holder is not None:
             args["agent_id"] = holder

@@ -49,6 +49,7 @@ from klock_async.model import (
     Statistics,
     WaiterInfo,
     to_ms,
+    validate_request_key,
     validate_timeout,
     validate_ttl,
     with_state,
@@ -650,8 +651,14 @@ class Scheduler:
         timeout: float | None = None,
         isolation: IsolationLevel | None = IsolationLevel.READ_COMMITTED,
         agent_view: bool = False,
+        request_key: str | None = None,
     ) -> tuple[LeaseInfo, ...]:
         """Request leases; see :class:`~klock_async.backend.Backend`.
+
+        ``request_key`` (see :func:`~klock_async.model.validate_request_key`) names this
+        acquire and its resends: a resend with the same key is answered with the leases the
+        key was granted (while they are active) and never granted twice; a resend of a request
+        still queued takes its place.
 
         Raises:
             LeaseDied: Wait-Die refused the request.
@@ -659,6 +666,8 @@ class Scheduler:
             AcquireTimeoutError: ``timeout`` ran out; the request was withdrawn.
             CausalViolationError: a stale write in a SERIALIZABLE session.
             InvalidRequestError: bad input; nothing changed.
+            RequestKeyReusedError: ``request_key`` names another request; nothing changed.
+            RequestSupersededError: a resend with the same key took this request's place.
             UnknownAgentError: ``agent_id`` was never registered.
         """
         ttl = validate_ttl(ttl)
@@ -673,6 +682,8 @@ class Scheduler:
         msg = Request(request_id, agent_id, session_id, tuple(intents), ttl, wait, isolation, fut)
         if agent_view:
             msg.agent_view = True
+        if request_key is not None:
+            msg.key = validate_request_key(request_key)
         self._mailbox.append(msg)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():

@@ -44,6 +44,7 @@ from klock_async.errors import (
     AcquireTimeoutError,
     BodyTooLargeError,
     InvalidFieldError,
+    InvalidRequestError,
     KernelClosedError,
     KlockError,
     LeaseDied,
@@ -72,6 +73,7 @@ from klock_async.model import (
     ResourceType,
     Statistics,
     WaiterInfo,
+    validate_request_key,
 )
 from klock_async.postgres import PostgresJournal, is_postgres_url, prepare_schema, redact
 from klock_async.scheduler import Journal, Scheduler
@@ -309,6 +311,28 @@ def _isolation(body: Mapping[str, Any]) -> IsolationLevel | None:
         return None
     validation.limited(name, "isolation", validation.MAX_NAME_CHARS)
     return IsolationLevel.parse(name)
+
+
+def _request_key(body: Mapping[str, Any]) -> str | None:
+    """An acquire's ``request_key`` (None: absent).
+
+    Raises:
+        InvalidFieldError: not a request key.
+    """
+    try:
+        return validate_request_key(body.get("request_key"))
+    except InvalidRequestError as exc:
+        raise InvalidFieldError(f"field 'request_key': {exc.message}") from None
+
+
+def session_of(body: Mapping[str, Any]) -> str:
+    """An acquire's session: the one it names; else, with a request key, one named after the
+    key (so that its resends land in the same session); else a new one."""
+    session_id = _optional_text(body, "session_id")
+    if session_id:
+        return session_id
+    key = _request_key(body)
+    return uuid.uuid4().hex if key is None else f"key-{key}"
 
 
 def _intent(item: Any, where: str, *, alone: bool = True) -> Intent:
@@ -948,11 +972,15 @@ class _Api:
         assert declared.optional is not required, request.scope["klock.route"]
         return validation.parse_body(raw, request.headers.get("content-type"), declared)
 
-    async def _long_poll(self, request: Request, call: Callable[[], Awaitable[T]]) -> T:
+    async def _long_poll(
+        self, request: Request, call: Callable[[], Awaitable[T]], *, give_back: bool = True
+    ) -> T:
         """Run a call that may wait long; withdraw it when the client leaves or we shut down.
 
         The call runs in a child task whose first step marks the request as arrived and posts
-        it to the scheduler, so ``POST /sync`` can order itself after it.
+        it to the scheduler, so ``POST /sync`` can order itself after it. A grant that crossed
+        the client's leaving is given back, unless ``give_back`` is false (a keyed acquire: its
+        resend is answered with that grant).
         """
         closing = self._closing
         if closing is None or closing.done():
@@ -995,12 +1023,12 @@ class _Api:
         if work.cancelled():
             raise _ClientGone()  # withdrawn by POST /withdraw
         if work.done():
-            if gone.done() and not gone.cancelled() and work.exception() is None:
+            if gone.done() and not gone.cancelled() and work.exception() is None and give_back:
                 await self._give_back(work.result())  # granted just as the client left
             return work.result()
         work.cancel()
         await asyncio.wait((work,))  # the scheduler has the withdrawal once the call ended
-        if not work.cancelled() and work.exception() is None:
+        if not work.cancelled() and work.exception() is None and give_back:
             await self._give_back(work.result())  # granted while being withdrawn
         if closing.done():
             raise KernelClosedError("the server shut down while the request was waiting")
@@ -1166,7 +1194,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.ACQUIRE, agent_id)
-        session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
+        session_id = session_of(body)
         intent = _intent(body, "the request", alone=False)
         infos = await self._acquire(request, body, agent_id, session_id, (intent,))
         return _ok(_lease_json(infos[0]))
@@ -1175,7 +1203,7 @@ class _Api:
         body = await self._body(request)
         agent_id = _name(body, "agent_id")
         self._authorize(request, Action.ACQUIRE, agent_id)
-        session_id = _optional_text(body, "session_id") or uuid.uuid4().hex
+        session_id = session_of(body)
         intents = _intents(body)
         infos = await self._acquire(request, body, agent_id, session_id, intents)
         return _ok(
@@ -1202,12 +1230,14 @@ class _Api:
         if wait and timeout == 0:
             return await self._decided_now(call, agent_id, intents)
         if wait:
+            # A keyed acquire granted as its connection closed keeps the grant for its resend.
+            give_back = body.get("request_key") is None
             request_id = request.headers.get(self.REQUEST_ID_HEADER)
             if request_id is None or not self.identities.credentialed(agent_id):
-                return await self._long_poll(request, call)
+                return await self._long_poll(request, call, give_back=give_back)
             self._poll_agents[request_id] = agent_id  # only this agent may withdraw it
             try:
-                return await self._long_poll(request, call)
+                return await self._long_poll(request, call, give_back=give_back)
             finally:
                 self._poll_agents.pop(request_id, None)
         return await call()
@@ -1231,6 +1261,7 @@ class _Api:
         timeout = _timeout(body)
         isolation = _isolation(body)
         agent_view = _flag(body, "agent_view", False)
+        request_key = _request_key(body)
         backend = self.backend
         # No time to wait: decided now by _decided_now, which withdraws it if queued; a timer
         # of zero would be used up by the journal's commit alone.
@@ -1246,6 +1277,7 @@ class _Api:
                 timeout=kernel_timeout,
                 isolation=isolation,
                 agent_view=agent_view,
+                request_key=request_key,
             )
 
         return call, wait, timeout

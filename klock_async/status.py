@@ -23,6 +23,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from klock_async.errors import InvalidRequestError
+from klock_async.failover import first_leader
+
 __all__ = ["View", "add_arguments", "run"]
 
 
@@ -187,7 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         default=os.environ.get("KLOCK_SERVER_URL") or "http://127.0.0.1:3100",
-        help="URL of the klock serve to look at (default: $KLOCK_SERVER_URL, else "
+        help="URL of the klock serve to look at, or the URLs of its replicas separated by "
+        "commas (the leader is looked at) (default: $KLOCK_SERVER_URL, else "
         "http://127.0.0.1:3100)",
     )
     parser.add_argument(
@@ -198,13 +202,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the view once (status) or keep it live until interrupted (top)."""
     token = args.token if args.token is not None else os.environ.get("KLOCK_TOKEN") or None
-    if not args.server.startswith(("http://", "https://")):
+    try:
+        server = first_leader(args.server, token=token)  # among replicas: the leader
+    except InvalidRequestError as exc:
         print(
-            f"klock {args.command}: --server must be an http(s) URL: {args.server!r}",
+            f"klock {args.command}: --server must be an http(s) URL, or several separated by "
+            f"commas ({exc.message})",
             file=sys.stderr,
         )
         return 2
-    client = _Client(args.server, token, f"klock {args.command}")
+    client = _Client(server, token, f"klock {args.command}")
     view = View()
     try:
         client.load(view)
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return _top(client, view, events)
     except httpx.HTTPError as exc:
-        print(f"klock {args.command}: cannot reach {args.server}: {exc}", file=sys.stderr)
+        print(f"klock {args.command}: cannot reach {server}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

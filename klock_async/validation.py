@@ -138,6 +138,12 @@ _ACQUIRE_COMMON: dict[str, Any] = {
     "timeout_ms": _TIMEOUT,
     "isolation": {**_NAME, "type": ["string", "null"]},
     "agent_view": {**_FLAG, "description": "observe in the agent's own view (tool calls)"},
+    "request_key": {
+        "type": ["string", "null"],
+        "pattern": "^[A-Za-z0-9_-]{8,64}$",
+        "description": "names this acquire and its resends: a resend with the same key is "
+        "answered with the same grant, never granted twice",
+    },
 }
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from serverutil import serve_in_thread
 
 from klock_async import InvalidRequestError
 from klock_async.compat import KlockHttpClient
-from klock_async.failover import ServerList, may_resend, parse_urls
+from klock_async.failover import ServerList, first_leader, may_resend, parse_urls
 
 
 def _closed_port_url() -> str:
@@ -63,18 +64,26 @@ def test_backoff_only_after_every_server_was_tried() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "reached", "resend"),
+    ("method", "path", "reached", "keyed", "resend"),
     [
-        pytest.param("POST", "/intents", False, True, id="acquire-never-sent"),
-        pytest.param("POST", "/intents", True, False, id="acquire-maybe-done"),
-        pytest.param("DELETE", "/leases/x", True, False, id="release-maybe-done"),
-        pytest.param("POST", "/leases/x/heartbeat", True, True, id="heartbeat"),
-        pytest.param("GET", "/leases", True, True, id="read"),
+        pytest.param("POST", "/intents", False, False, True, id="acquire-never-sent"),
+        pytest.param("POST", "/intents", True, False, False, id="acquire-maybe-done"),
+        pytest.param("POST", "/intents", True, True, True, id="keyed-acquire-maybe-done"),
+        pytest.param("POST", "/leases", True, True, True, id="keyed-v1-acquire-maybe-done"),
+        pytest.param("DELETE", "/leases/x", True, False, True, id="release-maybe-done"),
+        pytest.param("POST", "/leases/x/heartbeat", True, False, True, id="heartbeat"),
+        pytest.param("GET", "/leases", True, False, True, id="read"),
+        pytest.param("POST", "/agents", True, False, False, id="register-maybe-done"),
+        pytest.param("POST", "/leases/x/revoke", True, False, False, id="revoke-maybe-done"),
     ],
 )
-def test_only_safe_requests_are_resent(method: str, path: str, reached: bool, resend: bool) -> None:
-    """A request that may have been done is resent only if doing it twice is doing it once."""
-    assert may_resend(method, path, reached=reached) is resend
+def test_only_safe_requests_are_resent(
+    method: str, path: str, reached: bool, keyed: bool, resend: bool
+) -> None:
+    """A request that may have been done is resent only if doing it twice is doing it once:
+    reads, heartbeats, acquires that carry a request key, and releases (whose resend, finding
+    the lease gone, counts as done)."""
+    assert may_resend(method, path, reached=reached, keyed=keyed) is resend
 
 
 def test_blocking_client_moves_past_a_server_that_is_down() -> None:
@@ -87,3 +96,25 @@ def test_blocking_client_moves_past_a_server_that_is_down() -> None:
         finally:
             client.close()
     assert result["success"] is True
+
+
+def test_first_leader_skips_a_server_that_is_down() -> None:
+    """Among several URLs the first that answers is taken; one URL is taken as it is."""
+    closed = _closed_port_url()
+    with serve_in_thread() as server:
+        assert first_leader(f"{closed},{server.url}") == server.url
+    assert first_leader(closed) == closed
+    assert first_leader(f"{closed},{_closed_port_url()}") == closed  # none answers: the first
+
+
+def test_hook_command_moves_past_a_server_that_is_down(tmp_path: Path) -> None:
+    """klock hook given two URLs in KLOCK_SERVER_URL, the first refusing connections, asks
+    the second."""
+    from test_hooks import edit, hook, pre
+
+    with serve_in_thread() as server:
+        result = hook(
+            f"{_closed_port_url()},{server.url}",
+            pre("s1", "Edit", edit(tmp_path / "app.py"), tmp_path),
+        )
+    assert result.returncode == 0, result.stderr

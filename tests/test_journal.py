@@ -193,7 +193,7 @@ async def test_older_journal_without_priorities_opens_and_gains_the_table(
     await journal.commit()
     journal.close()
     assert _load(path).priorities == {"vip": 500}
-    assert _rows(path, "PRAGMA user_version") == [(2,)]
+    assert _rows(path, "PRAGMA user_version") == [(3,)]
 
 
 def test_current_journal_without_priorities_is_damaged(tmp_path: Path) -> None:
@@ -379,3 +379,82 @@ async def test_journal_without_credential_tables_opens(tmp_path: Path) -> None:
         rows = db.execute("SELECT agent_id, digest FROM credentials").fetchall()
     db.close()
     assert rows == [("a", "2" * 64)]
+
+
+async def test_request_key_survives_a_restart(tmp_path: Path) -> None:
+    """A lease's request key is written with the lease and comes back on load."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_agent(AgentInfo("a", 1))
+    journal.record_lease(_lease("x", 1), "key-of-x")
+    journal.record_lease(_lease("y", 2))
+    await journal.commit()
+    journal.close()
+    state = _load(path)
+    assert [lease.id for lease in state.leases] == ["x", "y"]
+    assert state.request_keys == {"x": "key-of-x"}
+
+
+async def test_request_key_is_cleared_by_a_later_record(tmp_path: Path) -> None:
+    """A lease recorded again without its key (the key was spent) loses it in the journal."""
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    journal.record_agent(AgentInfo("a", 1))
+    journal.record_lease(_lease("x", 1), "k")
+    await journal.commit()
+    journal.record_lease(_lease("x", 1))
+    await journal.commit()
+    journal.close()
+    assert _load(path).request_keys == {}
+
+
+async def test_older_journal_gains_the_request_key_column(tmp_path: Path) -> None:
+    """A journal of schema 2 (leases without request keys) keeps its leases and gains the
+    column."""
+    path = tmp_path / "k.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE agents (id TEXT PRIMARY KEY, ts INTEGER NOT NULL);
+        CREATE TABLE leases (id TEXT PRIMARY KEY, agent_id TEXT NOT NULL,
+            session_id TEXT NOT NULL, resource TEXT NOT NULL, predicate TEXT NOT NULL,
+            token INTEGER NOT NULL, ttl REAL NOT NULL, expires_at REAL NOT NULL);
+        CREATE TABLE client_sessions (agent_id TEXT PRIMARY KEY, client_id TEXT NOT NULL,
+            digest TEXT NOT NULL);
+        CREATE TABLE credentials (agent_id TEXT PRIMARY KEY, digest TEXT NOT NULL);
+        CREATE TABLE path_clocks (path TEXT PRIMARY KEY, clock TEXT NOT NULL);
+        CREATE TABLE agent_clocks (agent_id TEXT PRIMARY KEY, clock TEXT NOT NULL);
+        CREATE TABLE priorities (agent_id TEXT PRIMARY KEY, priority INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('last_token', 1);
+        INSERT INTO agents VALUES ('a', 1);
+        INSERT INTO leases VALUES ('old', 'a', 's', 'FILE:/src/old.py', 'MUTATES', 1, 30.0, 9e9);
+        PRAGMA user_version=2;
+        """
+    )
+    db.close()
+    journal = SqliteJournal(path)
+    state = journal.load()
+    assert [lease.id for lease in state.leases] == ["old"]
+    assert state.request_keys == {}
+    journal.record_lease(_lease("new", 2), "k")
+    await journal.commit()
+    journal.close()
+    assert _load(path).request_keys == {"new": "k"}
+    assert _rows(path, "PRAGMA user_version") == [(3,)]
+
+
+def test_current_journal_without_the_request_key_column_is_damaged(tmp_path: Path) -> None:
+    """A journal of the current schema whose leases table lacks request_key is refused."""
+    path = tmp_path / "k.db"
+    _load(path)
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE leases DROP COLUMN request_key")
+    db.commit()
+    db.close()
+    journal = SqliteJournal(path)
+    with pytest.raises(JournalError, match="lacks its column 'request_key'"):
+        journal.load()
+    journal.close()

@@ -218,3 +218,52 @@ def test_only_the_current_term_commits_in_any_interleaving(
 
     committed, stored = asyncio.run(run())
     assert stored == committed
+
+
+async def test_request_key_survives_a_failover(pg_url: str) -> None:
+    """A lease's request key is committed with the lease and read back by the next leader."""
+    lease, journal = await _leading(pg_url)
+    journal.load()
+    journal.record_agent(AgentInfo("a", 1))
+    journal.record_lease(_lease("x", 1), "key-of-x")
+    journal.record_lease(_lease("y", 2))
+    await journal.commit()
+    await journal.aclose()
+    await lease.aclose()
+    lease, journal = await _leading(pg_url)
+    state = journal.load()
+    await journal.aclose()
+    await lease.aclose()
+    assert [x.id for x in state.leases] == ["x", "y"]
+    assert state.request_keys == {"x": "key-of-x"}
+
+
+async def test_older_journal_gains_the_request_key_column(
+    pg_url: str, postgres_cluster: Cluster
+) -> None:
+    """A journal of schema 2 (leases without request keys) gains the column, keeping its rows;
+    one of schema 3 without it is refused."""
+    await prepare_schema(pg_url)
+    postgres_cluster.sql(pg_url, "ALTER TABLE klock_leases DROP COLUMN request_key")
+    with pytest.raises(JournalError, match="klock_leases has columns"):
+        await prepare_schema(pg_url)
+    postgres_cluster.sql(
+        pg_url,
+        "INSERT INTO klock_agents VALUES ('a', 1); "
+        "INSERT INTO klock_leases VALUES ('old', 'a', 's', 'FILE:/o', 'MUTATES', 1, 30, 9e9); "
+        "UPDATE klock_meta SET value = 2 WHERE key = 'schema_version'",
+    )
+    lease, journal = await _leading(pg_url)
+    state = journal.load()
+    journal.record_lease(_lease("new", 2), "k")
+    await journal.commit()
+    await journal.aclose()
+    await lease.aclose()
+    assert [x.id for x in state.leases] == ["old"]
+    assert (
+        postgres_cluster.sql(pg_url, "SELECT request_key FROM klock_leases WHERE id = 'new'") == "k"
+    )
+    version = postgres_cluster.sql(
+        pg_url, "SELECT value FROM klock_meta WHERE key = 'schema_version'"
+    )
+    assert version == str(SCHEMA_VERSION) == "3"

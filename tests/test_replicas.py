@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pgutil import READY_TIMEOUT, Cluster, Replica
@@ -351,3 +353,246 @@ def test_bad_replica_options_stop_with_one_line(option: tuple[str, str], message
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert message in line
+
+
+# ------------------------------------------------------------------ resends across a failover
+
+
+def _answer_of(sock: socket.socket) -> tuple[str, dict[str, object]]:
+    """The status line and JSON body of the answer waiting on ``sock``."""
+    head, _, body = _read_all(sock).decode().partition("\r\n\r\n")
+    return head.split("\r\n", 1)[0], json.loads(body)
+
+
+async def test_grant_committed_but_never_read_is_answered_again_by_the_new_leader(
+    pg_url: str, postgres_cluster: Cluster
+) -> None:
+    """An acquire granted and committed by the leader, whose answer the client never read
+    before the leader was SIGKILLed: its resend (same request key) to the new leader gets the
+    same lease, token and all, and nothing is granted twice."""
+    body = {
+        "agent_id": "a",
+        "session_id": "s",
+        "intents": [{"resource": "one", "predicate": "MUTATES"}],
+        "ttl_ms": 120_000,
+        "request_key": "resend-me-once-0001",
+    }
+    with _replica(pg_url) as first:
+        first.wait_for("leader.elected")
+        with _replica(pg_url) as second:
+            await asyncio.to_thread(second.wait_for, "leader.following")
+            setup = RemoteBackend(first.url, timeout=10.0, credentials=False)
+            await setup.start()
+            await setup.register_agent("a", None)
+            await setup.aclose()
+            sent = _raw_request(first.url, "POST", "/intents", body)
+            # The answer is in this socket's buffer, so it was committed: read none of it yet.
+            await asyncio.to_thread(sent.recv, 1, socket.MSG_PEEK)
+            await asyncio.to_thread(first.stop)  # SIGKILL
+            assert "term=2" in await asyncio.to_thread(second.wait_for, "leader.elected")
+            await asyncio.to_thread(second.wait_for, "server.started")  # serving
+            again = _answer_of(_raw_request(second.url, "POST", "/intents", body))
+            other = _answer_of(
+                _raw_request(
+                    second.url,
+                    "POST",
+                    "/intents",
+                    {**body, "intents": [{"resource": "two", "predicate": "MUTATES"}]},
+                )
+            )
+            rows = postgres_cluster.sql(
+                pg_url, "SELECT count(*), min(request_key) FROM klock_leases"
+            )
+    first_status, first_answer = _answer_of(sent)
+    status, answer = again
+    assert first_status == status == "HTTP/1.1 200 OK", answer
+    assert answer["data"] == first_answer["data"]
+    assert other[0].startswith("HTTP/1.1 409")
+    assert other[1]["code"] == "request_key_reused"
+    assert rows == "1|resend-me-once-0001"
+
+
+@pytest.mark.parametrize("kind", [RemoteBackend, ChannelBackend])
+async def test_waiting_acquire_carries_on_across_the_kill(
+    pg_url: str, kind: type[RemoteBackend] | type[ChannelBackend]
+) -> None:
+    """An acquire queued on the leader when it is SIGKILLed is resent to the new leader (no
+    TransportError) and granted there once, when the lease it waits for is released."""
+    with _replica(pg_url) as first:
+        first.wait_for("leader.elected")
+        with _replica(pg_url) as second:
+            await asyncio.to_thread(second.wait_for, "leader.following")
+            urls = [first.url, second.url]
+            holder = RemoteBackend(urls, timeout=10.0)
+            waiter = kind(urls, timeout=10.0)
+            for backend, agent in ((holder, "holder"), (waiter, "waiter")):
+                await backend.start()
+                await backend.register_agent(agent, None)
+            (held,) = await holder.acquire("holder", "h", [Intent.of("x", "MUTATES")], ttl=120.0)
+            pending = asyncio.create_task(
+                waiter.acquire("waiter", "w", [Intent.of("x", "MUTATES")], ttl=120.0)
+            )
+            await asyncio.to_thread(first.wait_for, "request.queued")  # on the leader
+            await asyncio.to_thread(first.stop)  # SIGKILL
+            await asyncio.to_thread(second.wait_for, "leader.elected")
+            await holder.release(held.id, "holder")
+            (granted,) = await pending
+            leases = await holder.leases()
+            for backend in (holder, waiter):
+                await backend.aclose()
+    assert granted.token > held.token
+    assert [(x.agent_id, x.id) for x in leases] == [("waiter", granted.id)]
+
+
+async def _strict_client_loop(
+    backend: RemoteBackend | ChannelBackend,
+    agent: str,
+    resource: str,
+    holders: dict[str, str | None],
+    grants: dict[str, list[int]],
+    counts: dict[str, int],
+    stop: asyncio.Event,
+    progress: asyncio.Event,
+    goal: list[int],
+) -> None:
+    """Take and give back a lease on ``resource`` until told to stop; any error fails."""
+    while not stop.is_set():
+        (lease,) = await backend.acquire(
+            agent, f"{agent}-s", [Intent.of(resource, "MUTATES")], ttl=120.0, timeout=30.0
+        )
+        assert holders[resource] is None, f"{resource} granted to {agent} while held"
+        holders[resource] = agent
+        grants[resource].append(lease.token)
+        counts["total"] += 1
+        counts[agent] = counts.get(agent, 0) + 1
+        if counts["total"] >= goal[0]:
+            progress.set()
+        await asyncio.sleep(0)  # a moment of holding it, for the others to queue behind
+        holders[resource] = None
+        released = await backend.release(lease.id, agent)
+        assert released.id == lease.id
+
+
+async def test_leader_killed_under_load_clients_see_no_error(pg_url: str) -> None:
+    """SIGKILL of the leader under the load of REST and channel clients: no client sees an
+    error (acquires and releases in flight are resent), and no call leaves a lease behind."""
+    with _replica(pg_url) as first:
+        first.wait_for("leader.elected")
+        with _replica(pg_url) as second:
+            urls = [first.url, second.url]
+            clients: list[RemoteBackend | ChannelBackend] = [
+                (RemoteBackend if i % 2 else ChannelBackend)(urls, timeout=10.0) for i in range(8)
+            ]
+            for i, client in enumerate(clients):
+                await client.start()
+                await client.register_agent(f"c{i}", None)
+            resources = [f"shared/{r}" for r in range(3)]
+            holders: dict[str, str | None] = dict.fromkeys(resources)
+            grants: dict[str, list[int]] = {r: [] for r in resources}
+            counts = {"total": 0}
+            stop, progress = asyncio.Event(), asyncio.Event()
+            goal = [40]
+            tasks = [
+                asyncio.create_task(
+                    _strict_client_loop(
+                        c, f"c{i}", resources[i % 3], holders, grants, counts, stop, progress, goal
+                    )
+                )
+                for i, c in enumerate(clients)
+            ]
+            await progress.wait()
+            granted_before = dict(counts)
+            await asyncio.to_thread(first.stop)  # SIGKILL
+            await asyncio.to_thread(second.wait_for, "leader.elected")
+            agents = [f"c{i}" for i in range(len(clients))]
+            goal[0] = counts["total"] + 40
+            while counts["total"] < goal[0] or any(
+                counts.get(a, 0) <= granted_before.get(a, 0) for a in agents
+            ):
+                progress.clear()
+                goal[0] = max(goal[0], counts["total"] + 1)
+                await progress.wait()
+            stop.set()
+            await asyncio.gather(*tasks)  # raises the first error any client saw
+            left = await clients[1].leases()
+            for client in clients:
+                await client.aclose()
+    assert left == ()  # every grant was released once: none was granted twice for one call
+    for resource, tokens in grants.items():
+        assert tokens == sorted(set(tokens)), resource
+
+
+# ------------------------------------------------------------------ one-server commands
+
+
+def test_status_hook_and_init_find_the_leader_among_the_replicas(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """klock status, klock hook and klock init --http, given the follower first in a
+    comma-separated list (as KLOCK_SERVER_URL may hold), talk to the leader."""
+    from test_hooks import edit, hook, pre
+
+    with _replica(pg_url) as leader:
+        leader.wait_for("leader.elected")
+        leader.wait_for("server.started")
+        with _replica(pg_url) as follower:
+            follower.wait_for("leader.following")
+            urls = f"{follower.url},{leader.url}"
+            status = subprocess.run(
+                [sys.executable, "-m", "klock_async", "status", "--server", urls],
+                capture_output=True,
+                text=True,
+                timeout=READY_TIMEOUT,
+                env={**os.environ, "COLUMNS": "200"},
+            )
+            checked = hook(urls, pre("s1", "Edit", edit(tmp_path / "app.py"), tmp_path))
+            init = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "klock_async",
+                    "init",
+                    "claude-code",
+                    "--project-dir",
+                    str(tmp_path),
+                    "--http",
+                    "--server",
+                    urls,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=READY_TIMEOUT,
+            )
+    assert status.returncode == 0, status.stderr
+    assert leader.url in status.stdout
+    assert checked.returncode == 0, checked.stderr
+    assert init.returncode == 0, init.stderr
+    settings = json.loads((tmp_path / ".claude" / "settings.json").read_text(encoding="utf-8"))
+    entry = settings["hooks"]["PreToolUse"][0]["hooks"][0]
+    assert entry["url"] == f"{leader.url}/hooks/claude-code"
+
+
+async def test_channel_release_resent_to_the_new_leader_counts_as_done(pg_url: str) -> None:
+    """A release sent to a leader that never handled it (paused, then replaced and killed) is
+    resent on the new leader; there the lease has run out (its ttl is shorter than the
+    takeover), and "lease not found" in answer to the resend counts as done."""
+    with _replica(pg_url) as first:
+        first.wait_for("leader.elected")
+        with _replica(pg_url) as second:
+            await asyncio.to_thread(second.wait_for, "leader.following")
+            backend = ChannelBackend([first.url, second.url], timeout=10.0)
+            await backend.start()
+            await backend.register_agent("a", None)
+            (lease,) = await backend.acquire("a", "s", [Intent.of("x", "MUTATES")], ttl=0.05)
+            first.process.send_signal(signal.SIGSTOP)
+            try:
+                release = asyncio.create_task(backend.release(lease.id, "a"))
+                await asyncio.to_thread(second.wait_for, "leader.elected")
+            finally:
+                first.process.send_signal(signal.SIGKILL)
+                first.process.send_signal(signal.SIGCONT)
+            released = await release
+            leases = await backend.leases()
+            await backend.aclose()
+    assert (released.id, released.state.value) == (lease.id, "RELEASED")
+    assert leases == ()
