@@ -302,6 +302,8 @@ def parse_body(raw: bytes, content_type: str | None, body: Body) -> dict[str, An
     if not raw.strip():
         if not body.optional:
             raise MalformedJSONError("the request needs a JSON object body")
+        if raw:  # an optional body may be left out, not sent blank
+            raise MalformedJSONError("a body, when sent, must be a JSON object: send none, or {}")
         return {}
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != "application/json":

@@ -179,6 +179,15 @@ def test_deeply_nested_json_is_400(http: httpx.Client) -> None:
     assert snapshot(http) == before
 
 
+@pytest.mark.parametrize("path", ["/evict", "/sync"])
+def test_a_blank_optional_body_is_refused(http: httpx.Client, path: str) -> None:
+    """A route whose body may be left out refuses one sent blank (whitespace): malformed,
+    not an empty object."""
+    before = snapshot(http)
+    refused(raw_post(http, path, " "), 400, "malformed_json")
+    assert snapshot(http) == before
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
