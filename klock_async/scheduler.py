@@ -87,51 +87,47 @@ _LOG_KEYS = {
 }
 
 
-def _emit(logger: Any | None, events: EventBuffer, name: str, agent_id: str, **fields: Any) -> None:
-    """Publish one event: to ``logger`` (None: not logged) and to ``events`` when recording."""
+def _emit(
+    logger: Any | None, events: EventBuffer | None, name: str, agent_id: str, **fields: Any
+) -> None:
+    """Publish one event: to ``logger`` (None: not logged) and to ``events`` when recording
+    (None: recorded elsewhere)."""
     if logger is not None:
         logger.info(name, agent=agent_id, **{_LOG_KEYS.get(k, k): v for k, v in fields.items()})
-    if events.recording:
+    if events is not None and events.recording:
         events.publish(name, agent_id, **fields)
+
+
+def _lease_fields(lease: _Lease) -> dict[str, Any]:
+    """The fields every lease event carries."""
+    fields: dict[str, Any] = {
+        "session_id": lease.session_id,
+        "resource": str(lease.resource),
+        "predicate": lease.predicate.value,
+        "token": lease.token,
+        "lease_id": lease.id,
+    }
+    if lease.request_id:
+        fields["request_id"] = lease.request_id
+    return fields
 
 
 def _lease_event(
     logger: Any | None, events: EventBuffer, name: str, lease: _Lease, **fields: Any
 ) -> None:
-    """One per-lease event with the fields every lease event carries."""
-    if lease.request_id:
-        fields["request_id"] = lease.request_id
-    _emit(
-        logger,
-        events,
-        name,
-        lease.agent_id,
-        session_id=lease.session_id,
-        resource=str(lease.resource),
-        predicate=lease.predicate.value,
-        token=lease.token,
-        lease_id=lease.id,
-        **fields,
-    )
+    """One per-lease event: logged now, recorded as the lease and built when read (a
+    lease's fields never change; see ``EventBuffer.defer``)."""
+    if logger is not None:
+        _emit(logger, None, name, lease.agent_id, **_lease_fields(lease), **fields)
+    if events.recording:
+        events.defer(_lease_as_event, name, lease, fields)
 
 
 def _lease_as_event(
     event_id: int, at: float, name: str, lease: _Lease, fields: dict[str, Any]
 ) -> Event:
-    """The event :func:`_lease_event` publishes, built later (see ``EventBuffer.defer``)."""
-    return Event(
-        event_id,
-        name,
-        at,
-        lease.agent_id,
-        session_id=lease.session_id,
-        resource=str(lease.resource),
-        predicate=lease.predicate.value,
-        lease_id=lease.id,
-        token=lease.token,
-        request_id=lease.request_id or None,
-        data=fields,
-    )
+    """The event of :func:`_lease_event`, built when first read."""
+    return Event(event_id, name, at, lease.agent_id, **_lease_fields(lease), data=fields)
 
 
 def _request_event(
@@ -188,10 +184,7 @@ class _Publisher:
         if lease is not None:
             if name in _WITH_TTL:
                 fields["ttl_ms"] = to_ms(lease.ttl)
-            if self.logger is None:  # recorded only: built when read (a lease's fields stay)
-                self.events.defer(_lease_as_event, name, lease, fields)
-            else:
-                _lease_event(self.logger, self.events, name, lease, **fields)
+            _lease_event(self.logger, self.events, name, lease, **fields)
         elif request is not None:
             if "blocker" in fields:
                 fields["blocker_agent_id"] = fields.pop("blocker")
