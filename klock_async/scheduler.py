@@ -98,8 +98,9 @@ def _emit(
         events.publish(name, agent_id, **fields)
 
 
-def _lease_fields(lease: _Lease) -> dict[str, Any]:
-    """The fields every lease event carries."""
+def _lease_fields(lease: _Lease, request_id: int) -> dict[str, Any]:
+    """The fields every lease event carries (``request_id``: the lease's at the time; a
+    resent request takes its grant over)."""
     fields: dict[str, Any] = {
         "session_id": lease.session_id,
         "resource": str(lease.resource),
@@ -107,27 +108,29 @@ def _lease_fields(lease: _Lease) -> dict[str, Any]:
         "token": lease.token,
         "lease_id": lease.id,
     }
-    if lease.request_id:
-        fields["request_id"] = lease.request_id
+    if request_id:
+        fields["request_id"] = request_id
     return fields
 
 
 def _lease_event(
     logger: Any | None, events: EventBuffer, name: str, lease: _Lease, **fields: Any
 ) -> None:
-    """One per-lease event: logged now, recorded as the lease and built when read (a
-    lease's fields never change; see ``EventBuffer.defer``)."""
+    """One per-lease event: logged now, recorded as the lease and built when read (see
+    ``EventBuffer.defer``: of a lease, only its request id may change later)."""
     if logger is not None:
-        _emit(logger, None, name, lease.agent_id, **_lease_fields(lease), **fields)
+        fields_now = _lease_fields(lease, lease.request_id)
+        _emit(logger, None, name, lease.agent_id, **fields_now, **fields)
     if events.recording:
-        events.defer(_lease_as_event, name, lease, fields)
+        events.defer(_lease_as_event, name, lease, lease.request_id, fields)
 
 
 def _lease_as_event(
-    event_id: int, at: float, name: str, lease: _Lease, fields: dict[str, Any]
+    event_id: int, at: float, name: str, lease: _Lease, request_id: int, fields: dict[str, Any]
 ) -> Event:
     """The event of :func:`_lease_event`, built when first read."""
-    return Event(event_id, name, at, lease.agent_id, **_lease_fields(lease), data=fields)
+    values = _lease_fields(lease, request_id)
+    return Event(event_id, name, at, lease.agent_id, **values, data=fields)
 
 
 def _request_event(

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from klock_async import CausalViolationError, Event, Klock, KlockError, LeaseDied, LeaseLostError
+from klock_async import (
+    CausalViolationError,
+    Event,
+    Intent,
+    Klock,
+    KlockError,
+    LeaseDied,
+    LeaseLostError,
+)
 from klock_async.events import EVENT_NAMES, EventBuffer
 from klock_async.scheduler import Scheduler
 
@@ -96,6 +104,23 @@ async def test_lease_events_recorded_unread_are_built_in_full_when_read() -> Non
         assert event.request_id is not None and event.request_id > 0
         assert event.data == ({} if ttl_ms is None else {"ttl_ms": ttl_ms})
     assert backend.event_buffer.snapshot() == events  # built once, read the same again
+
+
+async def test_a_resend_leaves_the_recorded_grant_with_its_own_request() -> None:
+    """A resent acquire answered with the earlier grant takes the lease over; the grant's
+    event, built when read after that, still names the request it was granted to."""
+    async with Klock() as klock:
+        backend = klock.backend
+        assert isinstance(backend, Scheduler)
+        backend.event_buffer.retain()
+        await klock.register_agent("coder")
+        intents = [Intent.of("/f", "MUTATES")]
+        (first,) = await backend.acquire("coder", "s", intents, ttl=30, request_key="k-00000001")
+        (again,) = await backend.acquire("coder", "s", intents, ttl=30, request_key="k-00000001")
+        assert again.id == first.id
+        granted = [e for e in backend.event_buffer.snapshot() if e.name == "lease.granted"]
+    assert len(granted) == 1
+    assert granted[0].request_id == 1  # the kernel numbers requests from 1
 
 
 async def test_a_kernel_nobody_watches_records_nothing() -> None:
