@@ -34,7 +34,7 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -230,6 +230,16 @@ class ClientSessions:
         journal = self.api.journal
         if journal is not None:  # written by the commit of the agent's registration
             journal.record_client(agent_id, session.id, session.digest)
+
+    def forget(self, agent_ids: Iterable[str]) -> None:
+        """Retired agents: their ids belong to no client session any more (free for anyone)."""
+        journal = self.api.journal
+        for agent_id in agent_ids:
+            session = self._owners.pop(agent_id, None)
+            if session is not None:
+                session.agents.discard(agent_id)
+                if journal is not None:  # written by the next commit
+                    journal.record_client(agent_id, None, "")
 
     def attach(self, session: ClientSession, connection: _Connection) -> None:
         """A channel (re)connected to ``session``: the grace timer stops."""

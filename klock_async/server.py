@@ -917,6 +917,7 @@ class _Api:
         gone = [agent_id for agent_id in retired if self.identities.credentialed(agent_id)]
         if gone:  # a retired agent's id is free again, for anyone
             self.identities.forget(gone)  # the journal dropped their digests with them
+        self.channel.sessions.forget(retired)  # and bound to no client session
         for agent_id in set(due) - set(retired):
             if agent_id in self._seen:  # busy: idle again from now on at the earliest
                 self._seen[agent_id] = now

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from serverutil import ThreadServer, serve_in_thread, serve_subprocess
 
-from klock_async import Klock
+from klock_async import Klock, KlockError
 from klock_async.errors import (
     CredentialRequiredError,
     InvalidCredentialError,
@@ -628,6 +628,31 @@ async def test_a_retired_agents_credential_goes_with_it(tmp_path: Path) -> None:
             await klock.register_agent("idle")
             assert backend._credentials["idle"] != first
             lease = await (await klock.agent("idle")).acquire("/retired.py", "MUTATES")
+            await lease.release()
+    finally:
+        await asyncio.to_thread(stack.close)
+
+
+async def test_a_retired_agent_of_a_channel_is_free_for_another_client() -> None:
+    """An agent a channel registered and left idle is retired: its id is free again, so
+    another client registers it (no foreign_agent) and its old client no longer acts for it."""
+    stack = contextlib.ExitStack()
+    running = await asyncio.to_thread(stack.enter_context, serve_in_thread(retire_after=3600.0))
+    try:
+        async with Klock.connect(running.url) as first, Klock.connect(running.url) as second:
+            await first.register_agent("drifter")
+            api = running.app.state.klock
+            loop = api._closing.get_loop()  # the server thread's loop runs the API
+
+            def retire() -> tuple[str, ...]:
+                later = asyncio.run_coroutine_threadsafe(_loop_time(), loop).result() + 7200
+                return asyncio.run_coroutine_threadsafe(api.retire_idle(later), loop).result()
+
+            assert await asyncio.to_thread(retire) == ("drifter",)
+            agent = await second.register_agent("drifter")
+            lease = await agent.acquire("/drift.py", "MUTATES", ttl=30)
+            with pytest.raises(KlockError):
+                await first.backend.release(lease.id, "drifter")
             await lease.release()
     finally:
         await asyncio.to_thread(stack.close)
