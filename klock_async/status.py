@@ -50,13 +50,30 @@ class View:
             self.agents.setdefault(event["agent_id"], event.get("ts", 0))
         elif name == "lease.granted":
             self.leases[event["lease_id"]] = event
-            self.derived.pop(event.get("request_id", -1), None)
+            self._left(event.get("request_id", -1))
         elif name in ("lease.released", "lease.expired", "lease.revoked"):
             self.leases.pop(event["lease_id"], None)
         elif name == "request.queued":
             self.derived[event["request_id"]] = event
+            if self.served is not None:  # as the event says, until GET /waiters is read again
+                blocker = event.get("blocker_agent_id")
+                self.served.append(
+                    {
+                        "request_id": event["request_id"],
+                        "agent_id": event["agent_id"],
+                        "intents": event.get("intents", []),
+                        "waits_for": [{"agent_id": blocker}] if blocker else [],
+                        "age": self.agents.get(event["agent_id"], 0),
+                    }
+                )
         elif name in ("request.withdrawn", "request.died"):
-            self.derived.pop(event["request_id"], None)
+            self._left(event["request_id"])
+
+    def _left(self, request_id: int) -> None:
+        """A request left the queue (granted, withdrawn or refused)."""
+        self.derived.pop(request_id, None)
+        if self.served is not None:
+            self.served = [w for w in self.served if w.get("request_id") != request_id]
 
     def waiters(self) -> list[dict[str, Any]]:
         """Every waiting request, oldest agent first, with the agents it waits for."""

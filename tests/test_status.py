@@ -97,6 +97,39 @@ async def test_top_follows_the_events_live() -> None:
         await asyncio.to_thread(stack.close)
 
 
+def test_the_servers_wait_for_graph_follows_events_until_it_is_read_again() -> None:
+    """Between two reads of GET /waiters (klock top reads it at most four times a second, on
+    events), a request that queues, is granted or leaves shows at once: the view does not
+    wait for the next read, which may come only with the next event."""
+    from klock_async.status import View
+
+    view = View(agents={"a": 1, "b": 2}, served=[])
+    queued = {
+        "name": "request.queued",
+        "agent_id": "a",
+        "request_id": 3,
+        "intents": [{"resource": "FILE:/x", "predicate": "MUTATES"}],
+        "blocker_agent_id": "b",
+    }
+    view.apply(queued)
+    assert [(w["agent_id"], w["waits_for"]) for w in view.waiters()] == [("a", ["b"])]
+    view.apply(
+        {
+            "name": "lease.granted",
+            "agent_id": "a",
+            "request_id": 3,
+            "lease_id": "L",
+            "resource": "FILE:/x",
+            "predicate": "MUTATES",
+            "token": 2,
+        }
+    )
+    assert view.waiters() == []
+    view.apply({**queued, "request_id": 4})
+    view.apply({"name": "request.withdrawn", "agent_id": "a", "request_id": 4})
+    assert view.waiters() == []
+
+
 def test_the_view_takes_the_servers_wait_for_graph_when_it_has_one() -> None:
     """With GET /waiters the view shows its edges, not the ones it would derive from events."""
     from klock_async.status import View
