@@ -21,7 +21,7 @@ import os
 import ssl
 import urllib.request
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
@@ -97,8 +97,8 @@ class DirectWire(asyncio.Protocol, Wire):
     # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports have the interface without deriving from asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
         request = self._protocol.connect()
         for name, value in self._headers.items():
             if name in request.headers:  # e.g. websockets' own User-Agent

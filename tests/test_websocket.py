@@ -100,3 +100,19 @@ async def test_a_server_behind_a_proxy_is_reached_through_it(
             assert seen == [f"CONNECT klock.invalid:{port} HTTP/1.1"]
             monkeypatch.setenv("NO_PROXY", "klock.invalid")
             assert not proxied(url.replace("http", "ws", 1))
+
+
+def test_the_channel_runs_on_uvloop() -> None:
+    """A client whose event loop is uvloop's (whose transports do not derive from
+    asyncio.Transport) opens the channel and takes and releases a lease."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main(url: str) -> str:
+        async with Klock.connect(url) as klock:
+            agent = await klock.register_agent("on-uvloop")
+            lease = await agent.acquire("/uvloop.py", "MUTATES", ttl=30)
+            await lease.release()
+            return type(klock.backend._ws).__name__  # type: ignore[attr-defined]
+
+    with serve_in_thread() as server:
+        assert uvloop.run(main(server.url)) == "DirectWire"
