@@ -1402,12 +1402,22 @@ class ChannelBackend:
             assert lost_at is not None and self.grace is not None
             return loop.time() - lost_at > self.grace
 
-        def gone(error: KlockError) -> ClientGoneError:
-            return ClientGoneError(
-                f"the channel to {self.url} broke and could not be reopened within the grace "
-                f"period ({self.grace:g}s; last error: {error.message}); the server released "
-                "this client's leases"
-            )
+        def fail(error: KlockError, *, lost: bool = True) -> None:
+            """Stop trying: ``start`` raises ``error``, or every call fails from now on: with
+            ClientGoneError when the channel was ``lost`` for the grace, else with ``error``
+            (the server refused the session)."""
+            if not ready.done():
+                ready.set_exception(error)
+            elif lost:
+                self._give_up(
+                    ClientGoneError(
+                        f"the channel to {self.url} broke and could not be reopened within the "
+                        f"grace period ({self.grace:g}s; last error: {error.message}); the "
+                        "server released this client's leases"
+                    )
+                )
+            else:
+                self._give_up(error)
 
         async def pause() -> None:
             nonlocal delay
@@ -1426,10 +1436,7 @@ class ChannelBackend:
                 last = self._connect_error(exc)
                 servers.failed(url)
                 if out_of_time():
-                    if not ready.done():
-                        ready.set_exception(last)
-                    else:
-                        self._give_up(gone(last))
+                    fail(last)
                     return
                 await pause()
                 continue
@@ -1445,29 +1452,22 @@ class ChannelBackend:
                     if len(servers) == 1 and ready.done():
                         lost_at = lost_at if lost_at is not None else loop.time()
                     if out_of_time():
-                        if not ready.done():
-                            ready.set_exception(exc)
-                        else:
-                            self._give_up(gone(exc))
+                        fail(exc)
                         return
                     await pause()
                     continue
                 except (KlockError, TimeoutError, ValueError, KeyError) as exc:
-                    failure = exc if isinstance(exc, KlockError) else TransportError(repr(exc))
-                    if not ready.done():
-                        ready.set_exception(failure)
-                    else:
-                        self._give_up(failure)
+                    fail(
+                        exc if isinstance(exc, KlockError) else TransportError(repr(exc)),
+                        lost=False,
+                    )
                     return
                 except Exception as exc:  # the connection broke again: as if it never opened
                     last = self._connect_error(exc)
                     get_logger().debug("channel.hello_failed", error=repr(exc))
                     servers.failed(url)
                     if out_of_time():
-                        if not ready.done():
-                            ready.set_exception(last)
-                        else:
-                            self._give_up(gone(last))
+                        fail(last)
                         return
                     await pause()
                     continue
