@@ -518,7 +518,7 @@ async def _register(hub: ChannelHub, session: ClientSession, args: dict[str, Any
     identities = api.identities
     exists = False
     if not identities.credentialed(agent_id):
-        exists = any(a.agent_id == agent_id for a in await api.backend.agents())
+        exists = await api.backend.agent(agent_id) is not None
     # A new id gets a credential (unless the call says "credential": false, as Klock v1
     # clients do); an id registered before without one stays without (the Klock v1 rules for
     # it), and one with a credential is this session's or refused.

@@ -269,6 +269,7 @@ class _Unwatch:
 class _Query:
     what: str
     reply: asyncio.Future[Any]
+    agent_id: str = ""  # of the "agent" query
 
 
 @dataclass(frozen=True, slots=True)
@@ -842,6 +843,11 @@ class Scheduler:
         result: tuple[AgentInfo, ...] = await self._ask(lambda f: _Query("agents", f))
         return result
 
+    async def agent(self, agent_id: str) -> AgentInfo | None:
+        """The registered agent ``agent_id``, or None (without a snapshot of all of them)."""
+        result: AgentInfo | None = await self._ask(lambda f: _Query("agent", f, agent_id))
+        return result
+
     async def waiters(self) -> tuple[WaiterInfo, ...]:
         """Snapshot of the queued requests and what each waits for (the wait-for graph)."""
         result: tuple[WaiterInfo, ...] = await self._ask(lambda f: _Query("waiters", f))
@@ -893,6 +899,9 @@ class Scheduler:
             return table.lease_infos()
         if msg.what == "agents":
             return table.agent_infos()
+        if msg.what == "agent":
+            agent = table.agents.get(msg.agent_id)
+            return None if agent is None else AgentInfo(agent.id, agent.ts)
         if msg.what == "clocks":
             return table.clock_status()
         if msg.what == "waiters":

@@ -1149,7 +1149,7 @@ class _Api:
         identities = self.identities
         exists = False
         if wants and caller.agent_id is None and not identities.credentialed(agent_id):
-            exists = any(a.agent_id == agent_id for a in await self.backend.agents())
+            exists = await self.backend.agent(agent_id) is not None
         issue = identities.authorize_registration(
             agent_id, caller, wants_credential=wants, priority=priority, exists=exists
         )

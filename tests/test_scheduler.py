@@ -18,6 +18,7 @@ import structlog.testing
 from klock_async import (
     AcquireTimeoutError,
     AgentExistsError,
+    AgentInfo,
     InvalidPredicateError,
     InvalidRequestError,
     InvalidResourceError,
@@ -926,3 +927,14 @@ async def test_expires_at_is_the_deadline_the_kernel_enforces() -> None:
         taken = await waiter
         assert taken.token > lease.token
         assert taken.expires_at == lease.expires_at + taken.info.ttl  # granted at the deadline
+
+
+async def test_one_agent_is_looked_up_without_listing_them_all() -> None:
+    """Scheduler.agent answers a registered agent's id and age, and None for an unknown id."""
+    async with Klock() as klock:
+        backend = klock.backend
+        assert isinstance(backend, Scheduler)
+        await klock.register_agent("first")
+        await klock.register_agent("second")
+        assert await backend.agent("second") == AgentInfo("second", 2)
+        assert await backend.agent("nobody") is None
