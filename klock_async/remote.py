@@ -1739,8 +1739,11 @@ class ChannelBackend:
         else:
             data = await self._call("acquire", args)
         leases = tuple(_lease(lease) for lease in data["leases"])
+        held = self._held
         for info in leases:
-            self._held[info.id] = info
+            held[info.id] = info
+        while len(held) > _LEASES_KEPT:  # leases that ended without a release from here
+            del held[next(iter(held))]
         return leases
 
     def release_nowait(self, lease_id: str, agent_id: str) -> bool:

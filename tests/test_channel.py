@@ -704,3 +704,22 @@ async def test_a_turn_of_many_answers_is_written_in_chunks() -> None:
     assert sorted(a["id"] for frame in frames for a in frame) == list(range(1, 21))
     assert all(a["ok"] for frame in frames for a in frame)
     assert len(frames) >= 3 and max(len(frame) for frame in frames) <= 8
+
+
+async def test_the_channel_client_keeps_a_bounded_note_of_its_leases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's note of the leases it holds keeps the newest (leases that end without a
+    release from it would otherwise pile up); a lease dropped from it is still released."""
+    import klock_async.remote as remote
+
+    monkeypatch.setattr(remote, "_LEASES_KEPT", 3)
+    with serve_in_thread() as server:
+        backend = ChannelBackend(server.url)
+        async with Klock(backend=backend) as klock:
+            agent = await klock.register_agent("keeper")
+            leases = [await agent.acquire(f"/kept/{i}.py", "MUTATES", ttl=30) for i in range(5)]
+            assert list(backend._held) == [lease.id for lease in leases[2:]]
+            for lease in leases:
+                await lease.release()
+            assert await backend.leases() == ()
