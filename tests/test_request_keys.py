@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tabledriver import Driver as TableDriver
+from tabledriver import Pairs
 
-from klock_async.clocks import IsolationLevel
 from klock_async.errors import (
     InvalidRequestError,
     LeaseDied,
@@ -28,25 +29,15 @@ from klock_async.errors import (
     UnknownAgentError,
 )
 from klock_async.journal import SqliteJournal
-from klock_async.locktable import LockTable, Request
-from klock_async.model import Intent, LeaseInfo
+from klock_async.model import Intent
 from klock_async.scheduler import Scheduler
 
-Pairs = list[tuple[str, str]]
 
+class Driver(TableDriver):
+    """The table's test driver with one session for every request unless told otherwise:
+    a resend names the session of the call it repeats."""
 
-class Driver:
-    """Numbers requests, collects answers by reply name, checks the invariants."""
-
-    def __init__(self, *agents: str) -> None:
-        self.table = LockTable()
-        self.now = 0.0
-        self.ids = 0
-        self.answers: dict[str, Any] = {}
-        for agent in agents:
-            self.table.register(agent, None)
-
-    def ask(
+    def ask(  # type: ignore[override]
         self,
         name: str,
         agent: str,
@@ -56,32 +47,7 @@ class Driver:
         session: str = "s",
         wait: bool = True,
     ) -> Any:
-        self.ids += 1
-        request = Request(
-            self.ids,
-            agent,
-            session,
-            tuple(Intent.of(r, p) for r, p in pairs),
-            10.0,
-            wait,
-            IsolationLevel.READ_COMMITTED,
-            name,
-        )
-        request.key = key
-        self.table.acquire(request, self.now)
-        self.drain()
-        return self.answers.get(name)
-
-    def drain(self) -> None:
-        for reply, value in self.table.answers:
-            self.answers[reply] = value
-        self.table.answers.clear()
-        self.table.check_invariants()
-
-    def leases(self, name: str) -> list[LeaseInfo]:
-        answer = self.answers[name]
-        assert isinstance(answer, tuple), answer
-        return [info for info, _ in answer]
+        return super().ask(name, agent, pairs, session=session, wait=wait, key=key)
 
 
 def test_same_key_twice_answers_the_same_grant() -> None:
