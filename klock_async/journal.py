@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,9 @@ CREATE TABLE IF NOT EXISTS priorities (
 """
 
 _SYNCHRONOUS = ("FULL", "NORMAL")
+INLINE_COMMIT = 0.002
+"""Seconds: a SQLite commit that took longer moves the next ones off the event loop (see
+:meth:`SqliteJournal.commit`); one on the machine of docs/benchmarks.md takes about 0.1 ms."""
 
 TABLES: dict[str, tuple[str, ...]] = {
     "agents": ("id", "ts"),
@@ -539,9 +543,11 @@ class SqliteJournal(BufferedJournal):
         self._synchronous = mode
         self._timeout = timeout
         self._db: sqlite3.Connection | None = None
-        # One worker thread writes, so at most one transaction is ever in flight and close()
+        # A commit is written on the event loop while commits are fast (see commit()), else by
+        # one worker thread; either way at most one transaction is ever in flight, and close()
         # can wait for it.
         self._writer: ThreadPoolExecutor | None = None
+        self._inline = True
         super().__init__()
 
     def __repr__(self) -> str:
@@ -595,6 +601,7 @@ class SqliteJournal(BufferedJournal):
         # The main file itself says "open" from now on, so a copy of it alone is recognised.
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.generation = meta.get("generation", 0) + 1
+        self._moved(inline=True)  # commits start on the loop (see commit())
         return state
 
     def _wal_path(self) -> Path:
@@ -615,8 +622,14 @@ class SqliteJournal(BufferedJournal):
     async def commit(self) -> None:
         """Write everything buffered since the last commit in one transaction.
 
-        Runs on the journal's worker thread; returns once the transaction is durable. An
-        empty buffer writes nothing.
+        Returns once the transaction is durable. A commit is written on the event loop itself
+        (as Redis writes and syncs its append-only file on its one thread before it answers)
+        while commits are fast: a hand-off to a thread and back costs more than the write and
+        sync of a small batch. One that takes longer than :data:`INLINE_COMMIT` (a slow disk,
+        a checkpoint) moves the next ones to the journal's worker thread, and the loop serves
+        other connections meanwhile; they come back to the loop once one is fast again. A
+        file locked by another process is waited for on the worker thread only. An empty
+        buffer writes nothing.
 
         Raises:
             RuntimeError: the journal was not loaded, or was closed.
@@ -627,9 +640,21 @@ class SqliteJournal(BufferedJournal):
         batch = self._take()
         if self._writer is None:
             raise RuntimeError(f"{self!r} is not open; call load() first")
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.shield(loop.run_in_executor(self._writer, self._write, batch))
+            started = time.perf_counter()
+            if self._inline:
+                try:
+                    self._write(batch)
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    self._moved(inline=False)  # another process holds the lock: wait there
+                    await self._write_on_thread(batch)
+            else:
+                await self._write_on_thread(batch)
+            fast = time.perf_counter() - started < INLINE_COMMIT
+            if fast != self._inline:
+                self._moved(inline=fast)
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise sqlite3.OperationalError(self._explain(exc)) from exc
@@ -644,6 +669,25 @@ class SqliteJournal(BufferedJournal):
                 f"a value of this request cannot be stored in the journal ({exc}); nothing of "
                 "it was granted"
             ) from exc
+
+    @property
+    def inline(self) -> bool:
+        """Whether the next commit is written on the event loop (True) or on the journal's
+        worker thread (after a slow commit, or a file locked by another process)."""
+        return self._inline
+
+    async def _write_on_thread(self, batch: _Batch) -> None:
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(self._writer, self._write, batch))
+
+    def _moved(self, *, inline: bool) -> None:
+        """Switch where commits are written: on the loop a locked file fails at once (the
+        loop never sleeps on a lock), on the worker thread it is waited for."""
+        self._inline = inline
+        assert self._db is not None
+        timeout_ms = 0 if inline else round(self._timeout * 1000)
+        self._db.execute(f"PRAGMA busy_timeout={timeout_ms}")
 
     def _explain(self, exc: sqlite3.Error) -> str:
         """The real cause of a failed write, for people."""

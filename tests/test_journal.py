@@ -458,3 +458,60 @@ def test_current_journal_without_the_request_key_column_is_damaged(tmp_path: Pat
     with pytest.raises(JournalError, match="lacks its column 'request_key'"):
         journal.load()
     journal.close()
+
+
+async def test_a_lock_is_waited_for_on_the_worker_thread_not_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit written on the loop fails at once on a locked file and waits on the worker
+    thread instead: the loop goes on meanwhile (here it releases the lock itself)."""
+    from klock_async import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "INLINE_COMMIT", 3600.0)  # no commit counts as slow
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path, timeout=30)
+    journal.load()
+    assert journal.inline
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        journal.record_agent(AgentInfo("a", 1))
+        commit = asyncio.ensure_future(journal.commit())
+        # Runs only if the loop is free while the commit waits: were it blocked for the
+        # busy timeout, the commit would fail after 30 s instead.
+        asyncio.get_running_loop().call_soon(blocker.execute, "ROLLBACK")
+        await commit
+    finally:
+        blocker.close()
+    assert _rows(path, "SELECT id FROM agents") == [("a",)]
+    assert journal.inline  # the lock is gone: commits are written on the loop again
+    journal.record_agent(AgentInfo("b", 1))
+    await journal.commit()
+    assert journal.inline
+    journal.close()
+    assert _rows(path, "SELECT id FROM agents ORDER BY id") == [("a",), ("b",)]
+
+
+async def test_a_slow_commit_moves_the_next_ones_to_the_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit slower than INLINE_COMMIT sends the next ones to the worker thread; one
+    fast enough there brings them back to the loop. Every batch is written either way."""
+    from klock_async import journal as journal_module
+
+    path = tmp_path / "k.db"
+    journal = SqliteJournal(path)
+    journal.load()
+    monkeypatch.setattr(journal_module, "INLINE_COMMIT", 0.0)  # every commit is slow
+    journal.record_agent(AgentInfo("a", 1))
+    await journal.commit()
+    assert not journal.inline
+    journal.record_agent(AgentInfo("b", 1))
+    await journal.commit()  # on the thread
+    assert not journal.inline
+    monkeypatch.setattr(journal_module, "INLINE_COMMIT", 3600.0)  # every commit is fast
+    journal.record_agent(AgentInfo("c", 1))
+    await journal.commit()  # still on the thread: fast, so the next is on the loop
+    assert journal.inline
+    journal.close()
+    assert _rows(path, "SELECT id FROM agents ORDER BY id") == [("a",), ("b",), ("c",)]
