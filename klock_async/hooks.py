@@ -34,7 +34,7 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +248,10 @@ class HookCore:
         options: wait, hold and fail-open.
         leases: the sessions' remembered leases, shared by the calls on one backend (a fresh
             one by default).
+        authorize: called with a session's agent id before anything is done for it; raises
+            the refusal when the event's sender may not act for that agent (``klock serve``
+            refuses agents with a credential, those of a client session, and every agent
+            when it is strict).
     """
 
     def __init__(
@@ -256,11 +260,13 @@ class HookCore:
         harness: Harness,
         options: HookOptions,
         leases: HookLeases | None = None,
+        authorize: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
         self.harness = harness
         self.options = options
         self.leases = HookLeases() if leases is None else leases
+        self.authorize = authorize
 
     async def handle(self, event: Mapping[str, Any]) -> HookAnswer:
         """Answer one event.
@@ -273,6 +279,8 @@ class HookCore:
         h = self.harness
         name = _text(event, "hook_event_name")
         session = _text(event, "session_id")
+        if self.authorize is not None:
+            self.authorize(session)
         if name == h.session_end:
             return await self._end(session)
         if name not in (h.before_tool, h.after_tool):
@@ -587,7 +595,11 @@ def _flag(query: Mapping[str, str], name: str) -> bool:
 
 
 async def answer_http(
-    backend: Backend, harness_name: str, query: Mapping[str, str], event: Mapping[str, Any]
+    backend: Backend,
+    harness_name: str,
+    query: Mapping[str, str],
+    event: Mapping[str, Any],
+    authorize: Callable[[str], None] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Answer ``POST /hooks/NAME``: return ``(form, body)``.
 
@@ -595,7 +607,8 @@ async def answer_http(
     ``command`` answers the harness-neutral :meth:`HookAnswer.as_dict` (what ``klock hook``
     reads; form ``"command"``), anything else the harness's own JSON (form ``"native"``). In
     native form every failure becomes an answer, since an HTTP hook that fails lets the call
-    through: a refusal, or with ``fail_open=1`` an allowance with a warning.
+    through: a refusal, or with ``fail_open=1`` an allowance with a warning. ``authorize``:
+    see :class:`HookCore`.
 
     Raises:
         InvalidFieldError: unknown harness or bad query parameters.
@@ -609,7 +622,7 @@ async def answer_http(
         hold=_number(query, "hold", DEFAULT_HOLD),
         fail_open=_flag(query, "fail_open"),
     )
-    core = HookCore(backend, harness, options, _leases_of(backend))
+    core = HookCore(backend, harness, options, _leases_of(backend), authorize)
     if query.get("mode") == "command":
         return "command", (await core.handle(event)).as_dict()
     event_name = event.get("hook_event_name")

@@ -51,6 +51,7 @@ from klock_async.errors import (
     LeaseWouldWait,
     MalformedJSONError,
     NotLeaderError,
+    StrictIdentityError,
     UnauthorizedError,
 )
 from klock_async.identity import (
@@ -1454,8 +1455,24 @@ class _Api:
         harness = request.url.path.rsplit("/", 1)[1]
         backend = self.backend
         query = request.query_params
+        caller = self._caller(request)
+        identities = self.identities
+        sessions = self.channel.sessions
+
+        def authorize(agent_id: str) -> None:
+            # A hook acts for its session's agent with the bearer token alone: never for an
+            # agent with a credential, or one a client session registered.
+            if identities.strict:
+                raise StrictIdentityError(
+                    "coding-agent hooks act for agents without a credential (their session "
+                    "ids), which this server refuses (--strict-identity); point the hooks at "
+                    "a server started without --strict-identity"
+                )
+            identities.authorize(Action.ACQUIRE, agent_id, caller)
+            sessions.check(agent_id, None)
+
         form, answer = await self._long_poll(
-            request, lambda: answer_http(backend, harness, query, body)
+            request, lambda: answer_http(backend, harness, query, body, authorize)
         )
         return _ok(answer) if form == "command" else _JSONResponse(_dumps(answer))
 

@@ -320,6 +320,39 @@ def test_blocker_lease_id_releases_nothing(world: World) -> None:
     assert world.snapshot() == before
 
 
+def _hook_events(agent_id: str, path: str) -> list[dict[str, Any]]:
+    """A coding agent's hook events for the session ``agent_id``: an edit of ``path``, the
+    session's end."""
+    return [
+        {
+            "hook_event_name": "PreToolUse",
+            "session_id": agent_id,
+            "tool_name": "Edit",
+            "tool_input": {"file_path": path},
+            "cwd": "/",
+        },
+        {"hook_event_name": "SessionEnd", "session_id": agent_id, "cwd": "/"},
+    ]
+
+
+def test_a_hook_naming_an_agent_with_a_credential_changes_nothing(world: World) -> None:
+    """A hook event whose session id is a credentialed agent's acts for nobody: the hook
+    endpoint holds only the bearer token. Refused typed (command form) or denied (the
+    harness's own form); the victim's lease and session stay."""
+    before = world.snapshot()
+    for event in _hook_events(world.victim, world.path):
+        refused(
+            world.http.post("/hooks/claude-code", params={"mode": "command"}, json=event),
+            401,
+            "credential_required",
+        )
+    denied = world.http.post("/hooks/claude-code", json=_hook_events(world.victim, "/x.py")[0])
+    output = denied.json()["hookSpecificOutput"]
+    assert output["permissionDecision"] == "deny"
+    assert "credential" in output["permissionDecisionReason"]
+    assert world.snapshot() == before
+
+
 def test_another_agents_credential_releases_nothing(world: World) -> None:
     """An attacker with a credential of its own cannot use it for the victim."""
     attacker = fresh("attacker")
@@ -556,6 +589,15 @@ def test_strict_identity_refuses_v1_registrations() -> None:
         assert ok(http.get("/agents")) == []
         data = ok(http.post("/agents", json={"agent_id": "a", "credential": True}))
         assert data["credential"]
+        # A hook acts for an agent without a credential (its session id): refused as well.
+        for event in _hook_events("hook-session", "/src/a.py"):
+            refused(
+                http.post("/hooks/claude-code", params={"mode": "command"}, json=event),
+                403,
+                "credential_not_requested",
+            )
+        assert [agent["agent_id"] for agent in ok(http.get("/agents"))] == ["a"]
+        assert ok(http.get("/leases")) == []
 
 
 def test_identities_survive_a_restart(tmp_path: Path) -> None:
