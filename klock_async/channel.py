@@ -36,12 +36,12 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.websockets import WebSocket
+from websockets.http11 import Request as Upgrade
 
 from klock_async import validation
 from klock_async.errors import (
@@ -70,6 +70,7 @@ from klock_async.server import (
     _waiter_json,
     session_of,
 )
+from klock_async.websocket import ServerWire
 
 if TYPE_CHECKING:
     from klock_async.server import _Api
@@ -334,69 +335,113 @@ class ClientSessions:
 # One connection.
 
 
-class _Connection:
-    """A channel's WebSocket: answers written as one frame per event-loop turn, or per
-    ``_CHUNK`` answers when a turn has more (see :meth:`push`).
+class _Connection(ServerWire):
+    """A channel's WebSocket: uvicorn's ``ws`` setting, given every connection it upgrades.
 
-    A frame is written by a send stepped at once (see :class:`_Step`): no writer task to wake.
+    uvicorn parses the HTTP upgrade request and hands the connection over (the request's
+    bytes first); from there this protocol speaks WebSocket itself (:class:`ServerWire`, on
+    websockets' Sans-I/O layer): a message is dispatched in the transport's callback, and no
+    task is woken per frame. Only ``GET /channel`` is served, to clients the front door would
+    let in (token, origin). The first message must be ``hello``.
+
+    Answers are written as one frame per event-loop turn, or per ``_CHUNK`` answers when a
+    turn has more (see :meth:`push`).
     """
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self.websocket = websocket
+    hub: ClassVar[ChannelHub]
+
+    def __init__(self, config: Any, server_state: Any, app_state: Any = None, **_: Any) -> None:
+        super().__init__(max_size=config.ws_max_size, ping_interval=config.ws_ping_interval)
+        self._connections: set[Any] = server_state.connections
+        self.session: ClientSession | None = None
         self.out: list[dict[str, Any]] = []
         self.scheduled = False  # a flush at the end of this turn is scheduled
-        self.sending = False  # a send is under way (it writes what is queued meanwhile)
         self.closing = False
         self.closing_code = 1001
         self.closing_reason = ""
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+
+    # ------------------------------------------------------------ uvicorn's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(exc)
+        self.ended()
+        if self.session is not None:
+            self.hub.sessions.detach(self.session, self)
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: close (the hub closed its channels already, answers first)."""
+        self.close(1012, "the server is restarting")
+
+    # ------------------------------------------------------------ the WebSocket
+
+    def _refuse(self, request: Upgrade) -> tuple[int, bytes] | None:
+        path = request.path.partition("?")[0]
+        if path != "/channel":
+            return 404, _encode(_refusal("not_found", f"no WebSocket at {path}; use /channel"))
+        error = self.hub.refuse(request)
+        if error is None:
+            return None
+        # 403 whatever the reason (clients of earlier releases read it as "refused"); the body
+        # says which.
+        return 403, _encode(_refusal(error.code, error.message))
+
+    def _message(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            self.hub.hello(self, data)
+        else:
+            self.hub.dispatch(session, self, data)
+
+    # ------------------------------------------------------------ answers
 
     def push(self, payload: dict[str, Any]) -> None:
         """Queue an answer. A full chunk is written at once: the client works on it while
         the server decides the rest of the turn's calls (the two processes overlap)."""
         out = self.out
         out.append(payload)
-        if self.sending:
-            return
         if len(out) >= _CHUNK:
-            _Step(self._write())
+            self._write()
         elif not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def close(self, code: int = 1001, reason: str = "replaced by a newer connection") -> None:
-        """Close once what is queued is written."""
+        """Close once what is queued is written (at the end of this turn)."""
         self.closing = True
         self.closing_code = code
         self.closing_reason = reason
-        if not self.sending and not self.scheduled:
+        if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.scheduled = False
-        if not self.sending and (self.out or self.closing):
-            _Step(self._write())
+        if self.out or self.closing:
+            self._write()
 
-    async def _write(self) -> None:
+    def _write(self) -> None:
         """Write what is queued (a JSON array when more than one answer), then close if asked."""
-        websocket = self.websocket
-        self.sending = True
-        try:
-            while self.out:
-                out, self.out = self.out, []
-                await websocket.send_bytes(_encode(out[0] if len(out) == 1 else out))
-            if self.closing:
-                await websocket.close(self.closing_code, self.closing_reason)
-                self.ended()
-        except Exception:  # the connection is gone: its receive loop ends it
+        out, self.out = self.out, []
+        if out:
+            self.write(_encode(out[0] if len(out) == 1 else out))
+        if self.closing:
+            super().close(self.closing_code, self.closing_reason)
             self.ended()
-        finally:
-            self.sending = False
 
     def ended(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
+
+
+def _refusal(code: str, message: str) -> dict[str, Any]:
+    """A refused upgrade's body: the REST API's error form."""
+    return {"success": False, "data": None, "error": message, "code": code, "details": {}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,51 +843,35 @@ class ChannelHub:
 
     # ------------------------------------------------------------ the WebSocket
 
-    async def serve(self, websocket: WebSocket) -> None:
-        """Serve one channel until it closes."""
-        await websocket.accept()
-        try:
-            session, hello = await self._hello(websocket)
-        except _Closed:
-            return
-        connection = _Connection(websocket)
-        self.sessions.attach(session, connection)
-        connection.push(hello)
-        for call_id in hello["data"]["pending"]:
-            kept = session.kept.get(call_id)
-            if kept is not None:
-                connection.push(kept)
-            elif call_id not in session.calls:  # answered, and no longer kept
-                connection.push(
-                    _error(
-                        call_id,
-                        TransportError(
-                            "the answer to this call was lost with the connection; look at "
-                            "the state (leases, agents) before you retry it"
-                        ),
-                    )
-                )
-        receive = websocket.receive
-        try:
-            while not connection.done.done():
-                message = await receive()
-                if message["type"] != "websocket.receive":
-                    break
-                text = message.get("text")
-                if text is None:
-                    text = message.get("bytes") or b""
-                self._dispatch(session, connection, text)
-        finally:
-            connection.ended()
-            self.sessions.detach(session, connection)
+    def protocol(self) -> type[asyncio.Protocol]:
+        """The class of this hub's channel connections, for uvicorn's ``ws`` setting."""
+        return type("Channel", (_Connection,), {"hub": self})
 
-    async def _hello(self, websocket: WebSocket) -> tuple[ClientSession, dict[str, Any]]:
-        message = await websocket.receive()
-        if message["type"] != "websocket.receive":
-            raise _Closed()
+    def refuse(self, request: Upgrade) -> KlockError | None:
+        """Why a channel may not open (a foreign page, no token), or None: the front door's
+        rules for an upgrade request."""
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in request.headers.raw_items()
+        ]
+        refusal = self.api.origin_guard.check(headers)
+        if refusal is not None:
+            return refusal
+        token = self.api.token
+        if token is not None:
+            given = next((v for n, v in headers if n == b"authorization"), b"")
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                return UnauthorizedError(
+                    "this server needs 'Authorization: Bearer <token>'; pass the token the "
+                    "server was started with (klock serve --token, or KLOCK_TOKEN)"
+                )
+        return None
+
+    def hello(self, connection: _Connection, text: str | bytes) -> None:
+        """The first message of a channel: open or resume its session, or refuse and close."""
         call_id: int | None = None
         try:
-            value = _parse(message.get("text") or message.get("bytes") or b"")
+            value = _parse(text)
             if not isinstance(value, dict) or value.get("op") != "hello":
                 raise InvalidFieldError(
                     'the first message of a channel must be {"id": 0, "op": "hello", '
@@ -871,19 +900,34 @@ class ChannelHub:
             else:
                 session = self.sessions.resume(client_id, validation.ident(args, "secret"))
                 data = {"client_id": session.id, "resumed": True}
-            session.operator = operator
-            data["grace_ms"] = session.grace * 1000.0
-            # Calls the server never received (lost with the old connection): resend them.
-            data["unknown"] = [i for i in pending if i > session.highest]
-            data["pending"] = [i for i in pending if i <= session.highest]
-            return session, {"id": call_id, "ok": True, "data": data}
         except KlockError as error:
-            with contextlib.suppress(Exception):
-                await websocket.send_bytes(_encode(_error(call_id, error)))
-                await websocket.close(1008, error.code)
-            raise _Closed() from None
+            connection.write(_encode(_error(call_id, error)))
+            ServerWire.close(connection, 1008, error.code)
+            return
+        session.operator = operator
+        data["grace_ms"] = session.grace * 1000.0
+        # Calls the server never received (lost with the old connection): resend them.
+        data["unknown"] = [i for i in pending if i > session.highest]
+        data["pending"] = [i for i in pending if i <= session.highest]
+        connection.session = session
+        self.sessions.attach(session, connection)
+        connection.push({"id": call_id, "ok": True, "data": data})
+        for call_id in data["pending"]:
+            kept = session.kept.get(call_id)
+            if kept is not None:
+                connection.push(kept)
+            elif call_id not in session.calls:  # answered, and no longer kept
+                connection.push(
+                    _error(
+                        call_id,
+                        TransportError(
+                            "the answer to this call was lost with the connection; look at "
+                            "the state (leases, agents) before you retry it"
+                        ),
+                    )
+                )
 
-    def _dispatch(self, session: ClientSession, connection: _Connection, text: str | bytes) -> None:
+    def dispatch(self, session: ClientSession, connection: _Connection, text: str | bytes) -> None:
         try:
             value = _parse(text)
         except KlockError as error:
@@ -1002,10 +1046,6 @@ class ChannelHub:
         info = await self.api.backend.register_agent(agent_id, priority)
         self.api.touch(agent_id)
         return _ok({**_agent_json(info), "client_id": session.id})
-
-
-class _Closed(Exception):
-    """The channel closed before (or while) it said hello."""
 
 
 def _parse(text: str | bytes) -> Any:

@@ -1169,6 +1169,17 @@ _CHANNEL_FRAME = 1 << 24  # largest frame read (a full leases list of a big serv
 _CHUNK = 8
 
 
+def _refusal_of(body: bytes | bytearray | None) -> tuple[str, str] | None:
+    """The code and message of a refused upgrade's body (the REST error form), if it has one."""
+    try:
+        value = json.loads(body or b"")
+    except ValueError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("code"), str):
+        return value["code"], str(value.get("error", ""))
+    return None
+
+
 class _Pending:
     """A call sent on the channel and not answered yet."""
 
@@ -1502,6 +1513,13 @@ class ChannelBackend:
 
         if isinstance(exc, InvalidStatus):
             status = exc.response.status_code
+            refusal = _refusal_of(exc.response.body)
+            if status == 403 and refusal is not None:  # the server says why
+                code, message = refusal
+                return TransportError(
+                    f"the klock server at {self.url} refused the channel (HTTP 403, {code}): "
+                    f"{message}"
+                )
             if status == 403:
                 return TransportError(
                     f"the klock server at {self.url} refused the channel (HTTP 403): a wrong or "

@@ -35,7 +35,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klock_async import validation
@@ -480,13 +480,7 @@ class _FrontDoor:
                 self.static[(method, path)] = (path, endpoint)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                refused = self._refuse_channel(scope)
-                if refused is not None:
-                    await receive()  # websocket.connect
-                    await send({"type": "websocket.close", "code": 1008, "reason": refused})
-                    return
+        if scope["type"] != "http":  # lifespan (the channel's WebSocket never comes here)
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -536,18 +530,6 @@ class _FrontDoor:
                 )
             )
         await response(scope, receive, send)
-
-    def _refuse_channel(self, scope: Scope) -> str | None:
-        """Why a channel may not open (a foreign page, no token), or None."""
-        refusal = self.api.origin_guard.check(scope["headers"])
-        if refusal is not None:
-            return refusal.code
-        expected = self.expected
-        if expected is not None:
-            given = next((v for n, v in scope["headers"] if n == b"authorization"), b"")
-            if not hmac.compare_digest(given, expected):
-                return "unauthorized"
-        return None
 
     def _refuse(self, scope: Scope) -> Response | None:
         refusal = self.api.origin_guard.check(scope["headers"])
@@ -1687,7 +1669,6 @@ def create_app(
     routes: list[BaseRoute] = [
         Route(path, endpoint, methods=[method]) for method, path, endpoint in table
     ]
-    routes.append(WebSocketRoute("/channel", api.channel.serve))
     app = Starlette(
         routes=routes,
         lifespan=api.lifespan,
@@ -2011,6 +1992,15 @@ def _guarded_protocol(read_timeout: float, max_connections: int) -> type[asyncio
     )
 
 
+def _channel_protocol(app: ASGIApp) -> type[asyncio.Protocol] | str:
+    """uvicorn's ``ws`` setting: the channel's own protocol for an app of :func:`create_app`
+    (WebSocket upgrades go to its channel hub, not to the ASGI app)."""
+    api = getattr(getattr(app, "state", None), "klock", None)
+    if isinstance(api, _Api):
+        return api.channel.protocol()
+    return "none"
+
+
 def server_config(
     app: ASGIApp,
     *,
@@ -2047,11 +2037,10 @@ def server_config(
         timeout_keep_alive=max(1, round(keep_alive)),
         proxy_headers=False,
         server_header=False,
-        # The session channel: pings both ways find a silent peer; no compression (CPU).
-        ws="websockets-sansio",
+        # The session channel (klock_async.channel): pings both ways find a silent peer.
+        ws=_channel_protocol(app),
         ws_ping_interval=PING_INTERVAL,
         ws_ping_timeout=PING_INTERVAL,
-        ws_per_message_deflate=False,
     )
 
 

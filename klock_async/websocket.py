@@ -1,7 +1,7 @@
-"""The session channel's WebSocket, client side.
+"""The session channel's WebSocket: the client's, and the server's.
 
-Two implementations of one small interface (:class:`Wire`): frames are written the moment the
-caller has one, and messages are handed to a callback as they arrive.
+Two client implementations of one small interface (:class:`Wire`): frames are written the
+moment the caller has one, and messages are handed to a callback as they arrive.
 
 - :class:`DirectWire`: websockets' Sans-I/O protocol on an asyncio transport, for servers
   reached directly. A message is handled in the transport's own callback, and a frame goes
@@ -11,6 +11,9 @@ caller has one, and messages are handed to a callback as they arrive.
   (``HTTPS_PROXY``, ``ALL_PROXY``, ...), which it speaks to.
 
 Both keep the connection alive with pings: one not answered within the ping interval ends it.
+
+The server's side is :class:`ServerWire`, on the same Sans-I/O layer and with the same pings:
+``klock serve`` gives it the connections uvicorn upgrades (see :mod:`klock_async.channel`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
-from websockets.protocol import State
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-__all__ = ["DirectWire", "LibraryWire", "Wire", "open_wire", "proxied"]
+__all__ = ["DirectWire", "LibraryWire", "ServerWire", "Wire", "open_wire", "proxied"]
 
 OnMessage = Callable[[bytes | str], None]
 _CLOSE_SECONDS = 1.0  # how long a closing handshake may take before the connection is cut
@@ -66,46 +70,34 @@ class Wire:
         raise NotImplementedError
 
 
-class DirectWire(asyncio.Protocol, Wire):
-    """A WebSocket on websockets' Sans-I/O :class:`~websockets.client.ClientProtocol`."""
+class _Endpoint(asyncio.Protocol):
+    """websockets' Sans-I/O protocol on an asyncio transport: what both sides share.
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        max_size: int,
-        ping_interval: float,
-    ) -> None:
-        self._uri = parse_uri(url)
-        self._protocol = ClientProtocol(self._uri, max_size=max_size)
-        self._headers = headers
+    Messages are handed on in the transport's own callback and frames written in the
+    caller's step. Pings keep the connection alive: one not answered within the ping interval
+    cuts it (not while reading is paused because the peer does not read what is written).
+    Subclasses say what a handshake event means (:meth:`_handshake`) and where a message goes
+    (:meth:`_message`).
+    """
+
+    def __init__(self, protocol: Protocol, ping_interval: float) -> None:
+        self._protocol = protocol
         self._ping_interval = ping_interval
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = loop.create_future()
-        self.closed = loop.create_future()
-        self._kept: list[bytes | str] = []
-        self._arrived: asyncio.Future[None] | None = None
-        self._on_message: OnMessage | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
         self._parts: list[bytes] = []  # a fragmented message so far
         self._ping: bytes | None = None  # the ping waiting for its pong
         self._keepalive: asyncio.TimerHandle | None = None
         self._cut: asyncio.TimerHandle | None = None
+        self._paused = False  # reading paused: the peer does not read what is written
 
     # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the interface without deriving from asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
-        request = self._protocol.connect()
-        for name, value in self._headers.items():
-            if name in request.headers:  # e.g. websockets' own User-Agent
-                del request.headers[name]
-            request.headers[name] = value
-        self._protocol.send_request(request)
-        self._send_pending()
 
     def data_received(self, data: bytes) -> None:
         protocol = self._protocol
@@ -115,8 +107,8 @@ class DirectWire(asyncio.Protocol, Wire):
         for event in events:
             if type(event) is Frame:
                 self._frame(event)
-            elif isinstance(event, Response):
-                self._opened()
+            else:
+                self._handshake(event)
         if protocol.close_expected() and self._cut is None:
             self._cut_later()
 
@@ -131,22 +123,137 @@ class DirectWire(asyncio.Protocol, Wire):
             if timer is not None:
                 timer.cancel()
         self._keepalive = self._cut = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        # The peer reads less than is written to it: read nothing more from it (no new calls
+        # to answer) until it has caught up.
+        if self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+
+    # ------------------------------------------------------------ both sides
+
+    def write(self, data: bytes) -> None:
+        """Send one binary frame now (dropped once the connection is closing)."""
+        if self._protocol.state is State.OPEN and self._transport is not None:
+            self._protocol.send_binary(data)
+            self._send_pending()
+
+    def abort(self) -> None:
+        """Cut the connection at once, without a closing handshake (as a broken network)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _handshake(self, event: object) -> None:
+        raise NotImplementedError
+
+    def _message(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.BINARY or opcode is Opcode.TEXT or opcode is Opcode.CONT:
+            if not frame.fin:
+                self._parts.append(bytes(frame.data))
+                return
+            data = bytes(frame.data)
+            if self._parts:
+                data = b"".join((*self._parts, data))
+                self._parts = []
+            self._message(data)
+        elif opcode is Opcode.PONG and bytes(frame.data) == self._ping:
+            self._ping = None
+
+    def _send_pending(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        chunks = self._protocol.data_to_send()
+        if not chunks:
+            return
+        if chunks[-1] == b"":  # the end of the stream: half-close
+            data = b"".join(chunks[:-1])
+            if data:
+                transport.write(data)
+            if transport.can_write_eof():
+                transport.write_eof()
+            return
+        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _start_pings(self) -> None:
+        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+
+    def _beat(self) -> None:
+        """Every ping interval: a ping still unanswered ends the connection; else ping."""
+        self._keepalive = None
+        transport = self._transport
+        if transport is None:
+            return
+        if self._ping is not None and not self._paused:
+            transport.abort()  # the peer is gone (or cut off)
+            return
+        if self._protocol.state is State.OPEN and self._ping is None:
+            self._ping = os.urandom(4)
+            self._protocol.send_ping(self._ping)
+            self._send_pending()
+        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+
+    def _cut_later(self) -> None:
+        def cut() -> None:
+            if self._transport is not None:
+                self._transport.abort()
+
+        self._cut = self._loop.call_later(_CLOSE_SECONDS, cut)
+
+
+class DirectWire(_Endpoint, Wire):
+    """A WebSocket on websockets' Sans-I/O :class:`~websockets.client.ClientProtocol`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        max_size: int,
+        ping_interval: float,
+    ) -> None:
+        self._uri = parse_uri(url)
+        super().__init__(ClientProtocol(self._uri, max_size=max_size), ping_interval)
+        self._client = cast(ClientProtocol, self._protocol)
+        self._headers = headers
+        self.opened: asyncio.Future[None] = self._loop.create_future()
+        self._kept: list[bytes | str] = []
+        self._arrived: asyncio.Future[None] | None = None
+        self._on_message: OnMessage | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        request = self._client.connect()
+        for name, value in self._headers.items():
+            if name in request.headers:  # e.g. websockets' own User-Agent
+                del request.headers[name]
+            request.headers[name] = value
+        self._client.send_request(request)
+        self._send_pending()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if not self.opened.done():
             self.opened.set_exception(
                 self._protocol.handshake_exc
                 or ConnectionError(f"the connection closed during the handshake ({exc!r})")
             )
             self.opened.exception()  # retrieved: open_wire raises it
-        if not self.closed.done():
-            self.closed.set_result(None)
         self._wake()
 
     # ------------------------------------------------------------ Wire
-
-    def write(self, data: bytes) -> None:
-        if self._protocol.state is State.OPEN and self._transport is not None:
-            self._protocol.send_binary(data)
-            self._send_pending()
 
     async def recv(self) -> bytes | str:
         while not self._kept:
@@ -178,14 +285,10 @@ class DirectWire(asyncio.Protocol, Wire):
             if self._transport is not None:  # no answer in time (or the closer was cancelled)
                 self._transport.abort()
 
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
     # ------------------------------------------------------------ internals
 
-    def _opened(self) -> None:
-        if self.opened.done():
+    def _handshake(self, event: object) -> None:
+        if not isinstance(event, Response) or self.opened.done():
             return
         failure = self._protocol.handshake_exc
         if failure is not None:
@@ -193,69 +296,75 @@ class DirectWire(asyncio.Protocol, Wire):
             self.opened.exception()
             return
         self.opened.set_result(None)
-        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+        self._start_pings()
 
-    def _frame(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.BINARY or opcode is Opcode.TEXT or opcode is Opcode.CONT:
-            if not frame.fin:
-                self._parts.append(bytes(frame.data))
-                return
-            data = bytes(frame.data)
-            if self._parts:
-                data = b"".join((*self._parts, data))
-                self._parts = []
-            on_message = self._on_message
-            if on_message is not None:
-                on_message(data)
-            else:
-                self._kept.append(data)
-                self._wake()
-        elif opcode is Opcode.PONG and bytes(frame.data) == self._ping:
-            self._ping = None
+    def _message(self, data: bytes) -> None:
+        on_message = self._on_message
+        if on_message is not None:
+            on_message(data)
+        else:
+            self._kept.append(data)
+            self._wake()
 
     def _wake(self) -> None:
         arrived, self._arrived = self._arrived, None
         if arrived is not None and not arrived.done():
             arrived.set_result(None)
 
-    def _send_pending(self) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        chunks = self._protocol.data_to_send()
-        if not chunks:
-            return
-        if chunks[-1] == b"":  # the end of the stream: half-close
-            data = b"".join(chunks[:-1])
-            if data:
-                transport.write(data)
-            if transport.can_write_eof():
-                transport.write_eof()
-            return
-        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
-    def _beat(self) -> None:
-        """Every ping interval: a ping still unanswered ends the connection; else ping."""
-        self._keepalive = None
-        transport = self._transport
-        if transport is None:
-            return
-        if self._ping is not None:
-            transport.abort()  # the peer is gone (or cut off): the owner reconnects
-            return
-        if self._protocol.state is State.OPEN:
-            self._ping = os.urandom(4)
-            self._protocol.send_ping(self._ping)
+class ServerWire(_Endpoint):
+    """The server's side of a WebSocket, on websockets' Sans-I/O
+    :class:`~websockets.server.ServerProtocol`, for a connection whose HTTP upgrade request
+    arrives as its first bytes (as uvicorn hands over an upgraded connection).
+
+    :meth:`_refuse` may refuse the handshake request; once accepted, :meth:`_opened` is
+    called, then :meth:`_message` with each message. :attr:`closed` is done once the
+    connection is gone.
+    """
+
+    def __init__(self, *, max_size: int, ping_interval: float) -> None:
+        super().__init__(ServerProtocol(max_size=max_size), ping_interval)
+        self._server = cast(ServerProtocol, self._protocol)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (what is written before goes out first); the
+        connection is cut if the client does not finish it within a second."""
+        if self._protocol.state is State.OPEN and self._transport is not None:
+            self._protocol.send_close(code, reason)
             self._send_pending()
-        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+            if self._cut is None:
+                self._cut_later()
 
-    def _cut_later(self) -> None:
-        def cut() -> None:
+    def _handshake(self, event: object) -> None:
+        if not isinstance(event, Request):
+            return
+        server = self._server
+        refusal = self._refuse(event)
+        if refusal is None:
+            response = server.accept(event)
+        else:
+            status, body = refusal
+            response = server.reject(status, "")
+            response.body = body
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = "application/json"
+            response.headers["Content-Length"] = str(len(body))
+        server.send_response(response)
+        self._send_pending()
+        if response.status_code != 101:  # refused, or not a valid WebSocket handshake
             if self._transport is not None:
-                self._transport.abort()
+                self._transport.close()
+            return
+        self._start_pings()
+        self._opened()
 
-        self._cut = self._loop.call_later(_CLOSE_SECONDS, cut)
+    def _refuse(self, request: Request) -> tuple[int, bytes] | None:
+        """The status and JSON body refusing ``request``, or None to accept it."""
+        return None
+
+    def _opened(self) -> None:
+        """The handshake succeeded: messages may come."""
 
 
 class LibraryWire(Wire):

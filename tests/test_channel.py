@@ -482,7 +482,7 @@ async def test_channel_refuses_malformed_calls_with_typed_codes() -> None:
 async def test_channel_needs_hello_first_and_the_token() -> None:
     """A channel must open with hello; a server with a token refuses a channel without it."""
     with serve_in_thread(token="s3cret") as server:
-        with pytest.raises(TransportError, match="403"):
+        with pytest.raises(TransportError, match="403, unauthorized"):
             async with Klock.connect(server.url):
                 pass
         async with Klock.connect(server.url, token="s3cret") as klock:
@@ -508,6 +508,24 @@ async def test_channel_from_a_foreign_page_is_refused() -> None:
         with pytest.raises(InvalidStatus, match="403"):
             async with connect(url, origin="http://evil.example"):  # type: ignore[arg-type]
                 pass
+
+
+async def test_a_websocket_on_another_path_is_refused() -> None:
+    """Only /channel speaks WebSocket: an upgrade elsewhere is a 404 with the REST error
+    body, and a refused channel's body says why (here: no token)."""
+    from websockets.exceptions import InvalidStatus
+
+    with serve_in_thread(token="s3cret") as server:
+        base = server.url.replace("http://", "ws://")
+        headers = {"Authorization": "Bearer s3cret"}
+        with pytest.raises(InvalidStatus, match="404") as raised:
+            async with connect(base + "/leases", additional_headers=headers):
+                pass
+        assert json.loads(raised.value.response.body)["code"] == "not_found"
+        with pytest.raises(InvalidStatus, match="403") as raised:
+            async with connect(base + "/channel"):
+                pass
+        assert json.loads(raised.value.response.body)["code"] == "unauthorized"
 
 
 async def test_resume_of_an_unknown_session_fails_every_call() -> None:

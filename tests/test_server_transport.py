@@ -5,30 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import json
 
 from serverutil import serve_in_thread
 from websockets.asyncio.client import connect
 
 from klock_async import server as server_module
-
-
-def _with_echo(app: Any) -> Any:
-    """The app, plus a WebSocket echo on any path (what a channel on the same port does)."""
-
-    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "websocket":
-            await app(scope, receive, send)
-            return
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            await send({"type": "websocket.send", "text": message.get("text")})
-
-    return wrapped
 
 
 def _upgraded(port: int) -> list[server_module._ConnectionGuard]:
@@ -46,21 +28,22 @@ def _upgraded(port: int) -> list[server_module._ConnectionGuard]:
 async def test_an_upgraded_connection_outlives_the_read_timer() -> None:
     """The read timer of a connection upgraded to WebSocket closes nothing; the guard lets go."""
     stack = contextlib.ExitStack()
-    running = await asyncio.to_thread(stack.enter_context, serve_in_thread(wrap=_with_echo))
+    running = await asyncio.to_thread(stack.enter_context, serve_in_thread())
     try:
         loop = running.server.servers[0].get_loop()
         url = running.url.replace("http://", "ws://") + "/channel"
         async with connect(url) as ws:
-            await ws.send("one")
-            assert await ws.recv() == "one"
+            await ws.send(json.dumps({"id": 0, "op": "hello"}))
+            assert json.loads(await ws.recv())["ok"]
             (guard,) = _upgraded(int(running.url.rsplit(":", 1)[1]))
 
             async def time_out() -> None:
                 guard._timed_out()  # what the timer does when read_timeout has passed
 
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(time_out(), loop))
-            await ws.send("two")
-            assert await ws.recv() == "two"
+            await ws.send(json.dumps({"id": 1, "op": "statistics"}))
+            answer = json.loads(await ws.recv())
+            assert answer["id"] == 1 and answer["ok"]
             assert guard not in server_module._GUARDS.values()
     finally:
         await asyncio.to_thread(stack.close)
