@@ -1183,11 +1183,12 @@ def _refusal_of(body: bytes | bytearray | None) -> tuple[str, str] | None:
 class _Pending:
     """A call sent on the channel and not answered yet."""
 
-    __slots__ = ("future", "message")
+    __slots__ = ("again", "future", "message")
 
     def __init__(self, message: dict[str, Any], future: asyncio.Future[Any]) -> None:
         self.message = message
         self.future = future
+        self.again = False  # sent once more under a new id, its first answer lost
 
 
 class ChannelBackend:
@@ -1577,8 +1578,35 @@ class ChannelBackend:
             return
         if answer["ok"]:
             future.set_result(answer["data"])
-        else:
+        elif not self._again(pending, answer["error"]):
             future.set_exception(self._error(answer["error"]))
+
+    def _again(self, pending: _Pending, error: Any) -> bool:
+        """Send a keyed acquire once more when the server lost its answer (answered, but the
+        answer went with a broken connection and was no longer kept for the resume): its
+        request key gets the same grant back, never a second one."""
+        message = pending.message
+        if (
+            pending.again
+            or message["op"] != "acquire"
+            or "request_key" not in message["args"]
+            or not isinstance(error, Mapping)
+            or error.get("code") != TransportError.code
+        ):
+            return False
+        pending.again = True
+        call_id = next(self._ids)
+        message = pending.message = {**message, "id": call_id}
+        self._calls[call_id] = pending
+        loop = asyncio.get_running_loop()
+        self._deadlines.append((loop.time() + self._timeout, call_id))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(self._deadlines[0][0], self._overdue)
+        self._out.append(message)
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush)
+        return True
 
     def _error(self, payload: Any) -> KlockError:
         if not isinstance(payload, Mapping):
@@ -1654,9 +1682,11 @@ class ChannelBackend:
     async def _long(self, op: str, args: dict[str, Any]) -> Any:
         """A call that may wait long: cancelling the caller withdraws it on the server."""
         call_id, future = self._send(op, args)
+        sent = self._calls[call_id]
         try:
             return await future
         except asyncio.CancelledError:
+            call_id = sent.message["id"]  # a new one if it was sent again (see _again)
             pending = self._calls.get(call_id)
             if pending is not None and pending.future.cancelled():
                 # The caller's cancellation cancelled the future: the answer, which tells

@@ -33,6 +33,7 @@ from klock_async import (
     TransportError,
 )
 from klock_async.remote import ChannelBackend, RemoteBackend
+from klock_async.websocket import DirectWire
 
 # A client process: N client sessions (one Klock.connect each), each registering an agent and
 # acquiring LEASES files with ttl 300 s; prints one JSON line saying what it holds, then
@@ -186,6 +187,33 @@ async def test_channel_resumes_after_a_break_within_grace() -> None:
             await granted.release()
             seen = await events_until(klock, "lease.released", "older")
     assert not [e for e in seen if e.data.get("reason") == "client_gone"]
+
+
+async def test_a_keyed_acquire_whose_answer_was_lost_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grant's answer goes down with the connection and the server no longer keeps it
+    for the resume (here it keeps none): the client sends the acquire again with its request
+    key and gets the same lease back; nothing is granted twice."""
+    from klock_async import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "KEEP_ANSWERS", 0)
+    with serve_in_thread(grace=60) as server:
+        backend = ChannelBackend(server.url)
+        async with Klock(backend=backend) as klock, Klock.connect(server.url) as other:
+            agent = await klock.register_agent("lost-answer")
+            wire = backend._ws
+            assert isinstance(wire, DirectWire) and wire._transport is not None
+            wire._transport.pause_reading()  # the answer will stay unread in the socket
+            acquiring = asyncio.create_task(agent.acquire("/lost/a.py", "MUTATES", ttl=300))
+            granted = await events_until(other, "lease.granted", "lost-answer")
+            wire.abort()  # the connection breaks with the answer on it
+            lease = await acquiring
+            assert lease.id == granted[-1].lease_id
+            assert backend.reconnects == 1
+            leases = [info for info in await other.leases() if info.agent_id == "lost-answer"]
+            assert [info.id for info in leases] == [lease.id]
+            await lease.release()
 
 
 async def test_closed_channel_withdraws_queued_requests_after_grace() -> None:
