@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import trustme
 from serverutil import serve_in_thread, serve_subprocess
 
-from klock_async import Klock
+from klock_async import Klock, TransportError
 from klock_async.remote import ChannelBackend
 from klock_async.websocket import DirectWire, LibraryWire, proxied
 
@@ -49,31 +52,70 @@ async def test_the_client_finds_a_frozen_server_by_its_pings_and_resumes() -> No
             await lease.release()
 
 
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction of a tunnel until it ends."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
 @contextlib.asynccontextmanager
 async def connect_proxy(target_port: int) -> AsyncIterator[tuple[int, list[str]]]:
     """An HTTP proxy that tunnels every CONNECT to 127.0.0.1:target_port (whatever host the
     request names); yields its port and the CONNECT lines it served."""
     seen: list[str] = []
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
     async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         seen.append(head.split(b"\r\n", 1)[0].decode())
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
 
     proxy = await asyncio.start_server(tunnel, "127.0.0.1", 0)
     try:
         yield proxy.sockets[0].getsockname()[1], seen
     finally:
         proxy.close()
+
+
+async def test_a_server_behind_a_tls_proxy_is_reached_over_wss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``https://`` makes the channel a ``wss://`` WebSocket (a server behind a proxy that
+    terminates TLS): the client verifies the certificate against the system's trust store
+    (here a CA of the test's own, given by SSL_CERT_FILE), and refuses one it cannot verify."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with serve_in_thread() as server:
+        port = int(server.url.rsplit(":", 1)[1])
+
+        async def terminate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+        proxy = await asyncio.start_server(terminate, "127.0.0.1", 0, ssl=context)
+        try:
+            url = f"https://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+            with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+                async with Klock.connect(url, timeout=10):
+                    pass  # the test's CA is not trusted yet
+            trusted = tmp_path / "ca.pem"
+            ca.cert_pem.write_to_path(str(trusted))
+            monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+            backend = ChannelBackend(url, timeout=10)
+            async with Klock(backend=backend) as klock:
+                assert isinstance(backend._ws, DirectWire)
+                agent = await klock.register_agent("tls")
+                lease = await agent.acquire("/tls.py", "MUTATES", ttl=30)
+                assert [info.id for info in await klock.leases()] == [lease.id]
+                await lease.release()
+        finally:
+            proxy.close()
 
 
 async def test_a_server_behind_a_proxy_is_reached_through_it(
