@@ -1091,6 +1091,9 @@ class _RemoteEvents(EventStream):
         self._client = httpx.AsyncClient(
             transport=backend._transport,
             timeout=httpx.Timeout(None, connect=backend._timeout),
+            # The environment's proxies only where they apply (never to loopback), as for
+            # every other request of the backend.
+            trust_env=_proxied(backend.url),
         )
         try:
             request = self._client.build_request("GET", backend.url + "/events", headers=headers)

@@ -200,7 +200,8 @@ async def test_http_proxy_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_a_loopback_server_is_never_proxied(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HTTP_PROXY set to a dead address does not keep a client from a loopback server."""
+    """HTTP_PROXY set to a dead address does not keep a client from a loopback server, its
+    event stream (GET /events) included."""
     with serve_in_thread() as server:
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
@@ -208,4 +209,13 @@ async def test_a_loopback_server_is_never_proxied(monkeypatch: pytest.MonkeyPatc
             monkeypatch.setenv(name, "http://127.0.0.1:9")
         backend = RemoteBackend(server.url, timeout=10)
         await backend.start()
-        await backend.aclose()
+        try:
+            await backend.register_agent("near", None)
+            stream = backend.events(after=0)
+            try:
+                event = await anext(aiter(stream))
+            finally:
+                await stream.aclose()
+            assert event.agent_id == "near"
+        finally:
+            await backend.aclose()
