@@ -351,7 +351,7 @@ class _Connection(ServerWire):
     hub: ClassVar[ChannelHub]
 
     def __init__(self, config: Any, server_state: Any, app_state: Any = None, **_: Any) -> None:
-        super().__init__(max_size=config.ws_max_size, ping_interval=config.ws_ping_interval)
+        super().__init__(max_size=config.ws_max_size, ping_interval=config.ws_ping_interval or 0.0)
         self._connections: set[Any] = server_state.connections
         self.session: ClientSession | None = None
         self.out: list[dict[str, Any]] = []

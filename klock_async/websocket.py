@@ -188,7 +188,8 @@ class _Endpoint(asyncio.Protocol):
         transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _start_pings(self) -> None:
-        self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
+        if self._ping_interval > 0:  # 0: no pings (the peer's, if any, are still answered)
+            self._keepalive = self._loop.call_later(self._ping_interval, self._beat)
 
     def _beat(self) -> None:
         """Every ping interval: a ping still unanswered ends the connection; else ping."""
