@@ -68,6 +68,7 @@ from klock_async.server import (
     _timeout,
     _ttl,
     _waiter_json,
+    bearer_refusal,
     session_of,
 )
 from klock_async.websocket import ServerWire
@@ -854,18 +855,10 @@ class ChannelHub:
             (name.lower().encode("latin-1"), value.encode("latin-1"))
             for name, value in request.headers.raw_items()
         ]
-        refusal = self.api.origin_guard.check(headers)
-        if refusal is not None:
-            return refusal
         token = self.api.token
-        if token is not None:
-            given = next((v for n, v in headers if n == b"authorization"), b"")
-            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-                return UnauthorizedError(
-                    "this server needs 'Authorization: Bearer <token>'; pass the token the "
-                    "server was started with (klock serve --token, or KLOCK_TOKEN)"
-                )
-        return None
+        return self.api.origin_guard.check(headers) or bearer_refusal(
+            headers, None if token is None else f"Bearer {token}".encode()
+        )
 
     def hello(self, connection: _Connection, text: str | bytes) -> None:
         """The first message of a channel: open or resume its session, or refuse and close."""
@@ -902,7 +895,7 @@ class ChannelHub:
                 data = {"client_id": session.id, "resumed": True}
         except KlockError as error:
             connection.write(_encode(_error(call_id, error)))
-            ServerWire.close(connection, 1008, error.code)
+            ServerWire.close(connection, 1008, error.code)  # now, not at the end of the turn
             return
         session.operator = operator
         data["grace_ms"] = session.grace * 1000.0

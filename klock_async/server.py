@@ -457,6 +457,22 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 _OPEN_PATHS = frozenset(("/health", "/"))
 
 
+def bearer_refusal(
+    headers: Sequence[tuple[bytes, bytes]], expected: bytes | None
+) -> UnauthorizedError | None:
+    """The refusal of a request without the bearer token ``expected`` (``b"Bearer ..."``;
+    None: the server has no token), given its raw headers, or None."""
+    if expected is None:
+        return None
+    given = next((value for name, value in headers if name == b"authorization"), b"")
+    if hmac.compare_digest(given, expected):
+        return None
+    return UnauthorizedError(
+        "this server needs 'Authorization: Bearer <token>'; pass the token the server was "
+        "started with (klock serve --token, or KLOCK_TOKEN)"
+    )
+
+
 class _FrontDoor:
     """Authentication, body limit, metrics, and direct dispatch of the API's own routes.
 
@@ -535,20 +551,10 @@ class _FrontDoor:
         refusal = self.api.origin_guard.check(scope["headers"])
         if refusal is not None:
             return _error_response(refusal)
-        expected = self.expected
-        if expected is not None and scope["path"] not in _OPEN_PATHS:
-            given = b""
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    given = value
-                    break
-            if not hmac.compare_digest(given, expected):
-                return _error_response(
-                    UnauthorizedError(
-                        "this server needs 'Authorization: Bearer <token>'; pass the token the "
-                        "server was started with (klock serve --token, or KLOCK_TOKEN)"
-                    )
-                )
+        if scope["path"] not in _OPEN_PATHS:
+            unauthorized = bearer_refusal(scope["headers"], self.expected)
+            if unauthorized is not None:
+                return _error_response(unauthorized)
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
