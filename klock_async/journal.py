@@ -646,7 +646,7 @@ class SqliteJournal(BufferedJournal):
                 try:
                     self._write(batch)
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
+                    if not _locked(exc):
                         raise
                     self._moved(inline=False)  # another process holds the lock: wait there
                     await self._write_on_thread(batch)
@@ -656,7 +656,7 @@ class SqliteJournal(BufferedJournal):
             if fast != self._inline:
                 self._moved(inline=fast)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _locked(exc):
                 raise sqlite3.OperationalError(self._explain(exc)) from exc
             self._keep(batch)  # written with the next batch
             raise JournalUnavailableError(
@@ -808,6 +808,11 @@ class SqliteJournal(BufferedJournal):
                     db.execute("ROLLBACK")
             raise
         self._commits += 1
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether a write failed on a lock another connection holds."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _dump(clock: VectorClock) -> str:

@@ -1601,14 +1601,8 @@ class ChannelBackend:
         call_id = next(self._ids)
         message = pending.message = {**message, "id": call_id}
         self._calls[call_id] = pending
-        loop = asyncio.get_running_loop()
-        self._deadlines.append((loop.time() + self._timeout, call_id))
-        if self._deadline_timer is None:
-            self._deadline_timer = loop.call_at(self._deadlines[0][0], self._overdue)
-        self._out.append(message)
-        if not self._flushing:
-            self._flushing = True
-            loop.call_soon(self._flush)
+        self._answer_by(call_id)
+        self._queue(message)
         return True
 
     def _error(self, payload: Any) -> KlockError:
@@ -1635,6 +1629,11 @@ class ChannelBackend:
         message = {"id": call_id, "op": op, "args": args}
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = _Pending(message, future)
+        self._queue(message)
+        return call_id, future
+
+    def _queue(self, message: dict[str, Any]) -> None:
+        """Write ``message`` with the others of this turn (at once when a chunk is full)."""
         out = self._out
         out.append(message)
         if len(out) >= _CHUNK:  # the server starts on these while this turn goes on
@@ -1642,12 +1641,16 @@ class ChannelBackend:
         elif not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return call_id, future
 
     async def _call(self, op: str, args: dict[str, Any]) -> Any:
         """Send one call and return its answer's data, or raise its typed error (a
         :class:`TransportError` when no answer comes within the backend's timeout)."""
         call_id, future = self._send(op, args)
+        self._answer_by(call_id)
+        return await future
+
+    def _answer_by(self, call_id: int) -> None:
+        """Fail the call if its answer has not come within the backend's timeout."""
         calls = self._calls
         deadlines = self._deadlines
         while deadlines and deadlines[0][1] not in calls:  # answered
@@ -1656,7 +1659,6 @@ class ChannelBackend:
         deadlines.append((loop.time() + self._timeout, call_id))
         if self._deadline_timer is None:
             self._deadline_timer = loop.call_at(deadlines[0][0], self._overdue)
-        return await future
 
     def _overdue(self) -> None:
         """Fail the calls whose answer is overdue; wait for the next deadline."""
