@@ -45,9 +45,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from _serving import throughput as pair_throughput
 from pgutil import Cluster, Replica, cluster  # the tests' cluster utilities
 
-from klock_async import Agent, Klock, KlockError
+from klock_async import Klock, KlockError
 
 _clock = time.perf_counter
 
@@ -103,22 +104,8 @@ def klock_serve(db: str) -> Iterator[str]:
 async def throughput(url: str, seconds: float, tag: str) -> float:
     """100 agents, each acquiring and releasing its own file for ``seconds``; pairs/s."""
     async with Klock.connect(url) as klock:
-        agents = [await klock.register_agent(f"{tag}-agent-{i}") for i in range(AGENTS)]
-        done = 0
-        stop = 0.0
-
-        async def work(agent: Agent, i: int) -> None:
-            nonlocal done
-            resource = f"FILE:/bench/{tag}/{i}.py"
-            while _clock() < stop:
-                lease = await agent.acquire(resource, "MUTATES", ttl=30)
-                await lease.release()
-                done += 1
-
-        start = _clock()
-        stop = start + seconds
-        await asyncio.gather(*(work(agent, i) for i, agent in enumerate(agents)))
-        return done / (_clock() - start)
+        rate, _ = await pair_throughput(klock, AGENTS, seconds, tag)
+        return rate
 
 
 async def failovers(db: str, kills: int) -> list[float]:

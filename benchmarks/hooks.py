@@ -29,7 +29,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
@@ -41,28 +40,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from _serving import klock_serve
+
 TARGETS = {"d": 100.0, "e": 5.0}
-
-
-@contextlib.contextmanager
-def klock_serve() -> Iterator[str]:
-    command = [sys.executable, "-m", "klock_async", "serve", "--port", "0"]
-    command += ["--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    try:
-        line = process.stdout.readline()
-        if "listening on " not in line:
-            raise RuntimeError(f"klock serve did not start: {line!r}")
-        yield line.rsplit("listening on ", 1)[1].strip()
-    finally:
-        process.terminate()
-        process.wait(30)
-        process.stdout.close()
 
 
 def event(name: str, session: str, path: Path, cwd: Path) -> dict[str, Any]:
@@ -202,7 +185,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="calls per HTTP row")
     args = parser.parse_args()
     n_processes, n_requests = (5, 50) if args.quick else (args.processes, args.requests)
-    with tempfile.TemporaryDirectory() as tmp, klock_serve() as url:
+    with tempfile.TemporaryDirectory() as tmp, klock_serve() as server:
+        url = server.url
         cwd = Path(tmp)
         rows = processes(n_processes, url, cwd)
         rows.update({"e": [], "f": [], "g": []})

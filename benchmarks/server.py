@@ -57,8 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from _serving import klock_serve, throughput
 
-from klock_async import Agent, Klock
+from klock_async import Klock
 from klock_async.remote import RemoteBackend
 
 _clock = time.perf_counter
@@ -93,44 +94,6 @@ def configure_logging() -> None:
 
 
 # ------------------------------------------------------------------------------ processes
-
-
-@dataclass
-class ServerProcess:
-    """``klock serve`` running as a child process."""
-
-    url: str
-    process: subprocess.Popen[str]
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (Linux)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def klock_serve(*extra: str) -> Iterator[ServerProcess]:
-    """Start ``python -m klock_async serve --port 0``; read its URL from its ready line."""
-    command = [sys.executable, "-m", "klock_async", "serve", "--port", "0"]
-    command += ["--log-level", "warning", *extra]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    try:
-        assert process.stdout is not None
-        url = ""
-        for line in process.stdout:  # blocks until the server prints its ready line
-            if "listening on " in line:
-                url = line.rsplit("listening on ", 1)[1].strip()
-                break
-        if not url:
-            raise RuntimeError(f"klock serve exited with {process.wait()}")
-        yield ServerProcess(url, process)
-    finally:
-        process.terminate()
-        process.wait(30)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def _free_port() -> int:
@@ -195,29 +158,6 @@ async def connected(url: str) -> AsyncIterator[Klock]:
 
 
 # ------------------------------------------------------------------------------ measurements
-
-
-async def throughput(klock: Klock, agents: int, seconds: float, tag: str) -> tuple[float, int]:
-    """``agents`` agents, each acquiring and releasing its own file for ``seconds``.
-
-    Returns pairs per second and the number of pairs.
-    """
-    team = [await klock.register_agent(f"{tag}-agent-{i}") for i in range(agents)]
-    done = 0
-    stop = 0.0
-
-    async def work(agent: Agent, i: int) -> None:
-        nonlocal done
-        resource = f"FILE:/bench/{tag}/{i}.py"
-        while _clock() < stop:
-            lease = await agent.acquire(resource, "MUTATES", ttl=30)
-            await lease.release()
-            done += 1
-
-    start = _clock()
-    stop = start + seconds
-    await asyncio.gather(*(work(agent, i) for i, agent in enumerate(team)))
-    return done / (_clock() - start), done
 
 
 async def loop_pairs(clients: int, seconds: float, pair: Callable[[int], Awaitable[None]]) -> float:

@@ -35,84 +35,28 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
+from _serving import ServerProcess, klock_serve, throughput
 
-from klock_async import Agent, Klock
+from klock_async import Klock
 from klock_async.remote import RemoteBackend
 
 AGENTS = 50
-_clock = time.perf_counter
 
 
-@dataclass
-class ServerProcess:
-    url: str
-    process: subprocess.Popen[str]
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (Linux)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def klock_serve(source: Path | None = None) -> Iterator[ServerProcess]:
+def serve(source: Path | None) -> contextlib.AbstractContextManager[ServerProcess]:
     """``klock serve`` of this tree, or of the source tree ``source``."""
-    command = [sys.executable, "-m", "klock_async", "serve", "--port", "0"]
-    command += ["--log-level", "warning"]
-    env = dict(os.environ)
-    if source is not None:  # ``-m`` puts the working directory first on the path
-        env["PYTHONPATH"] = str(source)
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=source,
-    )
-    try:
-        assert process.stdout is not None
-        url = ""
-        for line in process.stdout:  # blocks until the server prints its ready line
-            if "listening on " in line:
-                url = line.rsplit("listening on ", 1)[1].strip()
-                break
-        if not url:
-            raise RuntimeError(f"klock serve exited with {process.wait()}")
-        yield ServerProcess(url, process)
-    finally:
-        process.terminate()
-        process.wait(30)
-        if process.stdout is not None:
-            process.stdout.close()
-
-
-async def throughput(klock: Klock, seconds: float, tag: str) -> int:
-    """50 agents, each acquiring and releasing its own file for ``seconds``; pairs done."""
-    agents = [await klock.register_agent(f"{tag}-agent-{i}") for i in range(AGENTS)]
-    done = 0
-    stop = _clock() + seconds
-
-    async def work(agent: Agent, i: int) -> None:
-        nonlocal done
-        resource = f"FILE:/bench/{tag}/{i}.py"
-        while _clock() < stop:
-            lease = await agent.acquire(resource, "MUTATES", ttl=30)
-            await lease.release()
-            done += 1
-
-    await asyncio.gather(*(work(agent, i) for i, agent in enumerate(agents)))
-    return done
+    if source is None:
+        return klock_serve()
+    # ``-m`` puts the working directory first on the path
+    return klock_serve(env={**os.environ, "PYTHONPATH": str(source)}, cwd=source)
 
 
 @dataclass
@@ -142,18 +86,17 @@ def backend(kind: str, url: str) -> RemoteBackend:
 async def measure(reps: int, seconds: float, baseline: Path | None) -> dict[str, Row]:
     rows = {kind: Row() for kind in NAMES if kind != "baseline" or baseline is not None}
     with contextlib.ExitStack() as stack:
-        current = stack.enter_context(klock_serve())
+        current = stack.enter_context(serve(None))
         servers = {kind: current for kind in rows}
         if baseline is not None:
-            servers["baseline"] = stack.enter_context(klock_serve(baseline))
+            servers["baseline"] = stack.enter_context(serve(baseline))
         for rep in range(reps):
             for kind, row in rows.items():
                 server = servers[kind]
                 async with Klock(backend=backend(kind, server.url)) as klock:
-                    server0, client0, start = server.cpu_seconds(), time.process_time(), _clock()
-                    pairs = await throughput(klock, seconds, f"{kind}{rep}")
-                    elapsed = _clock() - start
-                    row.rates.append(pairs / elapsed)
+                    server0, client0 = server.cpu_seconds(), time.process_time()
+                    rate, pairs = await throughput(klock, AGENTS, seconds, f"{kind}{rep}")
+                    row.rates.append(rate)
                     row.client_cpu.append((time.process_time() - client0) / pairs)
                     row.server_cpu.append((server.cpu_seconds() - server0) / pairs)
     return rows
